@@ -1,0 +1,87 @@
+"""Export stage: one ONNX graph (classifier + every detector + the alarm policy), parity-checked."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from harden.errors import HardenError
+from harden.export.merge import connect, prefixed
+from harden.export.parity import ParityReport, compare
+from harden.export.torch_graph import OPSET, export_module
+from harden.hardened import FINITE_OUTPUT, LOGITS_OUTPUT, HardenedModel
+from harden.io.atomic import atomic_write_bytes
+from harden.manifest import public_manifest
+from harden.runtime import OnnxGraph
+
+INPUT_NAME = "input"
+
+
+@dataclass
+class ExportResult:
+    model: onnx.ModelProto
+    parity: ParityReport
+    torch_parity: ParityReport
+    path: Path | None = None
+
+
+def _detector_model(method) -> onnx.ModelProto:
+    model = onnx.load_from_string(method.detector.onnx_model())
+    ins = [v.name for v in model.graph.input]
+    outs = [v.name for v in model.graph.output]
+    if ins != [f"{method.name}.features"] or outs != [f"{method.name}.raw"]:
+        raise HardenError(f"detector of {method.name} has interface {ins} -> {outs}")
+    return model
+
+
+def build_onnx(hardened: HardenedModel) -> onnx.ModelProto:
+    example = torch.as_tensor(hardened.golden["input"][:2])
+    graph = export_module(hardened.graph, (example,), [INPUT_NAME], hardened.output_names())
+    combined = prefixed(graph, "classifier/")
+    public = [LOGITS_OUTPUT, FINITE_OUTPUT]
+    raw_names = []
+    for method in hardened.methods:
+        raw = f"{method.name}.raw"
+        raw_names.append(raw)
+        if method.detector is None:
+            continue
+        detector = prefixed(_detector_model(method), f"{method.name}/")
+        keep = [o.name for o in combined.graph.output if o.name != method.feature_output] + [raw]
+        combined = connect(combined, detector, [(method.feature_output, method.feature_output)], keep)
+
+    finite = torch.ones(2, dtype=torch.bool)
+    raws = tuple(torch.zeros(2) for _ in hardened.methods)
+    policy = export_module(hardened.policy, (finite, *raws), [FINITE_OUTPUT, *raw_names],
+                           hardened.policy_output_names())
+    policy = prefixed(policy, "policy/")
+    outputs = [LOGITS_OUTPUT] + hardened.policy_output_names()
+    io_map = [(FINITE_OUTPUT, FINITE_OUTPUT)] + [(r, r) for r in raw_names]
+    merged = connect(combined, policy, io_map, outputs)
+    merged.graph.name = "harden"
+    merged.producer_name = "harden"
+    del merged.metadata_props[:]
+    manifest = public_manifest(hardened)
+    props = {"harden.manifest": json.dumps(manifest, sort_keys=True), "harden.opset": str(OPSET),
+             "harden.methods": ",".join(m.name for m in hardened.methods),
+             "harden.key_fingerprint": manifest.get("key_fingerprint", "")}
+    onnx.helper.set_model_props(merged, props)
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def export_onnx(hardened: HardenedModel, path: str | Path | None = None) -> ExportResult:
+    """Export, compare onnxruntime with the Python side on the bundle's held-out inputs, then write."""
+    golden = hardened.golden
+    if not golden:
+        raise HardenError("the hardened model carries no reference outputs to check the export against")
+    torch_parity = compare(golden, hardened.run(golden["input"]), "torch (bundle round trip)")
+    model = build_onnx(hardened)
+    data = model.SerializeToString()
+    parity = compare(golden, OnnxGraph(data).run(golden["input"]), "onnxruntime")
+    if path is not None:
+        atomic_write_bytes(Path(path), data)
+    return ExportResult(model, parity, torch_parity, Path(path) if path else None)

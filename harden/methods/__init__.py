@@ -1,0 +1,1 @@
+"""Detection methods, each registered under its CLI name in ``harden.methods.base.METHODS``."""

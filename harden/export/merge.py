@@ -1,0 +1,49 @@
+"""Merge the torch graph, the scikit-learn detectors and the policy into one ONNX model."""
+
+from __future__ import annotations
+
+import onnx
+import onnx.compose
+
+from harden.export.torch_graph import IR_VERSION
+
+
+def rename_edge(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Rename one value everywhere it appears in the main graph."""
+    graph = model.graph
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name == old:
+            value.name = new
+    for init in graph.initializer:
+        if init.name == old:
+            init.name = new
+
+
+def prefixed(model: onnx.ModelProto, prefix: str) -> onnx.ModelProto:
+    """Internal names prefixed so merged graphs cannot collide; interface names kept."""
+    interface = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
+    out = onnx.compose.add_prefix(model, prefix)
+    for name in interface:
+        rename_edge(out, prefix + name, name)
+    return out
+
+
+def _align_opsets(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    versions: dict[str, int] = {}
+    for model in (a, b):
+        for entry in model.opset_import:
+            versions[entry.domain] = max(versions.get(entry.domain, 0), entry.version)
+    for model in (a, b):
+        del model.opset_import[:]
+        model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(versions.items()))
+        model.ir_version = IR_VERSION
+
+
+def connect(first: onnx.ModelProto, second: onnx.ModelProto, io_map: list[tuple[str, str]],
+            outputs: list[str]) -> onnx.ModelProto:
+    """``second`` fed by ``first``'s outputs; the merged model exposes ``outputs``."""
+    _align_opsets(first, second)
+    return onnx.compose.merge_models(first, second, io_map=io_map, outputs=outputs)

@@ -1,0 +1,61 @@
+"""torch.onnx.export (the torch.export-based exporter) of a module with named inputs and outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import onnx
+import torch
+
+from harden.errors import HardenError
+
+OPSET = 18          # the one opset of the whole package: torch graphs, skl2onnx detectors, policy
+ML_OPSET = 3        # ai.onnx.ml, for scikit-learn converters
+IR_VERSION = 10
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress lines and warnings for every call; harden shows its own progress."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def export_module(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+) -> onnx.ModelProto:
+    """An ONNX model of ``module`` with a dynamic batch dimension on every input."""
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} for _ in example)
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                module,
+                example,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic,
+                opset_version=OPSET,
+                verbose=False,
+                optimize=True,
+            )
+    except Exception as exc:  # the exporter raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HardenError(f"torch.onnx.export failed: {first}") from exc
+    model = program.model_proto
+    model.ir_version = IR_VERSION
+    return model

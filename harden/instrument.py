@@ -1,0 +1,106 @@
+"""The instrument stage: trace, fit every method (fine-tuning first), calibrate, gather the manifest facts."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from harden.detectors.calibration import calibrate
+from harden.errors import HardenError
+from harden.graph.analyse import check_input_shape
+from harden.graph.trace import trace
+from harden.hardened import LOGITS_OUTPUT, HardenedModel
+from harden.io.data import Dataset
+from harden.methods import load_all  # noqa: F401  (registers every method)
+from harden.methods.base import METHODS, FitContext, Options, key_fingerprint
+from harden.policy import AlarmPolicy, policy_k
+
+GOLDEN_SAMPLES = 256
+
+
+def _accuracy(logits: np.ndarray, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y.numpy()).mean())
+
+
+def _golden_inputs(data: Dataset) -> np.ndarray:
+    """Held-out test inputs plus rows with NaN and inf, so parity covers the non-finite alarm too."""
+    x = data.test.x[:GOLDEN_SAMPLES].numpy().copy()
+    bad = x[:2].copy()
+    bad[0].reshape(-1)[0] = np.nan
+    bad[1].reshape(-1)[-1] = np.inf
+    return np.concatenate([x, bad]).astype(np.float32)
+
+
+def instrument(
+    model: nn.Module,
+    data: Dataset,
+    methods: list[str],
+    options: Options | None = None,
+    *,
+    policy: str = "any",
+    progress: Callable[[str, float], None] = lambda message, fraction: None,
+) -> HardenedModel:
+    """Add every requested method's detector to ``model`` and calibrate the combined alarm."""
+    options = options or Options()
+    if not methods:
+        raise HardenError("choose at least one --method")
+    if len(set(methods)) != len(methods):
+        raise HardenError(f"a --method is given twice: {', '.join(methods)}")
+    classes = [METHODS.get(name) for name in methods]
+    finetuning = [c.name for c in classes if c.finetunes]
+    if len(finetuning) > 1:
+        raise HardenError(f"only one fine-tuning method at a time; got {', '.join(finetuning)}")
+    k = policy_k(policy, len(methods))
+    # Fine-tuning changes the weights every other method is fitted on, so it runs first.
+    classes.sort(key=lambda c: not c.finetunes)
+
+    started = time.perf_counter()
+    gm = trace(model)
+    check_input_shape(gm, data.train.x[:2])
+    original_state = copy.deepcopy(gm.state_dict())
+    with torch.no_grad():
+        original_test_logits = gm(data.test.x).numpy()
+    ctx = FitContext(gm=gm, data=data, options=options, progress=progress)
+    fitted = []
+    for cls in classes:
+        progress(f"fitting {cls.name}", 0.0)
+        fitted.append(cls().fit(ctx))
+    hardened = HardenedModel(gm, fitted, original_state=original_state if finetuning else None)
+
+    progress("calibrating", 0.0)
+    raw_cal = hardened.raw_scores(hardened.torch_outputs(data.calibration.x))
+    cal = calibrate(raw_cal, k, options.fpr)
+    hardened.policy = AlarmPolicy(cal.thresholds, cal.scales, k)
+
+    test_out = hardened.run(data.test.x)
+    golden_x = _golden_inputs(data)
+    hardened.facts = {
+        "input": {"shape": list(data.input_shape), "range": list(data.input_range)},
+        "num_classes": data.num_classes,
+        "data": {"name": data.name, "split": data.split},
+        "eps": options.eps,
+        "policy": {"text": policy, "k": k, "methods": len(fitted)},
+        "fpr_target": options.fpr,
+        "key_fingerprint": key_fingerprint(options.key),
+        "seed": options.seed,
+        "thresholds": {m.name: t for m, t in zip(fitted, cal.thresholds)},
+        "scales": {m.name: s for m, s in zip(fitted, cal.scales)},
+        "metrics": {
+            "calibration_fpr": cal.achieved_fpr,
+            "calibration_fpr_per_method": {m.name: f for m, f in zip(fitted, cal.per_method_fpr)},
+            "test_fpr": float(test_out["alarm"].mean()),
+            "test_fpr_per_method": {m.name: float(test_out[f"{m.name}.alarm"].mean()) for m in fitted},
+            "test_accuracy": _accuracy(test_out[LOGITS_OUTPUT], data.test.y),
+            "original_test_accuracy": _accuracy(original_test_logits, data.test.y),
+            "calibration_samples": len(data.calibration),
+            "test_samples": len(data.test),
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+    }
+    hardened.golden = {"input": golden_x, **hardened.run(golden_x)}
+    return hardened

@@ -1,0 +1,115 @@
+"""Model loading, safe by default (design section 2).
+
+- ``model.pt2``: a ``torch.export`` ExportedProgram (safe to load).
+- ``model.pt`` holding a state_dict, with ``arch="package.module:factory"``:
+  loaded with ``weights_only=True``.
+- ``model.pt`` holding a whole pickled module: refused unless ``trust_pickle``,
+  because unpickling runs arbitrary code from the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from harden.errors import HardenError
+
+
+def _import_factory(arch: str):
+    module_name, sep, attr = arch.partition(":")
+    if not sep or not module_name or not attr:
+        raise HardenError(f"--arch {arch!r} must look like package.module:factory")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # the user's working folder, as `python -m` would
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HardenError(f"--arch: cannot import {module_name!r}: {exc}") from None
+    try:
+        factory = getattr(module, attr)
+    except AttributeError:
+        raise HardenError(f"--arch: {module_name!r} has no {attr!r}") from None
+    if not callable(factory):
+        raise HardenError(f"--arch: {arch!r} is not callable")
+    return factory
+
+
+def _load_exported(path: Path) -> nn.Module:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise HardenError(f"{path} is not a loadable torch.export program: {str(exc).splitlines()[0]}") from None
+    _check_dynamic_batch(program, path)
+    return program.module()
+
+
+def _check_dynamic_batch(program, path: Path) -> None:
+    """A program exported with a fixed batch size bakes it into reshapes; it would fail on other batches."""
+    for spec in program.graph_signature.input_specs:
+        if spec.kind.name != "USER_INPUT":
+            continue
+        node = next(n for n in program.graph.nodes if n.name == spec.arg.name)
+        shape = getattr(node.meta.get("val"), "shape", None)
+        if shape is not None and len(shape) > 0 and isinstance(shape[0], int):
+            raise HardenError(
+                f"{path} was exported with a fixed batch size of {shape[0]}; export it with "
+                "dynamic_shapes={'x': {0: torch.export.Dim('batch')}} so any batch size works"
+            )
+
+
+def _load_state_dict(path: Path, arch: str) -> nn.Module:
+    factory = _import_factory(arch)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise HardenError(f"--arch {arch!r}: calling the factory failed: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise HardenError(f"--arch {arch!r} did not return a torch.nn.Module")
+    state = _torch_load(path, weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise HardenError(f"{path} does not hold a state_dict (found {type(state).__name__})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise HardenError(f"{path} does not fit --arch {arch!r}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def _torch_load(path: Path, weights_only: bool):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only:
+            raise HardenError(
+                f"{path} holds pickled Python objects, not only tensors; loading it would run code from the "
+                "file. Save a state_dict and pass --arch, export with torch.export (.pt2), or pass "
+                "--trust-pickle if you trust the file"
+            ) from None
+        raise HardenError(f"{path} cannot be unpickled: {exc}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise HardenError(f"{path} is not a readable torch file: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
+    """The classifier in eval mode, loaded without running code from the file unless trusted."""
+    path = Path(path)
+    if not path.is_file():
+        raise HardenError(f"no model file at {path}")
+    if path.suffix == ".pt2":
+        return _load_exported(path)
+    if arch:
+        return _load_state_dict(path, arch).eval()
+    content = _torch_load(path, weights_only=not trust_pickle)
+    if isinstance(content, nn.Module):
+        return content.eval()
+    if isinstance(content, dict):
+        raise HardenError(f"{path} holds a state_dict; name its architecture with --arch package.module:factory")
+    raise HardenError(f"{path} holds a {type(content).__name__}, not a model")

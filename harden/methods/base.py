@@ -1,0 +1,151 @@
+"""What a detection method is to the rest of harden, and the registry of methods by CLI name.
+
+A method is fitted once (``Method.fit``) into a :class:`FittedMethod`: a torch
+*head* inserted into the classifier's graph after the method's sites, and
+optionally a scikit-learn *detector* (already converted to ONNX) that turns
+the head's features into a raw score.  Every raw score means "higher is more
+suspicious"; thresholds are set later by calibration, never by the method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from harden.errors import HardenError
+from harden.io.data import Dataset
+from harden.registry import Registry
+
+INPUT = "@input"    # head argument: the model's input tensor
+LOGITS = "@logits"  # head argument: the classifier's logits
+
+
+@dataclass
+class Options:
+    """Everything the CLI can say about how to instrument; methods read what concerns them."""
+
+    key: str = "0"
+    seed: int = 0
+    layers: str | None = None          # None = the method's default
+    mask_ratio: float = 0.01
+    quantile: float = 1.0
+    fpr: float = 0.02
+    eps: float = 3e-3
+    threshold: float = 1e-4
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitContext:
+    gm: fx.GraphModule          # the traced classifier (may be fine-tuned in place by a method)
+    data: Dataset
+    options: Options
+    progress: Callable[[str, float], None] = lambda message, fraction: None
+
+
+class Detector(Protocol):
+    """The scikit-learn half of a method, as ONNX: features -> raw score."""
+
+    def score(self, features: np.ndarray) -> np.ndarray: ...
+
+    def onnx_model(self) -> bytes: ...
+
+
+@dataclass
+class FittedMethod:
+    name: str
+    config: dict[str, Any]            # JSON: everything needed to rebuild the head, plus facts for the manifest
+    head: nn.Module                   # returns the raw score [N] (no detector) or features [N, D]
+    head_inputs: list[str]            # node names, INPUT or LOGITS
+    detector: Detector | None = None
+    sites: list[str] = field(default_factory=list)
+
+    @property
+    def feature_output(self) -> str:
+        return f"{self.name}.features" if self.detector is not None else f"{self.name}.raw"
+
+
+class Method:
+    """Base class: subclasses set ``name`` and implement ``fit`` and ``build_head``."""
+
+    name: ClassVar[str]
+    finetunes: ClassVar[bool] = False
+
+    def fit(self, ctx: FitContext) -> FittedMethod:
+        raise NotImplementedError
+
+    @classmethod
+    def build_head(cls, config: dict[str, Any]) -> nn.Module:
+        """An untrained head with the right shapes; the bundle then loads its state_dict."""
+        raise NotImplementedError
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS.register(cls.name)(cls)
+    return cls
+
+
+def key_seed(key: str, purpose: str) -> int:
+    """A 63-bit seed derived from the user's key; different purposes give independent streams."""
+    digest = hashlib.sha256(f"harden:{purpose}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def key_fingerprint(key: str) -> str:
+    """Identifies a key without revealing it (a salted hash, 16 hex digits)."""
+    return hashlib.sha256(f"harden-key-fingerprint:{key}".encode()).hexdigest()[:16]
+
+
+def select_sites(site_names: list[str], paths: dict[str, str], spec: str | None, default: str) -> list[str]:
+    """Resolve ``--layers all | last:K | name,name`` (names may be node names or module paths)."""
+    spec = (spec or default).strip()
+    if not site_names:
+        raise HardenError("the model has no ReLU/ReLU6 site to instrument")
+    if spec == "all":
+        return list(site_names)
+    if spec.startswith("last:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise HardenError(f"--layers {spec!r}: last:K needs a whole number K") from None
+        if k < 1:
+            raise HardenError(f"--layers {spec!r}: K must be at least 1")
+        return list(site_names[-k:])
+    by_path = {}
+    for name in site_names:
+        by_path.setdefault(paths[name], []).append(name)
+    chosen = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part in site_names:
+            chosen.append(part)
+        elif part in by_path and len(by_path[part]) == 1:
+            chosen.append(by_path[part][0])
+        elif part in by_path:
+            raise HardenError(f"--layers: module {part!r} is called at several nodes ({', '.join(by_path[part])}); name one")
+        else:
+            raise HardenError(f"--layers: {part!r} is not a site; sites are: {', '.join(site_names)}")
+    if not chosen:
+        raise HardenError("--layers selects no site")
+    return list(dict.fromkeys(chosen))
+
+
+def tensor_arrays(module: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def load_arrays(module: nn.Module, arrays: dict[str, np.ndarray]) -> nn.Module:
+    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise HardenError(f"bundle state does not fit the head: missing {missing}, unexpected {unexpected}")
+    return module

@@ -1,0 +1,117 @@
+"""Certifiable Taboo Trap (paper 000): keyed masks over site activations, an alarm when a masked neuron exceeds T.
+
+The check is a gather of the masked positions (``index_select``), not a
+full-tensor multiply by the mask, so its cost does not grow with the size of
+the activation: the paper's point is near-zero runtime overhead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from harden.graph.analyse import collect, describe
+from harden.graph.trace import module_path, sites as graph_sites
+from harden.methods.base import (
+    FitContext,
+    FittedMethod,
+    Method,
+    key_fingerprint,
+    key_seed,
+    register_method,
+    select_sites,
+)
+
+
+class TrapHead(nn.Module):
+    """raw = max over every masked neuron of (activation - T); an alarm at raw > 0 is the paper's rule."""
+
+    def __init__(self, sizes: list[int], counts: list[int]):
+        super().__init__()
+        self.sizes = list(sizes)
+        for i, count in enumerate(counts):
+            self.register_buffer(f"indices_{i}", torch.zeros(count, dtype=torch.int64))
+            self.register_buffer(f"thresholds_{i}", torch.zeros(count, dtype=torch.float32))
+
+    def trap(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"indices_{i}"), getattr(self, f"thresholds_{i}")
+
+    def excess(self, i: int, activation: torch.Tensor) -> torch.Tensor:
+        """Per sample and masked neuron: activation - T, shape [N, count_i]."""
+        indices, thresholds = self.trap(i)
+        return activation.flatten(1).index_select(1, indices) - thresholds
+
+    def forward(self, *activations: torch.Tensor) -> torch.Tensor:
+        per_site = [self.excess(i, a).amax(dim=1) for i, a in enumerate(activations)]
+        return torch.stack(per_site, dim=1).amax(dim=1)
+
+
+def make_masks(key: str, site_sizes: dict[str, int], ratio: float) -> dict[str, torch.Tensor]:
+    """Sorted flat positions per site; at least one neuron per site; the key seeds every choice."""
+    masks = {}
+    for site, size in site_sizes.items():
+        generator = torch.Generator().manual_seed(key_seed(key, f"ctt-mask:{site}"))
+        count = max(1, min(size, int(round(ratio * size))))
+        masks[site] = torch.randperm(size, generator=generator)[:count].sort().values
+    return masks
+
+
+class _CTTBase(Method):
+    """Site choice and masks shared by every CTT variant."""
+
+    default_layers = "all"
+
+    def plan(self, ctx: FitContext) -> tuple[list[str], dict[str, torch.Tensor], dict[str, int]]:
+        if not 0.0 < ctx.options.mask_ratio <= 1.0:
+            from harden.errors import HardenError
+
+            raise HardenError(f"--mask-ratio must lie in (0, 1]; got {ctx.options.mask_ratio}")
+        site_nodes = graph_sites(ctx.gm)
+        paths = {n.name: module_path(n) for n in site_nodes}
+        chosen = select_sites([n.name for n in site_nodes], paths, ctx.options.layers, self.default_layers)
+        infos = {i.name: i for i in describe(ctx.gm, ctx.data.train.x[:2])}
+        sizes = {s: int(np.prod(infos[s].shape)) for s in chosen}
+        masks = make_masks(ctx.options.key, sizes, ctx.options.mask_ratio)
+        return chosen, masks, sizes
+
+    def finish(self, ctx: FitContext, chosen, masks, sizes, thresholds: dict[str, torch.Tensor], extra: dict) -> FittedMethod:
+        head = TrapHead([sizes[s] for s in chosen], [len(masks[s]) for s in chosen])
+        for i, site in enumerate(chosen):
+            getattr(head, f"indices_{i}").copy_(masks[site])
+            getattr(head, f"thresholds_{i}").copy_(thresholds[site].float())
+        config: dict[str, Any] = {
+            "sites": chosen,
+            "sizes": [sizes[s] for s in chosen],
+            "counts": [len(masks[s]) for s in chosen],
+            "mask_ratio": ctx.options.mask_ratio,
+            "key_fingerprint": key_fingerprint(ctx.options.key),
+            **extra,
+        }
+        return FittedMethod(self.name, config, head, list(chosen), sites=list(chosen))
+
+    @classmethod
+    def build_head(cls, config: dict[str, Any]) -> nn.Module:
+        return TrapHead(config["sizes"], config["counts"])
+
+
+@register_method
+class CTTLite(_CTTBase):
+    """No training: T per masked neuron = its natural upper bound on the training split (or a high quantile)."""
+
+    name = "ctt-lite"
+
+    def fit(self, ctx: FitContext) -> FittedMethod:
+        chosen, masks, sizes = self.plan(ctx)
+        q = ctx.options.quantile
+        if not 0.0 < q <= 1.0:
+            from harden.errors import HardenError
+
+            raise HardenError(f"--quantile must lie in (0, 1]; got {q}")
+        masked = collect(ctx.gm, chosen, ctx.data.train.x, lambda site, a: a.index_select(1, masks[site]))
+        thresholds = {
+            s: (masked[s].amax(dim=0) if q >= 1.0 else torch.quantile(masked[s], q, dim=0)) for s in chosen
+        }
+        return self.finish(ctx, chosen, masks, sizes, thresholds, {"quantile": q, "threshold_rule": "natural upper bound"})
