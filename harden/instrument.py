@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import uuid
 from typing import Callable
 
 import numpy as np
@@ -80,6 +81,7 @@ def instrument(
     test_out = hardened.run(data.test.x)
     golden_x = _golden_inputs(data)
     hardened.facts = {
+        "bundle_id": uuid.uuid4().hex,
         "input": {"shape": list(data.input_shape), "range": list(data.input_range)},
         "num_classes": data.num_classes,
         "data": {"name": data.name, "split": data.split},

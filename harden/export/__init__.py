@@ -38,7 +38,7 @@ def _detector_model(method) -> onnx.ModelProto:
     return model
 
 
-def build_onnx(hardened: HardenedModel) -> onnx.ModelProto:
+def build_onnx(hardened: HardenedModel, source: str | Path | None = None) -> onnx.ModelProto:
     example = torch.as_tensor(hardened.golden["input"][:2])
     graph = export_module(hardened.graph, (example,), [INPUT_NAME], hardened.output_names())
     combined = prefixed(graph, "classifier/")
@@ -67,19 +67,23 @@ def build_onnx(hardened: HardenedModel) -> onnx.ModelProto:
     manifest = public_manifest(hardened)
     props = {"harden.manifest": json.dumps(manifest, sort_keys=True), "harden.opset": str(OPSET),
              "harden.methods": ",".join(m.name for m in hardened.methods),
-             "harden.key_fingerprint": manifest.get("key_fingerprint", "")}
+             "harden.key_fingerprint": manifest.get("key_fingerprint", ""),
+             "harden.bundle_id": manifest.get("bundle_id", "")}
+    if source is not None:
+        props["harden.bundle"] = Path(source).name
     onnx.helper.set_model_props(merged, props)
     onnx.checker.check_model(merged)
     return merged
 
 
-def export_onnx(hardened: HardenedModel, path: str | Path | None = None) -> ExportResult:
+def export_onnx(hardened: HardenedModel, path: str | Path | None = None,
+                source: str | Path | None = None) -> ExportResult:
     """Export, compare onnxruntime with the Python side on the bundle's held-out inputs, then write."""
     golden = hardened.golden
     if not golden:
         raise HardenError("the hardened model carries no reference outputs to check the export against")
     torch_parity = compare(golden, hardened.run(golden["input"]), "torch (bundle round trip)")
-    model = build_onnx(hardened)
+    model = build_onnx(hardened, source)
     data = model.SerializeToString()
     parity = compare(golden, OnnxGraph(data).run(golden["input"]), "onnxruntime")
     if path is not None:

@@ -1,0 +1,60 @@
+"""``harden evaluate``: real attacks against the classifier, detectors scored through the exported ONNX graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.errors import HardenError
+
+DEFAULT_ATTACKS = ["fgsm:eps=0.1", "pgd:eps=0.1", "bim:eps=0.1", "deepfool", "cw"]
+
+
+def resolve_target(target: Path, bundle: Path | None) -> tuple[Path, Path | None]:
+    """(bundle, onnx): an ONNX target needs its bundle for the white-box attacks' gradients."""
+    if not target.is_file():
+        raise HardenError(f"no file at {target}")
+    if target.suffix != ".onnx":
+        return target, None
+    if bundle is None:
+        from harden.runtime import OnnxGraph
+
+        name = OnnxGraph(target).metadata.get("harden.bundle")
+        candidate = target.parent / name if name else None
+        if candidate is None or not candidate.is_file():
+            raise HardenError(f"white-box attacks need the classifier's gradients: pass --bundle (the .hardened {target.name} came from)")
+        bundle = candidate
+    return bundle, target
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate(
+        target: Path = typer.Argument(..., help="An exported ONNX file (its bundle beside it or --bundle) or a .hardened bundle."),
+        attack: list[str] = typer.Option(None, "--attack", "-a", help=f"name:param=value,... repeatable (default: {' '.join(DEFAULT_ATTACKS)})."),
+        bundle: Path = typer.Option(None, "--bundle", help="The bundle TARGET was exported from."),
+        data: str = typer.Option(None, "--data", help="Data to attack (default: the bundle's, split as it was)."),
+        split: str = typer.Option("test", "--split"),
+        limit: int = typer.Option(500, "--limit", help="Attack at most this many inputs of the split."),
+        seed: int = typer.Option(0, "--seed"),
+        json_out: bool = JSON_OPTION,
+    ):
+        """Accuracy under attack, detection rate, perturbation size, clean FPR and ROC-AUC per detector."""
+        with errors_to_exit():
+            from harden.api import evaluate as run_evaluate
+            from harden.evaluation import render_table
+            from harden.io.bundle import load_bundle
+
+            bundle_path, onnx_path = resolve_target(target, bundle)
+            hardened, manifest = load_bundle(bundle_path)
+            with progress_reporter(not json_out) as progress:
+                report = run_evaluate(hardened, manifest, attack or DEFAULT_ATTACKS, onnx_path=onnx_path, data=data,
+                                      split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5))
+            if json_out:
+                emit_json({"target": str(target), "bundle": str(bundle_path), **report.to_json()})
+                return
+            stdout.print(render_table(report))
+            if onnx_path is None:
+                console.print("scored through a fresh in-memory ONNX export of the bundle", highlight=False)

@@ -1,0 +1,41 @@
+"""``harden export``: one ONNX graph (classifier + detectors + alarm), checked against the Python side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, stdout
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export(
+        bundle: Path = typer.Argument(..., help="A .hardened bundle from `harden instrument`."),
+        output: Path = typer.Option(None, "--output", "-o", help="ONNX file to write (default: BUNDLE's name + .onnx)."),
+        json_out: bool = JSON_OPTION,
+    ):
+        """Export BUNDLE to ONNX; onnxruntime must match torch + scikit-learn on held-out data or nothing is written."""
+        with errors_to_exit():
+            from harden.export import export_onnx
+            from harden.io.atomic import check_output_path
+            from harden.io.bundle import load_bundle
+
+            out = check_output_path(output or bundle.with_suffix(".onnx"))
+            with progress_reporter(not json_out) as progress:
+                progress("loading bundle", 0.1)
+                hardened, manifest = load_bundle(bundle)
+                progress("exporting and checking parity", 0.4)
+                result = export_onnx(hardened, out, source=bundle)
+            outputs = [o.name for o in result.model.graph.output]
+            if json_out:
+                emit_json({"onnx": str(out), "outputs": outputs, "parity": result.parity.to_json(),
+                           "bundle_round_trip": result.torch_parity.to_json(), "size_bytes": out.stat().st_size})
+                return
+            worst = max(result.parity.max_abs_diff.values(), default=0.0)
+            ties = sum(result.parity.threshold_ties.values())
+            stdout.print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB), outputs: {', '.join(outputs)}", highlight=False)
+            stdout.print(
+                f"parity on {result.parity.samples} held-out inputs: max difference {worst:.2e} (tolerance 1e-4), "
+                f"alarms identical ({ties} float tie(s) at a threshold)", highlight=False)

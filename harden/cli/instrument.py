@@ -1,0 +1,77 @@
+"""``harden instrument``: add detectors (fine-tuning where a method needs it), calibrate, write a bundle."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, stdout
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("instrument")
+    def instrument(
+        model: Path = typer.Argument(..., help="model.pt2, or model.pt with --arch"),
+        data: str = typer.Option(..., "--data", help="mnist, digits, x.npz, an image folder, or x.pt"),
+        method: list[str] = typer.Option(..., "--method", "-m", help="Detection method; repeat for several (ctt-lite, ...)."),
+        output: Path = typer.Option(None, "--output", "-o", help="Bundle to write (default: MODEL's name + .hardened)."),
+        arch: str = typer.Option(None, "--arch", help="package.module:factory building the model for a state_dict"),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a whole pickled module (runs code from the file)."),
+        key: str = typer.Option(None, "--key", help="Secret key seeding masks and randomisation (default: a fresh random key, printed once)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the data split and of training."),
+        layers: str = typer.Option(None, "--layers", help="all | last:K | name,name (default: each method's own)."),
+        mask_ratio: float = typer.Option(0.01, "--mask-ratio", help="CTT: fraction of each site's neurons that are traps (at least one)."),
+        quantile: float = typer.Option(1.0, "--quantile", help="ctt-lite: per-neuron threshold quantile on the training split (1 = maximum)."),
+        fpr: float = typer.Option(0.02, "--fpr", help="Target false-positive rate of the combined alarm on the calibration split."),
+        policy: str = typer.Option("any", "--policy", help="any | majority | k:N methods must alarm."),
+        input_range: str = typer.Option("0,1", "--input-range", help="The model's input range lo,hi."),
+        limit: int = typer.Option(None, "--limit", help="Use only this many samples of the data (quick runs)."),
+        json_out: bool = JSON_OPTION,
+    ):
+        """Instrument MODEL with the chosen methods and write a .hardened bundle."""
+        with errors_to_exit():
+            from harden.io.atomic import check_output_path
+            from harden.io.bundle import save_bundle
+            from harden.io.data import load_data, parse_input_range
+            from harden.io.model import load_model
+            from harden.instrument import instrument as run_instrument
+            from harden.methods.base import Options
+
+            out = check_output_path(output or Path(model.name).with_suffix(".hardened"))
+            generated_key = key is None
+            key = key if key is not None else secrets.token_hex(16)
+            options = Options(key=key, seed=seed, layers=layers, mask_ratio=mask_ratio, quantile=quantile, fpr=fpr)
+            net = load_model(model, arch, trust_pickle)
+            dataset = load_data(data, seed=seed, input_range=parse_input_range(input_range), limit=limit)
+            with progress_reporter(not json_out) as progress:
+                hardened = run_instrument(net, dataset, list(method), options, policy=policy, progress=progress)
+                progress("writing bundle", 1.0)
+                manifest = save_bundle(hardened, out)
+            if json_out:
+                emit_json({"bundle": str(out), "manifest": manifest})
+                return
+            if generated_key:
+                console.print(f"key (keep it secret; needed to re-instrument identically): {key}", highlight=False)
+            _print_summary(out, manifest)
+
+
+def _print_summary(out: Path, manifest: dict) -> None:
+    metrics = manifest["metrics"]
+    table = Table(title=f"wrote {out}")
+    for column in ("method", "sites", "threshold", "calib FPR", "test FPR"):
+        table.add_column(column)
+    for m in manifest["methods"]:
+        table.add_row(m["name"], ", ".join(m["sites"]) or "-", f"{m['threshold']:.4g}",
+                      f"{metrics['calibration_fpr_per_method'][m['name']]:.3f}",
+                      f"{metrics['test_fpr_per_method'][m['name']]:.3f}")
+    stdout.print(table)
+    stdout.print(
+        f"combined alarm ({manifest['policy']['text']}): calibration FPR {metrics['calibration_fpr']:.3f} "
+        f"(target {manifest['fpr_target']}), test FPR {metrics['test_fpr']:.3f}; test accuracy "
+        f"{metrics['test_accuracy']:.4f} (original {metrics['original_test_accuracy']:.4f}); "
+        f"key fingerprint {manifest['key_fingerprint']}",
+        highlight=False,
+    )

@@ -1,0 +1,71 @@
+"""``harden layers``: what can be instrumented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from rich.table import Table
+
+from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, stdout
+from harden.errors import HardenError
+
+
+def _example_input(data: str | None, input_shape: str | None, input_range: str) -> torch.Tensor | None:
+    if input_shape:
+        try:
+            shape = tuple(int(v) for v in input_shape.replace("x", ",").split(","))
+        except ValueError:
+            raise HardenError(f"--input-shape {input_shape!r} must look like 1,28,28") from None
+        return torch.zeros((2, *shape))
+    if data:
+        from harden.io.data import load_data, parse_input_range
+
+        return load_data(data, input_range=parse_input_range(input_range), limit=8).train.x[:2]
+    return None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("layers")
+    def layers(
+        model: Path = typer.Argument(..., help="model.pt2, or model.pt with --arch"),
+        arch: str = typer.Option(None, "--arch", help="package.module:factory building the model for a state_dict"),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a whole pickled module (runs code from the file)."),
+        data: str = typer.Option(None, "--data", help="Data to take the input shape from (mnist, digits, x.npz, folder, x.pt)."),
+        input_shape: str = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28 (instead of --data)."),
+        input_range: str = typer.Option("0,1", "--input-range"),
+        json_out: bool = JSON_OPTION,
+    ):
+        """List every node: name, module path, canonical op, output shape, and which nodes are sites."""
+        with errors_to_exit():
+            from harden.graph.analyse import NodeInfo, describe
+            from harden.graph.ops import SITE_OPS, canonical_op, op_spelling
+            from harden.graph.trace import module_path, trace
+            from harden.io.model import load_model
+
+            gm = trace(load_model(model, arch, trust_pickle))
+            example = _example_input(data, input_shape, input_range)
+            if example is not None:
+                infos = describe(gm, example)
+            else:
+                infos = [
+                    NodeInfo(n.name, module_path(n), canonical_op(gm, n), op_spelling(gm, n), None,
+                             canonical_op(gm, n) in SITE_OPS)
+                    for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")
+                ]
+            rows = [
+                {"name": i.name, "module": i.module_path, "op": i.op or "unsupported", "spelling": i.spelling,
+                 "shape": list(i.shape) if i.shape is not None else None, "site": i.is_site}
+                for i in infos
+            ]
+            if json_out:
+                emit_json({"model": str(model), "nodes": rows, "sites": [r["name"] for r in rows if r["site"]]})
+                return
+            table = Table(title=f"{model.name}: {sum(r['site'] for r in rows)} site(s)")
+            for column in ("name", "module", "op", "shape", "site"):
+                table.add_column(column)
+            for r in rows:
+                shape = "x".join(map(str, r["shape"])) if r["shape"] else ("-" if example is not None else "(give --data)")
+                table.add_row(r["name"], r["module"], r["op"], shape, "site" if r["site"] else "")
+            stdout.print(table)
