@@ -5,21 +5,8 @@ from __future__ import annotations
 import onnx
 import onnx.compose
 
-from harden.export.torch_graph import IR_VERSION
-
-
-def rename_edge(model: onnx.ModelProto, old: str, new: str) -> None:
-    """Rename one value everywhere it appears in the main graph."""
-    graph = model.graph
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-        node.output[:] = [new if name == old else name for name in node.output]
-    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-        if value.name == old:
-            value.name = new
-    for init in graph.initializer:
-        if init.name == old:
-            init.name = new
+from harden.onnx_edit import rename_edge
+from harden.opsets import IR_VERSION
 
 
 def prefixed(model: onnx.ModelProto, prefix: str) -> onnx.ModelProto:

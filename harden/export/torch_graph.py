@@ -12,9 +12,7 @@ import torch
 
 from harden.errors import HardenError
 
-OPSET = 18          # the one opset of the whole package: torch graphs, skl2onnx detectors, policy
-ML_OPSET = 3        # ai.onnx.ml, for scikit-learn converters
-IR_VERSION = 10
+from harden.opsets import IR_VERSION, OPSET
 
 
 @contextlib.contextmanager

@@ -1,0 +1,149 @@
+"""CLI behaviour with typer's CliRunner: happy path on tiny data, and every bad input gives one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from harden.cli.app import app
+
+from conftest import TinyCNN
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("cli")
+    state = folder / "tiny.pt"
+    torch.save(tiny_model.state_dict(), state)
+    pickled = folder / "whole.pt"
+    torch.save(tiny_model, pickled)
+    return folder, state, pickled
+
+
+ARCH = "conftest:TinyCNN"
+
+
+@pytest.fixture(scope="module")
+def bundle(files):
+    folder, state, _ = files
+    out = folder / "tiny.hardened"
+    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite",
+                    "--key", "k", "--mask-ratio", "0.05", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bundle"] == str(out)
+    return out
+
+
+def test_layers_json(files):
+    _, state, _ = files
+    result = invoke("layers", state, "--arch", ARCH, "--data", "digits", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["sites"] == ["relu1", "relu", "relu_1"]
+    assert doc["nodes"][0] == {"name": "conv1", "module": "conv1", "op": "conv2d", "spelling": "Conv2d",
+                               "shape": [8, 8, 8], "site": False}
+
+
+def test_export_inspect_round(bundle, tmp_path):
+    out = tmp_path / "tiny.onnx"
+    result = invoke("export", bundle, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["outputs"] == ["logits", "score", "alarm", "ctt-lite.score", "ctt-lite.alarm"]
+    assert doc["parity"]["max_abs_diff"]["logits"] <= 1e-4
+    for target in (bundle, out):
+        shown = invoke("inspect", target, "--json")
+        assert shown.exit_code == 0, shown.output
+        manifest = json.loads(shown.stdout)["manifest"]
+        assert manifest["methods"][0]["name"] == "ctt-lite"
+        assert "key" not in manifest and manifest["key_fingerprint"]
+    human = invoke("inspect", out)
+    assert "ctt-lite" in human.stdout and "key fingerprint" in human.stdout
+
+
+def one_line_error(result, pattern):
+    assert result.exit_code != 0
+    lines = [l for l in result.output.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    assert pattern in lines[0], lines[0]
+
+
+def test_missing_model_file(tmp_path):
+    out = tmp_path / "x.hardened"
+    one_line_error(invoke("instrument", tmp_path / "nope.pt", "--arch", ARCH, "--data", "digits",
+                          "--method", "ctt-lite", "-o", out), "no model file")
+    assert not out.exists()
+
+
+def test_unreadable_data(files, tmp_path):
+    _, state, _ = files
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    out = tmp_path / "x.hardened"
+    result = invoke("instrument", state, "--arch", ARCH, "--data", bad, "--method", "ctt-lite", "-o", out)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_empty_data(files, tmp_path):
+    _, state, _ = files
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros((0,), np.int64))
+    out = tmp_path / "x.hardened"
+    result = invoke("instrument", state, "--arch", ARCH, "--data", empty, "--method", "ctt-lite", "-o", out)
+    one_line_error(result, "error")
+    assert not out.exists()
+
+
+def test_wrong_input_shape(files, tmp_path):
+    _, state, _ = files
+    out = tmp_path / "x.hardened"
+    result = invoke("instrument", state, "--arch", ARCH, "--data", "mnist", "--limit", "100",
+                    "--method", "ctt-lite", "-o", out)
+    one_line_error(result, "input shape")
+    assert not out.exists()
+
+
+def test_unknown_method(files, tmp_path):
+    _, state, _ = files
+    out = tmp_path / "x.hardened"
+    one_line_error(invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "magic", "-o", out),
+                   "unknown method 'magic'")
+    assert not out.exists()
+
+
+def test_pickled_module_needs_trust(files, tmp_path):
+    _, _, pickled = files
+    out = tmp_path / "x.hardened"
+    one_line_error(invoke("instrument", pickled, "--data", "digits", "--method", "ctt-lite", "-o", out),
+                   "--trust-pickle")
+    assert not out.exists()
+    trusted = invoke("instrument", pickled, "--trust-pickle", "--data", "digits", "--method", "ctt-lite",
+                     "--key", "k", "-o", out, "--json")
+    assert trusted.exit_code == 0, trusted.output
+    assert out.exists()
+
+
+def test_output_in_missing_folder(files, tmp_path):
+    _, state, _ = files
+    out = tmp_path / "missing" / "x.hardened"
+    one_line_error(invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite", "-o", out),
+                   "does not exist")
+    assert not out.parent.exists()
+
+
+def test_export_to_missing_folder_and_bad_bundle(bundle, tmp_path):
+    one_line_error(invoke("export", bundle, "-o", tmp_path / "no" / "x.onnx"), "does not exist")
+    fake = tmp_path / "fake.hardened"
+    fake.write_text("hello")
+    one_line_error(invoke("export", fake, "-o", tmp_path / "x.onnx"), "not a harden bundle")
+    assert not (tmp_path / "x.onnx").exists()
