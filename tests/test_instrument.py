@@ -68,7 +68,11 @@ def test_calibration_hits_the_requested_fpr_on_the_calibration_split(tiny_model,
         out = hardened.run(digits.calibration.x)
         achieved = out["alarm"].mean()
         assert achieved <= fpr
-        assert achieved >= fpr - 2.0 / len(digits.calibration)
+        # and it is the highest level the calibration scores allow: one step lower would exceed the target
+        raw = hardened.raw_scores(hardened.torch_outputs(digits.calibration.x))[:, 0]
+        threshold = hardened.policy.thresholds[0].item()
+        next_lower = raw[raw <= threshold].max()
+        assert (raw >= next_lower).mean() > fpr
 
 
 def test_non_finite_inputs_raise_the_alarm(tiny_hardened, digits):

@@ -23,6 +23,8 @@ def debug() -> bool:
 
 
 def fail(message: str, code: int = 2) -> None:
+    # One line, always: torch.fx appends "While executing ..." lines to exceptions raised inside it.
+    message = (message.strip().splitlines() or [""])[0]
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 

@@ -57,7 +57,7 @@ def build_onnx(hardened: HardenedModel, source: str | Path | None = None) -> onn
     finite = torch.ones(2, dtype=torch.bool)
     raws = tuple(torch.zeros(2) for _ in hardened.methods)
     policy = export_module(hardened.policy, (finite, *raws), [FINITE_OUTPUT, *raw_names],
-                           hardened.policy_output_names())
+                           hardened.policy_output_names(), varargs_after=1)
     policy = prefixed(policy, "policy/")
     outputs = [LOGITS_OUTPUT] + hardened.policy_output_names()
     io_map = [(FINITE_OUTPUT, FINITE_OUTPUT)] + [(r, r) for r in raw_names]

@@ -30,7 +30,8 @@ def _value_diff(ref: np.ndarray, got: np.ndarray) -> float:
     same_special = (np.isnan(ref) & np.isnan(got)) | (np.isinf(ref) & (ref == got))
     if np.any(np.isnan(ref) != np.isnan(got)) or np.any(np.isinf(ref) != np.isinf(got)):
         return float("inf")
-    diff = np.abs(ref - got) / np.maximum(1.0, np.abs(ref))
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(ref - got) / np.maximum(1.0, np.abs(ref))
     diff[same_special] = 0.0
     return float(diff.max()) if diff.size else 0.0
 

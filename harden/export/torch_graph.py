@@ -34,10 +34,13 @@ def export_module(
     example: tuple[torch.Tensor, ...],
     input_names: list[str],
     output_names: list[str],
+    varargs_after: int | None = None,
 ) -> onnx.ModelProto:
     """An ONNX model of ``module`` with a dynamic batch dimension on every input."""
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} for _ in example)
+    if varargs_after is not None:  # forward(a, *rest): torch.export wants the rest as one nested tuple
+        dynamic = (*dynamic[:varargs_after], dynamic[varargs_after:])
     try:
         with _quiet():
             program = torch.onnx.export(
