@@ -86,6 +86,8 @@ def instrument(
         "num_classes": data.num_classes,
         "data": {"name": data.name, "split": data.split},
         "eps": options.eps,
+        "options": {"layers": options.layers, "mask_ratio": options.mask_ratio, "quantile": options.quantile,
+                    "threshold": options.threshold, "seed": options.seed, **options.extra},
         "policy": {"text": policy, "k": k, "methods": len(fitted)},
         "fpr_target": options.fpr,
         "key_fingerprint": key_fingerprint(options.key),

@@ -22,13 +22,31 @@ def register(app: typer.Typer) -> None:
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a whole pickled module (runs code from the file)."),
         key: str = typer.Option(None, "--key", help="Secret key seeding masks and randomisation (default: a fresh random key, printed once)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the data split and of training."),
-        layers: str = typer.Option(None, "--layers", help="all | last:K | name,name (default: each method's own)."),
+        layers: list[str] = typer.Option(None, "--layers", help="all | last:K | name,name, or METHOD=SPEC for one method; repeatable (default: each method's own)."),
         mask_ratio: float = typer.Option(0.01, "--mask-ratio", help="CTT: fraction of each site's neurons that are traps (at least one)."),
         quantile: float = typer.Option(1.0, "--quantile", help="ctt-lite: per-neuron threshold quantile on the training split (1 = maximum)."),
         fpr: float = typer.Option(0.02, "--fpr", help="Target false-positive rate of the combined alarm on the calibration split."),
         policy: str = typer.Option("any", "--policy", help="any | majority | k:N methods must alarm."),
         input_range: str = typer.Option("0,1", "--input-range", help="The model's input range lo,hi."),
         limit: int = typer.Option(None, "--limit", help="Use only this many samples of the data (quick runs)."),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda (training and bound propagation)."),
+        eps: float = typer.Option(3e-3, "--eps", help="CTT: L-inf radius of the certified box used in fine-tuning."),
+        threshold: float = typer.Option(1e-4, "--threshold", help="CTT-loose/strict: trap threshold T."),
+        epochs: int = typer.Option(None, "--epochs", help="Fine-tuning epochs (CTT-loose/strict)."),
+        alpha: float = typer.Option(None, "--alpha", help="CTT: initial weight of L_D + L_C."),
+        alpha_growth: float = typer.Option(None, "--alpha-growth", help="CTT: alpha is multiplied by this every --alpha-every epochs."),
+        alpha_every: int = typer.Option(None, "--alpha-every", help="CTT: epochs between alpha increases."),
+        lr: float = typer.Option(None, "--lr", help="Fine-tuning learning rate (RMSProp, no weight decay)."),
+        code: str = typer.Option(None, "--code", help="SafetyNet: binary | quaternary."),
+        attack: list[str] = typer.Option(None, "--attack", help="Attacks making adversarial training examples (SafetyNet, mismatch), e.g. pgd:eps=0.1; repeatable."),
+        svm_c: float = typer.Option(None, "--svm-c", help="SVM C (default: cross-validated grid)."),
+        svm_gamma: float = typer.Option(None, "--svm-gamma", help="RBF gamma (default: cross-validated grid)."),
+        max_train: int = typer.Option(None, "--max-train", help="Cap on detector training examples."),
+        nic_detectors: int = typer.Option(None, "--nic-detectors", help="NIC: K randomised detector sets, majority vote."),
+        nic_invariants: str = typer.Option(None, "--nic-invariants", help="NIC: value | provenance | both."),
+        second_model: Path = typer.Option(None, "--second-model", help="Mismatch: the second model (.pt2, or .pt with --second-arch)."),
+        second_arch: str = typer.Option(None, "--second-arch", help="Mismatch: package.module:factory of the second model."),
+        train_second: bool = typer.Option(False, "--train-second", help="Mismatch: train a structurally different second model."),
         json_out: bool = JSON_OPTION,
     ):
         """Instrument MODEL with the chosen methods and write a .hardened bundle."""
@@ -43,7 +61,14 @@ def register(app: typer.Typer) -> None:
             out = check_output_path(output or Path(model.name).with_suffix(".hardened"))
             generated_key = key is None
             key = key if key is not None else secrets.token_hex(16)
-            options = Options(key=key, seed=seed, layers=layers, mask_ratio=mask_ratio, quantile=quantile, fpr=fpr)
+            extra = {"epochs": epochs, "alpha": alpha, "alpha_growth": alpha_growth, "alpha_every": alpha_every,
+                     "lr": lr, "code": code, "attacks": attack or None, "svm_c": svm_c, "svm_gamma": svm_gamma,
+                     "max_train": max_train, "nic_detectors": nic_detectors, "nic_invariants": nic_invariants,
+                     "second_model": str(second_model) if second_model else None, "second_arch": second_arch,
+                     "train_second": train_second or None, "trust_pickle": trust_pickle or None}
+            options = Options(key=key, seed=seed, layers=list(layers or []), mask_ratio=mask_ratio, quantile=quantile,
+                              fpr=fpr, eps=eps, threshold=threshold, device=device,
+                              extra={k: v for k, v in extra.items() if v is not None})
             net = load_model(model, arch, trust_pickle)
             dataset = load_data(data, seed=seed, input_range=parse_input_range(input_range), limit=limit)
             with progress_reporter(not json_out) as progress:

@@ -78,6 +78,7 @@ _FUNCTION_TABLE: list[tuple[str, list[Any]]] = [
     ("log_softmax", [F.log_softmax, torch.log_softmax, aten.log_softmax.int, aten._log_softmax.default]),
     ("getitem", [operator.getitem]),
     ("size", [aten.sym_size.int]),
+    ("getattr", [getattr]),  # x.shape / x.ndim in symbolically traced graphs
 ]
 
 FUNCTION_SPELLINGS: dict[Any, str] = {fn: key for key, fns in _FUNCTION_TABLE for fn in fns}

@@ -32,14 +32,29 @@ class Options:
 
     key: str = "0"
     seed: int = 0
-    layers: str | None = None          # None = the method's default
+    layers: list[str] = field(default_factory=list)  # "SPEC" for every method, or "method=SPEC"
     mask_ratio: float = 0.01
     quantile: float = 1.0
     fpr: float = 0.02
     eps: float = 3e-3
     threshold: float = 1e-4
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)   # method-specific settings, by option name
+
+    def layers_for(self, method: str) -> str | None:
+        """This method's --layers: its own ``method=SPEC`` if given, else a bare SPEC, else None (default)."""
+        bare = None
+        for entry in self.layers:
+            name, sep, spec = entry.partition("=")
+            if sep and name.strip() == method:
+                return spec.strip()
+            if not sep:
+                bare = entry.strip()
+        return bare
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self.extra.get(name)
+        return default if value is None else value
 
 
 @dataclass

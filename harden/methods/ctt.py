@@ -71,7 +71,7 @@ class _CTTBase(Method):
             raise HardenError(f"--mask-ratio must lie in (0, 1]; got {ctx.options.mask_ratio}")
         site_nodes = graph_sites(ctx.gm)
         paths = {n.name: module_path(n) for n in site_nodes}
-        chosen = select_sites([n.name for n in site_nodes], paths, ctx.options.layers, self.default_layers)
+        chosen = select_sites([n.name for n in site_nodes], paths, ctx.options.layers_for(self.name), self.default_layers)
         infos = {i.name: i for i in describe(ctx.gm, ctx.data.train.x[:2])}
         sizes = {s: int(np.prod(infos[s].shape)) for s in chosen}
         masks = make_masks(ctx.options.key, sizes, ctx.options.mask_ratio)

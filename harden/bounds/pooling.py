@@ -1,0 +1,57 @@
+"""Pooling: max and average pooling are monotone in every input, so they pool the lower and the upper bounds."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from harden.bounds.interval import Interval
+from harden.bounds.rules import BOUND_RULES, REQUIRED, Call, concrete_arg, interval_arg
+
+_MAX = (
+    ("input", REQUIRED), ("kernel_size", REQUIRED), ("stride", None), ("padding", 0), ("dilation", 1),
+    ("ceil_mode", False), ("return_indices", False),
+)
+_AVG = (
+    ("input", REQUIRED), ("kernel_size", REQUIRED), ("stride", None), ("padding", 0), ("ceil_mode", False),
+    ("count_include_pad", True), ("divisor_override", None),
+)
+_ADAPTIVE = (("input", REQUIRED), ("output_size", REQUIRED))
+
+
+def _stride(p: dict):
+    # F.* default stride None, ATen default []: both mean "the kernel size".
+    stride = p["stride"]
+    return p["kernel_size"] if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else stride
+
+
+@BOUND_RULES.register("max_pool2d")
+def max_pool2d(call: Call) -> Interval:
+    """max over a window is monotone: [maxpool(l), maxpool(u)]."""
+    p = call.bind(_MAX, lambda m: {k: getattr(m, k) for k in
+                                   ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")})
+    x = interval_arg(call, p["input"], "the input")
+    if p["return_indices"]:
+        raise call.fail("max pooling with return_indices=True has no interval meaning for the indices")
+    geometry = dict(kernel_size=concrete_arg(call, p["kernel_size"], "kernel_size"), stride=_stride(p),
+                    padding=p["padding"], dilation=p["dilation"], ceil_mode=p["ceil_mode"])
+    return x.map(lambda t: F.max_pool2d(t, **geometry))
+
+
+@BOUND_RULES.register("avg_pool2d")
+def avg_pool2d(call: Call) -> Interval:
+    """average with non-negative weights is monotone: [avgpool(l), avgpool(u)]."""
+    p = call.bind(_AVG, lambda m: {k: getattr(m, k) for k in
+                                   ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                    "divisor_override")})
+    x = interval_arg(call, p["input"], "the input")
+    geometry = dict(kernel_size=p["kernel_size"], stride=_stride(p), padding=p["padding"], ceil_mode=p["ceil_mode"],
+                    count_include_pad=p["count_include_pad"], divisor_override=p["divisor_override"])
+    return x.map(lambda t: F.avg_pool2d(t, **geometry))
+
+
+@BOUND_RULES.register("adaptive_avg_pool2d")
+def adaptive_avg_pool2d(call: Call) -> Interval:
+    """adaptive average is monotone: [adaptive_avg(l), adaptive_avg(u)]."""
+    p = call.bind(_ADAPTIVE, lambda m: {"output_size": m.output_size})
+    x = interval_arg(call, p["input"], "the input")
+    return x.map(lambda t: F.adaptive_avg_pool2d(t, p["output_size"]))

@@ -1,0 +1,127 @@
+"""Shape operations move values without changing them: apply the same move to both end points."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from harden.bounds.interval import Interval
+from harden.bounds.rules import BOUND_RULES, REQUIRED, Call, concrete_arg, interval_arg
+
+aten = torch.ops.aten
+
+
+@BOUND_RULES.register("flatten")
+def flatten(call: Call) -> Interval:
+    """flatten(x) element-wise: [flatten(l), flatten(u)]."""
+    p = call.bind((("input", REQUIRED), ("start_dim", 0), ("end_dim", -1)),
+                  lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim})
+    x = interval_arg(call, p["input"], "the input")
+    return x.map(lambda t: torch.flatten(t, p["start_dim"], p["end_dim"]))
+
+
+@BOUND_RULES.register("reshape")
+def reshape(call: Call) -> Interval:
+    """reshape / view: [reshape(l), reshape(u)]."""
+    p = call.bind((("input", REQUIRED), ("*shape", REQUIRED)))
+    x = interval_arg(call, p["input"], "the input")
+    shape = concrete_arg(call, p["shape"], "the shape")
+    if any(not isinstance(s, (int, torch.SymInt)) for s in shape):
+        raise call.fail(f"view/reshape to {shape!r} is not a reshape to a shape")
+    return x.map(lambda t: t.reshape(tuple(shape)))
+
+
+@BOUND_RULES.register("permute")
+def permute(call: Call) -> Interval:
+    """permute: [permute(l), permute(u)]."""
+    p = call.bind((("input", REQUIRED), ("*dims", REQUIRED)))
+    x = interval_arg(call, p["input"], "the input")
+    return x.map(lambda t: t.permute(*p["dims"]))
+
+
+@BOUND_RULES.register("transpose")
+def transpose(call: Call) -> Interval:
+    """transpose: [transpose(l), transpose(u)]."""
+    p = call.bind((("input", REQUIRED), ("dim0", REQUIRED), ("dim1", REQUIRED)))
+    x = interval_arg(call, p["input"], "the input")
+    return x.map(lambda t: torch.transpose(t, p["dim0"], p["dim1"]))
+
+
+@BOUND_RULES.register("getitem")
+def getitem(call: Call):
+    """x[idx] selects entries: [l[idx], u[idx]]; an item of a tuple of values is that value."""
+    obj, index = call.args
+    if isinstance(obj, Interval):
+        concrete_arg(call, index, "the index")
+        if isinstance(index, tuple) and any(isinstance(i, Interval) for i in index):
+            raise call.fail("indexing with an input-dependent index is not supported")
+        return Interval(obj.lo[index], obj.hi[index])
+    concrete_arg(call, index, "the index")
+    return operator.getitem(obj, index)
+
+
+@BOUND_RULES.register("size")
+def size(call: Call):
+    """x.size(d) / x.dim() / sym_size: the concrete shape, the same for every point of the box."""
+    x = interval_arg(call, call.args[0], "the input")
+    rest, kwargs = call.args[1:], call.kwargs
+    if call.node.op == "call_method":
+        return getattr(x.lo, call.node.target)(*rest, **kwargs)
+    if call.target is aten.sym_size.int:
+        return x.lo.size(*rest)
+    return x.lo.size(*rest, **kwargs)
+
+
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+
+
+@BOUND_RULES.register("getattr")
+def getattr_(call: Call):
+    """x.shape / x.ndim / x.dtype / x.device: the concrete attribute, the same for every point of the box."""
+    x = interval_arg(call, call.args[0], "the input")
+    name = call.args[1]
+    if name not in _SHAPE_ATTRIBUTES:
+        raise call.fail(f"attribute {name!r} of an input-dependent tensor; only {sorted(_SHAPE_ATTRIBUTES)}")
+    return getattr(x.lo, name)
+
+
+_DROPOUT_SIGNATURES = {
+    F.dropout: (("input", REQUIRED), ("p", 0.5), ("training", True), ("inplace", False)),
+    F.dropout2d: (("input", REQUIRED), ("p", 0.5), ("training", True), ("inplace", False)),
+    torch.dropout: (("input", REQUIRED), ("p", REQUIRED), ("training", REQUIRED)),
+    aten.dropout.default: (("input", REQUIRED), ("p", REQUIRED), ("training", REQUIRED)),
+}
+_PLAIN = (("input", REQUIRED), ("memory_format", None))
+
+
+def _module_dropout(m) -> dict:
+    if isinstance(m, torch.nn.AlphaDropout) or isinstance(m, torch.nn.FeatureAlphaDropout):
+        return {"p": m.p, "training": m.training, "alpha": True}
+    return {"p": getattr(m, "p", 0.0), "training": m.training}
+
+
+@BOUND_RULES.register("identity")
+def identity(call: Call) -> Interval:
+    """identity / clone / eval-mode dropout: [l, u]; active dropout x/(1-p) or 0: [min(0, l/(1-p)), max(0, u/(1-p))]."""
+    if call.module is not None:
+        x = call.args[0] if call.args else next(iter(call.kwargs.values()))
+        p = _module_dropout(call.module) if not isinstance(call.module, torch.nn.Identity) else {"training": False}
+    elif call.target in _DROPOUT_SIGNATURES:
+        p = call.bind(_DROPOUT_SIGNATURES[call.target])
+        x = p["input"]
+    else:
+        p = call.bind(_PLAIN)
+        x = p["input"]
+        p["training"] = False
+    x = interval_arg(call, x, "the input")
+    if not p["training"] or float(p["p"]) == 0.0:
+        return x
+    if p.get("alpha"):
+        raise call.fail("alpha dropout in training mode cannot be bounded; put the model in eval mode")
+    keep = 1.0 - float(p["p"])
+    if keep <= 0.0:
+        zeros = torch.zeros_like(x.lo)
+        return Interval(zeros, zeros)
+    return Interval(torch.clamp(x.lo / keep, max=0.0), torch.clamp(x.hi / keep, min=0.0))

@@ -1,0 +1,387 @@
+"""What interval bound propagation guarantees about a (hardened) classifier graph (design section 6).
+
+* :func:`placement`: per CTT trap, where its thresholds sit relative to the natural
+  activations and to the eps-box bounds (paper 000, section 3.3).
+* :func:`certify_samples`: per sample, *robust* (the label is constant over the
+  eps-box) and *detect-or-robust* (every input of the box keeps the label or
+  raises the CTT alarm).
+* :func:`check_certificates`: draw points in every box, run the real model and
+  report every point that contradicts a bound or a certificate.
+
+The CLI wiring lives elsewhere; everything here is a plain function of a
+GraphModule, the traps as the detector sees them and a batch of samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+
+from harden.bounds import Interval, propagate, run_recorded
+from harden.bounds.linear import linear_parts
+from harden.bounds.propagate import BoundResult, input_dependent
+from harden.bounds.rules import Call
+from harden.errors import HardenError
+from harden.graph.ops import canonical_op
+from harden.graph.trace import output_node
+
+
+@dataclass
+class Trap:
+    """One CTT site as the detector sees it."""
+
+    node: str                      # node name in gm (output of a ReLU/ReLU6)
+    flat_indices: torch.Tensor     # int64 positions in the per-sample flattened activation
+    thresholds: torch.Tensor       # float32, same length: alarm iff activation[idx] > threshold for any idx of any trap
+
+    def __post_init__(self):
+        self.flat_indices = torch.as_tensor(self.flat_indices, dtype=torch.int64).reshape(-1)
+        self.thresholds = torch.as_tensor(self.thresholds, dtype=torch.float32).reshape(-1)
+        if self.flat_indices.numel() != self.thresholds.numel():
+            raise HardenError(f"trap at {self.node!r}: {self.flat_indices.numel()} indices but "
+                              f"{self.thresholds.numel()} thresholds")
+
+    def on(self, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.flat_indices.to(device), self.thresholds.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def _check_inputs(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, y=None) -> None:
+    names = {n.name for n in gm.graph.nodes}
+    missing = [t.node for t in traps if t.node not in names]
+    if missing:
+        raise HardenError(f"trap node(s) {', '.join(map(repr, missing))} are not in the graph")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise HardenError("certify needs a batch of inputs [N, ...]")
+    if float(torch.as_tensor(eps).min()) < 0:
+        raise HardenError(f"eps must be >= 0; got {eps}")
+    if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):
+        raise HardenError(f"labels must have shape [{x.shape[0]}]; got {tuple(y.shape)}")
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    size = max(1, int(size))
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _eps_for(eps, rows: slice, x: torch.Tensor):
+    """A per-sample eps tensor [N] is sliced with the batch and broadcast over the sample's dims."""
+    if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+        part = eps[rows].to(x.device, x.dtype)
+        return part.reshape((-1,) + (1,) * (x.dim() - 1))
+    return float(eps)
+
+
+def trap_clamps(traps: Sequence[Trap], device, dtype=torch.float32) -> tuple[dict[str, Callable], list[torch.Tensor]]:
+    """Clamp functions intersecting each masked neuron's interval with (-inf, T].
+
+    The second value is a list that each clamp appends a per-sample bool to: True
+    where some masked lower bound already exceeds T (every input of the box alarms).
+    """
+    by_node: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for trap in traps:
+        by_node.setdefault(trap.node, []).append(trap.on(device, dtype))
+    always: list[torch.Tensor] = []
+
+    def make(entries):
+        def clamp(iv: Interval) -> Interval:
+            if not isinstance(iv, Interval):
+                raise HardenError("a CTT trap sits on a node that does not depend on the input")
+            lo, hi = iv.lo.flatten(1), iv.hi.flatten(1)
+            for idx, thresholds in entries:
+                if idx.numel() and int(idx.max()) >= lo.shape[1]:
+                    raise HardenError(f"trap index {int(idx.max())} out of range for an activation of "
+                                      f"{lo.shape[1]} neurons")
+                always.append((lo.index_select(1, idx) > thresholds).any(dim=1))
+                capped = torch.minimum(hi.index_select(1, idx), thresholds)
+                hi = hi.scatter(1, idx.unsqueeze(0).expand(hi.shape[0], -1), capped)
+            return Interval(iv.lo, hi.reshape(iv.hi.shape))
+
+        return clamp
+
+    return {node: make(entries) for node, entries in by_node.items()}, always
+
+
+def _alarm(values: dict[str, torch.Tensor], traps: Sequence[Trap], n: int, device) -> torch.Tensor:
+    """The CTT check on real activations: any masked activation above its threshold."""
+    alarm = torch.zeros(n, dtype=torch.bool, device=device)
+    for trap in traps:
+        idx, thresholds = trap.on(device, values[trap.node].dtype)
+        alarm |= (values[trap.node].flatten(1).index_select(1, idx) > thresholds).any(dim=1)
+    return alarm
+
+
+def _final_linear(gm: fx.GraphModule) -> fx.Node | None:
+    """The logits node when it is a linear layer (any spelling) fed by the input: its margin can be folded."""
+    last = output_node(gm).args[0]
+    if isinstance(last, fx.Node) and canonical_op(gm, last) == "linear" and last in input_dependent(gm):
+        return last
+    return None
+
+
+def _true_margin_lower(logit_margin_lower: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """min over j != y of a [N, K] lower bound of logit_y - logit_j."""
+    inf = torch.full_like(logit_margin_lower[:, :1], float("inf"))
+    return logit_margin_lower.scatter(1, y.unsqueeze(1), inf).amin(dim=1)
+
+
+def margin_lower_bound(gm: fx.GraphModule, result: BoundResult, y: torch.Tensor, fold: fx.Node | None) -> torch.Tensor:
+    """Per sample, a lower bound of min_{j != y} (logit_y - logit_j) over the box.
+
+    With a linear logits layer the margin is folded into it: the rows W_y - W_j
+    meet the centre and radius of the layer's input, which is much tighter than
+    subtracting two logit intervals (that loses every correlation between them).
+    """
+    if fold is not None:
+        args = fx.map_arg(fold.args, lambda n: result.nodes[n.name])
+        kwargs = fx.map_arg(fold.kwargs, lambda n: result.nodes[n.name])
+        module = gm.get_submodule(fold.target) if fold.op == "call_module" else None
+        x, weight, bias = linear_parts(Call(gm, fold, "linear", tuple(args), dict(kwargs), module))
+        if x.dim() == 2:
+            diff = weight[y].unsqueeze(1) - weight.unsqueeze(0)           # [N, K, d]: W_y - W_j
+            centre = torch.einsum("nkd,nd->nk", diff, x.centre)
+            radius = torch.einsum("nkd,nd->nk", diff.abs(), x.radius)
+            if bias is not None:
+                centre = centre + (bias[y].unsqueeze(1) - bias.unsqueeze(0))
+            return _true_margin_lower(centre - radius, y)
+    logits = result.output
+    if not isinstance(logits, Interval) or logits.dim() != 2:
+        raise HardenError(f"certify needs logits [N, K]; the graph's output has shape "
+                          f"{tuple(getattr(logits, 'shape', ()))}")
+    lower = logits.lo.gather(1, y.unsqueeze(1)) - logits.hi                # [N, K]: l_y - u_j
+    return _true_margin_lower(lower, y)
+
+
+def _margin_record(fold: fx.Node | None) -> set[str]:
+    return {n.name for n in fold.all_input_nodes} if fold is not None else set()
+
+
+# ---------------------------------------------------------------------------------------------------
+# placement
+# ---------------------------------------------------------------------------------------------------
+def placement(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, input_range,
+              batch_size: int = 256) -> list[dict]:
+    """Per trap, fractions over samples x masked neurons: natural activation <= T, hi >= T
+    (sub-optimal placement: every detection is adversarial), lo >= T (optimal: every eps-perturbation is detected)."""
+    _check_inputs(gm, traps, x, eps)
+    nodes = {t.node for t in traps}
+    counts = [[0, 0, 0] for _ in traps]
+    with torch.no_grad():
+        for rows in _chunks(x.shape[0], batch_size):
+            xb = x[rows]
+            _, natural = run_recorded(gm, xb, nodes)
+            bounds = propagate(gm, Interval.from_box(xb, _eps_for(eps, rows, xb), input_range), record=nodes)
+            for i, trap in enumerate(traps):
+                idx, thresholds = trap.on(xb.device, xb.dtype)
+                act = natural[trap.node].flatten(1).index_select(1, idx)
+                iv = bounds.nodes[trap.node]
+                counts[i][0] += int((act <= thresholds).sum())
+                counts[i][1] += int((iv.hi.flatten(1).index_select(1, idx) >= thresholds).sum())
+                counts[i][2] += int((iv.lo.flatten(1).index_select(1, idx) >= thresholds).sum())
+    rows_out = []
+    for trap, (below, upper, lower) in zip(traps, counts):
+        total = max(1, x.shape[0] * trap.flat_indices.numel())
+        rows_out.append({"site": trap.node, "neurons": int(trap.flat_indices.numel()),
+                         "natural_below": below / total, "upper_reaches": upper / total,
+                         "lower_reaches": lower / total})
+    return rows_out
+
+
+# ---------------------------------------------------------------------------------------------------
+# certificates
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class _BatchBounds:
+    plain: BoundResult
+    clamped: BoundResult
+    robust: torch.Tensor
+    detect_or_robust: torch.Tensor
+    always_alarm: torch.Tensor
+    margin: torch.Tensor
+    margin_detect: torch.Tensor
+
+
+def _bound_batch(gm, traps, xb, yb, eps, input_range, fold, record: set[str]) -> _BatchBounds:
+    box = Interval.from_box(xb, eps, input_range)
+    record = set(record) | _margin_record(fold)
+    plain = propagate(gm, box, record=record)
+    margin = margin_lower_bound(gm, plain, yb, fold)
+    robust = margin > 0
+    if not traps:
+        never = torch.zeros_like(robust)
+        return _BatchBounds(plain, plain, robust, robust.clone(), never, margin, margin)
+    clamps, always_parts = trap_clamps(traps, xb.device, xb.dtype)
+    clamped = propagate(gm, box, record=record, clamp=clamps)
+    always = torch.stack(always_parts).any(dim=0)
+    margin_detect = margin_lower_bound(gm, clamped, yb, fold)
+    detect_or_robust = always | (margin_detect > 0)
+    return _BatchBounds(plain, clamped, robust, detect_or_robust, always, margin, margin_detect)
+
+
+def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
+                    input_range, batch_size: int = 256) -> dict:
+    """Per-sample certificates over the eps-box around each input (clipped to ``input_range``).
+
+    Returns bool tensors ``robust`` (label y everywhere in the box),
+    ``detect_or_robust`` (every input of the box keeps label y or raises the CTT
+    alarm) and ``always_alarm`` (every input of the box alarms), the margin lower
+    bounds behind them (``margin``, ``margin_detect``), and ``fractions``.
+    With ``traps=[]`` (the original model) detect_or_robust equals robust.
+    """
+    _check_inputs(gm, traps, x, eps, y)
+    fold = _final_linear(gm)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                            ("robust", "detect_or_robust", "always_alarm", "margin", "margin_detect")}
+    y = y.to(device=x.device, dtype=torch.int64)
+    with torch.no_grad():
+        for rows in _chunks(x.shape[0], batch_size):
+            b = _bound_batch(gm, traps, x[rows], y[rows], _eps_for(eps, rows, x), input_range, fold, set())
+            for key in parts:
+                parts[key].append(getattr(b, key))
+    out = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for k, v in parts.items()}
+    n = x.shape[0]
+    out["fractions"] = {k: float(out[k].float().mean()) if n else 0.0
+                        for k in ("robust", "detect_or_robust", "always_alarm")}
+    out["samples"] = n
+    out["margin_method"] = "folded into the last linear layer" if fold is not None else "interval subtraction"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the check through the real model
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Violation:
+    sample: int          # index of the sample (box) in x
+    point: int           # index of the drawn point within the box (0 = the sample itself, clipped)
+    node: str            # graph node (the logits node for a certificate)
+    kind: str            # "bound", "clamped-bound", "robust", "detect_or_robust"
+    excess: float        # how far outside the bound / below zero margin
+
+    def __str__(self) -> str:
+        return f"sample {self.sample} point {self.point}: {self.kind} violated at node {self.node!r} by {self.excess:.3g}"
+
+
+@dataclass
+class CheckResult:
+    boxes: int
+    points: int
+    nodes_checked: int
+    violations: int = 0
+    details: list[Violation] = field(default_factory=list)   # the first ``max_details`` violations
+
+    @property
+    def ok(self) -> bool:
+        return self.violations == 0
+
+    def to_dict(self) -> dict:
+        return {"boxes": self.boxes, "points": self.points, "nodes_checked": self.nodes_checked,
+                "violations": self.violations, "examples": [str(v) for v in self.details[:20]]}
+
+
+def draw_points(box: Interval, n_points: int, generator: torch.Generator,
+                anchor: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, P, ...] points of each box: ``anchor`` (the sample, clipped to the box) if given, then about a
+    quarter random vertices of the box, then uniform points."""
+    n = box.shape[0]
+    lo, hi = box.lo.unsqueeze(1), box.hi.unsqueeze(1)
+    u = torch.rand((n, n_points) + tuple(box.shape[1:]), generator=generator).to(box.device, box.dtype)
+    first = 1 if anchor is not None else 0
+    n_corners = min(n_points - first, max(1, n_points // 4))
+    if n_corners > 0:
+        u[:, first:first + n_corners] = (u[:, first:first + n_corners] < 0.5).to(u.dtype)
+    points = torch.maximum(torch.minimum(lo + u * (hi - lo), hi), lo)
+    if anchor is not None:
+        points[:, 0] = torch.maximum(torch.minimum(anchor, box.hi), box.lo)
+    return points
+
+
+def _tolerance(iv: Interval, rtol: float) -> torch.Tensor:
+    """Per sample: rtol * max(1, largest |bound| of the node), broadcastable over the node's entries."""
+    scale = torch.maximum(iv.lo.abs(), iv.hi.abs()).flatten(1)
+    scale = torch.nan_to_num(scale, posinf=0.0).amax(dim=1).clamp_min(1.0)
+    return (rtol * scale).reshape((-1,) + (1,) * (iv.dim() - 1))
+
+
+def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
+                       input_range, n_points: int, seed: int = 0, *, batch_points: int = 2048,
+                       rtol: float = 1e-5, max_details: int = 100) -> CheckResult:
+    """Draw ``n_points`` per box (the sample, random vertices, uniform points), run the real model on them
+    (the CTT check done in torch) and count every contradiction:
+
+    * a node value outside its interval (``bound``), or, for a point that does not
+      alarm, outside its interval propagated with the traps clamped (``clamped-bound``);
+    * a point of a *robust* box whose margin logit_y - max_{j != y} logit_j is below 0
+      (``robust``);
+    * a point of a *detect-or-robust* box that neither alarms nor keeps the label
+      (``detect_or_robust``).
+
+    Tolerance: rtol * max(1, the node's largest |bound| for that sample), for float rounding.
+    """
+    _check_inputs(gm, traps, x, eps, y)
+    if n_points < 1:
+        raise HardenError(f"--check needs at least one point per box; got {n_points}")
+    generator = torch.Generator().manual_seed(int(seed))
+    fold = _final_linear(gm)
+    dependent = input_dependent(gm)
+    checked = [n.name for n in gm.graph.nodes if n in dependent and n.op != "output"]
+    logits_name = output_node(gm).args[0].name
+    y = y.to(device=x.device, dtype=torch.int64)
+    result = CheckResult(boxes=x.shape[0], points=0, nodes_checked=len(checked))
+
+    def report(sample: int, point: int, node: str, kind: str, excess: float) -> None:
+        result.violations += 1
+        if len(result.details) < max_details:
+            result.details.append(Violation(sample, point, node, kind, excess))
+
+    with torch.no_grad():
+        for rows in _chunks(x.shape[0], max(1, batch_points // n_points)):
+            xb, yb = x[rows], y[rows]
+            eps_b = _eps_for(eps, rows, x)
+            b = _bound_batch(gm, traps, xb, yb, eps_b, input_range, fold, set(checked))
+            box = Interval.from_box(xb, eps_b, input_range)
+            points = draw_points(box, n_points, generator, anchor=xb)
+            nb = xb.shape[0]
+            flat = points.reshape((nb * n_points,) + tuple(xb.shape[1:]))
+            logits, values = run_recorded(gm, flat, checked)
+            result.points += flat.shape[0]
+            alarm = _alarm(values, traps, flat.shape[0], flat.device).reshape(nb, n_points)
+
+            for name in checked:
+                value = values.get(name)
+                for kind, bounds, only in (("bound", b.plain, None), ("clamped-bound", b.clamped, ~alarm)):
+                    if kind == "clamped-bound" and (not traps or bounds is b.plain):
+                        continue
+                    iv = bounds.nodes.get(name)
+                    if not isinstance(iv, Interval) or not isinstance(value, torch.Tensor):
+                        continue
+                    if value.shape[0] != flat.shape[0] or iv.shape[0] != nb or value.shape[1:] != iv.shape[1:]:
+                        continue  # not a per-sample value (e.g. mixes the batch): nothing to compare
+                    v = value.reshape((nb, n_points) + tuple(value.shape[1:]))
+                    tol = _tolerance(iv, rtol).unsqueeze(1)
+                    excess = torch.maximum(iv.lo.unsqueeze(1) - tol - v, v - iv.hi.unsqueeze(1) - tol)
+                    excess = excess.flatten(2).amax(dim=2)                     # [nb, P]
+                    bad = excess > 0
+                    if only is not None:
+                        bad &= only
+                    for s, p in bad.nonzero().tolist():
+                        report(rows.start + s, p, name, kind, float(excess[s, p]))
+
+            logits = logits.reshape(nb, n_points, -1)
+            k = logits.shape[-1]
+            true = logits.gather(2, yb.view(nb, 1, 1).expand(nb, n_points, 1)).squeeze(2)
+            others = logits.masked_fill(torch.nn.functional.one_hot(yb, k).bool().unsqueeze(1), float("-inf"))
+            margin = true - others.amax(dim=2)                                  # [nb, P]
+            tol = rtol * logits.abs().flatten(1).amax(dim=1).clamp_min(1.0).unsqueeze(1)
+            flipped = margin < -tol
+            for kind, cert, bad in (("robust", b.robust, flipped),
+                                    ("detect_or_robust", b.detect_or_robust, flipped & ~alarm)):
+                for s, p in (bad & cert.unsqueeze(1)).nonzero().tolist():
+                    report(rows.start + s, p, logits_name, kind, float(-margin[s, p]))
+    return result
