@@ -82,6 +82,21 @@ def sub(call: Call) -> Interval:
     return add_intervals(a, negate(b))
 
 
+@BOUND_RULES.register("rsub")
+def rsub(call: Call) -> Interval:
+    """rsub(a, b, alpha) = b - alpha a: [b_l - (alpha a)_u, b_u - (alpha a)_l]."""
+    a, b, alpha = _binary(call)
+    if alpha != 1:
+        a = multiply(a, alpha) if isinstance(a, Interval) else a * alpha
+    return add_intervals(b, negate(a))
+
+
+@BOUND_RULES.register("reciprocal")
+def reciprocal(call: Call) -> Interval:
+    """1/x = [1/u, 1/l] where 0 is outside [l, u]; (-inf, inf) where it is not."""
+    return divide_by_interval(1.0, call.bind((("input", REQUIRED),))["input"])
+
+
 @BOUND_RULES.register("neg")
 def neg(call: Call) -> Interval:
     """-x: [-u, -l]."""

@@ -22,13 +22,21 @@ def linear_parts(call: Call) -> tuple[Interval, torch.Tensor, torch.Tensor | Non
     return x, concrete_arg(call, p["weight"], "weight"), concrete_arg(call, p["bias"], "bias")
 
 
+def _from_sums(centre: torch.Tensor, radius: torch.Tensor) -> Interval:
+    """[c - r, c + r]; the sum reuses the fresh centre tensor when no gradient is being recorded."""
+    lo = centre - radius
+    if centre.requires_grad or radius.requires_grad:
+        return Interval(lo, centre + radius)
+    return Interval(lo, centre.add_(radius))
+
+
 @BOUND_RULES.register("linear")
 def linear(call: Call) -> Interval:
     """y = W x + b: centre W c + b, radius |W| r."""
     x, weight, bias = linear_parts(call)
-    centre = F.linear(x.centre, weight, bias)
-    radius = F.linear(x.radius, weight.abs())
-    return Interval.from_centre(centre, radius)
+    # (u + l) and (u - l) meet W / 2 and |W| / 2: halving is exact in floating point and saves two passes.
+    half = weight * 0.5
+    return _from_sums(F.linear(x.hi + x.lo, half, bias), F.linear(x.hi - x.lo, half.abs()))
 
 
 CONV_SIGNATURE = (
@@ -52,14 +60,15 @@ def _conv(call: Call, conv) -> Interval:
     x = interval_arg(call, p["input"], "the input")
     weight = concrete_arg(call, p["weight"], "weight")
     bias = concrete_arg(call, p["bias"], "bias")
-    centre, radius = x.centre, x.radius
+    twice_centre, twice_radius = x.hi + x.lo, x.hi - x.lo
     pre_pad = p.get("pre_pad")
     if pre_pad is not None:
         # Reflect / replicate / circular padding copies values: pad the centre and the radius alike.
         pads, mode = pre_pad
-        centre, radius = F.pad(centre, pads, mode=mode), F.pad(radius, pads, mode=mode)
+        twice_centre, twice_radius = F.pad(twice_centre, pads, mode=mode), F.pad(twice_radius, pads, mode=mode)
     geometry = dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"])
-    return Interval.from_centre(conv(centre, weight, bias, **geometry), conv(radius, weight.abs(), None, **geometry))
+    half = weight * 0.5
+    return _from_sums(conv(twice_centre, half, bias, **geometry), conv(twice_radius, half.abs(), None, **geometry))
 
 
 @BOUND_RULES.register("conv2d")

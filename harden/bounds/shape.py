@@ -62,6 +62,22 @@ def getitem(call: Call):
     return operator.getitem(obj, index)
 
 
+@BOUND_RULES.register("slice")
+def slice_(call: Call) -> Interval:
+    """aten.slice(x, dim, start, end, step) selects entries: [slice(l), slice(u)]."""
+    p = call.bind((("input", REQUIRED), ("dim", 0), ("start", None), ("end", None), ("step", 1)))
+    x = interval_arg(call, p["input"], "the input")
+    return x.map(lambda t: aten.slice.Tensor(t, p["dim"], p["start"], p["end"], p["step"]))
+
+
+@BOUND_RULES.register("select")
+def select(call: Call) -> Interval:
+    """aten.select(x, dim, index) selects entries: [select(l), select(u)]."""
+    p = call.bind((("input", REQUIRED), ("dim", REQUIRED), ("index", REQUIRED)))
+    x = interval_arg(call, p["input"], "the input")
+    return x.map(lambda t: t.select(p["dim"], p["index"]))
+
+
 @BOUND_RULES.register("size")
 def size(call: Call):
     """x.size(d) / x.dim() / sym_size: the concrete shape, the same for every point of the box."""

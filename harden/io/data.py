@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +221,8 @@ def _from_arrays(x, y, where: str) -> _Raw:
 
 
 def _load_npz(path: Path) -> _Raw:
+    if not zipfile.is_zipfile(path):
+        raise HardenError(f"cannot read {path}: not an .npz (zip) archive of arrays")
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = sorted(archive.files)
@@ -248,12 +251,27 @@ def _tensor_to_numpy(value, name: str, where: str) -> np.ndarray:
     return value.numpy()
 
 
+def _torch_load_reason(exc: Exception) -> str:
+    """The useful part of torch.load's multi-paragraph message, on one line."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        for stop in ("Please use", "Check the documentation"):
+            text = text.split(stop, 1)[0]
+    text = " ".join(text.split()).rstrip(".")
+    if isinstance(exc, EOFError) or not text:
+        return f"{type(exc).__name__}, the file is empty or truncated" if isinstance(exc, EOFError) else type(exc).__name__
+    return text[:300]
+
+
 def _load_pt(path: Path) -> _Raw:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HardenError(f"cannot read {path} with torch.load(weights_only=True) (only tensors are allowed): {first}") from None
+        raise HardenError(
+            f"cannot read {path} with torch.load(weights_only=True): {_torch_load_reason(exc)}; "
+            "a data .pt must hold only tensors, as a dict with 'x' and 'y' or a tuple (x, y) (pickled objects are refused)"
+        ) from None
     where = str(path)
     if isinstance(obj, dict):
         if "x" not in obj or "y" not in obj:

@@ -1,0 +1,93 @@
+"""onnxruntime latency of the hardened graph against the plain exported classifier, side by side.
+
+    python bench/latency.py --json [--method ctt-lite] [--method safetynet ...] [--checkpoint PATH]
+
+Both graphs are timed in the same process, interleaved round by round, so
+machine noise hits both alike; the ratio is hardened / plain median latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples.lenet import LeNet5  # noqa: E402
+from harden.export import export_onnx  # noqa: E402
+from harden.export.torch_graph import export_module  # noqa: E402
+from harden.graph.trace import trace  # noqa: E402
+from harden.instrument import instrument  # noqa: E402
+from harden.io.data import load_data  # noqa: E402
+from harden.methods.base import Options  # noqa: E402
+from harden.runtime import OnnxGraph  # noqa: E402
+
+
+def load_lenet(checkpoint: Path | None) -> torch.nn.Module:
+    model = LeNet5()
+    if checkpoint and checkpoint.is_file():
+        model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    return model.eval()
+
+
+def time_pair(plain: OnnxGraph, hardened: OnnxGraph, x: np.ndarray, rounds: int) -> tuple[float, float]:
+    """Median seconds per call for each, measured alternately."""
+    feed_p = {plain.input_name: x}
+    feed_h = {hardened.input_name: x}
+    for _ in range(5):
+        plain.session.run(None, feed_p)
+        hardened.session.run(None, feed_h)
+    tp, th = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        plain.session.run(None, feed_p)
+        t1 = time.perf_counter()
+        hardened.session.run(None, feed_h)
+        t2 = time.perf_counter()
+        tp.append(t1 - t0)
+        th.append(t2 - t1)
+    return statistics.median(tp), statistics.median(th)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", action="append", default=None)
+    parser.add_argument("--checkpoint", type=Path, default=Path("examples/lenet5_mnist.pt"))
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=2000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    methods = args.method or ["ctt-lite"]
+    torch.set_num_threads(args.threads)
+
+    data = load_data("mnist", seed=0, limit=args.limit)
+    model = load_lenet(args.checkpoint)
+    hardened = instrument(model, data, methods, Options(key="bench"))
+    hardened_graph = OnnxGraph(export_onnx(hardened).model.SerializeToString(), threads=args.threads)
+    plain_proto = export_module(trace(model), (data.test.x[:2],), ["input"], ["logits"])
+    plain_graph = OnnxGraph(plain_proto.SerializeToString(), threads=args.threads)
+
+    result = {"methods": methods, "model": "LeNet5", "threads": args.threads, "rounds": args.rounds, "batches": {}}
+    x_all = data.test.x.numpy()
+    for batch in (1, 256):
+        x = np.ascontiguousarray(np.resize(x_all, (batch, *x_all.shape[1:])), dtype=np.float32)
+        plain_s, hardened_s = time_pair(plain_graph, hardened_graph, x, args.rounds if batch == 1 else max(20, args.rounds // 4))
+        result["batches"][str(batch)] = {
+            "plain_ms": round(plain_s * 1e3, 4),
+            "hardened_ms": round(hardened_s * 1e3, 4),
+            "ratio": round(hardened_s / plain_s, 4),
+        }
+    result["ratio"] = result["batches"]["256"]["ratio"]
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()

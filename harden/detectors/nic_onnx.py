@@ -1,0 +1,120 @@
+"""One ONNX graph for a composite detector: column slices -> one-class estimators -> a final estimator per set,
+then an order statistic across sets.
+
+Layout of the graph built by :func:`build_composite` (every estimator converted by skl2onnx through
+:func:`harden.detectors.sklearn_onnx.convert`, so each sub-graph maps ``[N, d] -> [N]`` already oriented)::
+
+    features [N, D] --Slice--> est_1 --> s_1 [N] --Unsqueeze--\
+                    --Slice--> est_2 --> s_2 [N] --Unsqueeze---+--Concat--> [N, n] --> final --> r_k [N]
+                    ...                                       /
+    (for each set k)   (r_k - loc_k) / spread_k --Unsqueeze--Concat--> [N, K] --TopK(m)--> [:, m-1] --> raw [N]
+
+With one set and no normalisation, ``raw = r_1``.  Every internal name is prefixed per estimator, so
+sub-graphs cannot collide; everything is float32 (onnxruntime has no double one-class SVM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from harden.detectors.sklearn_onnx import convert
+from harden.opsets import IR_VERSION, ML_OPSET, OPSET
+
+
+@dataclass
+class Part:
+    """A fitted estimator reading columns ``[start, stop)`` of its input; its score is ``sign * decision``."""
+
+    estimator: object
+    start: int
+    stop: int
+    sign: float = -1.0
+
+
+@dataclass
+class SetSpec:
+    parts: list[Part]
+    final: object                 # reads the [N, len(parts)] matrix of the parts' scores
+    final_sign: float = -1.0
+    loc: float = 0.0              # the set's raw score is (sign * final decision - loc) / spread
+    spread: float = 1.0
+
+
+@dataclass
+class _Builder:
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    opsets: dict = field(default_factory=dict)
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output + "/node", **attrs))
+        return output
+
+    def estimator(self, estimator, prefix: str, source: str, n_features: int, sign: float) -> str:
+        """Inline the skl2onnx graph of ``estimator`` fed by ``source``; returns its [N] output name."""
+        sub = convert(estimator, "in", "out", n_features, column=None, sign=sign)
+        sub = onnx.compose.add_prefix(sub, prefix)
+        for entry in sub.opset_import:
+            self.opsets[entry.domain] = max(self.opsets.get(entry.domain, 0), entry.version)
+        self.node("Identity", [source], prefix + "in")
+        self.nodes.extend(sub.graph.node)
+        self.inits.extend(sub.graph.initializer)
+        return prefix + "out"
+
+
+def build_composite(input_name: str, output_name: str, n_features: int, sets: list[SetSpec],
+                    vote: int | None = None) -> onnx.ModelProto:
+    """``vote`` = m: the raw score is the m-th largest normalised set score (None: the only set's score)."""
+    if vote is None and len(sets) != 1:
+        raise ValueError("several sets need a vote (the order statistic to take)")
+    b = _Builder()
+    b.const("axis1", np.array([1], dtype=np.int64))
+    set_outputs = []
+    for k, spec in enumerate(sets):
+        columns = []
+        for j, part in enumerate(spec.parts):
+            p = f"set{k}/part{j}/"
+            b.const(p + "starts", np.array([part.start], dtype=np.int64))
+            b.const(p + "stops", np.array([part.stop], dtype=np.int64))
+            sliced = b.node("Slice", [input_name, p + "starts", p + "stops", "axis1"], p + "columns")
+            score = b.estimator(part.estimator, p + "est/", sliced, part.stop - part.start, part.sign)
+            columns.append(b.node("Unsqueeze", [score, "axis1"], p + "column"))
+        matrix = b.node("Concat", columns, f"set{k}/scores", axis=1)
+        raw = b.estimator(spec.final, f"set{k}/final/", matrix, len(spec.parts), spec.final_sign)
+        if vote is not None:
+            b.const(f"set{k}/loc", np.array(spec.loc, dtype=np.float32))
+            b.const(f"set{k}/spread", np.array(spec.spread, dtype=np.float32))
+            centred = b.node("Sub", [raw, f"set{k}/loc"], f"set{k}/centred")
+            raw = b.node("Div", [centred, f"set{k}/spread"], f"set{k}/normalised")
+        set_outputs.append(raw)
+    if vote is None:
+        b.node("Identity", [set_outputs[0]], output_name)
+    else:
+        columns = [b.node("Unsqueeze", [r, "axis1"], f"vote/column{k}") for k, r in enumerate(set_outputs)]
+        stacked = b.node("Concat", columns, "vote/sets", axis=1)
+        b.const("vote/k", np.array([vote], dtype=np.int64))
+        b.nodes.append(helper.make_node("TopK", [stacked, "vote/k"], ["vote/top", "vote/top_index"],
+                                        name="vote/topk", axis=1, largest=1, sorted=1))
+        b.const("vote/last", np.array(vote - 1, dtype=np.int64))
+        b.node("Gather", ["vote/top", "vote/last"], output_name, axis=1)
+    b.opsets[""] = max(b.opsets.get("", 0), OPSET)
+    b.opsets.setdefault("ai.onnx.ml", ML_OPSET)
+    graph = helper.make_graph(
+        b.nodes, "composite_detector",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, n_features])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [None])],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(b.opsets.items())],
+                              producer_name="harden")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model

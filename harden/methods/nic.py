@@ -1,0 +1,426 @@
+"""NIC — neural-network invariant checking (paper 002): value and provenance invariants learnt from benign data only.
+
+For each chosen site (default: every ReLU site) the torch head computes
+
+* the site's *reduced* features: global average pool per channel for a conv activation ``[N, C, H, W] -> [N, C]``
+  (``nic_reduce``: ``mean`` | ``max`` | ``meanmax``), fully-connected activations as they are;
+* standardised with the training split's mean and std (buffers of the head);
+* passed through the detector set's keyed, non-differentiable transform ``g`` (per feature: a random scale and
+  ``floor`` or ``ceil``, then the scale divided back out; the paper's "random scaling combined with discrete
+  floor and ceiling functions");
+* a *derived model* (probe): a linear layer + softmax on those frozen features, TRAINED with cross-entropy on the
+  training split's labels (two public ports forgot to train it; :attr:`NICFit.probe_accuracy` records how well
+  each one predicts).
+
+The head outputs, for each detector set, ``[g(z_1) .. g(z_S) | softmax_1 .. softmax_S]`` concatenated as
+``nic.features [N, D]``.  The detector (one ONNX graph, :mod:`harden.detectors.nic_onnx`) slices that vector and
+runs one one-class RBF SVM per site (value invariant), one per pair of consecutive sites on the two probes'
+concatenated softmax (provenance invariant), and a final one-class SVM over the invariant scores.  Every
+one-class decision function is negated, so higher = more suspicious.  Thresholds are set later by calibration.
+
+Only benign data is used: the training split is divided (seeded by the key) into a part that fits the probes'
+and invariants' SVMs and a held-out part on which the invariant scores are out-of-sample, to fit the final SVM.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harden.errors import HardenError
+from harden.graph.analyse import batches, describe, feature_extractor
+from harden.graph.trace import module_path, sites as graph_sites
+from harden.methods.base import (
+    FitContext,
+    FittedMethod,
+    Method,
+    key_fingerprint,
+    key_seed,
+    register_method,
+    select_sites,
+)
+
+INVARIANTS = ("value", "provenance", "both")
+REDUCTIONS = ("mean", "max", "meanmax")
+
+# Defaults chosen by measurement across FGSM, BIM, PGD, DeepFool and CW on LeNet-5 / MNIST, with adversarial
+# examples made on the CALIBRATION split (never the test split the results are reported on); see
+# docs/results/nic.md and bench/experiments/nic_select.py.
+DEFAULT_NU = 0.1           # one-class SVMs of the invariants
+DEFAULT_FINAL_NU = 0.1     # the final one-class SVM over the invariant scores
+DEFAULT_GAMMA = 1.0        # RBF gamma = DEFAULT_GAMMA / n_features (features are standardised: sklearn's 'scale')
+DEFAULT_REDUCE = "mean"
+DEFAULT_MAX_TRAIN = 4000   # cap on training rows per one-class SVM (fit time grows ~quadratically)
+DEFAULT_HOLDOUT = 1 / 3    # fraction of the training split held out to fit the final SVM
+SCALE_RANGE = (4.0, 16.0)  # g: per-feature scale, uniform in this range (per standard deviation)
+
+
+# --------------------------------------------------------------------------- head
+
+
+class NICHead(nn.Module):
+    """Site activations -> ``[N, D]``: per detector set, transformed standardised features then probe softmaxes."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.dims = [int(d) for d in config["dims"]]
+        self.spatial = [bool(s) for s in config["spatial"]]
+        self.reduce_mode = str(config.get("reduce", DEFAULT_REDUCE))
+        self.sets = int(config["sets"])
+        self.num_classes = int(config["num_classes"])
+        self.value = bool(config["value"])
+        self.provenance = bool(config["provenance"])
+        self.transform = bool(config.get("transform", True))
+        for i, d in enumerate(self.dims):
+            self.register_buffer(f"mean_{i}", torch.zeros(d))
+            self.register_buffer(f"std_{i}", torch.ones(d))
+            for k in range(self.sets):
+                if self.transform:
+                    self.register_buffer(f"scale_{k}_{i}", torch.ones(d))
+                    self.register_buffer(f"ceil_{k}_{i}", torch.zeros(d, dtype=torch.bool))
+                if self.provenance:
+                    self.add_module(f"probe_{k}_{i}", nn.Linear(d, self.num_classes))
+
+    def reduce(self, i: int, activation: torch.Tensor) -> torch.Tensor:
+        if not self.spatial[i]:
+            return activation.flatten(1)
+        flat = activation.flatten(2)  # [N, C, L]
+        if self.reduce_mode == "mean":
+            return flat.mean(dim=2)
+        if self.reduce_mode == "max":
+            return flat.amax(dim=2)
+        return torch.cat([flat.mean(dim=2), flat.amax(dim=2)], dim=1)
+
+    def standardised(self, i: int, activation: torch.Tensor) -> torch.Tensor:
+        return (self.reduce(i, activation) - getattr(self, f"mean_{i}")) / getattr(self, f"std_{i}")
+
+    def g(self, k: int, i: int, z: torch.Tensor) -> torch.Tensor:
+        """The keyed transform: floor or ceil (per feature) of z * scale, divided back by the scale."""
+        if not self.transform:
+            return z
+        scale = getattr(self, f"scale_{k}_{i}")
+        v = z * scale
+        return torch.where(getattr(self, f"ceil_{k}_{i}"), torch.ceil(v), torch.floor(v)) / scale
+
+    def probe(self, k: int, i: int, features: torch.Tensor) -> torch.Tensor:
+        return getattr(self, f"probe_{k}_{i}")(features)
+
+    def forward(self, *activations: torch.Tensor) -> torch.Tensor:
+        return self.from_standardised([self.standardised(i, a) for i, a in enumerate(activations)])
+
+    def from_standardised(self, z: list[torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for k in range(self.sets):
+            gz = [self.g(k, i, zi) for i, zi in enumerate(z)]
+            if self.value:
+                parts += gz
+            if self.provenance:
+                parts += [torch.softmax(self.probe(k, i, f), dim=1) for i, f in enumerate(gz)]
+        return torch.cat(parts, dim=1)
+
+
+def layout(config: dict[str, Any]) -> list[dict[str, list[tuple[int, int]]]]:
+    """Column ranges of the head output, per set: ``value`` per site and ``probe`` per site."""
+    dims, c = [int(d) for d in config["dims"]], int(config["num_classes"])
+    out, offset = [], 0
+    for _ in range(int(config["sets"])):
+        entry: dict[str, list[tuple[int, int]]] = {"value": [], "probe": []}
+        if config["value"]:
+            for d in dims:
+                entry["value"].append((offset, offset + d))
+                offset += d
+        if config["provenance"]:
+            for _ in dims:
+                entry["probe"].append((offset, offset + c))
+                offset += c
+        out.append(entry)
+    return out
+
+
+def feature_width(config: dict[str, Any]) -> int:
+    ranges = [r for entry in layout(config) for kind in entry.values() for r in kind]
+    return max((b for _, b in ranges), default=0)
+
+
+# --------------------------------------------------------------------------- detector
+
+
+class NICDetector:
+    """Python side (scikit-learn) of the composite detector; ``onnx_model`` is the same computation in ONNX."""
+
+    def __init__(self, name: str, n_features: int, sets: list, vote: int | None):
+        self.method_name = name
+        self.n_features = int(n_features)
+        self.sets = sets            # list of harden.detectors.nic_onnx.SetSpec
+        self.vote = vote
+        self._onnx: bytes | None = None
+
+    @staticmethod
+    def _decision(estimator, x: np.ndarray) -> np.ndarray:
+        return np.asarray(estimator.decision_function(np.asarray(x, dtype=np.float32)), dtype=np.float64).reshape(-1)
+
+    def set_scores(self, features: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """[N, K] per-set scores (normalised when there is a vote) and each set's [N, parts] invariant scores."""
+        features = np.asarray(features, dtype=np.float32)
+        per_set, invariants = [], []
+        for spec in self.sets:
+            inv = np.stack([p.sign * self._decision(p.estimator, features[:, p.start : p.stop]) for p in spec.parts], 1)
+            inv = inv.astype(np.float32)
+            raw = spec.final_sign * self._decision(spec.final, inv)
+            if self.vote is not None:
+                raw = (raw - spec.loc) / spec.spread
+            per_set.append(raw)
+            invariants.append(inv)
+        return np.stack(per_set, axis=1), invariants
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        features = np.asarray(features, dtype=np.float32)
+        out = np.full(len(features), np.nan, dtype=np.float32)
+        finite = np.isfinite(features).all(axis=1)   # scikit-learn refuses NaN; such rows alarm anyway
+        if finite.any():
+            scores, _ = self.set_scores(features[finite])
+            if self.vote is None:
+                out[finite] = scores[:, 0]
+            else:
+                out[finite] = np.sort(scores, axis=1)[:, scores.shape[1] - self.vote]  # the vote-th largest
+        return out
+
+    def onnx_model(self) -> bytes:
+        if self._onnx is None:
+            from harden.detectors.nic_onnx import build_composite
+
+            model = build_composite(f"{self.method_name}.features", f"{self.method_name}.raw", self.n_features,
+                                    self.sets, self.vote)
+            self._onnx = model.SerializeToString()
+        return self._onnx
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class NICSettings:
+    sets: int
+    invariants: str
+    nu: float
+    final_nu: float
+    gamma: float | None          # absolute gamma (--svm-gamma) or None for gamma_factor / n_features
+    gamma_factor: float
+    reduce: str
+    transform: bool
+    max_train: int
+    holdout: float
+
+    @classmethod
+    def from_options(cls, options) -> "NICSettings":
+        sets = options.get("nic_detectors", 1)
+        if isinstance(sets, bool) or not isinstance(sets, (int, np.integer)) or sets < 1:
+            raise HardenError(f"--nic-detectors must be a whole number >= 1; got {sets!r}")
+        invariants = str(options.get("nic_invariants", "both")).strip().lower()
+        if invariants not in INVARIANTS:
+            raise HardenError(f"--nic-invariants {invariants!r} is not one of {', '.join(INVARIANTS)}")
+        reduce = str(options.get("nic_reduce", DEFAULT_REDUCE)).strip().lower()
+        if reduce not in REDUCTIONS:
+            raise HardenError(f"nic_reduce {reduce!r} is not one of {', '.join(REDUCTIONS)}")
+        nu, final_nu = float(options.get("nic_nu", DEFAULT_NU)), float(options.get("nic_final_nu", DEFAULT_FINAL_NU))
+        for label, v in (("nic_nu", nu), ("nic_final_nu", final_nu)):
+            if not 0.0 < v <= 1.0:
+                raise HardenError(f"{label} must lie in (0, 1]; got {v}")
+        gamma = options.get("svm_gamma", None)
+        if gamma is not None and not float(gamma) > 0:
+            raise HardenError(f"--svm-gamma must be positive; got {gamma}")
+        factor = float(options.get("nic_gamma", DEFAULT_GAMMA))
+        if not factor > 0:
+            raise HardenError(f"nic_gamma must be positive; got {factor}")
+        max_train = int(options.get("max_train", DEFAULT_MAX_TRAIN))
+        if max_train < 10:
+            raise HardenError(f"--max-train must be at least 10; got {max_train}")
+        holdout = float(options.get("nic_holdout", DEFAULT_HOLDOUT))
+        if not 0.0 <= holdout < 1.0:
+            raise HardenError(f"nic_holdout must lie in [0, 1); got {holdout}")
+        return cls(int(sets), invariants, nu, final_nu, None if gamma is None else float(gamma), factor, reduce,
+                   bool(options.get("nic_transform", True)), max_train, holdout)
+
+    def gamma_for(self, n_features: int) -> float:
+        return self.gamma if self.gamma is not None else self.gamma_factor / max(1, n_features)
+
+
+def _one_class(nu: float, gamma: float):
+    from sklearn.svm import OneClassSVM
+
+    return OneClassSVM(kernel="rbf", nu=nu, gamma=gamma, cache_size=500)
+
+
+def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int = 100) -> nn.Linear:
+    """Multinomial logistic regression (cross-entropy, small L2) by full-batch L-BFGS from zero weights."""
+    probe = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(probe.weight)
+    nn.init.zeros_(probe.bias)
+    optimiser = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=steps, history_size=20,
+                                  line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+    weight_decay = 1e-4
+
+    def closure():
+        optimiser.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimiser.step(closure)
+    return probe.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _site_activations(gm, chosen: list[str], x: torch.Tensor, head: NICHead, batch_size: int = 256) -> list[torch.Tensor]:
+    """Reduced (not yet standardised) features per site."""
+    extractor = feature_extractor(gm, chosen)
+    parts: list[list[torch.Tensor]] = [[] for _ in chosen]
+    for chunk in batches(x, batch_size):
+        _, *acts = extractor(chunk)
+        for i, a in enumerate(acts):
+            parts[i].append(head.reduce(i, a))
+    return [torch.cat(p) for p in parts]
+
+
+def _draw_transform(key: str, k: int, dims: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(key_seed(key, f"nic:{k}"))
+    lo, hi = SCALE_RANGE
+    out = []
+    for d in dims:
+        scale = lo + (hi - lo) * torch.rand(d, generator=generator)
+        ceil = torch.rand(d, generator=generator) < 0.5
+        out.append((scale, ceil))
+    return out
+
+
+@register_method
+class NIC(Method):
+    """Value + provenance invariants (one-class SVMs on benign data), a final one-class SVM; K randomised sets."""
+
+    name = "nic"
+    default_layers = "all"
+
+    def fit(self, ctx: FitContext) -> FittedMethod:
+        started = time.perf_counter()
+        settings = NICSettings.from_options(ctx.options)
+        site_nodes = graph_sites(ctx.gm)
+        paths = {n.name: module_path(n) for n in site_nodes}
+        chosen = select_sites([n.name for n in site_nodes], paths, ctx.options.layers_for(self.name), self.default_layers)
+        value = settings.invariants in ("value", "both")
+        provenance = settings.invariants in ("provenance", "both") and len(chosen) >= 2
+        if settings.invariants == "provenance" and not provenance:
+            raise HardenError("NIC provenance invariants need at least two sites (pairs of consecutive sites)")
+
+        train = ctx.data.train
+        infos = {i.name: i for i in describe(ctx.gm, train.x[:2])}
+        with torch.no_grad():
+            num_classes = int(ctx.gm(train.x[:2]).shape[1])
+        if int(train.y.max()) >= num_classes:
+            raise HardenError(f"labels go up to {int(train.y.max())} but the model has {num_classes} outputs")
+        spatial = [len(infos[s].shape) > 1 for s in chosen]
+        channels = [int(infos[s].shape[0]) if sp else int(np.prod(infos[s].shape)) for s, sp in zip(chosen, spatial)]
+        dims = [c * (2 if sp and settings.reduce == "meanmax" else 1) for c, sp in zip(channels, spatial)]
+        config: dict[str, Any] = {
+            "sites": chosen, "dims": dims, "spatial": spatial, "reduce": settings.reduce, "sets": settings.sets,
+            "num_classes": num_classes, "value": value, "provenance": provenance, "transform": settings.transform,
+        }
+        head = NICHead(config)
+
+        # Which training rows fit the invariants (A) and which are held out to fit the final SVM (B).
+        rng = np.random.default_rng(key_seed(ctx.options.key, "nic:split"))
+        order = rng.permutation(len(train))
+        n_b = int(round(settings.holdout * len(order)))
+        rows_a = order[n_b:][: settings.max_train]
+        rows_b = order[:n_b][: settings.max_train] if n_b >= 10 else rows_a
+
+        ctx.progress("nic: site features", 0.05)
+        reduced = _site_activations(ctx.gm, chosen, train.x, head)
+        for i, r in enumerate(reduced):
+            getattr(head, f"mean_{i}").copy_(r[rows_a].mean(0))
+            std = r[rows_a].std(0)
+            getattr(head, f"std_{i}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        z = [(r - getattr(head, f"mean_{i}")) / getattr(head, f"std_{i}") for i, r in enumerate(reduced)]
+
+        probe_accuracy: list[list[float]] = []
+        for k in range(settings.sets):
+            if settings.transform:
+                for i, (scale, ceil) in enumerate(_draw_transform(ctx.options.key, k, dims)):
+                    getattr(head, f"scale_{k}_{i}").copy_(scale)
+                    getattr(head, f"ceil_{k}_{i}").copy_(ceil)
+            if provenance:
+                accs = []
+                y_a = train.y[rows_a]
+                for i, zi in enumerate(z):
+                    with torch.no_grad():
+                        gz = head.g(k, i, zi)
+                    probe = _train_probe(gz[rows_a], y_a, num_classes)
+                    getattr(head, f"probe_{k}_{i}").load_state_dict(probe.state_dict())
+                    with torch.no_grad():
+                        held = rows_b if len(rows_b) and rows_b is not rows_a else rows_a
+                        accs.append(float((probe(gz[held]).argmax(1) == train.y[held]).float().mean()))
+                probe_accuracy.append(accs)
+            ctx.progress("nic: probes", 0.1 + 0.2 * (k + 1) / settings.sets)
+
+        with torch.no_grad():
+            features = head.eval().from_standardised(z).numpy().astype(np.float32)
+        n_features = features.shape[1]
+
+        from harden.detectors.nic_onnx import Part, SetSpec
+
+        sets = []
+        ranges = layout(config)
+        for k, entry in enumerate(ranges):
+            parts = []
+            if value:
+                parts += [Part(None, a, b) for a, b in entry["value"]]
+            if provenance:
+                probes = entry["probe"]
+                parts += [Part(None, probes[i][0], probes[i + 1][1]) for i in range(len(probes) - 1)]
+            for j, part in enumerate(parts):
+                x_a = features[rows_a, part.start : part.stop]
+                part.estimator = _one_class(settings.nu, settings.gamma_for(part.stop - part.start)).fit(x_a)
+                ctx.progress("nic: invariants", 0.3 + 0.6 * (k + (j + 1) / len(parts)) / settings.sets)
+            inv_b = np.stack([-NICDetector._decision(p.estimator, features[rows_b, p.start : p.stop]) for p in parts], 1)
+            inv_b = inv_b.astype(np.float32)
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+
+            final = make_pipeline(StandardScaler(), _one_class(settings.final_nu, settings.gamma_for(len(parts))))
+            final.fit(inv_b)
+            spec = SetSpec(parts, final)
+            if settings.sets > 1:
+                # Majority vote as one raw score: each set's score is normalised so that 0 sits at its own
+                # (1 - fpr) quantile on the held-out benign rows and one unit is its (1 - fpr) quantile minus its
+                # median.  The raw score is the m-th largest of the K normalised scores, m = K // 2 + 1 (the median
+                # for odd K).  "m-th largest > t" <=> "at least m sets are above t", so the threshold t that
+                # calibration sets on this score IS a majority vote of the K sets at the per-set thresholds
+                # loc_k + t * spread_k, which sit at about the same benign quantile for every set.
+                raw_b = -NICDetector._decision(final, inv_b)
+                q_hi = float(np.quantile(raw_b, 1.0 - ctx.options.fpr))
+                spread = q_hi - float(np.median(raw_b))
+                spec.loc, spec.spread = q_hi, spread if spread > 1e-9 else 1.0
+            sets.append(spec)
+        vote = settings.sets // 2 + 1 if settings.sets > 1 else None
+        detector = NICDetector(self.name, n_features, sets, vote)
+
+        config.update({
+            "nu": settings.nu, "final_nu": settings.final_nu,
+            "gamma": settings.gamma if settings.gamma is not None else f"{settings.gamma_factor:g}/n_features",
+            "invariants": settings.invariants, "vote": vote, "n_features": n_features,
+            "parts_per_set": [len(s.parts) for s in sets],
+            "probe_accuracy": probe_accuracy, "train_rows": [int(len(rows_a)), int(len(rows_b))],
+            "key_fingerprint": key_fingerprint(ctx.options.key),
+            "fit_seconds": round(time.perf_counter() - started, 2),
+        })
+        return FittedMethod(self.name, config, head.eval(), list(chosen), detector, sites=list(chosen))
+
+    @classmethod
+    def build_head(cls, config: dict[str, Any]) -> nn.Module:
+        return NICHead(config)
