@@ -115,3 +115,46 @@ class CTTLite(_CTTBase):
             s: (masked[s].amax(dim=0) if q >= 1.0 else torch.quantile(masked[s], q, dim=0)) for s in chosen
         }
         return self.finish(ctx, chosen, masks, sizes, thresholds, {"quantile": q, "threshold_rule": "natural upper bound"})
+
+
+class _CTTFinetuned(_CTTBase):
+    """CTT-loose / CTT-strict: T fixed small, the classifier fine-tuned with the CTT losses."""
+
+    finetunes = True
+    kind: str
+
+    def fit(self, ctx: FitContext) -> FittedMethod:
+        from harden.train.finetune import FinetuneConfig, finetune_ctt, history_json
+
+        chosen, masks, sizes = self.plan(ctx)
+        o = ctx.options
+        cfg = FinetuneConfig(
+            kind=self.kind, threshold=o.threshold, eps=o.eps, epochs=int(o.get("epochs", 30)),
+            alpha=float(o.get("alpha", 0.05)), alpha_growth=float(o.get("alpha_growth", 1.5)),
+            alpha_every=int(o.get("alpha_every", 3)), lr=float(o.get("lr", 1e-4)), fpr=o.fpr,
+            seed=o.seed, device=o.device,
+        )
+        train = (ctx.data.train.x, ctx.data.train.y)
+        calibration = (ctx.data.calibration.x, ctx.data.calibration.y)
+        history, best = finetune_ctt(ctx.gm, chosen, masks, train, calibration, ctx.data.input_range, cfg,
+                                     ctx.progress)
+        thresholds = {s: torch.full((len(masks[s]),), o.threshold) for s in chosen}
+        extra = {"threshold": o.threshold, "eps": o.eps, "finetune": {**cfg.__dict__, "best_epoch": best},
+                 "_history": history_json(history)}
+        return self.finish(ctx, chosen, masks, sizes, thresholds, extra)
+
+
+@register_method
+class CTTLoose(_CTTFinetuned):
+    """Fine-tuned so that some eps-perturbation can fire each trap (sub-optimal placement)."""
+
+    name = "ctt-loose"
+    kind = "loose"
+
+
+@register_method
+class CTTStrict(_CTTFinetuned):
+    """Fine-tuned so that every eps-perturbation fires the traps (optimal placement)."""
+
+    name = "ctt-strict"
+    kind = "strict"

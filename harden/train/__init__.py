@@ -1,0 +1,1 @@
+"""Fine-tuning: the CTT losses and a plain training loop."""

@@ -1,0 +1,36 @@
+"""The CTT regularisers (paper 000, Eq. 5-7), per sample, summed over sites and masked neurons.
+
+With m the mask, x the natural activation and [lo, hi] its interval over the
+eps-box around the input:
+
+- L_D  = sum(m * x * [x > T])      natural inputs stay quiet
+- L_LC = sum(m * relu(T - hi))     loose: some perturbation can fire the trap
+- L_SC = sum(m * relu(T - lo))     strict: every perturbation fires it
+
+The paper writes Eq. 6-7 as ``M(B, T) * (T - B)`` with M(B, T) = [B > T],
+which would only ever count bounds that already exceed T (and with a negative
+sign).  The text's intent — "the distance between the detection threshold and
+the bound when the threshold is bigger than the bound" — is ``[B < T] * (T - B)``,
+i.e. ``relu(T - B)``; that is what is computed here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harden.bounds.interval import Interval
+
+CERTIFICATION_BOUND = {"loose": "hi", "strict": "lo"}
+
+
+def detection_loss(activation: torch.Tensor, indices: torch.Tensor, threshold: float) -> torch.Tensor:
+    """L_D per sample: masked natural activations above T, summed."""
+    masked = activation.flatten(1).index_select(1, indices)
+    return (masked * (masked > threshold)).sum(dim=1)
+
+
+def certification_loss(bounds: Interval, indices: torch.Tensor, threshold: float, kind: str) -> torch.Tensor:
+    """L_LC (kind 'loose', on the upper bound) or L_SC ('strict', on the lower bound) per sample."""
+    bound = getattr(bounds, CERTIFICATION_BOUND[kind])
+    masked = bound.flatten(1).index_select(1, indices)
+    return torch.relu(threshold - masked).sum(dim=1)

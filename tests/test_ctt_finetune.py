@@ -1,0 +1,103 @@
+"""CTT-loose/strict: the losses on hand-built cases, and short fine-tunes on digits."""
+
+import numpy as np
+import pytest
+import torch
+
+from harden.bounds.interval import Interval
+from harden.instrument import instrument
+from harden.methods.base import Options
+from harden.train.ctt_losses import certification_loss, detection_loss
+
+T = 0.1
+
+
+def test_detection_loss_counts_only_masked_activations_above_t():
+    act = torch.tensor([[0.05, 0.5, 2.0, 0.1], [0.0, 0.0, 0.0, 0.0]])
+    idx = torch.tensor([0, 1, 3])
+    assert detection_loss(act, idx, T).tolist() == [0.5, 0.0]  # 2.0 is not masked, 0.1 is not above T
+
+
+def test_strict_loss_uses_the_lower_bound_loose_the_upper():
+    lo = torch.tensor([[0.0, 0.2, 0.05]])
+    hi = torch.tensor([[0.3, 0.4, 0.08]])
+    box = Interval(lo, hi)
+    idx = torch.tensor([0, 1, 2])
+    strict = certification_loss(box, idx, T, "strict")
+    loose = certification_loss(box, idx, T, "loose")
+    assert strict.item() == pytest.approx((T - 0.0) + 0 + (T - 0.05))
+    assert loose.item() == pytest.approx(T - 0.08)
+    # zero when every masked bound clears T
+    done = Interval(torch.full((1, 3), 0.2), torch.full((1, 3), 0.3))
+    assert certification_loss(done, idx, T, "strict").item() == 0.0
+    assert certification_loss(done, idx, T, "loose").item() == 0.0
+
+
+def _losses(hardened, data, kind):
+    from harden.train.ctt_losses import certification_loss, detection_loss
+    from harden.bounds.propagate import propagate
+    from harden.graph.analyse import feature_extractor
+
+    method = hardened.methods[0]
+    gm = hardened.classifier
+    sites = method.sites
+    masks = {s: method.head.trap(i)[0] for i, s in enumerate(sites)}
+    x = data.train.x
+    with torch.no_grad():
+        _, *acts = feature_extractor(gm, sites)(x)
+        bounds = propagate(gm, Interval.from_box(x, 0.01, data.input_range), record=sites)
+        l_d = sum(detection_loss(a, masks[s], 1e-4) for s, a in zip(sites, acts)).mean()
+        l_c = sum(certification_loss(bounds[s], masks[s], 1e-4, kind) for s in sites).mean()
+    return float(l_d + l_c)
+
+
+@pytest.fixture(scope="module")
+def strict_pair(tiny_model, digits):
+    options = Options(key="ft", mask_ratio=0.05, eps=0.01, extra={"epochs": 3, "lr": 1e-3, "alpha": 0.5})
+    first = instrument(tiny_model, digits, ["ctt-strict"], options)
+    second = instrument(tiny_model, digits, ["ctt-strict"], options)
+    return first, second
+
+
+def test_finetune_lowers_the_ctt_losses_and_keeps_logits_finite(strict_pair, tiny_model, digits):
+    hardened, _ = strict_pair
+    from harden.graph.trace import trace
+
+    before = trace(tiny_model)
+    from harden.hardened import HardenedModel
+    from harden.methods.ctt import CTTStrict
+
+    # the same masks on the user's weights give the starting losses
+    start = HardenedModel(before, hardened.methods)
+    assert _losses(hardened, digits, "strict") < _losses(start, digits, "strict")
+    out = hardened.run(digits.test.x)
+    assert np.isfinite(out["logits"]).all()
+    assert hardened.original_state is not None
+    history = hardened.methods[0].config["_history"]
+    assert len(history) == 3 and all(np.isfinite(r["cross_entropy"]) for r in history)
+
+
+def test_finetune_is_deterministic_for_a_key_and_seed(strict_pair):
+    a, b = strict_pair
+    for (k, va), (_, vb) in zip(a.classifier.state_dict().items(), b.classifier.state_dict().items()):
+        assert torch.equal(va, vb), k
+
+
+def test_finetuned_bundle_round_trip(strict_pair, tmp_path, digits):
+    from harden.io.bundle import load_bundle, save_bundle
+
+    hardened, _ = strict_pair
+    save_bundle(hardened, tmp_path / "s.hardened")
+    loaded, manifest = load_bundle(tmp_path / "s.hardened")
+    assert manifest["finetuned"] is True
+    for key, value in hardened.original_state.items():
+        assert torch.equal(loaded.original_state[key], value)
+    a, b = hardened.run(digits.test.x), loaded.run(digits.test.x)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_only_one_finetuning_method(tiny_model, digits):
+    from harden.errors import HardenError
+
+    with pytest.raises(HardenError, match="one fine-tuning method"):
+        instrument(tiny_model, digits, ["ctt-loose", "ctt-strict"])
