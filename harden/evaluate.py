@@ -1,0 +1,267 @@
+"""Evaluation: real attacks against the classifier, detectors scored through whatever ships.
+
+The attacks (:mod:`harden.attacks`) are crafted against the plain torch
+classifier; the detectors are read by calling a *scorer*, a function from a
+float32 NCHW batch to the ONNX contract's outputs (in harden, an onnxruntime
+session of the exported graph), so what is measured is what ships.
+
+The numbers follow the CTT paper's Table 1:
+
+* accuracy under attack: fraction of all adversarial examples the scorer's
+  logits still classify correctly;
+* detection rate: fraction raising ``alarm`` among adversarial examples whose
+  clean input the scorer classified correctly ("originally correct"); also
+  among the *successful* ones (originally correct and now misclassified);
+* mean l2 / l-inf of the perturbation over the originally-correct inputs;
+* false-positive rate: ``alarm`` rate on all the clean inputs (the paper's
+  "No Attack" detection column), and per method from ``<method>.alarm``;
+* ROC-AUC per detector (``score`` and each ``<method>.score``): all clean
+  inputs (negatives) against the originally-correct adversarial ones
+  (positives).
+
+A rate or AUC over an empty set is ``None`` (null in JSON), never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from harden.attacks import AttackSpec, run_attack
+from harden.errors import HardenError
+
+Scorer = Callable[[np.ndarray], dict[str, np.ndarray]]
+Progress = Callable[[str], None]
+
+SCORE_SUFFIX = ".score"
+ALARM_SUFFIX = ".alarm"
+
+
+@dataclass
+class AttackRow:
+    attack: str                               # the spec's canonical label
+    n: int                                    # adversarial examples made (all inputs)
+    accuracy: float                           # under attack, over all n
+    detection_rate: float | None              # alarm among the originally correct
+    detection_rate_successful: float | None   # alarm among originally correct and now wrong
+    mean_l2: float | None                     # over the originally correct
+    mean_linf: float | None
+    roc_auc: dict[str, float | None]          # "score" and every "<method>.score"
+    per_method_detection: dict[str, float | None]  # "<method>" -> alarm rate among the originally correct
+    seconds: float                            # attack + scoring wall time
+    n_correct: int = 0                        # originally correct (the detection denominators)
+    n_successful: int = 0                     # of those, misclassified after the attack
+    params: dict[str, Any] = field(default_factory=dict)  # every attack parameter, defaults filled in
+
+
+@dataclass
+class EvaluationReport:
+    clean_accuracy: float
+    clean_fpr: float
+    per_method_fpr: dict[str, float]
+    rows: list[AttackRow]
+    n_clean: int
+
+    def to_json(self) -> dict:
+        """Plain JSON types only; NaN never appears (empty sets are null)."""
+        out = {
+            "clean_accuracy": self.clean_accuracy,
+            "clean_fpr": self.clean_fpr,
+            "per_method_fpr": dict(self.per_method_fpr),
+            "n_clean": self.n_clean,
+            "rows": [asdict(row) for row in self.rows],
+        }
+        return _jsonable(out)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "EvaluationReport":
+        names = {f.name for f in fields(AttackRow)}
+        rows = [AttackRow(**{k: v for k, v in row.items() if k in names}) for row in data["rows"]]
+        return cls(clean_accuracy=data["clean_accuracy"], clean_fpr=data["clean_fpr"],
+                   per_method_fpr=dict(data["per_method_fpr"]), rows=rows, n_clean=data["n_clean"])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _rate(flags: np.ndarray) -> float | None:
+    return float(np.mean(flags)) if len(flags) else None
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def roc_auc(clean_scores: np.ndarray, adv_scores: np.ndarray) -> float | None:
+    """ROC-AUC of adversarial (positive) against clean (negative) scores; None if either side is empty.
+
+    Non-finite scores are mapped to the ends of the float range (NaN counts as
+    most suspicious: the graph raises its alarm on non-finite input anyway).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if len(clean_scores) == 0 or len(adv_scores) == 0:
+        return None
+    scores = np.concatenate([clean_scores, adv_scores]).astype(np.float64).reshape(-1)
+    top = np.finfo(np.float64).max
+    scores = np.nan_to_num(scores, nan=top, posinf=top, neginf=-top)
+    labels = np.concatenate([np.zeros(len(clean_scores)), np.ones(len(adv_scores))])
+    return float(roc_auc_score(labels, scores))
+
+
+def method_names(out: dict[str, np.ndarray]) -> list[str]:
+    """Methods present in a scorer's output: every ``<method>.score`` or ``<method>.alarm``."""
+    names = {k[: -len(s)] for k in out for s in (SCORE_SUFFIX, ALARM_SUFFIX) if k.endswith(s) and len(k) > len(s)}
+    return sorted(names)
+
+
+def _score(scorer: Scorer, x: np.ndarray, num_classes: int, what: str) -> dict[str, np.ndarray]:
+    out = scorer(np.ascontiguousarray(x, dtype=np.float32))
+    if not isinstance(out, dict):
+        raise HardenError(f"the scorer returned {type(out).__name__}, not a dict of outputs")
+    missing = [k for k in ("logits", "alarm", "score") if k not in out]
+    if missing:
+        raise HardenError(f"the scorer's outputs lack {', '.join(missing)} (it has: {', '.join(sorted(out)) or 'none'})")
+    out = {k: np.asarray(v) for k, v in out.items()}
+    n = len(x)
+    if out["logits"].shape != (n, num_classes):
+        raise HardenError(f"scoring {what}: logits have shape {out['logits'].shape}, expected ({n}, {num_classes})")
+    for key, value in out.items():
+        if key == "logits":
+            continue
+        if key in ("alarm", "score") or key.endswith((SCORE_SUFFIX, ALARM_SUFFIX)):
+            if value.reshape(-1).shape != (n,):
+                raise HardenError(f"scoring {what}: output {key!r} has shape {value.shape}, expected ({n},)")
+            out[key] = value.reshape(-1)
+    for key in list(out):
+        if key == "alarm" or key.endswith(ALARM_SUFFIX):
+            out[key] = out[key].astype(bool)
+    return out
+
+
+def _detectors(out: dict[str, np.ndarray]) -> list[str]:
+    return ["score"] + [k for k in sorted(out) if k.endswith(SCORE_SUFFIX) and k != SCORE_SUFFIX]
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarray, attacks: list[AttackSpec], *,
+             input_range: tuple[float, float], num_classes: int, seed: int = 0, limit: int | None = None,
+             progress: Progress | None = None) -> EvaluationReport:
+    """Clean row, then each attack: crafted on ``model``, scored with ``scorer``.
+
+    ``limit`` keeps the first ``limit`` inputs (the data splits are already
+    seeded shuffles). Every attack runs with the same ``seed``.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if y.ndim == 2:
+        y = y.argmax(axis=1)
+    if len(x) != len(y):
+        raise HardenError(f"{len(x)} inputs but {len(y)} labels")
+    if limit is not None:
+        if limit < 1:
+            raise HardenError(f"--limit must be positive; got {limit}")
+        x, y = x[:limit], y[:limit]
+    if len(x) == 0:
+        raise HardenError("nothing to evaluate: no inputs")
+    x = x.astype(np.float32)
+    y = y.astype(np.int64)
+    say = progress or (lambda message: None)
+
+    say(f"scoring {len(x)} clean inputs")
+    clean = _score(scorer, x, num_classes, "the clean inputs")
+    clean_pred = clean["logits"].argmax(axis=1)
+    correct = clean_pred == y
+    methods = method_names(clean)
+    detectors = _detectors(clean)
+    per_method_fpr = {m: float(np.mean(clean[m + ALARM_SUFFIX])) for m in methods if m + ALARM_SUFFIX in clean}
+
+    rows: list[AttackRow] = []
+    for i, spec in enumerate(attacks, 1):
+        label = spec.label()
+        say(f"attack {i}/{len(attacks)}: {label} on {len(x)} inputs")
+        start = time.perf_counter()
+        x_adv = run_attack(model, spec, x, y, input_range=input_range, num_classes=num_classes, seed=seed)
+        say(f"attack {i}/{len(attacks)}: scoring {label}")
+        adv = _score(scorer, x_adv, num_classes, f"the {label} examples")
+        seconds = time.perf_counter() - start
+
+        wrong_now = adv["logits"].argmax(axis=1) != y
+        successful = correct & wrong_now
+        delta = (x_adv - x).reshape(len(x), -1).astype(np.float64)
+        l2 = np.linalg.norm(delta, axis=1)
+        linf = np.abs(delta).max(axis=1) if delta.shape[1] else np.zeros(len(x))
+        rows.append(AttackRow(
+            attack=label,
+            n=len(x),
+            accuracy=float(np.mean(~wrong_now)),
+            detection_rate=_rate(adv["alarm"][correct]),
+            detection_rate_successful=_rate(adv["alarm"][successful]),
+            mean_l2=_mean(l2[correct]),
+            mean_linf=_mean(linf[correct]),
+            roc_auc={d: roc_auc(clean[d], adv[d][correct]) if d in adv else None for d in detectors},
+            per_method_detection={m: _rate(adv[m + ALARM_SUFFIX][correct]) if m + ALARM_SUFFIX in adv else None
+                                  for m in methods},
+            seconds=seconds,
+            n_correct=int(correct.sum()),
+            n_successful=int(successful.sum()),
+            params=dict(spec.resolved()),
+        ))
+
+    return EvaluationReport(
+        clean_accuracy=float(np.mean(correct)),
+        clean_fpr=float(np.mean(clean["alarm"])),
+        per_method_fpr=per_method_fpr,
+        rows=rows,
+        n_clean=len(x),
+    )
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_table(report: EvaluationReport):
+    """A rich table: "no attack" (accuracy, FPR as its detection rate), then one row per attack."""
+    from rich.table import Table
+
+    methods = ", ".join(f"{m} {_pct(v)}" for m, v in report.per_method_fpr.items())
+    caption = f"{report.n_clean} inputs; det = alarm rate on originally-correct inputs"
+    if methods:
+        caption += f"; clean FPR per method: {methods}"
+    table = Table(title="harden evaluate", caption=caption)
+    table.add_column("attack")
+    for name in ("acc", "det", "det(succ)", "l2", "linf", "AUC(score)", "seconds"):
+        table.add_column(name, justify="right")
+    table.add_row("no attack", _pct(report.clean_accuracy), _pct(report.clean_fpr), "-", "-", "-", "-", "-")
+    for row in report.rows:
+        table.add_row(row.attack, _pct(row.accuracy), _pct(row.detection_rate), _pct(row.detection_rate_successful),
+                      _num(row.mean_l2), _num(row.mean_linf), _num(row.roc_auc.get("score")), f"{row.seconds:.1f}")
+    return table
+
