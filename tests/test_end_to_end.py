@@ -1,0 +1,49 @@
+"""The README's main job on small data: train, layers, instrument, export, inspect, certify --check, evaluate."""
+
+import json
+
+from typer.testing import CliRunner
+
+from harden.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_main_job_on_small_mnist(tmp_path):
+    from examples.train_lenet import train
+
+    checkpoint = tmp_path / "lenet.pt"
+    trained = train(checkpoint, epochs=2, limit=1500)
+    assert trained["test_accuracy"] > 0.7
+
+    layers = json.loads(run("layers", checkpoint, "--arch", "examples.lenet:LeNet5", "--data", "mnist", "--json").stdout)
+    assert layers["sites"] == ["relu1", "relu2", "relu3", "relu4"]
+
+    bundle = tmp_path / "lenet.hardened"
+    run("instrument", checkpoint, "--arch", "examples.lenet:LeNet5", "--data", "mnist", "--limit", "1500",
+        "--method", "ctt-lite", "--key", "e2e", "-o", bundle)
+    onnx_path = tmp_path / "lenet.onnx"
+    exported = json.loads(run("export", bundle, "-o", onnx_path, "--json").stdout)
+    assert exported["parity"]["max_abs_diff"]["logits"] <= 1e-4
+
+    shown = json.loads(run("inspect", onnx_path, "--json").stdout)
+    assert shown["manifest"]["methods"][0]["sites"] == ["relu1", "relu2", "relu3", "relu4"]
+
+    certified = json.loads(run("certify", bundle, "--eps", "0.001", "--limit", "40", "--check", "20", "--json").stdout)
+    result = certified["results"]["0.001"]
+    assert 0.0 <= result["original"]["robust"] <= 1.0
+    assert result["hardened"]["detect_or_robust"] >= result["hardened"]["robust"]
+    assert certified["check"]["0.001"]["violations"] == 0
+    assert len(result["placement"]) == 4
+
+    evaluated = json.loads(run("evaluate", onnx_path, "--attack", "fgsm:eps=0.2", "--limit", "60", "--json").stdout)
+    (row,) = evaluated["rows"]
+    assert row["attack"] == "fgsm:eps=0.2"
+    assert row["accuracy"] < evaluated["clean_accuracy"]
+    assert 0.0 <= row["detection_rate"] <= 1.0
