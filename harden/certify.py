@@ -138,11 +138,14 @@ def margin_lower_bound(gm: fx.GraphModule, result: BoundResult, y: torch.Tensor,
     meet the centre and radius of the layer's input, which is much tighter than
     subtracting two logit intervals (that loses every correlation between them).
     """
+    if y.numel() and int(y.min()) < 0:
+        raise HardenError(f"labels must be class indices >= 0; got {int(y.min())}")
     if fold is not None:
         args = fx.map_arg(fold.args, lambda n: result.nodes[n.name])
         kwargs = fx.map_arg(fold.kwargs, lambda n: result.nodes[n.name])
         module = gm.get_submodule(fold.target) if fold.op == "call_module" else None
         x, weight, bias = linear_parts(Call(gm, fold, "linear", tuple(args), dict(kwargs), module))
+        _check_labels(y, weight.shape[0])
         if x.dim() == 2:
             diff = weight[y].unsqueeze(1) - weight.unsqueeze(0)           # [N, K, d]: W_y - W_j
             centre = torch.einsum("nkd,nd->nk", diff, x.centre)
@@ -154,8 +157,14 @@ def margin_lower_bound(gm: fx.GraphModule, result: BoundResult, y: torch.Tensor,
     if not isinstance(logits, Interval) or logits.dim() != 2:
         raise HardenError(f"certify needs logits [N, K]; the graph's output has shape "
                           f"{tuple(getattr(logits, 'shape', ()))}")
+    _check_labels(y, logits.shape[1])
     lower = logits.lo.gather(1, y.unsqueeze(1)) - logits.hi                # [N, K]: l_y - u_j
     return _true_margin_lower(lower, y)
+
+
+def _check_labels(y: torch.Tensor, classes: int) -> None:
+    if y.numel() and int(y.max()) >= classes:
+        raise HardenError(f"label {int(y.max())} is out of range for a model with {classes} classes")
 
 
 def _margin_record(fold: fx.Node | None) -> set[str]:
@@ -168,10 +177,15 @@ def _margin_record(fold: fx.Node | None) -> set[str]:
 def placement(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, input_range,
               batch_size: int = 256) -> list[dict]:
     """Per trap, fractions over samples x masked neurons: natural activation <= T, hi >= T
-    (sub-optimal placement: every detection is adversarial), lo >= T (optimal: every eps-perturbation is detected)."""
+    (sub-optimal placement: every detection is adversarial), lo >= T (optimal: every eps-perturbation is detected).
+
+    ``lower_exceeds`` (lo > T) is the strict form: the alarm fires on ``activation > T``, so a
+    neuron with lo == T (typically a dead ReLU with T = 0) meets the paper's condition without
+    ever alarming.
+    """
     _check_inputs(gm, traps, x, eps)
     nodes = {t.node for t in traps}
-    counts = [[0, 0, 0] for _ in traps]
+    counts = [[0, 0, 0, 0] for _ in traps]
     with torch.no_grad():
         for rows in _chunks(x.shape[0], batch_size):
             xb = x[rows]
@@ -183,13 +197,15 @@ def placement(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, i
                 iv = bounds.nodes[trap.node]
                 counts[i][0] += int((act <= thresholds).sum())
                 counts[i][1] += int((iv.hi.flatten(1).index_select(1, idx) >= thresholds).sum())
-                counts[i][2] += int((iv.lo.flatten(1).index_select(1, idx) >= thresholds).sum())
+                lower = iv.lo.flatten(1).index_select(1, idx)
+                counts[i][2] += int((lower >= thresholds).sum())
+                counts[i][3] += int((lower > thresholds).sum())
     rows_out = []
-    for trap, (below, upper, lower) in zip(traps, counts):
+    for trap, (below, upper, lower, exceeds) in zip(traps, counts):
         total = max(1, x.shape[0] * trap.flat_indices.numel())
         rows_out.append({"site": trap.node, "neurons": int(trap.flat_indices.numel()),
                          "natural_below": below / total, "upper_reaches": upper / total,
-                         "lower_reaches": lower / total})
+                         "lower_reaches": lower / total, "lower_exceeds": exceeds / total})
     return rows_out
 
 
@@ -274,7 +290,8 @@ class CheckResult:
     points: int
     nodes_checked: int
     violations: int = 0
-    details: list[Violation] = field(default_factory=list)   # the first ``max_details`` violations
+    counts: dict[str, int] = field(default_factory=dict)     # violations per kind
+    details: list[Violation] = field(default_factory=list)   # the first ``max_details`` violations of each kind
 
     @property
     def ok(self) -> bool:
@@ -282,7 +299,8 @@ class CheckResult:
 
     def to_dict(self) -> dict:
         return {"boxes": self.boxes, "points": self.points, "nodes_checked": self.nodes_checked,
-                "violations": self.violations, "examples": [str(v) for v in self.details[:20]]}
+                "violations": self.violations, "by_kind": dict(self.counts),
+                "examples": [str(v) for v in self.details[:20]]}
 
 
 def draw_points(box: Interval, n_points: int, generator: torch.Generator,
@@ -337,7 +355,8 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
 
     def report(sample: int, point: int, node: str, kind: str, excess: float) -> None:
         result.violations += 1
-        if len(result.details) < max_details:
+        result.counts[kind] = result.counts.get(kind, 0) + 1
+        if result.counts[kind] <= max_details:
             result.details.append(Violation(sample, point, node, kind, excess))
 
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from harden.bounds.interval import Interval
-from harden.bounds.rules import BOUND_RULES, REQUIRED, Call, interval_arg
+from harden.bounds.rules import BOUND_RULES, FRESH_OUTPUTS, REQUIRED, Call, interval_arg
 
 aten = torch.ops.aten
 
@@ -21,17 +21,25 @@ def _input(call: Call) -> Interval:
     return interval_arg(call, call.bind(_INPUT_ONLY, _no_params)["input"], "the input")
 
 
+def _monotone(call: Call, x: Interval, fn, fn_) -> Interval:
+    """[f(l), f(u)] for a monotone non-decreasing f; in place (``fn_``) when the rule owns the bounds."""
+    if call.owned and x.lo is not x.hi:
+        return Interval(fn_(x.lo), fn_(x.hi))
+    return Interval(fn(x.lo), fn(x.hi))
+
+
 @BOUND_RULES.register("relu")
 def relu(call: Call) -> Interval:
     """relu is monotone: [relu(l), relu(u)]."""
-    return _input(call).map(torch.relu)
+    return _monotone(call, _input(call), torch.relu, torch.relu_)
 
 
 @BOUND_RULES.register("relu6")
 def relu6(call: Call) -> Interval:
     """relu6(x) = clamp(x, 0, 6) is monotone: [clamp(l, 0, 6), clamp(u, 0, 6)] (also hardtanh(0, 6))."""
-    x = interval_arg(call, call.args[0] if call.args else call.kwargs.get("input", call.kwargs.get("self")), "the input")
-    return x.map(lambda t: torch.clamp(t, 0.0, 6.0))
+    # Spelled relu6(x[, inplace]) or hardtanh(x, 0, 6): the key already says the bounds are 0 and 6.
+    x = interval_arg(call, call.first_input, "the input")
+    return _monotone(call, x, lambda t: torch.clamp(t, 0.0, 6.0), lambda t: t.clamp_(0.0, 6.0))
 
 
 _HARDTANH = (("input", REQUIRED), ("min_val", -1.0), ("max_val", 1.0), ("inplace", False))
@@ -42,7 +50,8 @@ def hardtanh(call: Call) -> Interval:
     """hardtanh(x) = clamp(x, a, b) is monotone: [clamp(l, a, b), clamp(u, a, b)]."""
     p = call.bind(_HARDTANH, lambda m: {"min_val": m.min_val, "max_val": m.max_val})
     x = interval_arg(call, p["input"], "the input")
-    return x.map(lambda t: torch.clamp(t, float(p["min_val"]), float(p["max_val"])))
+    lo, hi = float(p["min_val"]), float(p["max_val"])
+    return _monotone(call, x, lambda t: torch.clamp(t, lo, hi), lambda t: t.clamp_(lo, hi))
 
 
 _LEAKY = (("input", REQUIRED), ("negative_slope", 0.01), ("inplace", False))
@@ -66,13 +75,13 @@ def leaky_relu(call: Call) -> Interval:
 @BOUND_RULES.register("sigmoid")
 def sigmoid(call: Call) -> Interval:
     """sigmoid is monotone: [sigmoid(l), sigmoid(u)]."""
-    return interval_arg(call, call.args[0] if call.args else call.kwargs.get("input"), "the input").map(torch.sigmoid)
+    return _monotone(call, _input(call), torch.sigmoid, torch.sigmoid_)
 
 
 @BOUND_RULES.register("tanh")
 def tanh(call: Call) -> Interval:
     """tanh is monotone: [tanh(l), tanh(u)]."""
-    return interval_arg(call, call.args[0] if call.args else call.kwargs.get("input"), "the input").map(torch.tanh)
+    return _monotone(call, _input(call), torch.tanh, torch.tanh_)
 
 
 # softmax / log_softmax spell their third positional argument three different ways.
@@ -131,3 +140,6 @@ def softmax(call: Call) -> Interval:
     """softmax_i = exp(log_softmax_i), exp monotone: exp of the log_softmax bounds."""
     x, dim = _softmax_params(call, "softmax")
     return _log_softmax_bounds(x, dim).map(torch.exp)
+
+
+FRESH_OUTPUTS.update({"relu", "relu6", "hardtanh", "leaky_relu", "sigmoid", "tanh"})

@@ -50,10 +50,12 @@ class Interval:
         lo, hi = x - eps, x + eps
         if input_range is not None:
             range_lo, range_hi = input_range
+            # lo and hi are fresh: clip them in place unless autograd records them.
+            grad = lo.requires_grad or hi.requires_grad
             if range_lo is not None:
-                lo = torch.clamp(lo, min=float(range_lo))
+                lo = torch.clamp(lo, min=float(range_lo)) if grad else lo.clamp_(min=float(range_lo))
             if range_hi is not None:
-                hi = torch.clamp(hi, max=float(range_hi))
+                hi = torch.clamp(hi, max=float(range_hi)) if grad else hi.clamp_(max=float(range_hi))
         return cls(lo, hi)
 
     # -- views ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from harden.bounds.interval import Interval
-from harden.bounds.rules import BOUND_RULES, REQUIRED, Call, concrete_arg, interval_arg
+from harden.bounds.rules import BOUND_RULES, FRESH_OUTPUTS, REQUIRED, Call, concrete_arg, interval_arg
 
 LINEAR_SIGNATURE = (("input", REQUIRED), ("weight", REQUIRED), ("bias", None))
 
@@ -23,11 +23,11 @@ def linear_parts(call: Call) -> tuple[Interval, torch.Tensor, torch.Tensor | Non
 
 
 def _from_sums(centre: torch.Tensor, radius: torch.Tensor) -> Interval:
-    """[c - r, c + r]; the sum reuses the fresh centre tensor when no gradient is being recorded."""
-    lo = centre - radius
+    """[c - r, c + r] from fresh c and r; without autograd both results are written over c and r."""
     if centre.requires_grad or radius.requires_grad:
-        return Interval(lo, centre + radius)
-    return Interval(lo, centre.add_(radius))
+        return Interval(centre - radius, centre + radius)
+    hi = centre.add_(radius)
+    return Interval(torch.sub(hi, radius, alpha=2, out=radius), hi)  # (c + r) - 2 r
 
 
 @BOUND_RULES.register("linear")
@@ -81,3 +81,6 @@ def conv2d(call: Call) -> Interval:
 def conv1d(call: Call) -> Interval:
     """y = W * x + b (1-d convolution): centre W * c + b, radius |W| * r."""
     return _conv(call, F.conv1d)
+
+
+FRESH_OUTPUTS.update({"linear", "conv1d", "conv2d"})

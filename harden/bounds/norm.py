@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from harden.bounds.interval import Interval
-from harden.bounds.rules import BOUND_RULES, REQUIRED, Call, concrete_arg, interval_arg
+from harden.bounds.rules import BOUND_RULES, FRESH_OUTPUTS, REQUIRED, Call, concrete_arg, interval_arg
 
 aten = torch.ops.aten
 
@@ -65,3 +65,6 @@ def batch_norm(call: Call):
         empty = x.lo.new_zeros(0)
         return (out, empty, empty)
     return out
+
+
+FRESH_OUTPUTS.update({"batch_norm"})

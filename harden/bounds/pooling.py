@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from harden.bounds.interval import Interval
-from harden.bounds.rules import BOUND_RULES, REQUIRED, Call, concrete_arg, interval_arg
+from harden.bounds.rules import BOUND_RULES, FRESH_OUTPUTS, REQUIRED, Call, concrete_arg, interval_arg
 
 _MAX = (
     ("input", REQUIRED), ("kernel_size", REQUIRED), ("stride", None), ("padding", 0), ("dilation", 1),
@@ -34,7 +34,34 @@ def max_pool2d(call: Call) -> Interval:
         raise call.fail("max pooling with return_indices=True has no interval meaning for the indices")
     geometry = dict(kernel_size=concrete_arg(call, p["kernel_size"], "kernel_size"), stride=_stride(p),
                     padding=p["padding"], dilation=p["dilation"], ceil_mode=p["ceil_mode"])
+    tiles = _tiling(x, geometry)
+    if tiles is not None:
+        return x.map(lambda t: _tile_max(t, tiles))
     return x.map(lambda t: F.max_pool2d(t, **geometry))
+
+
+def _pair(v):
+    v = tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+    return v * 2 if len(v) == 1 else v
+
+
+def _tiling(x: Interval, g: dict) -> tuple[int, int] | None:
+    """(kh, kw) when the pooling windows tile the input exactly (stride = kernel, no padding or dilation)."""
+    if x.dim() != 4:
+        return None
+    kernel, stride = _pair(g["kernel_size"]), _pair(g["stride"])
+    h, w = x.shape[-2:]
+    if (kernel != stride or _pair(g["padding"]) != (0, 0) or _pair(g["dilation"]) != (1, 1)
+            or h % kernel[0] or w % kernel[1]):
+        return None
+    return kernel
+
+
+def _tile_max(t, kernel: tuple[int, int]):
+    """max_pool2d over exactly tiling windows as a max over a free view: no index tensor to allocate."""
+    kh, kw = kernel
+    n, c, h, w = t.shape
+    return t.reshape(n, c, h // kh, kh, w // kw, kw).amax(dim=(3, 5))
 
 
 @BOUND_RULES.register("avg_pool2d")
@@ -55,3 +82,6 @@ def adaptive_avg_pool2d(call: Call) -> Interval:
     p = call.bind(_ADAPTIVE, lambda m: {"output_size": m.output_size})
     x = interval_arg(call, p["input"], "the input")
     return x.map(lambda t: F.adaptive_avg_pool2d(t, p["output_size"]))
+
+
+FRESH_OUTPUTS.update({"max_pool2d", "avg_pool2d"})

@@ -22,7 +22,7 @@ import torch.fx as fx
 # Importing the rule families registers them.
 from harden.bounds import activations, arith, linear, norm, pooling, shape  # noqa: F401
 from harden.bounds.interval import Interval
-from harden.bounds.rules import BOUND_RULES, Call
+from harden.bounds.rules import BOUND_RULES, FRESH_OUTPUTS, Call
 from harden.errors import HardenError, UnsupportedOpsError
 from harden.graph.ops import canonical_op, op_spelling
 
@@ -81,9 +81,38 @@ def _holds_interval(value) -> bool:
     return False
 
 
+def _uses(value, node: fx.Node) -> int:
+    if value is node:
+        return 1
+    if isinstance(value, (list, tuple)):
+        return sum(_uses(v, node) for v in value)
+    if isinstance(value, dict):
+        return sum(_uses(v, node) for v in value.values())
+    return 0
+
+
+def _may_overwrite(gm: fx.GraphModule, keys: dict, keep: set[str]) -> set[fx.Node]:
+    """Nodes that may overwrite their first input's bounds: the input is a fresh rule output read once,
+    by this node only, and neither recorded nor clamped (``keep``)."""
+    nodes = set()
+    for node in gm.graph.nodes:
+        if keys.get(node) not in FRESH_OUTPUTS or node.name in keep or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.args and user.args[0] is node and _uses(user.args, node) + _uses(user.kwargs, node) == 1:
+            nodes.add(user)
+    return nodes
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _no_grad_needed(value) -> bool:
+    if not isinstance(value, Interval):
+        return False
+    return not torch.is_grad_enabled() or not (value.lo.requires_grad or value.hi.requires_grad)
 
 
 class IntervalInterpreter(fx.Interpreter):
@@ -97,6 +126,7 @@ class IntervalInterpreter(fx.Interpreter):
         self.clamp = dict(clamp or {})
         self.recorded: dict[str, Any] = {}
         self.rules_used: set[str] = set()
+        self.may_overwrite = _may_overwrite(gm, self.keys, self.record | set(self.clamp))
 
     def run_node(self, n: fx.Node):
         if n.op in ("placeholder", "get_attr", "output"):
@@ -107,7 +137,8 @@ class IntervalInterpreter(fx.Interpreter):
                 if _holds_interval(args) or _holds_interval(kwargs):
                     key = self.keys[n]
                     module = self.fetch_attr(n.target) if n.op == "call_module" else None
-                    result = BOUND_RULES.get(key)(Call(self.module, n, key, tuple(args), dict(kwargs), module))
+                    owned = n in self.may_overwrite and _no_grad_needed(args[0])
+                    result = BOUND_RULES.get(key)(Call(self.module, n, key, tuple(args), dict(kwargs), module, owned))
                     self.rules_used.add(key)
                 else:
                     result = getattr(self, n.op)(n.target, args, kwargs)

@@ -16,7 +16,7 @@ constant tensors) is evaluated concretely.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,6 +30,14 @@ from harden.registry import Registry
 BoundRule = Callable[["Call"], Any]
 
 BOUND_RULES: Registry[BoundRule] = Registry("bound rule")
+
+FRESH_OUTPUTS: set[str] = set()
+"""Keys whose rule always returns newly allocated, distinct lo and hi tensors (never a view of an input).
+
+When such a node's only reader is the next node, that reader may work in place on the bounds
+(``Call.owned``): under ``torch.no_grad`` this saves an allocation per activation, which is most
+of the cost of the element-wise rules.
+"""
 
 
 class _Required:
@@ -53,7 +61,9 @@ class Call:
     args: tuple
     kwargs: dict
     module: nn.Module | None = None
-    extra: dict = field(default_factory=dict)
+    owned: bool = False
+    """True when the rule may overwrite its first input's bounds in place: no gradient is being recorded
+    and the propagator proved that nothing else reads them (see ``FRESH_OUTPUTS``)."""
 
     @property
     def target(self):
@@ -62,6 +72,16 @@ class Call:
     @property
     def is_aten(self) -> bool:
         return isinstance(self.node.target, torch._ops.OpOverload)
+
+    @property
+    def first_input(self):
+        """The operand every spelling passes first: positional 0, or keyword ``input`` / ``self``."""
+        if self.args:
+            return self.args[0]
+        for name in ("input", "self"):
+            if name in self.kwargs:
+                return self.kwargs[name]
+        raise self.fail("no input argument")
 
     def fail(self, message: str) -> HardenError:
         return HardenError(f"bounds: node {self.node.name!r} ({self.key}): {message}")

@@ -81,7 +81,7 @@ def select(call: Call) -> Interval:
 @BOUND_RULES.register("size")
 def size(call: Call):
     """x.size(d) / x.dim() / sym_size: the concrete shape, the same for every point of the box."""
-    x = interval_arg(call, call.args[0], "the input")
+    x = interval_arg(call, call.first_input, "the input")
     rest, kwargs = call.args[1:], call.kwargs
     if call.node.op == "call_method":
         return getattr(x.lo, call.node.target)(*rest, **kwargs)
@@ -96,7 +96,7 @@ _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
 @BOUND_RULES.register("getattr")
 def getattr_(call: Call):
     """x.shape / x.ndim / x.dtype / x.device: the concrete attribute, the same for every point of the box."""
-    x = interval_arg(call, call.args[0], "the input")
+    x = interval_arg(call, call.first_input, "the input")
     name = call.args[1]
     if name not in _SHAPE_ATTRIBUTES:
         raise call.fail(f"attribute {name!r} of an input-dependent tensor; only {sorted(_SHAPE_ATTRIBUTES)}")
@@ -122,7 +122,7 @@ def _module_dropout(m) -> dict:
 def identity(call: Call) -> Interval:
     """identity / clone / eval-mode dropout: [l, u]; active dropout x/(1-p) or 0: [min(0, l/(1-p)), max(0, u/(1-p))]."""
     if call.module is not None:
-        x = call.args[0] if call.args else next(iter(call.kwargs.values()))
+        x = call.first_input
         p = _module_dropout(call.module) if not isinstance(call.module, torch.nn.Identity) else {"training": False}
     elif call.target in _DROPOUT_SIGNATURES:
         p = call.bind(_DROPOUT_SIGNATURES[call.target])
