@@ -23,7 +23,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harden.bounds import Interval, propagate  # noqa: E402
-from harden.certify import Trap, certify_samples  # noqa: E402
+from harden.certification import Trap, certify_samples  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 
 
