@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from harden.errors import HardenError
 from harden.graph.analyse import batches, describe, feature_extractor
@@ -58,7 +57,8 @@ DEFAULT_GAMMA = 1.0        # RBF gamma = DEFAULT_GAMMA / n_features (features ar
 DEFAULT_REDUCE = "mean"
 DEFAULT_MAX_TRAIN = 4000   # cap on training rows per one-class SVM (fit time grows ~quadratically)
 DEFAULT_HOLDOUT = 1 / 3    # fraction of the training split held out to fit the final SVM
-SCALE_RANGE = (4.0, 16.0)  # g: per-feature scale, uniform in this range (per standard deviation)
+SCALE_RANGE = (4.0, 16.0)  # g: per-feature scale, uniform in this range (steps per standard deviation)
+DEFAULT_RAMP = 0.05        # g: width of the ramp at each jump, as a fraction of a step
 
 
 # --------------------------------------------------------------------------- head
@@ -77,6 +77,7 @@ class NICHead(nn.Module):
         self.value = bool(config["value"])
         self.provenance = bool(config["provenance"])
         self.transform = bool(config.get("transform", True))
+        self.ramp = float(config.get("ramp", DEFAULT_RAMP))
         for i, d in enumerate(self.dims):
             self.register_buffer(f"mean_{i}", torch.zeros(d))
             self.register_buffer(f"std_{i}", torch.ones(d))
@@ -101,12 +102,23 @@ class NICHead(nn.Module):
         return (self.reduce(i, activation) - getattr(self, f"mean_{i}")) / getattr(self, f"std_{i}")
 
     def g(self, k: int, i: int, z: torch.Tensor) -> torch.Tensor:
-        """The keyed transform: floor or ceil (per feature) of z * scale, divided back by the scale."""
+        """The keyed transform: floor or ceil (per feature) of z * scale, divided back by the scale.
+
+        Each jump of the staircase is a linear ramp of width ``ramp`` (a fraction of a step), so g is
+        continuous: its gradient is zero on the other (1 - ramp) of the line, but a value that float rounding
+        puts a hair apart in torch and onnxruntime lands a hair apart after g too, instead of a whole step
+        apart (with pure floor/ceil about 1 feature in 5,000 LeNet rows did, and export parity failed).
+        """
         if not self.transform:
             return z
         scale = getattr(self, f"scale_{k}_{i}")
         v = z * scale
-        return torch.where(getattr(self, f"ceil_{k}_{i}"), torch.ceil(v), torch.floor(v)) / scale
+        keep = 1.0 - self.ramp
+        down = torch.floor(v)
+        up = torch.ceil(v)
+        floor_g = down + torch.clamp((v - down - keep) / self.ramp, 0.0, 1.0)
+        ceil_g = up - torch.clamp((up - v - keep) / self.ramp, 0.0, 1.0)
+        return torch.where(getattr(self, f"ceil_{k}_{i}"), ceil_g, floor_g) / scale
 
     def probe(self, k: int, i: int, features: torch.Tensor) -> torch.Tensor:
         return getattr(self, f"probe_{k}_{i}")(features)
@@ -214,6 +226,7 @@ class NICSettings:
     gamma_factor: float
     reduce: str
     transform: bool
+    ramp: float
     max_train: int
     holdout: float
 
@@ -244,8 +257,11 @@ class NICSettings:
         holdout = float(options.get("nic_holdout", DEFAULT_HOLDOUT))
         if not 0.0 <= holdout < 1.0:
             raise HardenError(f"nic_holdout must lie in [0, 1); got {holdout}")
+        ramp = float(options.get("nic_ramp", DEFAULT_RAMP))
+        if not 0.0 < ramp <= 1.0:
+            raise HardenError(f"nic_ramp must lie in (0, 1]; got {ramp}")
         return cls(int(sets), invariants, nu, final_nu, None if gamma is None else float(gamma), factor, reduce,
-                   bool(options.get("nic_transform", True)), max_train, holdout)
+                   bool(options.get("nic_transform", True)), ramp, max_train, holdout)
 
     def gamma_for(self, n_features: int) -> float:
         return self.gamma if self.gamma is not None else self.gamma_factor / max(1, n_features)
@@ -257,23 +273,41 @@ def _one_class(nu: float, gamma: float):
     return OneClassSVM(kernel="rbf", nu=nu, gamma=gamma, cache_size=500)
 
 
-def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int = 100) -> nn.Linear:
-    """Multinomial logistic regression (cross-entropy, small L2) by full-batch L-BFGS from zero weights."""
-    probe = nn.Linear(x.shape[1], num_classes)
-    nn.init.zeros_(probe.weight)
-    nn.init.zeros_(probe.bias)
-    optimiser = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=steps, history_size=20,
-                                  line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
-    weight_decay = 1e-4
+def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int = 200,
+                 weight_decay: float = 1e-4) -> nn.Linear:
+    """Multinomial logistic regression: cross-entropy + a small L2 penalty, minimised by L-BFGS from zero weights.
 
-    def closure():
-        optimiser.zero_grad()
-        loss = F.cross_entropy(probe(x), y) + weight_decay * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
+    Written in NumPy/SciPy (float64, single-threaded): the problem is tiny, and torch's thread pool made each of
+    the few hundred small steps cost more in synchronisation than in arithmetic on a shared CPU.
+    """
+    from scipy.optimize import minimize
 
-    with torch.enable_grad():
-        optimiser.step(closure)
+    xs = np.asarray(x, dtype=np.float64)
+    n, d = xs.shape
+    xb = np.concatenate([xs, np.ones((n, 1))], axis=1)
+    onehot = np.eye(num_classes)[np.asarray(y)]
+    penalty = np.ones((d + 1, 1))
+    penalty[-1] = 0.0  # no penalty on the bias
+
+    def loss_grad(flat):
+        w = flat.reshape(d + 1, num_classes)
+        logits = xb @ w
+        logits -= logits.max(axis=1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        loss = -(onehot * log_p).sum() / n + weight_decay * (penalty * w * w).sum()
+        grad = xb.T @ (np.exp(log_p) - onehot) / n + 2 * weight_decay * penalty * w
+        return loss, grad.reshape(-1)
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        result = minimize(loss_grad, np.zeros((d + 1) * num_classes), jac=True, method="L-BFGS-B",
+                          options={"maxiter": steps})
+    w = result.x.reshape(d + 1, num_classes)
+    probe = nn.Linear(d, num_classes)
+    with torch.no_grad():
+        probe.weight.copy_(torch.from_numpy(w[:-1].T.astype(np.float32)))
+        probe.bias.copy_(torch.from_numpy(w[-1].astype(np.float32)))
     return probe.eval().requires_grad_(False)
 
 
@@ -330,6 +364,7 @@ class NIC(Method):
         config: dict[str, Any] = {
             "sites": chosen, "dims": dims, "spatial": spatial, "reduce": settings.reduce, "sets": settings.sets,
             "num_classes": num_classes, "value": value, "provenance": provenance, "transform": settings.transform,
+            "ramp": settings.ramp, "scale_range": list(SCALE_RANGE),
         }
         head = NICHead(config)
 
@@ -372,6 +407,9 @@ class NIC(Method):
             features = head.eval().from_standardised(z).numpy().astype(np.float32)
         n_features = features.shape[1]
 
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
         from harden.detectors.nic_onnx import Part, SetSpec
 
         sets = []
@@ -383,15 +421,15 @@ class NIC(Method):
             if provenance:
                 probes = entry["probe"]
                 parts += [Part(None, probes[i][0], probes[i + 1][1]) for i in range(len(probes) - 1)]
+            n_value = len(parts) if not provenance else len(parts) - (len(chosen) - 1)
             for j, part in enumerate(parts):
                 x_a = features[rows_a, part.start : part.stop]
-                part.estimator = _one_class(settings.nu, settings.gamma_for(part.stop - part.start)).fit(x_a)
+                svm = _one_class(settings.nu, settings.gamma_for(part.stop - part.start))
+                # Value features are standardised in the head; the probes' softmaxes are standardised here.
+                part.estimator = (svm if j < n_value else make_pipeline(StandardScaler(), svm)).fit(x_a)
                 ctx.progress("nic: invariants", 0.3 + 0.6 * (k + (j + 1) / len(parts)) / settings.sets)
             inv_b = np.stack([-NICDetector._decision(p.estimator, features[rows_b, p.start : p.stop]) for p in parts], 1)
             inv_b = inv_b.astype(np.float32)
-            from sklearn.pipeline import make_pipeline
-            from sklearn.preprocessing import StandardScaler
-
             final = make_pipeline(StandardScaler(), _one_class(settings.final_nu, settings.gamma_for(len(parts))))
             final.fit(inv_b)
             spec = SetSpec(parts, final)
@@ -419,7 +457,8 @@ class NIC(Method):
             "key_fingerprint": key_fingerprint(ctx.options.key),
             "fit_seconds": round(time.perf_counter() - started, 2),
         })
-        return FittedMethod(self.name, config, head.eval(), list(chosen), detector, sites=list(chosen))
+        return FittedMethod(self.name, config, head.eval().requires_grad_(False), list(chosen), detector,
+                            sites=list(chosen))
 
     @classmethod
     def build_head(cls, config: dict[str, Any]) -> nn.Module:

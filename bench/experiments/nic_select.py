@@ -1,0 +1,118 @@
+"""Choose NIC's defaults by measurement across attacks: a grid of settings, each instrumented on LeNet-5 / MNIST.
+
+    .venv/bin/python -m bench.experiments.nic_select --checkpoint /tmp/lenet_nic.pt \
+        --adv /tmp/nic_adv_calibration.npz --grid nu_gamma > /tmp/nic_select.jsonl
+
+The adversarial examples (``bench/experiments/nic_attacks.py``) are made on the CALIBRATION split, never the test
+split that the results are reported on.  For each setting the method is fitted (training split only) and
+calibrated to --fpr on the calibration split exactly as ``harden instrument`` does; then, per attack:
+
+* ``detect``: alarm rate on successful adversarial examples (originally correct, misclassified after the attack);
+* ``detect_all``: alarm rate on every adversarial example of an originally correct input;
+* ``auc``: ROC-AUC of the NIC score, successful adversarial examples against the clean calibration inputs.
+
+One JSON line per setting, with ``min_detect`` and ``mean_detect`` over attacks; the defaults are the setting with
+the best worst-attack detection (ties: best mean), never the best on one attack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import numpy as np
+import torch
+
+GRIDS = {
+    "nu_gamma": [{"nic_nu": nu, "nic_gamma": g} for nu, g in itertools.product([0.01, 0.05, 0.1, 0.2], [0.3, 1.0, 3.0])],
+    "reduce": [{"nic_reduce": r} for r in ("mean", "max", "meanmax")],
+    "final_nu": [{"nic_final_nu": v} for v in (0.02, 0.05, 0.1, 0.2)],
+    "holdout": [{"nic_holdout": h} for h in (0.0, 1 / 3, 0.5)],
+    "transform": [{"nic_transform": t} for t in (False, True)],
+    "invariants": [{"nic_invariants": i} for i in ("value", "provenance", "both")],
+    "sets": [{"nic_detectors": k} for k in (1, 3, 5)],
+}
+
+
+def auc(neg: np.ndarray, pos: np.ndarray) -> float:
+    """P(pos > neg) + 0.5 P(pos == neg), by ranks."""
+    if len(neg) == 0 or len(pos) == 0:
+        return float("nan")
+    scores = np.concatenate([neg, pos])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average ranks of ties
+        tie = scores == value
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return float((ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def measure(model, data, adv: dict, extra: dict, base: dict, fpr: float, key: str) -> dict:
+    from harden.instrument import instrument
+    from harden.methods.base import Options
+
+    options = Options(key=key, fpr=fpr, extra={**base, **extra})
+    started = time.process_time()
+    wall = time.perf_counter()
+    hardened = instrument(model, data, ["nic"], options)
+    fit_cpu = time.process_time() - started
+    clean = hardened.run(data.calibration.x)["nic.score"]
+    y, clean_pred = adv["y"], adv["clean_pred"]
+    correct = clean_pred == y
+    row = {"extra": extra, "fit_cpu_s": round(fit_cpu, 1), "fit_wall_s": round(time.perf_counter() - wall, 1),
+           "calibration_fpr": hardened.facts["metrics"]["calibration_fpr"],
+           "test_fpr": hardened.facts["metrics"]["test_fpr"],
+           "probe_accuracy": hardened.methods[0].config.get("probe_accuracy"), "attacks": {}}
+    for name in sorted(k[4:] for k in adv if k.startswith("adv/")):
+        out = hardened.run(adv[f"adv/{name}"])
+        score = out["nic.score"]
+        success = correct & (adv[f"pred/{name}"] != y)
+        row["attacks"][name] = {
+            "n": int(success.sum()),
+            "detect": float(out["nic.alarm"][success].mean()) if success.any() else float("nan"),
+            "detect_all": float(out["nic.alarm"][correct].mean()),
+            "auc": auc(clean, score[success]),
+        }
+    detects = [a["detect"] for a in row["attacks"].values()]
+    row["min_detect"], row["mean_detect"] = float(np.min(detects)), float(np.mean(detects))
+    row["mean_auc"] = float(np.mean([a["auc"] for a in row["attacks"].values()]))
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--adv", required=True, help="npz from bench/experiments/nic_attacks.py (calibration split)")
+    parser.add_argument("--grid", action="append", choices=sorted(GRIDS), default=None)
+    parser.add_argument("--set", action="append", default=[], help="base option for every setting, name=json")
+    parser.add_argument("--fpr", type=float, default=0.02)
+    parser.add_argument("--key", default="nic-select")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from examples.lenet import LeNet5
+    from harden.io.data import load_data
+
+    base = {}
+    for entry in args.set:
+        name, _, value = entry.partition("=")
+        base[name] = json.loads(value)
+    model = LeNet5()
+    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
+    model.eval()
+    data = load_data("mnist", seed=0)
+    with np.load(args.adv) as npz:
+        adv = {k: npz[k] for k in npz.files}
+    for grid in args.grid or ["nu_gamma"]:
+        for extra in GRIDS[grid]:
+            row = measure(model, data, adv, extra, base, args.fpr, args.key)
+            print(json.dumps({"grid": grid, "base": base, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""NIC (paper 002): trained probes, invariants that flag out-of-distribution inputs, exact logits, ONNX parity,
+calibration, composition, bundle round trip and keyed randomisation — on the tiny digits CNN."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from harden.errors import HardenError
+from harden.export import export_onnx
+from harden.instrument import instrument
+from harden.io.bundle import load_bundle, save_bundle
+from harden.methods.base import Options
+from harden.methods.nic import layout
+from harden.runtime import OnnxGraph
+
+
+def rel_diff(a, b) -> float:
+    """The export parity check's measure: absolute below 1, relative above."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float((np.abs(a - b) / np.maximum(1.0, np.abs(a))).max())
+
+
+@pytest.fixture(scope="module")
+def nic(tiny_model, digits):
+    return instrument(tiny_model, digits, ["nic"], Options(key="nic-test", fpr=0.05))
+
+
+@pytest.fixture(scope="module")
+def nic_voting(tiny_model, digits):
+    return instrument(tiny_model, digits, ["nic"], Options(key="nic-test", extra={"nic_detectors": 3}))
+
+
+@pytest.fixture(scope="module")
+def exported(nic):
+    return export_onnx(nic)
+
+
+def test_sites_default_to_every_relu(nic):
+    method = nic.method("nic")
+    assert len(method.sites) == 3
+    assert method.head_inputs == method.sites
+    assert method.config["parts_per_set"] == [3 + 2]  # a value invariant per site, a provenance one per pair
+
+
+def test_probes_are_trained_and_beat_chance(nic, digits):
+    """The derived models must be trained: measured on the test split through the head's own softmax outputs."""
+    method = nic.method("nic")
+    features = nic.torch_outputs(digits.test.x)["nic.features"]
+    (entry,) = layout(method.config)
+    accuracies = [float((features[:, a:b].argmax(1) == digits.test.y.numpy()).mean()) for a, b in entry["probe"]]
+    chance = 1.0 / 10
+    assert min(accuracies) > 3 * chance, accuracies
+    assert accuracies[-1] > 0.85, accuracies  # the last site's probe is nearly the classifier
+    assert all(a > 3 * chance for a in method.config["probe_accuracy"][0])
+
+
+def test_logits_are_bit_identical(nic, tiny_model, digits):
+    x = digits.test.x
+    with torch.no_grad():
+        expected = tiny_model(x).numpy()
+    assert np.array_equal(nic.run(x)["logits"], expected)
+
+
+def test_out_of_distribution_inputs_score_higher(nic, digits):
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(40, *digits.input_shape, generator=gen)
+    constant = torch.ones(10, *digits.input_shape)
+    clean = nic.run(digits.test.x)["nic.score"]
+    odd = nic.run(torch.cat([noise, constant]))
+    assert np.quantile(clean, 0.95) < odd["nic.score"].min()
+    assert odd["nic.alarm"].all()
+
+
+@pytest.mark.parametrize("invariants, parts", [("value", 3), ("provenance", 2)])
+def test_each_invariant_kind_alone(tiny_model, digits, invariants, parts):
+    hardened = instrument(tiny_model, digits, ["nic"], Options(key="nic-test", extra={"nic_invariants": invariants}))
+    method = hardened.method("nic")
+    assert method.config["parts_per_set"] == [parts]
+    assert method.config["value"] == (invariants == "value")
+    noise = torch.rand(30, *digits.input_shape, generator=torch.Generator().manual_seed(1))
+    clean = hardened.run(digits.test.x)["nic.score"]
+    assert np.median(hardened.run(noise)["nic.score"]) > np.quantile(clean, 0.95)
+
+
+def test_calibration_reaches_the_requested_fpr(nic, digits):
+    metrics = nic.facts["metrics"]
+    n = len(digits.calibration)
+    assert metrics["calibration_fpr"] <= 0.05
+    assert metrics["calibration_fpr"] >= 0.05 - 2.0 / n
+    alarms = nic.run(digits.calibration.x)["nic.alarm"]
+    assert alarms.mean() == pytest.approx(metrics["calibration_fpr"])
+
+
+def test_onnx_parity_through_export(nic, exported, digits):
+    assert exported.parity.alarm_mismatches["nic.alarm"] == 0
+    assert exported.parity.max_abs_diff["nic.score"] <= 1e-4
+    graph = OnnxGraph(exported.model.SerializeToString())
+    x = np.concatenate([digits.test.x.numpy(), np.random.default_rng(2).random((20, *digits.input_shape), dtype=np.float32)])
+    got, ref = graph.run(x), nic.run(x)
+    assert rel_diff(ref["nic.score"], got["nic.score"]) <= 1e-4
+    assert np.array_equal(got["nic.alarm"], ref["nic.alarm"])
+    assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-4
+
+
+def test_transform_g_is_in_the_exported_graph(exported):
+    ops = {n.op_type for n in exported.model.graph.node}
+    assert {"Floor", "Ceil", "Slice", "Concat"} <= ops
+    domains = {n.domain for n in exported.model.graph.node}
+    assert "ai.onnx.ml" in domains  # the skl2onnx one-class SVMs
+
+
+def test_detector_interface(nic):
+    model = onnx.load_from_string(nic.method("nic").detector.onnx_model())
+    assert [v.name for v in model.graph.input] == ["nic.features"]
+    assert [v.name for v in model.graph.output] == ["nic.raw"]
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_bundle_round_trip(nic, digits, tmp_path):
+    path = tmp_path / "nic.hardened"
+    save_bundle(nic, path)
+    loaded, manifest = load_bundle(path)
+    x = digits.test.x
+    a, b = nic.run(x), loaded.run(x)
+    assert np.array_equal(a["logits"], b["logits"])
+    assert rel_diff(a["nic.score"], b["nic.score"]) <= 1e-4  # the loaded detector runs in onnxruntime
+    assert np.array_equal(a["nic.alarm"], b["nic.alarm"])
+    assert manifest["methods"][0]["config"]["sites"] == nic.method("nic").sites
+    export_onnx(loaded)  # parity against the golden outputs recorded at instrument time
+
+
+def test_composition_with_ctt_lite(tiny_model, digits):
+    hardened = instrument(tiny_model, digits, ["ctt-lite", "nic"], Options(key="nic-test", mask_ratio=0.05),
+                          policy="any")
+    result = export_onnx(hardened)
+    graph = OnnxGraph(result.model.SerializeToString())
+    assert graph.output_names == ["logits", "score", "alarm", "ctt-lite.score", "ctt-lite.alarm",
+                                  "nic.score", "nic.alarm"]
+    x = digits.test.x.numpy()
+    got, ref = graph.run(x), hardened.run(x)
+    assert np.array_equal(got["alarm"], ref["alarm"])
+    assert rel_diff(ref["nic.score"], got["nic.score"]) <= 1e-4
+    assert hardened.facts["metrics"]["calibration_fpr"] <= 0.02
+
+
+def test_voting_sets_export_and_use_the_key(nic_voting, tiny_model, digits):
+    method = nic_voting.method("nic")
+    assert method.config["sets"] == 3 and method.config["vote"] == 2
+    result = export_onnx(nic_voting)
+    assert result.parity.alarm_mismatches["nic.alarm"] == 0
+    assert "TopK" in {n.op_type for n in result.model.graph.node}
+
+    head = method.head
+    assert not torch.equal(head.scale_0_0, head.scale_1_0)  # each set draws its own transform
+    other = instrument(tiny_model, digits, ["nic"], Options(key="another-key", extra={"nic_detectors": 3}))
+    assert not torch.equal(head.scale_0_0, other.method("nic").head.scale_0_0)
+    x = digits.test.x
+    assert not np.allclose(nic_voting.run(x)["nic.score"], other.run(x)["nic.score"], atol=1e-3)
+
+
+def test_same_key_same_transform(tiny_model, digits, nic):
+    again = instrument(tiny_model, digits, ["nic"], Options(key="nic-test", fpr=0.05)).method("nic")
+    first = nic.method("nic")
+    for name, value in first.head.state_dict().items():
+        assert torch.equal(value, again.head.state_dict()[name]), name
+
+
+def test_bad_options_are_one_line_errors(tiny_model, digits):
+    with pytest.raises(HardenError, match="nic-invariants"):
+        instrument(tiny_model, digits, ["nic"], Options(extra={"nic_invariants": "values"}))
+    with pytest.raises(HardenError, match="nic-detectors"):
+        instrument(tiny_model, digits, ["nic"], Options(extra={"nic_detectors": 0}))
+    with pytest.raises(HardenError, match="two sites"):
+        instrument(tiny_model, digits, ["nic"], Options(layers=["nic=last:1"], extra={"nic_invariants": "provenance"}))
