@@ -271,16 +271,20 @@ def _pgd(estimator, p, batch_size):
 
 @_attack(
     "deepfool",
-    Param("max_iter", int, 100, "maximum iterations per input", minimum=1),
+    Param("max_iter", int, 50, "maximum iterations per input", minimum=1),
     Param("epsilon", float, 0.02, "overshoot: the final step is scaled by 1+epsilon", minimum=0.0),
 )
 def _deepfool(estimator, p, batch_size):
     """DeepFool (Moosavi-Dezfooli et al. 2016): the smallest L2 step to the nearest linearised decision boundary.
 
     Unbounded: it moves each input until it is misclassified (or max_iter).
-    The overshoot defaults to the paper's 0.02 rather than ART's 1e-6: with a
-    tiny overshoot many results sit on the boundary and flip back to the true
-    class under float32 / onnxruntime rounding. Gradients of all classes are used.
+    Gradients of all classes are used. The overshoot defaults to the paper's
+    0.02 rather than ART's 1e-6: ART applies it once, at the end, so with a
+    tiny overshoot results sit on the boundary and may flip back to the true
+    class under float32 / onnxruntime rounding. max_iter defaults to 50 (the
+    reference implementation's) rather than ART's 100: ART recomputes the full
+    Jacobian of the whole batch while any input of it is still unfooled, so
+    the few inputs that never cross (clipping at the range's edge) set the cost.
     """
     from art.attacks.evasion import DeepFool
 
@@ -465,15 +469,16 @@ _FAST_CLASSIFIER = None
 
 
 def _fast_classifier_class():
-    """ART's PyTorchClassifier with a faster ``class_gradient`` (same values, fewer backward passes).
+    """ART's PyTorchClassifier with a faster per-sample ``class_gradient`` (same values, one backward pass).
 
-    ART 1.20 runs one backward pass per distinct label when each sample asks
-    for its own class (C&W twice per iteration, JSMA every step) and one per
-    class for the full Jacobian (DeepFool); on a CPU that is most of those
-    attacks' time. Per-sample labels need one backward of the sum of the
-    gathered logits; the full Jacobian is one batched (vmapped) backward.
-    Both rest on what ART's loop already assumes: in eval mode a sample's
-    logits do not depend on the other samples of the batch.
+    When each sample asks for the gradient of its own class (C&W twice per
+    iteration, JSMA at every step), ART 1.20 runs one backward pass per
+    distinct label, up to K; on a CPU that is most of those attacks' time.
+    One backward of the sum of the gathered logits gives the same gradients,
+    resting on what ART's loop already assumes: in eval mode a sample's logits
+    do not depend on the other samples of the batch. (The full Jacobian that
+    DeepFool asks for stays ART's: a vmapped backward measured no faster.)
+    Decision-based attacks walk in float64; ``predict`` casts to float32.
     """
     global _FAST_CLASSIFIER
     if _FAST_CLASSIFIER is not None:
@@ -482,41 +487,29 @@ def _fast_classifier_class():
 
     class FastClassGradientClassifier(PyTorchClassifier):
         def predict(self, x, batch_size=128, training_mode=False, **kwargs):
-            # ART's decision-based attacks walk in float64; a float32 model refuses double input.
             return super().predict(np.asarray(x, dtype=np.float32), batch_size=batch_size,
                                    training_mode=training_mode, **kwargs)
 
         def class_gradient(self, x, label=None, training_mode=False, **kwargs):
             if (
-                training_mode
+                label is None
+                or isinstance(label, (int, np.integer))
+                or training_mode
                 or self.is_rnn
                 or self._layer_idx_gradients >= 0
                 or not self.all_framework_preprocessing
-                or isinstance(label, (int, np.integer))
             ):
                 return super().class_gradient(x, label=label, training_mode=training_mode, **kwargs)
-            per_sample = label is not None
-            if per_sample:
-                label = np.asarray(label)
-                if label.shape != (x.shape[0],) or (label < 0).any() or (label >= self.nb_classes).any():
-                    raise ValueError(f"Label {label} is out of range.")
+            label = np.asarray(label)
+            if label.shape != (x.shape[0],) or (label < 0).any() or (label >= self.nb_classes).any():
+                raise ValueError(f"Label {label} is out of range.")
             self._model.train(mode=False)
             x_grad = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self._device).requires_grad_(True)
             x_input, _ = self._apply_preprocessing(x_grad, y=None, fit=False, no_grad=False)
             logits = self._model(x_input)[-1]
-            if per_sample:
-                index = torch.from_numpy(label.astype(np.int64)).to(self._device)[:, None]
-                (grad,) = torch.autograd.grad(logits.gather(1, index).sum(), x_grad)
-                return grad.detach().cpu().numpy()[:, None]
-            k = logits.shape[1]
-            eye = torch.eye(k, dtype=logits.dtype, device=logits.device)[:, None, :].expand(k, *logits.shape)
-            try:
-                (grads,) = torch.autograd.grad(logits, x_grad, grad_outputs=eye, is_grads_batched=True,
-                                               retain_graph=True)
-            except RuntimeError:  # an op without a batching rule: one backward per class, as ART does
-                grads = torch.stack([torch.autograd.grad(logits[:, i].sum(), x_grad, retain_graph=True)[0]
-                                     for i in range(k)])
-            return grads.detach().cpu().numpy().swapaxes(0, 1)
+            index = torch.from_numpy(label.astype(np.int64)).to(self._device)[:, None]
+            (grad,) = torch.autograd.grad(logits.gather(1, index).sum(), x_grad)
+            return grad.detach().cpu().numpy()[:, None]
 
     _FAST_CLASSIFIER = FastClassGradientClassifier
     return _FAST_CLASSIFIER

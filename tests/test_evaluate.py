@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from harden.attacks import parse_attack, run_attack
 from harden.errors import HardenError
-from harden.evaluate import AttackRow, EvaluationReport, evaluate, render_table, roc_auc
+from harden.evaluation import AttackRow, EvaluationReport, evaluate, render_table, roc_auc
 
 RANGE = (0.0, 1.0)
 N = 40
@@ -245,3 +245,21 @@ def test_bad_scorer_and_inputs(setup):
         run(model, never_scorer(model), x, y[:-1])
     with pytest.raises(HardenError, match="limit"):
         run(model, never_scorer(model), x, y, limit=0)
+
+
+def test_with_a_real_hardened_model(tiny_hardened, digits):
+    """The project's own scorer contract: HardenedModel.run computes what the exported graph computes."""
+    hardened = tiny_hardened
+    x, y = digits.test.x.numpy()[:60], digits.test.y.numpy()[:60]
+    report = evaluate(hardened.classifier, hardened.run, x, y, [parse_attack("fgsm:eps=0.2")], input_range=RANGE,
+                      num_classes=10, seed=0)
+    clean = hardened.run(x)
+    row = report.rows[0]
+    assert report.clean_fpr == pytest.approx(clean["alarm"].mean())
+    assert report.clean_accuracy == pytest.approx((clean["logits"].argmax(1) == y).mean())
+    assert set(report.per_method_fpr) == {"ctt-lite"}
+    assert set(row.roc_auc) == {"score", "ctt-lite.score"}
+    assert set(row.per_method_detection) == {"ctt-lite"}
+    assert row.accuracy < report.clean_accuracy
+    assert row.mean_linf == pytest.approx(0.2, abs=1e-6)
+    json.dumps(report.to_json(), allow_nan=False)
