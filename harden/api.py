@@ -87,7 +87,7 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
              progress: Callable[[str], None] | None = None):
     """Attacks (ART) against the classifier; alarms and scores read from the ONNX graph in onnxruntime."""
     from harden.attacks import parse_attack
-    from harden.evaluate import evaluate as _evaluate
+    from harden.evaluation import evaluate as _evaluate
 
     specs = [parse_attack(a) for a in attacks]
     dataset = bundle_data(manifest, data)

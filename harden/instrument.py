@@ -61,7 +61,8 @@ def instrument(
     classes.sort(key=lambda c: not c.finetunes)
 
     started = time.perf_counter()
-    gm = trace(model)
+    # A traced graph shares parameters with the user's model; fine-tuning must never change the caller's object.
+    gm = copy.deepcopy(trace(model))
     check_input_shape(gm, data.train.x[:2])
     original_state = copy.deepcopy(gm.state_dict())
     with torch.no_grad():
