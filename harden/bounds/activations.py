@@ -22,10 +22,13 @@ def _input(call: Call) -> Interval:
 
 
 def _monotone(call: Call, x: Interval, fn, fn_) -> Interval:
-    """[f(l), f(u)] for a monotone non-decreasing f; in place (``fn_``) when the rule owns the bounds."""
+    """[f(l), f(u)] for a monotone non-decreasing element-wise f; in place (``fn_``) when the rule owns
+    the bounds, and in one call when they share a buffer."""
     if call.owned and x.lo is not x.hi:
+        if x.joint is not None:
+            return Interval.from_joint(fn_(x.joint))
         return Interval(fn_(x.lo), fn_(x.hi))
-    return Interval(fn(x.lo), fn(x.hi))
+    return x.map_channelwise(fn)
 
 
 @BOUND_RULES.register("relu")

@@ -20,13 +20,23 @@ class Interval:
     be mistaken for a pair of bounds.
     """
 
-    __slots__ = ("lo", "hi")
+    __slots__ = ("lo", "hi", "joint")
 
-    def __init__(self, lo: torch.Tensor, hi: torch.Tensor):
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, joint: torch.Tensor | None = None):
         if lo.shape != hi.shape:
             lo, hi = torch.broadcast_tensors(lo, hi)
+            joint = None
         self.lo = lo
         self.hi = hi
+        self.joint = joint
+        """Optionally the one buffer both bounds are views of: ``cat([hi, lo], dim=1)``.  Channel-wise
+        rules (element-wise ops, pooling) then run once on it instead of twice (see :meth:`map_channelwise`)."""
+
+    @classmethod
+    def from_joint(cls, joint: torch.Tensor) -> "Interval":
+        """The interval whose upper bound is the first half of ``joint``'s channels and lower bound the second."""
+        c = joint.shape[1] // 2
+        return cls(joint[:, c:], joint[:, :c], joint)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -92,6 +102,13 @@ class Interval:
     # -- operations -----------------------------------------------------------------------------
     def map(self, fn) -> "Interval":
         """Apply a monotone non-decreasing (or purely structural) function to both end points."""
+        return Interval(fn(self.lo), fn(self.hi))
+
+    def map_channelwise(self, fn) -> "Interval":
+        """:meth:`map` for a function that treats every channel (dim 1) alone and keeps the channel count,
+        e.g. an element-wise op or a pooling: one call on the joint buffer when there is one."""
+        if self.joint is not None:
+            return Interval.from_joint(fn(self.joint))
         return Interval(fn(self.lo), fn(self.hi))
 
     def intersect(self, other: "Interval") -> "Interval":

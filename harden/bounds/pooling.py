@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from harden.bounds.interval import Interval
@@ -36,8 +37,8 @@ def max_pool2d(call: Call) -> Interval:
                     padding=p["padding"], dilation=p["dilation"], ceil_mode=p["ceil_mode"])
     tiles = _tiling(x, geometry)
     if tiles is not None:
-        return x.map(lambda t: _tile_max(t, tiles))
-    return x.map(lambda t: F.max_pool2d(t, **geometry))
+        return x.map_channelwise(lambda t: _tile_max(t, tiles))
+    return x.map_channelwise(lambda t: F.max_pool2d(t, **geometry))
 
 
 def _pair(v):
@@ -58,10 +59,19 @@ def _tiling(x: Interval, g: dict) -> tuple[int, int] | None:
 
 
 def _tile_max(t, kernel: tuple[int, int]):
-    """max_pool2d over exactly tiling windows as a max over a free view: no index tensor to allocate."""
+    """max_pool2d over exactly tiling windows: element-wise maxima of strided views, first along the
+    width then along the height (no index tensor, several times faster than max_pool2d on CPU)."""
     kh, kw = kernel
     n, c, h, w = t.shape
-    return t.reshape(n, c, h // kh, kh, w // kw, kw).amax(dim=(3, 5))
+    rows = t.reshape(n, c, h, w // kw, kw)
+    out = rows[..., 0]
+    for j in range(1, kw):
+        out = torch.maximum(out, rows[..., j])
+    cols = out.reshape(n, c, h // kh, kh, w // kw)
+    res = cols[:, :, :, 0]
+    for i in range(1, kh):
+        res = torch.maximum(res, cols[:, :, :, i])
+    return res if kh > 1 else res.contiguous()
 
 
 @BOUND_RULES.register("avg_pool2d")
@@ -73,7 +83,7 @@ def avg_pool2d(call: Call) -> Interval:
     x = interval_arg(call, p["input"], "the input")
     geometry = dict(kernel_size=p["kernel_size"], stride=_stride(p), padding=p["padding"], ceil_mode=p["ceil_mode"],
                     count_include_pad=p["count_include_pad"], divisor_override=p["divisor_override"])
-    return x.map(lambda t: F.avg_pool2d(t, **geometry))
+    return x.map_channelwise(lambda t: F.avg_pool2d(t, **geometry))
 
 
 @BOUND_RULES.register("adaptive_avg_pool2d")
@@ -81,7 +91,7 @@ def adaptive_avg_pool2d(call: Call) -> Interval:
     """adaptive average is monotone: [adaptive_avg(l), adaptive_avg(u)]."""
     p = call.bind(_ADAPTIVE, lambda m: {"output_size": m.output_size})
     x = interval_arg(call, p["input"], "the input")
-    return x.map(lambda t: F.adaptive_avg_pool2d(t, p["output_size"]))
+    return x.map_channelwise(lambda t: F.adaptive_avg_pool2d(t, p["output_size"]))
 
 
 FRESH_OUTPUTS.update({"max_pool2d", "avg_pool2d"})
