@@ -256,9 +256,9 @@ def render_table(report: EvaluationReport):
     if methods:
         caption += f"; clean FPR per method: {methods}"
     table = Table(title="harden evaluate", caption=caption)
-    table.add_column("attack")
-    for name in ("acc", "det", "det(succ)", "l2", "linf", "AUC(score)", "seconds"):
-        table.add_column(name, justify="right")
+    table.add_column("attack", no_wrap=True)
+    for name in ("acc", "det", "det(succ)", "l2", "linf", "AUC", "s"):
+        table.add_column(name, justify="right", no_wrap=True)
     table.add_row("no attack", _pct(report.clean_accuracy), _pct(report.clean_fpr), "-", "-", "-", "-", "-")
     for row in report.rows:
         table.add_row(row.attack, _pct(row.accuracy), _pct(row.detection_rate), _pct(row.detection_rate_successful),
