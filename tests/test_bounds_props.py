@@ -93,9 +93,12 @@ def check_graph(gm: fx.GraphModule, x: torch.Tensor, eps: float, input_range, n_
 
         box = Interval.from_box(x, eps, input_range)
         bounds = propagate(gm, box, record=names)
-        # Nothing recorded: rules may then work in place on bounds nobody else reads; same result.
+        # Nothing recorded: rules may then work in place on bounds nobody else reads; same result,
+        # and the caller's box is left alone.
+        box_lo, box_hi = box.lo.clone(), box.hi.clone()
         bare = propagate(gm, box).output
         assert torch.equal(bare.lo, bounds.output.lo) and torch.equal(bare.hi, bounds.output.hi)
+        assert torch.equal(box.lo, box_lo) and torch.equal(box.hi, box_hi), "propagate wrote into the input box"
         for name in names:
             iv = bounds.nodes[name]
             if isinstance(iv, Interval):

@@ -52,9 +52,9 @@ def _tiling(x: Interval, g: dict) -> tuple[int, int] | None:
         return None
     kernel, stride = _pair(g["kernel_size"]), _pair(g["stride"])
     h, w = x.shape[-2:]
-    if (kernel != stride or _pair(g["padding"]) != (0, 0) or _pair(g["dilation"]) != (1, 1)
+    if (kernel != stride or kernel == (1, 1) or _pair(g["padding"]) != (0, 0) or _pair(g["dilation"]) != (1, 1)
             or h % kernel[0] or w % kernel[1]):
-        return None
+        return None  # (a 1x1 window would give back a view of the input: the rule must return fresh bounds)
     return kernel
 
 
@@ -71,7 +71,7 @@ def _tile_max(t, kernel: tuple[int, int]):
     res = cols[:, :, :, 0]
     for i in range(1, kh):
         res = torch.maximum(res, cols[:, :, :, i])
-    return res if kh > 1 else res.contiguous()
+    return res if kh > 1 else res.contiguous()  # kw > 1 here: ``res`` views the fresh ``out``
 
 
 @BOUND_RULES.register("avg_pool2d")
