@@ -241,6 +241,15 @@ def test_a_failing_rule_names_the_node():
         propagate(gm, Interval.point(torch.zeros(1, 4)))
 
 
+def test_an_unknown_keyword_is_refused_rather_than_ignored():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(F.hardtanh, (x,), {"min_val": 0.0, "max_value": 1.0}))
+    gm = fx.GraphModule(nn.Module(), graph)
+    with pytest.raises(HardenError, match="unexpected keyword 'max_value'"):
+        propagate(gm, Interval.point(torch.zeros(1, 2)))
+
+
 def test_unknown_record_name_is_an_error():
     with pytest.raises(HardenError, match="nope"):
         propagate(trace(lenet()), Interval.point(torch.zeros(1, 1, 28, 28)), record={"nope"})
