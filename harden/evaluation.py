@@ -257,7 +257,7 @@ def render_table(report: EvaluationReport):
         caption += f"; clean FPR per method: {methods}"
     table = Table(title="harden evaluate", caption=caption)
     table.add_column("attack", no_wrap=True)
-    for name in ("acc", "det", "det(succ)", "l2", "linf", "AUC", "s"):
+    for name in ("acc", "det", "det(succ)", "l2", "linf", "AUC(score)", "seconds"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_row("no attack", _pct(report.clean_accuracy), _pct(report.clean_fpr), "-", "-", "-", "-", "-")
     for row in report.rows:
