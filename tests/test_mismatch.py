@@ -13,7 +13,7 @@ from harden.export import export_onnx
 from harden.instrument import instrument
 from harden.io.bundle import load_bundle, save_bundle
 from harden.methods.base import Options
-from harden.methods.mismatch import Mismatch, MismatchHead, graph_spec, layer_sequence
+from harden.methods.mismatch import FLOAT32_GAP, Mismatch, MismatchHead, graph_spec, layer_sequence
 from harden.runtime import OnnxGraph
 
 ATTACKS = ["fgsm:eps=0.2", "pgd:eps=0.2,steps=5"]
@@ -88,13 +88,15 @@ def test_trained_second_model_is_structurally_different(mm, tiny):
     assert config["second_test_accuracy"] > 0.8  # reported in the manifest, and a real classifier
     assert config["n_features"] == 20 and config["svm"]["support_vectors"] > 0
     assert "cv" in config["svm"]  # C and gamma from the grid when not given
+    assert config["svm"]["float32_gap"] <= FLOAT32_GAP  # onnxruntime's float32 SVC stays faithful
 
 
 def test_classifier_with_the_mlp_structure_gets_a_cnn(digits):
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 320), nn.ReLU(), nn.Linear(320, 50), nn.ReLU(), nn.Linear(50, 10))
     torch.manual_seed(0)
     mlp = train_tiny(mlp, digits.train.x, digits.train.y, epochs=3)
-    hardened = instrument(mlp, digits, ["mismatch"], options(max_train=200, attacks=["fgsm:eps=0.2"], **FIXED_SVM))
+    hardened = instrument(mlp, digits, ["mismatch"], options(max_train=200, attacks=["fgsm:eps=0.2"],
+                                                             second_recipe="plain", **FIXED_SVM))
     config = hardened.method("mismatch").config
     assert config["second"]["kind"] == "cnn"
     assert config["second_layers"] != config["classifier_layers"]
@@ -255,3 +257,23 @@ def test_graph_constants_outside_the_state_dict_round_trip(digits):
     logits = torch.randn(16, 10)
     with torch.no_grad():
         assert torch.equal(rebuilt(x, logits), head(x, logits))
+
+
+def test_degradations_flip_the_model_inside_the_input_range(tiny, digits):
+    from harden.methods.mismatch import DEGRADATIONS, degrade
+
+    x, y = digits.test.x[:60].numpy(), digits.test.y[:60].numpy()
+    for kind in DEGRADATIONS:
+        out, flipped = degrade(tiny, kind, x, y, seed=0, input_range=digits.input_range)
+        assert out.shape == x.shape and out.dtype == np.float32
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        with torch.no_grad():
+            pred = tiny(torch.from_numpy(out)).argmax(1).numpy()
+        assert flipped.mean() > 0.3 and np.all(pred[flipped] != y[flipped])
+
+
+def test_bad_recipe_and_attack_are_one_line(tiny, digits):
+    with pytest.raises(HardenError, match="second_recipe"):
+        instrument(tiny, digits, ["mismatch"], options(second_recipe="magic"))
+    with pytest.raises(HardenError, match="attack"):
+        instrument(tiny, digits, ["mismatch"], options(attacks=["nosuchattack"]))
