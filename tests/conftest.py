@@ -30,9 +30,10 @@ class TinyCNN(nn.Module):
         return self.fc2(x)
 
 
-def train_tiny(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> nn.Module:
+def train_tiny(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0,
+               lr: float = 3e-3) -> nn.Module:
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(epochs):
         perm = torch.randperm(len(x))
         for start in range(0, len(x), 64):
@@ -41,6 +42,24 @@ def train_tiny(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int =
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model.eval()
+
+
+def digits_arrays() -> tuple:
+    """scikit-learn's 8x8 digits as float32 NCHW in [0, 1] and int64 labels, unsplit."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine makes two OpenMP threads crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

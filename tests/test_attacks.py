@@ -8,19 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import digits_arrays, train_tiny
 from harden.attacks import ATTACKS, AttackSpec, parse_attack, run_attack
 from harden.errors import HardenError
 
 RANGE = (0.0, 1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes two OpenMP threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):
@@ -37,29 +32,14 @@ class Tiny(nn.Module):
 
 @pytest.fixture(scope="module")
 def digits_small():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    y = d.target.astype(np.int64)
-    return x, y
+    return digits_arrays()
 
 
 @pytest.fixture(scope="module")
 def tiny(digits_small):
     x, y = digits_small
     torch.manual_seed(0)
-    model = Tiny()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x[:1200]), torch.from_numpy(y[:1200])
-    for _ in range(6):
-        perm = torch.randperm(len(xt))
-        for start in range(0, len(xt), 64):
-            idx = perm[start : start + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
+    return train_tiny(Tiny(), torch.from_numpy(x[:1200]), torch.from_numpy(y[:1200]), epochs=6, lr=1e-2)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import digits_arrays, train_tiny
 from harden.attacks import parse_attack, run_attack
 from harden.errors import HardenError
 from harden.evaluation import AttackRow, EvaluationReport, evaluate, render_table, roc_auc
@@ -18,12 +19,7 @@ RANGE = (0.0, 1.0)
 N = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):
@@ -38,23 +34,9 @@ class Tiny(nn.Module):
 
 @pytest.fixture(scope="module")
 def setup():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    y = d.target.astype(np.int64)
+    x, y = digits_arrays()
     torch.manual_seed(0)
-    model = Tiny()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x[:1000]), torch.from_numpy(y[:1000])
-    for _ in range(5):
-        perm = torch.randperm(len(xt))
-        for start in range(0, len(xt), 64):
-            idx = perm[start : start + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
+    model = train_tiny(Tiny(), torch.from_numpy(x[:1000]), torch.from_numpy(y[:1000]), epochs=5, lr=1e-2)
     return model, x[1000 : 1000 + N], y[1000 : 1000 + N]
 
 
