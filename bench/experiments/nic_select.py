@@ -28,7 +28,10 @@ import torch
 GRIDS = {
     "nu_gamma": [{"nic_nu": nu, "nic_gamma": g} for nu, g in itertools.product([0.01, 0.05, 0.1, 0.2], [0.3, 1.0, 3.0])],
     "reduce": [{"nic_reduce": r} for r in ("mean", "max", "meanmax")],
-    "final_nu": [{"nic_final_nu": v} for v in (0.02, 0.05, 0.1, 0.2)],
+    "nu_gamma_reduce": [{"nic_nu": nu, "nic_gamma": g, "nic_reduce": r}
+                        for r, nu, g in itertools.product(("mean", "max", "meanmax"), [0.01, 0.05], [3.0, 10.0])],
+    "gamma_hi": [{"nic_nu": nu, "nic_gamma": g} for nu, g in itertools.product([0.02, 0.05, 0.1], [10.0, 30.0])],
+    "final": [{"nic_final_nu": nu, "nic_final_gamma": g} for nu, g in itertools.product([0.02, 0.1, 0.2], [0.3, 1.0, 3.0])],
     "holdout": [{"nic_holdout": h} for h in (0.0, 1 / 3, 0.5)],
     "transform": [{"nic_transform": t} for t in (False, True)],
     "invariants": [{"nic_invariants": i} for i in ("value", "provenance", "both")],
@@ -36,22 +39,8 @@ GRIDS = {
 }
 
 
-def auc(neg: np.ndarray, pos: np.ndarray) -> float:
-    """P(pos > neg) + 0.5 P(pos == neg), by ranks."""
-    if len(neg) == 0 or len(pos) == 0:
-        return float("nan")
-    scores = np.concatenate([neg, pos])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for value in np.unique(scores):  # average ranks of ties
-        tie = scores == value
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return float((ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def measure(model, data, adv: dict, extra: dict, base: dict, fpr: float, key: str) -> dict:
+def measure(model, data, adv: list[dict], extra: dict, base: dict, fpr: float, key: str) -> dict:
+    from harden.evaluation import roc_auc as auc
     from harden.instrument import instrument
     from harden.methods.base import Options
 
@@ -61,22 +50,24 @@ def measure(model, data, adv: dict, extra: dict, base: dict, fpr: float, key: st
     hardened = instrument(model, data, ["nic"], options)
     fit_cpu = time.process_time() - started
     clean = hardened.run(data.calibration.x)["nic.score"]
-    y, clean_pred = adv["y"], adv["clean_pred"]
-    correct = clean_pred == y
     row = {"extra": extra, "fit_cpu_s": round(fit_cpu, 1), "fit_wall_s": round(time.perf_counter() - wall, 1),
            "calibration_fpr": hardened.facts["metrics"]["calibration_fpr"],
            "test_fpr": hardened.facts["metrics"]["test_fpr"],
            "probe_accuracy": hardened.methods[0].config.get("probe_accuracy"), "attacks": {}}
-    for name in sorted(k[4:] for k in adv if k.startswith("adv/")):
-        out = hardened.run(adv[f"adv/{name}"])
-        score = out["nic.score"]
-        success = correct & (adv[f"pred/{name}"] != y)
-        row["attacks"][name] = {
-            "n": int(success.sum()),
-            "detect": float(out["nic.alarm"][success].mean()) if success.any() else float("nan"),
-            "detect_all": float(out["nic.alarm"][correct].mean()),
-            "auc": auc(clean, score[success]),
-        }
+    for arrays in adv:
+        y, clean_pred = arrays["y"], arrays["clean_pred"]
+        correct = clean_pred == y
+        for name in sorted(k[4:] for k in arrays if k.startswith("adv/")):
+            success = correct & (arrays[f"pred/{name}"] != y)
+            if not success.any():
+                continue  # an attack that never succeeded says nothing about detection
+            out = hardened.run(arrays[f"adv/{name}"])
+            row["attacks"][name] = {
+                "n": int(success.sum()),
+                "detect": float(out["nic.alarm"][success].mean()),
+                "detect_all": float(out["nic.alarm"][correct].mean()),
+                "auc": auc(clean, out["nic.score"][success]),
+            }
     detects = [a["detect"] for a in row["attacks"].values()]
     row["min_detect"], row["mean_detect"] = float(np.min(detects)), float(np.mean(detects))
     row["mean_auc"] = float(np.mean([a["auc"] for a in row["attacks"].values()]))
@@ -86,7 +77,8 @@ def measure(model, data, adv: dict, extra: dict, base: dict, fpr: float, key: st
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--adv", required=True, help="npz from bench/experiments/nic_attacks.py (calibration split)")
+    parser.add_argument("--adv", action="append", required=True,
+                        help="npz from bench/experiments/nic_attacks.py (calibration split); repeatable")
     parser.add_argument("--grid", action="append", choices=sorted(GRIDS), default=None)
     parser.add_argument("--set", action="append", default=[], help="base option for every setting, name=json")
     parser.add_argument("--fpr", type=float, default=0.02)
@@ -106,8 +98,10 @@ def main(argv=None) -> None:
     model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
     model.eval()
     data = load_data("mnist", seed=0)
-    with np.load(args.adv) as npz:
-        adv = {k: npz[k] for k in npz.files}
+    adv = []
+    for path in args.adv:
+        with np.load(path) as npz:
+            adv.append({k: npz[k] for k in npz.files})
     for grid in args.grid or ["nu_gamma"]:
         for extra in GRIDS[grid]:
             row = measure(model, data, adv, extra, base, args.fpr, args.key)

@@ -54,6 +54,7 @@ REDUCTIONS = ("mean", "max", "meanmax")
 DEFAULT_NU = 0.1           # one-class SVMs of the invariants
 DEFAULT_FINAL_NU = 0.1     # the final one-class SVM over the invariant scores
 DEFAULT_GAMMA = 1.0        # RBF gamma = DEFAULT_GAMMA / n_features (features are standardised: sklearn's 'scale')
+DEFAULT_FINAL_GAMMA = 1.0  # the final SVM's gamma = DEFAULT_FINAL_GAMMA / number of invariants
 DEFAULT_REDUCE = "mean"
 DEFAULT_MAX_TRAIN = 4000   # cap on training rows per one-class SVM (fit time grows ~quadratically)
 DEFAULT_HOLDOUT = 1 / 3    # fraction of the training split held out to fit the final SVM
@@ -224,6 +225,7 @@ class NICSettings:
     final_nu: float
     gamma: float | None          # absolute gamma (--svm-gamma) or None for gamma_factor / n_features
     gamma_factor: float
+    final_gamma_factor: float
     reduce: str
     transform: bool
     ramp: float
@@ -249,8 +251,9 @@ class NICSettings:
         if gamma is not None and not float(gamma) > 0:
             raise HardenError(f"--svm-gamma must be positive; got {gamma}")
         factor = float(options.get("nic_gamma", DEFAULT_GAMMA))
-        if not factor > 0:
-            raise HardenError(f"nic_gamma must be positive; got {factor}")
+        final_factor = float(options.get("nic_final_gamma", DEFAULT_FINAL_GAMMA))
+        if not (factor > 0 and final_factor > 0):
+            raise HardenError(f"nic_gamma and nic_final_gamma must be positive; got {factor}, {final_factor}")
         max_train = int(options.get("max_train", DEFAULT_MAX_TRAIN))
         if max_train < 10:
             raise HardenError(f"--max-train must be at least 10; got {max_train}")
@@ -260,7 +263,7 @@ class NICSettings:
         ramp = float(options.get("nic_ramp", DEFAULT_RAMP))
         if not 0.0 < ramp <= 1.0:
             raise HardenError(f"nic_ramp must lie in (0, 1]; got {ramp}")
-        return cls(int(sets), invariants, nu, final_nu, None if gamma is None else float(gamma), factor, reduce,
+        return cls(int(sets), invariants, nu, final_nu, None if gamma is None else float(gamma), factor, final_factor, reduce,
                    bool(options.get("nic_transform", True)), ramp, max_train, holdout)
 
     def gamma_for(self, n_features: int) -> float:
@@ -430,7 +433,7 @@ class NIC(Method):
                 ctx.progress("nic: invariants", 0.3 + 0.6 * (k + (j + 1) / len(parts)) / settings.sets)
             inv_b = np.stack([-NICDetector._decision(p.estimator, features[rows_b, p.start : p.stop]) for p in parts], 1)
             inv_b = inv_b.astype(np.float32)
-            final = make_pipeline(StandardScaler(), _one_class(settings.final_nu, settings.gamma_for(len(parts))))
+            final = make_pipeline(StandardScaler(), _one_class(settings.final_nu, settings.final_gamma_factor / len(parts)))
             final.fit(inv_b)
             spec = SetSpec(parts, final)
             if settings.sets > 1:
@@ -451,6 +454,7 @@ class NIC(Method):
         config.update({
             "nu": settings.nu, "final_nu": settings.final_nu,
             "gamma": settings.gamma if settings.gamma is not None else f"{settings.gamma_factor:g}/n_features",
+            "final_gamma": f"{settings.final_gamma_factor:g}/n_invariants",
             "invariants": settings.invariants, "vote": vote, "n_features": n_features,
             "parts_per_set": [len(s.parts) for s in sets],
             "probe_accuracy": probe_accuracy, "train_rows": [int(len(rows_a)), int(len(rows_b))],

@@ -1,0 +1,95 @@
+"""The NIC results table (paper Table I / III shape) on LeNet-5 / MNIST, scored through the exported ONNX graph.
+
+    .venv/bin/python -m bench.experiments.nic_table --checkpoint /tmp/lenet_nic.pt \
+        --adv /tmp/nic_adv_test.npz --variant both --variant value --variant provenance > /tmp/nic_table.jsonl
+
+Each variant is instrumented exactly as ``harden instrument --method nic`` does (same key, default fpr 0.02),
+exported with the parity check, and the cached adversarial examples of the TEST split
+(``bench/experiments/nic_attacks.py --split test``: the same inputs, attacks and seed ``harden evaluate --limit``
+uses, so the same adversarial examples) are scored by onnxruntime.  Per attack: detection among the originally
+correct inputs (``detect``), among the successful adversarial examples (``detect_successful``) and ROC-AUC of
+``nic.score`` (clean test inputs against originally-correct adversarial ones, as ``harden evaluate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+VARIANTS = {
+    "both": {},
+    "value": {"nic_invariants": "value"},
+    "provenance": {"nic_invariants": "provenance"},
+    "both-k3": {"nic_detectors": 3},
+    "both-k5": {"nic_detectors": 5},
+    "both-no-g": {"nic_transform": False},
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--adv", required=True)
+    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), default=None)
+    parser.add_argument("--set", action="append", default=[], help="extra option for every variant, name=json")
+    parser.add_argument("--key", default="nic-bench")
+    parser.add_argument("--fpr", type=float, default=0.02)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from examples.lenet import LeNet5
+    from harden.evaluation import roc_auc
+    from harden.export import export_onnx
+    from harden.instrument import instrument
+    from harden.io.data import load_data
+    from harden.methods.base import Options
+    from harden.runtime import OnnxGraph
+
+    base = {}
+    for entry in args.set:
+        name, _, value = entry.partition("=")
+        base[name] = json.loads(value)
+    model = LeNet5()
+    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
+    model.eval()
+    data = load_data("mnist", seed=0)
+    with np.load(args.adv) as npz:
+        adv = {k: npz[k] for k in npz.files}
+    x, y = adv["x"], adv["y"]
+    for variant in args.variant or ["both", "value", "provenance"]:
+        extra = {**base, **VARIANTS[variant]}
+        cpu, wall = time.process_time(), time.perf_counter()
+        hardened = instrument(model, data, ["nic"], Options(key=args.key, fpr=args.fpr, extra=extra))
+        fit = {"cpu_s": round(time.process_time() - cpu, 1), "wall_s": round(time.perf_counter() - wall, 1)}
+        result = export_onnx(hardened)
+        graph = OnnxGraph(result.model.SerializeToString())
+        clean = graph.run(x)
+        correct = clean["logits"].argmax(1) == y
+        row = {"variant": variant, "extra": extra, "fit": fit,
+               "fpr_test_limit": float(clean["alarm"].mean()),
+               "fpr_test_all": hardened.facts["metrics"]["test_fpr"],
+               "calibration_fpr": hardened.facts["metrics"]["calibration_fpr"],
+               "parity_max_abs_diff": result.parity.max_abs_diff,
+               "probe_accuracy": hardened.method("nic").config.get("probe_accuracy"), "attacks": {}}
+        for name in [k[4:] for k in adv if k.startswith("adv/")]:
+            out = graph.run(adv[f"adv/{name}"])
+            wrong = out["logits"].argmax(1) != y
+            successful = correct & wrong
+            row["attacks"][name] = {
+                "accuracy": float((~wrong).mean()),
+                "n_correct": int(correct.sum()), "n_successful": int(successful.sum()),
+                "detect": float(out["alarm"][correct].mean()),
+                "detect_successful": float(out["alarm"][successful].mean()) if successful.any() else None,
+                "auc": roc_auc(clean["nic.score"], out["nic.score"][correct]),
+                "mean_l2": float(np.sqrt(((adv[f"adv/{name}"] - x) ** 2).reshape(len(x), -1).sum(1))[correct].mean()),
+            }
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
