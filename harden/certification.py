@@ -1,4 +1,4 @@
-"""What interval bound propagation guarantees about a (hardened) classifier graph (design section 6).
+"""What bound propagation (interval or linear relaxation) guarantees about a (hardened) classifier graph (design section 6).
 
 * :func:`placement`: per CTT trap, where its thresholds sit relative to the natural
   activations and to the eps-box bounds (paper 000, section 3.3).
@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from harden.bounds import Interval, propagate, run_recorded
+from harden.bounds.crown import METHODS, LinearBounds, check_method
 from harden.bounds.linear import linear_parts
 from harden.bounds.propagate import BoundResult, input_dependent
 from harden.bounds.rules import Call
@@ -108,6 +109,45 @@ def trap_clamps(traps: Sequence[Trap], device, dtype=torch.float32) -> tuple[dic
     return {node: make(entries) for node, entries in by_node.items()}, always
 
 
+PRE_ACTIVATION_LIMIT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # relu(z) <= T  <=>  z <= T (for T >= 0; for T < 0 every input alarms anyway)
+    "relu": lambda t: t,
+    # relu6(z) <= T  <=>  z <= T while T < 6; from T >= 6 on every z qualifies
+    "relu6": lambda t: torch.where(t < 6.0, t, torch.full_like(t, float("inf"))),
+}
+"""Per trap activation: the largest pre-activation z whose activation stays <= T (no alarm)."""
+
+
+def pre_activation_clamps(gm: fx.GraphModule, traps: Sequence[Trap], device,
+                          dtype=torch.float32) -> dict[str, Callable]:
+    """Clamps of the traps' *pre-activation* neurons to (-inf, z_max(T)]: an input that raises no alarm has
+    activation <= T there, hence pre-activation <= z_max(T).  Linear relaxations of the activation are then
+    taken over the clamped interval, which is what makes the detect-or-robust certificate tighter than
+    clamping the activation alone."""
+    by_node = {n.name: n for n in gm.graph.nodes}
+    entries: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for trap in traps:
+        node = by_node[trap.node]
+        limit = PRE_ACTIVATION_LIMIT.get(canonical_op(gm, node))
+        sources = [a for a in node.all_input_nodes]
+        if limit is None or len(sources) != 1:
+            continue
+        idx, thresholds = trap.on(device, dtype)
+        entries.setdefault(sources[0].name, []).append((idx, limit(thresholds)))
+
+    def make(items):
+        def clamp(iv: Interval) -> Interval:
+            hi = iv.hi.flatten(1)
+            for idx, cap in items:
+                capped = torch.minimum(hi.index_select(1, idx), cap)
+                hi = hi.scatter(1, idx.unsqueeze(0).expand(hi.shape[0], -1), capped)
+            return Interval(iv.lo, hi.reshape(iv.hi.shape))
+
+        return clamp
+
+    return {name: make(items) for name, items in entries.items()}
+
+
 def _alarm(values: dict[str, torch.Tensor], traps: Sequence[Trap], n: int, device) -> torch.Tensor:
     """The CTT check on real activations: any masked activation above its threshold."""
     alarm = torch.zeros(n, dtype=torch.bool, device=device)
@@ -175,7 +215,7 @@ def _margin_record(fold: fx.Node | None) -> set[str]:
 # placement
 # ---------------------------------------------------------------------------------------------------
 def placement(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, input_range,
-              batch_size: int = 256) -> list[dict]:
+              batch_size: int = 256, bounds: str = "ibp") -> list[dict]:
     """Per trap, fractions over samples x masked neurons: natural activation <= T, hi >= T
     (sub-optimal placement: every detection is adversarial), lo >= T (optimal: every eps-perturbation is detected).
 
@@ -184,17 +224,19 @@ def placement(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, i
     ever alarming.
     """
     _check_inputs(gm, traps, x, eps)
+    engine = _engine(gm, bounds)
     nodes = {t.node for t in traps}
     counts = [[0, 0, 0, 0] for _ in traps]
     with torch.no_grad():
         for rows in _chunks(x.shape[0], batch_size):
             xb = x[rows]
             _, natural = run_recorded(gm, xb, nodes)
-            bounds = propagate(gm, Interval.from_box(xb, _eps_for(eps, rows, xb), input_range), record=nodes)
+            box = Interval.from_box(xb, _eps_for(eps, rows, xb), input_range)
+            result = propagate(gm, box, record=nodes) if engine is None else engine.bound_graph(box, bounds)
             for i, trap in enumerate(traps):
                 idx, thresholds = trap.on(xb.device, xb.dtype)
                 act = natural[trap.node].flatten(1).index_select(1, idx)
-                iv = bounds.nodes[trap.node]
+                iv = result.nodes[trap.node]
                 counts[i][0] += int((act <= thresholds).sum())
                 counts[i][1] += int((iv.hi.flatten(1).index_select(1, idx) >= thresholds).sum())
                 lower = iv.lo.flatten(1).index_select(1, idx)
@@ -223,25 +265,44 @@ class _BatchBounds:
     margin_detect: torch.Tensor
 
 
-def _bound_batch(gm, traps, xb, yb, eps, input_range, fold, record: set[str]) -> _BatchBounds:
+def _bounds_and_margin(gm, box, yb, fold, record, engine: LinearBounds | None, method: str,
+                       clamps=None, pre_clamps=None) -> tuple[BoundResult, torch.Tensor]:
+    """Bounds of the recorded nodes and the margin lower bound, by ``method``.
+
+    With a linear-relaxation method the margin is the larger of the backward-pass bound and the
+    folded interval bound on the same intermediate bounds (both sound): never looser than intervals.
+    """
+    if engine is None:
+        result = propagate(gm, box, record=record, clamp=clamps)
+        return result, margin_lower_bound(gm, result, yb, fold)
+    result = engine.bound_graph(box, method, clamp=clamps, pre_clamp=pre_clamps)
+    margin = torch.maximum(margin_lower_bound(gm, result, yb, fold), engine.margin_lower(result.nodes, yb, fold))
+    return result, margin
+
+
+def _engine(gm: fx.GraphModule, bounds: str) -> LinearBounds | None:
+    return None if check_method(bounds) == "ibp" else LinearBounds(gm)
+
+
+def _bound_batch(gm, traps, xb, yb, eps, input_range, fold, record: set[str], engine: LinearBounds | None = None,
+                 method: str = "ibp") -> _BatchBounds:
     box = Interval.from_box(xb, eps, input_range)
     record = set(record) | _margin_record(fold)
-    plain = propagate(gm, box, record=record)
-    margin = margin_lower_bound(gm, plain, yb, fold)
+    plain, margin = _bounds_and_margin(gm, box, yb, fold, record, engine, method)
     robust = margin > 0
     if not traps:
         never = torch.zeros_like(robust)
         return _BatchBounds(plain, plain, robust, robust.clone(), never, margin, margin)
     clamps, always_parts = trap_clamps(traps, xb.device, xb.dtype)
-    clamped = propagate(gm, box, record=record, clamp=clamps)
+    pre = pre_activation_clamps(gm, traps, xb.device, xb.dtype) if engine is not None else None
+    clamped, margin_detect = _bounds_and_margin(gm, box, yb, fold, record, engine, method, clamps, pre)
     always = torch.stack(always_parts).any(dim=0)
-    margin_detect = margin_lower_bound(gm, clamped, yb, fold)
     detect_or_robust = always | (margin_detect > 0)
     return _BatchBounds(plain, clamped, robust, detect_or_robust, always, margin, margin_detect)
 
 
 def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
-                    input_range, batch_size: int = 256) -> dict:
+                    input_range, batch_size: int = 256, bounds: str = "ibp") -> dict:
     """Per-sample certificates over the eps-box around each input (clipped to ``input_range``).
 
     Returns bool tensors ``robust`` (label y everywhere in the box),
@@ -249,15 +310,18 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     alarm) and ``always_alarm`` (every input of the box alarms), the margin lower
     bounds behind them (``margin``, ``margin_detect``), and ``fractions``.
     With ``traps=[]`` (the original model) detect_or_robust equals robust.
+    ``bounds`` is one of ``ibp``, ``crown-ibp``, ``crown`` (see :mod:`harden.bounds.crown`).
     """
     _check_inputs(gm, traps, x, eps, y)
+    engine = _engine(gm, bounds)
     fold = _final_linear(gm)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in
                                             ("robust", "detect_or_robust", "always_alarm", "margin", "margin_detect")}
     y = y.to(device=x.device, dtype=torch.int64)
     with torch.no_grad():
         for rows in _chunks(x.shape[0], batch_size):
-            b = _bound_batch(gm, traps, x[rows], y[rows], _eps_for(eps, rows, x), input_range, fold, set())
+            b = _bound_batch(gm, traps, x[rows], y[rows], _eps_for(eps, rows, x), input_range, fold, set(),
+                             engine, bounds)
             for key in parts:
                 parts[key].append(getattr(b, key))
     out = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for k, v in parts.items()}
@@ -266,6 +330,7 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
                         for k in ("robust", "detect_or_robust", "always_alarm")}
     out["samples"] = n
     out["margin_method"] = "folded into the last linear layer" if fold is not None else "interval subtraction"
+    out["bounds"] = bounds
     return out
 
 
@@ -329,7 +394,7 @@ def _tolerance(iv: Interval, rtol: float) -> torch.Tensor:
 
 def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
                        input_range, n_points: int, seed: int = 0, *, batch_points: int = 2048,
-                       rtol: float = 1e-5, max_details: int = 100) -> CheckResult:
+                       rtol: float = 1e-5, max_details: int = 100, bounds: str = "ibp") -> CheckResult:
     """Draw ``n_points`` per box (the sample, random vertices, uniform points), run the real model on them
     (the CTT check done in torch) and count every contradiction:
 
@@ -346,6 +411,7 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
     if n_points < 1:
         raise HardenError(f"--check needs at least one point per box; got {n_points}")
     generator = torch.Generator().manual_seed(int(seed))
+    engine = _engine(gm, bounds)
     fold = _final_linear(gm)
     dependent = input_dependent(gm)
     checked = [n.name for n in gm.graph.nodes if n in dependent and n.op != "output"]
@@ -363,7 +429,7 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
         for rows in _chunks(x.shape[0], max(1, batch_points // n_points)):
             xb, yb = x[rows], y[rows]
             eps_b = _eps_for(eps, rows, x)
-            b = _bound_batch(gm, traps, xb, yb, eps_b, input_range, fold, set(checked))
+            b = _bound_batch(gm, traps, xb, yb, eps_b, input_range, fold, set(checked), engine, bounds)
             box = Interval.from_box(xb, eps_b, input_range)
             points = draw_points(box, n_points, generator, anchor=xb)
             nb = xb.shape[0]
@@ -404,3 +470,73 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
                 for s, p in (bad & cert.unsqueeze(1)).nonzero().tolist():
                     report(rows.start + s, p, logits_name, kind, float(-margin[s, p]))
     return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# a bundle's report
+# ---------------------------------------------------------------------------------------------------
+BOUND_LABELS = {
+    "ibp": "interval (IBP)",
+    "crown-ibp": "crown-ibp (intermediate bounds by intervals, margin by a backward linear relaxation)",
+    "crown": "crown (intermediate and margin bounds by backward linear relaxation)",
+}
+
+
+def certify_bundle(hardened, manifest: dict, eps: list[float] | None = None, *, data: str | None = None,
+                   split: str = "test", limit: int | None = None, check: int = 0, seed: int = 0,
+                   bounds: str = "ibp", progress: Callable[[str, float], None] = lambda m, f: None) -> dict:
+    """:func:`harden.api.certify` with a choice of bound method (``ibp``, ``crown-ibp``, ``crown``)."""
+    from harden.api import bundle_data, ctt_traps, original_classifier, split_of
+
+    check_method(bounds)
+    eps_list = list(eps) if eps else [float(manifest.get("eps", 3e-3))]
+    for value in eps_list:
+        if not value >= 0:
+            raise HardenError(f"--eps must be >= 0; got {value}")
+    if check < 0:
+        raise HardenError("--check must be >= 0")
+    part = split_of(bundle_data(manifest, data), split)
+    x, y = part.x, part.y
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    input_range = tuple(manifest["input"]["range"])
+    traps = ctt_traps(hardened)
+    gm, original = hardened.classifier, original_classifier(hardened)
+    k = manifest["policy"]["k"]
+    report = {
+        "samples": len(x), "split": split, "bounds": BOUND_LABELS[bounds], "bound_method": bounds,
+        "policy": manifest["policy"]["text"],
+        "traps": [{"site": t.node, "neurons": int(t.flat_indices.numel())} for t in traps],
+        "note": ("the detect-or-robust certificate concerns the CTT alarm; under policy 'any' the combined "
+                 "alarm fires whenever the CTT alarm does" if k == 1 else
+                 "the detect-or-robust certificate concerns the CTT alarm only: under this policy the combined "
+                 "alarm needs other methods to agree"),
+        "results": {}, "check": {} if check else None,
+    }
+    steps = len(eps_list) * (3 if check else 2)
+    done = 0
+    for value in eps_list:
+        text = f"{value:g}"
+        progress(f"eps {text}: bounds of the hardened model", done / steps)
+        hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds)
+        place = placement(gm, traps, x, value, input_range, bounds=bounds) if traps else []
+        done += 1
+        progress(f"eps {text}: bounds of the original model", done / steps)
+        original_cert = certify_samples(original, [], x, y, value, input_range, bounds=bounds)
+        done += 1
+        report["results"][text] = {
+            "placement": place,
+            "hardened": hardened_cert["fractions"],
+            "original": original_cert["fractions"],
+            "margin_method": hardened_cert["margin_method"],
+        }
+        if check:
+            progress(f"eps {text}: {check} points per box through the real model", done / steps)
+            results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds)]
+            if original is not gm:
+                results.append(check_certificates(original, [], x, y, value, input_range, check, seed, bounds=bounds))
+            merged = {"points": sum(r.points for r in results), "violations": sum(r.violations for r in results),
+                      "examples": [e for r in results for e in r.to_dict()["examples"]]}
+            report["check"][text] = merged
+            done += 1
+    return report

@@ -1,4 +1,4 @@
-"""``harden certify``: what interval bound propagation guarantees about a bundle's graph."""
+"""``harden certify``: what bound propagation (interval or linear relaxation) guarantees about a bundle's graph."""
 
 from __future__ import annotations
 
@@ -20,17 +20,22 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(None, "--limit", help="Certify at most this many samples."),
         check: int = typer.Option(0, "--check", help="Draw N points per box through the real model; any contradiction fails."),
         seed: int = typer.Option(0, "--seed"),
+        bounds: str = typer.Option("ibp", "--bounds",
+                                   help="ibp | crown-ibp | crown: interval bounds, or backward linear relaxation "
+                                        "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown)."),
         json_out: bool = JSON_OPTION,
     ):
         """Placement of every CTT trap, per-sample robust and detect-or-robust certificates, hardened vs original."""
         with errors_to_exit():
-            from harden.api import certify as run_certify
+            from harden.bounds.crown import check_method
+            from harden.certification import certify_bundle
             from harden.io.bundle import load_bundle
 
+            check_method(bounds)  # before the bundle loads: a typo fails at once
             hardened, manifest = load_bundle(bundle)
             with progress_reporter(not json_out) as progress:
-                report = run_certify(hardened, manifest, eps or None, data=data, split=split, limit=limit,
-                                     check=check, seed=seed, progress=progress)
+                report = certify_bundle(hardened, manifest, eps or None, data=data, split=split, limit=limit,
+                                        check=check, seed=seed, bounds=bounds, progress=progress)
             if json_out:
                 emit_json(report)
             else:

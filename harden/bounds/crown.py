@@ -1,0 +1,322 @@
+"""Backward linear-relaxation bounds (CROWN, Zhang et al. 2018) over an fx graph, batched over samples.
+
+Three bound methods, one name each (``--bounds``):
+
+* ``ibp``: interval bound propagation (:func:`harden.bounds.propagate`);
+* ``crown-ibp``: intermediate bounds from intervals, the margin by one backward pass;
+* ``crown``: intermediate bounds refined by backward passes too.  A node is refined only where a
+  later relaxation reads it (a ReLU's unstable input neurons), two rows per neuron (its lower and
+  its upper bound), and the refined interval replaces the interval one in the forward pass, so
+  everything after it is bounded from it.  Refined bounds are intersected with the interval ones,
+  so they are never looser.
+
+A *row* is one linear function of one sample; all rows of all samples go through one backward
+pass (chunked to a memory budget), whatever their sample.  Everything stays on the device of the
+input box.  Rules live in :data:`BACKWARD_RULES`, one small file per op family.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+# Importing the rule families registers them.
+from harden.bounds import backward_activations, backward_affine, backward_pooling  # noqa: F401
+from harden.bounds.backward import BACKWARD_RULES, Back, flat_sum
+from harden.bounds.interval import Interval
+from harden.bounds.linear import linear_parts
+from harden.bounds.propagate import BoundResult, IntervalInterpreter, check_supported, input_dependent
+from harden.bounds.rules import Call
+from harden.errors import HardenError, UnsupportedOpsError
+from harden.graph.ops import canonical_op, op_spelling
+
+METHODS = ("ibp", "crown-ibp", "crown")
+STAGE = "linear-relaxation bounds"
+
+ACTIVATIONS = frozenset({"relu", "relu6", "hardtanh", "leaky_relu"})
+"""Element-wise ops whose output bounds follow from their input bounds: refine the input instead."""
+
+_EXACT_ON_A_BOX = frozenset({"identity", "flatten", "reshape", "permute", "transpose", "batch_norm", "getitem",
+                             "slice", "select", "neg"})
+_MIXING = frozenset({"linear", "conv1d", "conv2d"})
+_SHAPE_QUERIES = frozenset({"size", "getattr"})
+"""Input-dependent nodes whose value is a concrete shape, never bounds: no backward rule needed."""
+
+ROW_BUDGET = 1 << 23
+"""Rows per backward pass: at most this many coefficients in the widest node (~32 MB in float32)."""
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise HardenError(f"--bounds {method!r} is not one of {', '.join(METHODS)}")
+    return method
+
+
+def box_lower(A: torch.Tensor, box: Interval, rows: torch.Tensor) -> torch.Tensor:
+    """min over the box of sum(A * x), per row: A+ lo + A- hi."""
+    lo, hi = box.lo.index_select(0, rows), box.hi.index_select(0, rows)
+    return flat_sum(A.clamp(min=0) * lo + A.clamp(max=0) * hi)
+
+
+class LinearBounds:
+    """The backward passes of one graph; :meth:`bound_graph` runs the forward pass, :meth:`margin_lower` the spec."""
+
+    def __init__(self, gm: fx.GraphModule, row_budget: int = ROW_BUDGET):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+        self.keys = {n: canonical_op(gm, n) for n in self.nodes}
+        self.dependent = input_dependent(gm)
+        self.row_budget = row_budget
+        self.rules_used: set[str] = set()
+        check_supported(gm)
+        self._check_backward_supported()
+        self.refined = self._refine_plan()
+
+    # -- structure ------------------------------------------------------------------------------
+    def _check_backward_supported(self) -> None:
+        problems = [(n.name, op_spelling(self.gm, n)) for n in self.nodes
+                    if n in self.dependent and n.op not in ("placeholder", "output")
+                    and self.keys[n] not in BACKWARD_RULES and self.keys[n] not in _SHAPE_QUERIES
+                    and self._feeds_logits(n)]
+        if problems:
+            raise UnsupportedOpsError(STAGE, problems, BACKWARD_RULES.names())
+
+    def _feeds_logits(self, node: fx.Node) -> bool:
+        return node in self._logits_ancestors()
+
+    def _logits_ancestors(self) -> set[fx.Node]:
+        if not hasattr(self, "_ancestors"):
+            out = next(n for n in reversed(self.nodes) if n.op == "output")
+            seen: set[fx.Node] = set()
+            stack = [a for a in out.all_input_nodes]
+            while stack:
+                n = stack.pop()
+                if n not in seen:
+                    seen.add(n)
+                    stack.extend(n.all_input_nodes)
+            self._ancestors = seen
+        return self._ancestors
+
+    def _exact_on_a_box(self, node: fx.Node) -> bool:
+        """True when interval bounds of ``node`` are already exact: at most one mixing affine op (linear or
+        convolution) between the input box and it, and otherwise only moves and per-element affine maps."""
+        mixing, stack, seen = 0, [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in self.dependent:
+                continue
+            seen.add(n)
+            key = self.keys[n]
+            if n.op == "placeholder":
+                continue
+            if key in _MIXING:
+                mixing += 1
+            elif key not in _EXACT_ON_A_BOX:
+                return False
+            stack.extend(n.all_input_nodes)
+        return mixing <= 1
+
+    def _refine_plan(self) -> dict[str, list[Callable[[Interval], torch.Tensor]]]:
+        """Node name -> the masks of the relaxations that read it (each: which of its neurons matter)."""
+        plan: dict[str, list] = {}
+        for node in self.nodes:
+            rule = BACKWARD_RULES._entries.get(self.keys[node])
+            if rule is None or rule.relaxes is None or node not in self.dependent:
+                continue
+            for source in node.all_input_nodes:
+                if source not in self.dependent or self.keys[source] in ACTIVATIONS:
+                    continue
+                if self._exact_on_a_box(source):
+                    continue
+                plan.setdefault(source.name, []).append(rule.relaxes)
+        return plan
+
+    # -- the forward pass -----------------------------------------------------------------------
+    def bound_graph(self, box: Interval, method: str = "crown",
+                    clamp: dict[str, Callable[[Interval], Interval]] | None = None,
+                    pre_clamp: dict[str, Callable[[Interval], Interval]] | None = None) -> BoundResult:
+        """Bounds of every node over ``box``; with ``crown`` the planned nodes are refined by backward passes.
+
+        ``pre_clamp`` is applied right after a node's refinement, ``clamp`` after that (both: what later
+        nodes see and what is recorded).
+        """
+        check_method(method)
+        refine = method == "crown"
+        names = [n.name for n in self.nodes]
+        steps: dict[str, list[Callable]] = {}
+        interpreter: IntervalInterpreter | None = None
+
+        def refiner(name: str):
+            node = next(n for n in self.nodes if n.name == name)
+            return lambda iv: self.refine(interpreter.recorded, node, iv)
+
+        if refine:
+            for name in self.refined:
+                steps.setdefault(name, []).append(refiner(name))
+        for table in (pre_clamp or {}, clamp or {}):
+            for name, fn in table.items():
+                steps.setdefault(name, []).append(fn)
+
+        def chain(fns):
+            def run(iv):
+                for fn in fns:
+                    iv = fn(iv)
+                return iv
+
+            return run
+
+        interpreter = IntervalInterpreter(self.gm, names, {k: chain(v) for k, v in steps.items()})
+        output = interpreter.run(box)
+        return BoundResult(output, interpreter.recorded, interpreter.rules_used)
+
+    # -- backward passes ------------------------------------------------------------------------
+    def _call(self, node: fx.Node, values: dict) -> Call:
+        args = fx.map_arg(node.args, lambda n: values[n.name])
+        kwargs = fx.map_arg(node.kwargs, lambda n: values[n.name])
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        return Call(self.gm, node, self.keys[node], tuple(args), dict(kwargs), module)
+
+    def _rule(self, node: fx.Node):
+        return BACKWARD_RULES.get(self.keys[node])
+
+    def _collect(self, node: fx.Node, back: Back, values: dict, pending: dict) -> None:
+        owners: dict[int, fx.Node] = {}
+        for source in node.all_input_nodes:
+            value = values.get(source.name)
+            if isinstance(value, Interval):
+                owners.setdefault(id(value), source)
+        for value, coefficients in back.contributions:
+            source = owners.get(id(value))
+            if source is None:
+                raise HardenError(f"bounds: backward rule of node {node.name!r} ({self.keys[node]}) returned "
+                                  "coefficients for a value that is not one of its inputs")
+            if source in pending:
+                pending[source] = pending[source] + coefficients
+            else:
+                pending[source] = coefficients
+
+    def _run(self, values: dict, node: fx.Node, first: Back) -> torch.Tensor:
+        """Lower bounds [R] of the rows ``first`` holds on ``node``'s inputs (plus its bias), down to the box."""
+        rows = first.rows
+        total = torch.zeros(rows.shape[0], dtype=values[node.name].lo.dtype, device=rows.device) + first.bias
+        pending: dict[fx.Node, torch.Tensor] = {}
+        self._collect(node, first, values, pending)
+        for n in reversed(self.nodes[:self.position[node]]):
+            A = pending.pop(n, None)
+            if A is None:
+                continue
+            if n.op == "placeholder":
+                total = total + box_lower(A, values[n.name], rows)
+                continue
+            back = Back(self._call(n, values), A, rows, output=values[n.name])
+            self._rule(n).backward(back)
+            self.rules_used.add(self.keys[n])
+            total = total + back.bias
+            self._collect(n, back, values, pending)
+        return total
+
+    def _chunk_rows(self, values: dict) -> int:
+        widest = max((v.lo[0].numel() for v in values.values() if isinstance(v, Interval) and v.dim() > 0),
+                     default=1)
+        return max(2, self.row_budget // max(1, widest))
+
+    def neuron_lower(self, values: dict, node: fx.Node, rows: torch.Tensor, neuron: torch.Tensor,
+                     sign: torch.Tensor) -> torch.Tensor:
+        """Lower bounds [R] of ``sign * node[sample rows, flat neuron]``."""
+        call = self._call(node, values)
+        rule = self._rule(node)
+        self.rules_used.add(self.keys[node])
+        first = rule.start(call, neuron, sign, rows) if rule.start is not None else None
+        if first is None:
+            iv = values[node.name] if node.name in values else None
+            shape = tuple(iv.shape[1:]) if iv is not None else None
+            if shape is None:
+                raise HardenError(f"bounds: node {node.name!r} has no recorded shape")
+            A = torch.zeros((len(neuron), int(torch.Size(shape).numel())), dtype=sign.dtype, device=sign.device)
+            A.scatter_(1, neuron.unsqueeze(1), sign.unsqueeze(1))
+            first = Back(call, A.reshape((len(neuron),) + shape), rows, output=iv)
+            rule.backward(first)
+        return self._run(values, node, first)
+
+    def refine(self, values: dict, node: fx.Node, iv: Interval) -> Interval:
+        """``iv`` tightened by backward passes at the neurons the relaxations after ``node`` read."""
+        mask = None
+        for relaxes in self.refined[node.name]:
+            m = relaxes(iv)
+            mask = m if mask is None else mask | m
+        n = iv.shape[0]
+        lo, hi = iv.lo.reshape(n, -1), iv.hi.reshape(n, -1)
+        picked = (mask.reshape(n, -1) & (lo <= hi)).nonzero()               # [M, 2]: sample, neuron
+        if picked.shape[0] == 0:
+            return iv
+        # rows in pairs: (+ neuron) gives its lower bound, (- neuron) minus its upper bound
+        rows = picked[:, 0].repeat_interleave(2)
+        neuron = picked[:, 1].repeat_interleave(2)
+        sign = torch.tensor([1.0, -1.0], dtype=lo.dtype, device=lo.device).repeat(picked.shape[0])
+        values = dict(values)
+        values[node.name] = iv
+        step = self._chunk_rows(values)
+        step -= step % 2
+        parts = [self.neuron_lower(values, node, rows[i:i + step], neuron[i:i + step], sign[i:i + step])
+                 for i in range(0, rows.shape[0], step)]
+        bound = torch.cat(parts).reshape(-1, 2)
+        lo, hi = lo.clone(), hi.clone()
+        s, j = picked[:, 0], picked[:, 1]
+        lo[s, j] = torch.maximum(lo[s, j], bound[:, 0])
+        hi[s, j] = torch.minimum(hi[s, j], -bound[:, 1])
+        return Interval(lo.reshape(iv.shape), hi.reshape(iv.shape))
+
+    # -- the specification ----------------------------------------------------------------------
+    def margin_lower(self, values: dict, y: torch.Tensor, fold: fx.Node | None) -> torch.Tensor:
+        """Per sample, a lower bound of min_{j != y} (logit_y - logit_j); the margin rows W_y - W_j are folded
+        into ``fold`` (the last linear layer) when given."""
+        out = next(n for n in reversed(self.nodes) if n.op == "output")
+        logits = out.args[0]
+        if not isinstance(logits, fx.Node) or not isinstance(values.get(logits.name), Interval):
+            raise HardenError("certify needs an input-dependent logits tensor as the graph's output")
+        n = y.shape[0]
+        k = values[logits.name].shape[1]
+        if values[logits.name].dim() != 2:
+            raise HardenError(f"certify needs logits [N, K]; got {tuple(values[logits.name].shape)}")
+        per_chunk = max(1, self._chunk_rows(values) // k)
+        parts = []
+        for start in range(0, n, per_chunk):
+            ys = y[start:start + per_chunk]
+            samples = torch.arange(start, start + ys.shape[0], device=y.device)
+            parts.append(self._margin_chunk(values, ys, samples, k, logits, fold))
+        lower = torch.cat(parts).reshape(n, k)
+        lower = lower.scatter(1, y.unsqueeze(1), float("inf"))
+        return lower.amin(dim=1)
+
+    def _margin_chunk(self, values, ys, samples, k, logits, fold) -> torch.Tensor:
+        rows = samples.repeat_interleave(k)
+        if fold is not None:
+            call = self._call(fold, values)
+            x, weight, bias = linear_parts(call)
+            self.rules_used.add("linear")
+            if x.dim() == 2:
+                first = Back(call, None, rows)
+                first.emit(x, (weight[ys].unsqueeze(1) - weight.unsqueeze(0)).reshape(rows.shape[0], -1))
+                if bias is not None:
+                    first.add_bias((bias[ys].unsqueeze(1) - bias.unsqueeze(0)).reshape(-1))
+                return self._run(values, fold, first)
+        iv = values[logits.name]
+        eye = torch.eye(k, dtype=iv.dtype, device=iv.device)
+        A = (eye[ys].unsqueeze(1) - eye.unsqueeze(0)).reshape(rows.shape[0], k)
+        first = Back(self._call(logits, values), A, rows, output=iv)
+        self._rule(logits).backward(first)
+        self.rules_used.add(self.keys[logits])
+        return self._run(values, logits, first)
+
+
+def linear_bounds(gm: fx.GraphModule, box: Interval, method: str = "crown", **kwargs) -> BoundResult:
+    """Bounds of every node of ``gm`` over ``box`` (see :class:`LinearBounds`)."""
+    return LinearBounds(gm).bound_graph(box, method, **kwargs)
+
+
+def refined_nodes(gm: fx.GraphModule) -> Iterable[str]:
+    """The nodes ``crown`` refines by backward passes."""
+    return list(LinearBounds(gm).refined)
