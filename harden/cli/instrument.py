@@ -37,6 +37,9 @@ def register(app: typer.Typer) -> None:
         alpha_growth: float = typer.Option(None, "--alpha-growth", help="CTT: alpha is multiplied by this every --alpha-every epochs."),
         alpha_every: int = typer.Option(None, "--alpha-every", help="CTT: epochs between alpha increases."),
         lr: float = typer.Option(None, "--lr", help="Fine-tuning learning rate (RMSProp, no weight decay)."),
+        detection_weight: float = typer.Option(None, "--detection-weight", help="CTT: weight of L_D relative to L_C."),
+        fire_margin: float = typer.Option(None, "--fire-margin", help="CTT: L_C asks the certified bound to clear T + this (0: the paper)."),
+        trap_rule: str = typer.Option(None, "--trap-rule", help="CTT-loose/strict exported trap thresholds: fixed (T) | natural (max(T, natural maximum on the training split))."),
         code: str = typer.Option(None, "--code", help="SafetyNet: binary | quaternary."),
         attack: list[str] = typer.Option(None, "--attack", help="Attacks making adversarial training examples (SafetyNet, mismatch), e.g. pgd:eps=0.1; repeatable."),
         svm_c: float = typer.Option(None, "--svm-c", help="SVM C (default: cross-validated grid)."),
@@ -62,7 +65,8 @@ def register(app: typer.Typer) -> None:
             generated_key = key is None
             key = key if key is not None else secrets.token_hex(16)
             extra = {"epochs": epochs, "alpha": alpha, "alpha_growth": alpha_growth, "alpha_every": alpha_every,
-                     "lr": lr, "code": code, "attacks": attack or None, "svm_c": svm_c, "svm_gamma": svm_gamma,
+                     "lr": lr, "detection_weight": detection_weight, "fire_margin": fire_margin,
+                     "trap_rule": trap_rule, "code": code, "attacks": attack or None, "svm_c": svm_c, "svm_gamma": svm_gamma,
                      "max_train": max_train, "nic_detectors": nic_detectors, "nic_invariants": nic_invariants,
                      "second_model": str(second_model) if second_model else None, "second_arch": second_arch,
                      "train_second": train_second or None, "trust_pickle": trust_pickle or None}
@@ -83,7 +87,29 @@ def register(app: typer.Typer) -> None:
             _print_summary(out, manifest)
 
 
+def _print_finetuning(method: dict) -> None:
+    """The fine-tuning history, one row per epoch; the kept epoch is marked (rule: harden.train.finetune._better)."""
+    history = method["config"].get("_history")
+    if not history:
+        return
+    best = method["config"].get("finetune", {}).get("best_epoch")
+    table = Table(title=f"{method['name']} fine-tuning (calibration split: accuracy, trap FPR before calibration, "
+                        f"L_D at T, L_C at the exported thresholds)")
+    for column in ("epoch", "alpha", "CE", "L_D", "L_C", "cal acc", "cal FPR", "cal L_D", "cal L_C", "s"):
+        table.add_column(column, justify="right")
+    for r in history:
+        mark = "*" if r["epoch"] == best else ""
+        table.add_row(f"{r['epoch']}{mark}", f"{r['alpha']:.3g}", f"{r['cross_entropy']:.3f}", f"{r['l_d']:.3g}",
+                      f"{r['l_c']:.3g}", f"{r['accuracy']:.3f}", f"{r['fpr']:.3f}", f"{r['cal_l_d']:.3g}",
+                      f"{r['cal_l_c']:.3g}", f"{r['seconds']:.1f}")
+    stdout.print(table)
+    stdout.print(f"* kept epoch {best}: the lowest calibration L_C among epochs with trap FPR <= --fpr and accuracy "
+                 "within 1 point of the original model, else the lowest FPR + L_C", highlight=False)
+
+
 def _print_summary(out: Path, manifest: dict) -> None:
+    for m in manifest["methods"]:
+        _print_finetuning(m)
     metrics = manifest["metrics"]
     table = Table(title=f"wrote {out}")
     for column in ("method", "sites", "threshold", "calib FPR", "test FPR"):

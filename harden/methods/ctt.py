@@ -128,20 +128,22 @@ class _CTTFinetuned(_CTTBase):
 
         chosen, masks, sizes = self.plan(ctx)
         o = ctx.options
-        cfg = FinetuneConfig(
-            kind=self.kind, threshold=o.threshold, eps=o.eps, epochs=int(o.get("epochs", 30)),
-            alpha=float(o.get("alpha", 0.05)), alpha_growth=float(o.get("alpha_growth", 1.5)),
-            alpha_every=int(o.get("alpha_every", 3)), lr=float(o.get("lr", 1e-4)), fpr=o.fpr,
-            seed=o.seed, device=o.device,
-        )
+        # Defaults live in FinetuneConfig alone; only what the user gave overrides them.
+        given = {name: o.get(name) for name in FINETUNE_OPTIONS if o.get(name) is not None}
+        cfg = FinetuneConfig(kind=self.kind, threshold=o.threshold, eps=o.eps, fpr=o.fpr, seed=o.seed,
+                             device=o.device, **given)
         train = (ctx.data.train.x, ctx.data.train.y)
         calibration = (ctx.data.calibration.x, ctx.data.calibration.y)
-        history, best = finetune_ctt(ctx.gm, chosen, masks, train, calibration, ctx.data.input_range, cfg,
-                                     ctx.progress)
-        thresholds = {s: torch.full((len(masks[s]),), o.threshold) for s in chosen}
-        extra = {"threshold": o.threshold, "eps": o.eps, "finetune": {**cfg.__dict__, "best_epoch": best},
-                 "_history": history_json(history)}
+        history, best, thresholds = finetune_ctt(ctx.gm, chosen, masks, train, calibration, ctx.data.input_range,
+                                                 cfg, ctx.progress)
+        extra = {"threshold": o.threshold, "eps": o.eps, "trap_rule": cfg.trap_rule,
+                 "finetune": {**cfg.__dict__, "best_epoch": best}, "_history": history_json(history)}
         return self.finish(ctx, chosen, masks, sizes, thresholds, extra)
+
+
+# Fine-tuning settings a user may give (CLI flags / Options.extra), by FinetuneConfig field name.
+FINETUNE_OPTIONS = ("epochs", "alpha", "alpha_growth", "alpha_every", "lr", "detection_weight", "fire_margin",
+                    "loose_weight", "anneal", "trap_rule", "batch_size")
 
 
 @register_method

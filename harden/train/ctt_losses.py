@@ -23,14 +23,26 @@ from harden.bounds.interval import Interval
 CERTIFICATION_BOUND = {"loose": "hi", "strict": "lo"}
 
 
-def detection_loss(activation: torch.Tensor, indices: torch.Tensor, threshold: float) -> torch.Tensor:
-    """L_D per sample: masked natural activations above T, summed."""
+def detection_loss(activation: torch.Tensor, indices: torch.Tensor, threshold: float,
+                   margin: float = 0.0) -> torch.Tensor:
+    """L_D per sample: masked natural activations above T, summed (the paper's ``x * [x > T]``).
+
+    With ``margin > 0`` the hinge ``relu(x - (T - margin))`` instead: natural values are pushed down to
+    ``T - margin``, so they sit clearly below T rather than on it.  On a ReLU's *input* (pre-activation) z,
+    ``z * [z > T]`` equals the paper's loss on relu(z) for T > 0, and a margin larger than T pushes z below 0.
+    """
     masked = activation.flatten(1).index_select(1, indices)
+    if margin:
+        return torch.relu(masked - (threshold - margin)).sum(dim=1)
     return (masked * (masked > threshold)).sum(dim=1)
 
 
-def certification_loss(bounds: Interval, indices: torch.Tensor, threshold: float, kind: str) -> torch.Tensor:
-    """L_LC (kind 'loose', on the upper bound) or L_SC ('strict', on the lower bound) per sample."""
+def certification_loss(bounds: Interval, indices: torch.Tensor, threshold: float, kind: str,
+                       margin: float = 0.0) -> torch.Tensor:
+    """L_LC (kind 'loose', on the upper bound) or L_SC ('strict', on the lower bound) per sample.
+
+    ``margin`` asks the bound to clear T by that much: ``relu(T + margin - bound)``.
+    """
     bound = getattr(bounds, CERTIFICATION_BOUND[kind])
     masked = bound.flatten(1).index_select(1, indices)
-    return torch.relu(threshold - masked).sum(dim=1)
+    return torch.relu(threshold + margin - masked).sum(dim=1)

@@ -1,9 +1,31 @@
-"""CTT fine-tuning (paper 000, Algorithm 1): cross-entropy + alpha * (L_D + L_C), alpha annealed upward.
+"""CTT fine-tuning (paper 000, Algorithm 1): cross-entropy + alpha * (w_D * L_D + L_C), alpha annealed upward.
 
 The classifier is trained in eval mode (batch-norm statistics and dropout
 frozen) because the interval rules use eval-mode semantics and the
 architecture must not change.  Each epoch is scored on the calibration split
 and the best epoch is kept by one documented rule (see ``_better``).
+
+Knobs beyond the paper's equations (each defaults to the paper's form unless a
+measurement in docs/results/ctt.md chose otherwise):
+
+- ``detection_weight`` (w_D): L_D's weight relative to L_C.  With hinge losses
+  each trap settles where the samples L_D pushes down balance those L_C pushes
+  up, so its natural firing rate falls as w_D grows.
+- ``fire_margin``: L_C asks the certified bound to clear T + margin (0: the paper).
+- ``loose_weight`` (strict only): L_SC = relu(T - lo) cannot reach zero for a
+  trap that is quiet on its own natural input (the eps-box contains that input,
+  so lo <= natural <= T); alone it shrinks the trap to a constant sitting at T.
+  An added L_LC term keeps the trap sensitive while L_SC pulls its lower bound
+  up towards T.
+- ``anneal``: "both" grows alpha on w_D * L_D + L_C (Algorithm 1); "detection"
+  grows only L_D's weight after L_C has been brought down at a fixed weight
+  (appendix A: first reach low L_C, then raise alpha).
+- ``trap_rule``: the thresholds the exported head uses.  "fixed": T for every
+  trap (the paper).  "natural": max(T, the trap's natural maximum on the
+  training split of the fine-tuned model), i.e. the placement B_up <= T_l of
+  section 3.3 enforced by construction where fine-tuning left L_D > 0.  Either
+  way the combined alarm is then calibrated to --fpr, which shifts every
+  trap's threshold by one common amount.
 """
 
 from __future__ import annotations
@@ -20,8 +42,12 @@ import torch.nn.functional as F
 
 from harden.bounds.interval import Interval
 from harden.bounds.propagate import propagate
+from harden.errors import HardenError
 from harden.graph.analyse import feature_extractor
 from harden.train.ctt_losses import certification_loss, detection_loss
+
+ANNEAL = ("both", "detection")
+TRAP_RULES = ("fixed", "natural")
 
 
 @dataclass
@@ -29,43 +55,70 @@ class FinetuneConfig:
     kind: str                  # "loose" | "strict"
     threshold: float = 1e-4
     eps: float = 3e-3
-    epochs: int = 30
-    alpha: float = 0.05
+    epochs: int = 10
+    alpha: float = 0.1
     alpha_growth: float = 1.5
-    alpha_every: int = 3
-    lr: float = 1e-4
+    alpha_every: int = 4
+    lr: float = 3e-4
+    detection_weight: float = 10.0  # w_D: L_D's weight relative to L_C
+    quiet_margin: float = 0.0  # L_D pushes natural pre-activations below T - quiet_margin (0: the paper's L_D)
+    fire_margin: float = 0.05  # L_C asks the certified bound to clear T + fire_margin
+    loose_weight: float = 1.0  # strict only: weight of the added L_LC term (keeps traps sensitive)
+    anneal: str = "both"       # what alpha's growth applies to: "both" losses or only L_D ("detection")
+    trap_rule: str = "natural"  # exported thresholds: "fixed" T, or max(T, natural maximum on the training split)
     batch_size: int = 64
     fpr: float = 0.02          # an epoch qualifies when its calibration trap-FPR is at most this
     max_accuracy_drop: float = 0.01
     seed: int = 0
     device: str = "cpu"
 
+    def check(self) -> None:
+        if self.kind not in ("loose", "strict"):
+            raise HardenError(f"CTT fine-tuning kind must be loose or strict; got {self.kind!r}")
+        if self.anneal not in ANNEAL:
+            raise HardenError(f"anneal must be one of {', '.join(ANNEAL)}; got {self.anneal!r}")
+        if self.trap_rule not in TRAP_RULES:
+            raise HardenError(f"--trap-rule must be one of {', '.join(TRAP_RULES)}; got {self.trap_rule!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise HardenError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        for name in ("alpha", "lr", "alpha_growth"):
+            if not getattr(self, name) > 0:
+                raise HardenError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        if self.alpha_every < 0:
+            raise HardenError(f"--alpha-every must be >= 0 (0: never); got {self.alpha_every}")
+        if not self.eps >= 0:
+            raise HardenError(f"--eps must be >= 0; got {self.eps}")
+
 
 @dataclass
 class EpochRecord:
     epoch: int
     alpha: float
-    cross_entropy: float
+    cross_entropy: float       # training-split means over the epoch's batches
     l_d: float
-    l_c: float
+    l_c: float                 # as trained (with the fire margin, and L_LC for strict)
     accuracy: float            # on the calibration split
-    fpr: float                 # fraction of calibration inputs where some trap exceeds T
-    cal_l_c: float             # mean L_C on the calibration split
+    fpr: float                 # calibration inputs where some trap exceeds its exported threshold (before the shift)
+    cal_l_d: float             # the paper's L_D at T, mean on the calibration split
+    cal_l_c: float             # the paper's L_LC / L_SC (no margin) at the exported thresholds, calibration mean
     seconds: float
 
 
 def _better(candidate: EpochRecord, best: EpochRecord | None, baseline_accuracy: float, cfg: FinetuneConfig) -> bool:
-    """The best epoch: among those with calibration FPR <= fpr and accuracy within max_accuracy_drop of the
-    user's model, the lowest calibration L_C; if no epoch qualifies yet, the lowest FPR + L_C."""
+    """The best epoch, by tiers: (1) calibration FPR <= fpr and accuracy within max_accuracy_drop of the user's
+    model: the lowest calibration L_C; (2) accuracy within the drop only: the lowest FPR + L_C; (3) neither:
+    the lowest FPR + L_C.  A higher tier always wins; ties keep the earlier epoch."""
 
-    def qualifies(r: EpochRecord) -> bool:
-        return r.fpr <= cfg.fpr and r.accuracy >= baseline_accuracy - cfg.max_accuracy_drop
+    def tier(r: EpochRecord) -> int:
+        accurate = r.accuracy >= baseline_accuracy - cfg.max_accuracy_drop - 1e-12
+        return 0 if accurate and r.fpr <= cfg.fpr else 1 if accurate else 2
 
     if best is None:
         return True
-    if qualifies(candidate) != qualifies(best):
-        return qualifies(candidate)
-    if qualifies(candidate):
+    if tier(candidate) != tier(best):
+        return tier(candidate) < tier(best)
+    if tier(candidate) == 0:
         return candidate.cal_l_c < best.cal_l_c
     return candidate.fpr + candidate.cal_l_c < best.fpr + best.cal_l_c
 
@@ -76,35 +129,95 @@ def pre_activation(gm: fx.GraphModule, site: str) -> str:
     return node.all_input_nodes[0].name
 
 
-def _losses(gm, extractor, sites, masks, x, y, cfg, input_range):
-    logits, *acts = extractor(x)
-    ce = F.cross_entropy(logits, y)
-    box = Interval.from_box(x, cfg.eps, input_range)
-    # L_C on the ReLU's input bounds: [relu(b) >= T] == [b >= T] for T > 0, so the loss is zero exactly
-    # where the paper's is, but relu(T - b) keeps a gradient when b < 0 (relu(T - relu(b)) has none there).
-    inputs = {s: pre_activation(gm, s) for s in sites}
-    bounds = propagate(gm, box, record=set(inputs.values()))
-    l_d = sum(detection_loss(a, masks[s], cfg.threshold) for s, a in zip(sites, acts))
-    l_c = sum(certification_loss(bounds[inputs[s]], masks[s], cfg.threshold, cfg.kind) for s in sites)
-    return logits, ce, l_d.mean(), l_c.mean(), acts
+def bounds_graph(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A copy of ``gm`` that stops at ``names`` and returns them as a tuple: bounds are never propagated past
+    the last trap (the classifier's later layers cost time and carry no gradient to the CTT losses).
+    Parameters are shared with ``gm``."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    wanted = set(names)
+    copied: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        copied[node.name] = env[node]
+        if wanted <= copied.keys():
+            break
+    graph.output(tuple(copied[n] for n in names))
+    truncated = fx.GraphModule(gm, graph)
+    truncated.graph.eliminate_dead_code()  # needs the owning module for its purity check
+    truncated.recompile()
+    return truncated
 
 
-@torch.no_grad()
-def _score(gm, extractor, sites, masks, x, y, cfg, input_range) -> tuple[float, float, float]:
-    correct, alarms, l_c_sum = 0, 0, 0.0
-    for start in range(0, len(x), 256):
-        xb, yb = x[start : start + 256], y[start : start + 256]
-        logits, *acts = extractor(xb)
-        correct += int((logits.argmax(1) == yb).sum())
-        fired = torch.zeros(len(xb), dtype=torch.bool, device=xb.device)
-        for s, a in zip(sites, acts):
-            fired |= (a.flatten(1).index_select(1, masks[s]) > cfg.threshold).any(dim=1)
-        alarms += int(fired.sum())
-        inputs = {s: pre_activation(gm, s) for s in sites}
-        bounds = propagate(gm, Interval.from_box(xb, cfg.eps, input_range), record=set(inputs.values()))
-        l_c_sum += float(sum(certification_loss(bounds[inputs[s]], masks[s], cfg.threshold, cfg.kind)
-                             for s in sites).sum())
-    return correct / len(x), alarms / len(x), l_c_sum / len(x)
+class _Traps:
+    """The graphs and masks the losses need, built once per fine-tuning run."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[str], masks: dict[str, torch.Tensor], cfg: FinetuneConfig,
+                 input_range):
+        self.sites = list(sites)
+        self.masks = [masks[s] for s in self.sites]
+        self.cfg = cfg
+        self.input_range = input_range
+        pre = [pre_activation(gm, s) for s in self.sites]
+        self.natural = feature_extractor(gm, pre)          # logits and each site's pre-activation
+        self.bounds = bounds_graph(gm, pre)                 # the pre-activations' interval bounds only
+
+    def certification(self, bounds, kind: str, margin: float) -> torch.Tensor:
+        return sum(certification_loss(b, m, self.cfg.threshold, kind, margin) for b, m in zip(bounds, self.masks))
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor):
+        """Cross-entropy, L_D and L_C as trained (batch means)."""
+        cfg = self.cfg
+        logits, *pre = self.natural(x)
+        ce = F.cross_entropy(logits, y)
+        # L_C on the ReLU's input bounds: [relu(b) >= T] == [b >= T] for T > 0, so the loss is zero exactly
+        # where the paper's is, but relu(T - b) keeps a gradient when b < 0 (relu(T - relu(b)) has none there).
+        bounds = propagate(self.bounds, Interval.from_box(x, cfg.eps, self.input_range)).output
+        l_d = sum(detection_loss(a, m, cfg.threshold, cfg.quiet_margin) for a, m in zip(pre, self.masks))
+        l_c = self.certification(bounds, cfg.kind, cfg.fire_margin)
+        if cfg.kind == "strict" and cfg.loose_weight:
+            l_c = l_c + cfg.loose_weight * self.certification(bounds, "loose", cfg.fire_margin)
+        return ce, l_d.mean(), l_c.mean()
+
+    @torch.no_grad()
+    def thresholds(self, x: torch.Tensor, batch: int = 500) -> list[torch.Tensor]:
+        """Per trap neuron, the threshold the exported head will use (``trap_rule``), before calibration."""
+        t = self.cfg.threshold
+        if self.cfg.trap_rule == "fixed":
+            return [torch.full((len(m),), t, device=m.device) for m in self.masks]
+        top = [torch.full((len(m),), t, device=m.device) for m in self.masks]
+        for start in range(0, len(x), batch):
+            _, *pre = self.natural(x[start : start + batch])
+            # relu(z) > T  <=>  z > T for T >= 0, so the pre-activation's maximum stands for the activation's
+            top = [torch.maximum(k, a.flatten(1).index_select(1, m).amax(dim=0)) for k, a, m in zip(top, pre, self.masks)]
+        return top
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, y: torch.Tensor, thresholds: list[torch.Tensor],
+              batch: int = 500) -> tuple[float, float, float, float]:
+        """Accuracy, trap FPR (some masked neuron above its threshold, as the exported head computes it before
+        calibration), the paper's L_D at T and the paper's certification loss (no margin) at ``thresholds``,
+        on a held-out split."""
+        correct, alarms, l_d_sum, l_c_sum = 0, 0, 0.0, 0.0
+        kind = self.cfg.kind
+        for start in range(0, len(x), batch):
+            xb, yb = x[start : start + batch], y[start : start + batch]
+            logits, *pre = self.natural(xb)
+            correct += int((logits.argmax(1) == yb).sum())
+            fired = torch.zeros(len(xb), dtype=torch.bool, device=xb.device)
+            for a, m, t in zip(pre, self.masks, thresholds):
+                fired |= (a.flatten(1).index_select(1, m) > t).any(dim=1)
+            alarms += int(fired.sum())
+            l_d_sum += float(sum(detection_loss(torch.relu(a), m, self.cfg.threshold)
+                                 for a, m in zip(pre, self.masks)).sum())
+            bounds = propagate(self.bounds, Interval.from_box(xb, self.cfg.eps, self.input_range)).output
+            for b, m, t in zip(bounds, self.masks, thresholds):
+                bound = getattr(b, "hi" if kind == "loose" else "lo").flatten(1).index_select(1, m)
+                l_c_sum += float(torch.relu(t - bound).sum())
+        n = len(x)
+        return correct / n, alarms / n, l_d_sum / n, l_c_sum / n
 
 
 def finetune_ctt(
@@ -116,14 +229,21 @@ def finetune_ctt(
     input_range: tuple[float, float],
     cfg: FinetuneConfig,
     progress: Callable[[str, float], None] = lambda message, fraction: None,
-) -> tuple[list[EpochRecord], int]:
-    """Fine-tune ``gm`` in place; on return it holds the best epoch's weights. Returns (history, best epoch)."""
+    on_epoch: Callable[[EpochRecord, fx.GraphModule], None] | None = None,
+) -> tuple[list[EpochRecord], int, dict[str, torch.Tensor]]:
+    """Fine-tune ``gm`` in place; on return it holds the best epoch's weights.
+
+    Returns (history, best epoch, per-site trap thresholds by ``cfg.trap_rule`` for the best weights).
+
+    ``on_epoch(record, gm)`` is called after each epoch (experiments use it to measure attacks per epoch).
+    """
+    cfg.check()
     device = torch.device(cfg.device)
     gm.to(device)
     masks = {s: m.to(device) for s, m in masks.items()}
     x_train, y_train = (t.to(device) for t in train)
     x_cal, y_cal = (t.to(device) for t in calibration)
-    extractor = feature_extractor(gm, sites)
+    traps = _Traps(gm, sites, masks, cfg, input_range)
     gm.eval()
     params = [p for p in gm.parameters() if p.is_floating_point()]
     for p in params:
@@ -131,41 +251,45 @@ def finetune_ctt(
     optimizer = torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    baseline_accuracy, _, _ = _score(gm, extractor, sites, masks, x_cal, y_cal, cfg, input_range)
+    baseline_accuracy = traps.score(x_cal, y_cal, traps.thresholds(x_train))[0]
     history: list[EpochRecord] = []
     best, best_state = None, copy.deepcopy(gm.state_dict())
     alpha = cfg.alpha
+    batches = math.ceil(len(x_train) / cfg.batch_size)
     for epoch in range(cfg.epochs):
         if epoch and cfg.alpha_every and epoch % cfg.alpha_every == 0:
             alpha *= cfg.alpha_growth
+        w_d, w_c = (alpha * cfg.detection_weight, alpha) if cfg.anneal == "both" else \
+            (alpha * cfg.detection_weight, cfg.alpha)
         started = time.perf_counter()
         order = torch.randperm(len(x_train), generator=generator).to(device)
-        sums = {"ce": 0.0, "l_d": 0.0, "l_c": 0.0}
-        batches = math.ceil(len(x_train) / cfg.batch_size)
+        sums = torch.zeros(3)
         for b in range(batches):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            _, ce, l_d, l_c, _ = _losses(gm, extractor, sites, masks, x_train[idx], y_train[idx], cfg, input_range)
-            loss = ce + alpha * (l_d + l_c)
+            ce, l_d, l_c = traps.losses(x_train[idx], y_train[idx])
+            loss = ce + w_d * l_d + w_c * l_c
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums["ce"] += float(ce.detach())
-            sums["l_d"] += float(l_d.detach())
-            sums["l_c"] += float(l_c.detach())
-            progress(f"{cfg.kind} epoch {epoch + 1}/{cfg.epochs}", (epoch + (b + 1) / batches) / cfg.epochs)
-        accuracy, fpr, cal_l_c = _score(gm, extractor, sites, masks, x_cal, y_cal, cfg, input_range)
-        record = EpochRecord(epoch + 1, alpha, sums["ce"] / batches, sums["l_d"] / batches, sums["l_c"] / batches,
-                             accuracy, fpr, cal_l_c, time.perf_counter() - started)
+            sums += torch.stack([ce.detach(), l_d.detach(), l_c.detach()]).cpu()
+            progress(f"ctt-{cfg.kind} epoch {epoch + 1}/{cfg.epochs}", (epoch + (b + 1) / batches) / cfg.epochs)
+        accuracy, fpr, cal_l_d, cal_l_c = traps.score(x_cal, y_cal, traps.thresholds(x_train))
+        ce_m, l_d_m, l_c_m = (float(v) / batches for v in sums)
+        record = EpochRecord(epoch + 1, alpha, ce_m, l_d_m, l_c_m, accuracy, fpr, cal_l_d, cal_l_c,
+                             time.perf_counter() - started)
         history.append(record)
-        progress(f"{cfg.kind} epoch {record.epoch}: CE {record.cross_entropy:.3f} L_D {record.l_d:.3g} "
-                 f"L_C {record.l_c:.3g} acc {accuracy:.3f} FPR {fpr:.3f}", (epoch + 1) / cfg.epochs)
+        progress(f"ctt-{cfg.kind} epoch {record.epoch}/{cfg.epochs}: CE {ce_m:.3f} L_D {l_d_m:.3g} L_C {l_c_m:.3g} "
+                 f"| calibration acc {accuracy:.3f} FPR {fpr:.3f}", (epoch + 1) / cfg.epochs)
+        if on_epoch is not None:
+            on_epoch(record, gm)
         if _better(record, best, baseline_accuracy, cfg):
             best, best_state = record, copy.deepcopy(gm.state_dict())
     gm.load_state_dict(best_state)
     for p in params:
         p.requires_grad_(False)
+    thresholds = {s: t.cpu() for s, t in zip(traps.sites, traps.thresholds(x_train))}
     gm.to("cpu")
-    return history, best.epoch if best else 0
+    return history, best.epoch if best else 0, thresholds
 
 
 def history_json(history: list[EpochRecord]) -> list[dict]:
