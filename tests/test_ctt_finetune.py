@@ -101,3 +101,41 @@ def test_only_one_finetuning_method(tiny_model, digits):
 
     with pytest.raises(HardenError, match="one fine-tuning method"):
         instrument(tiny_model, digits, ["ctt-loose", "ctt-strict"])
+
+
+def test_losses_are_zero_exactly_when_the_placement_holds():
+    idx = torch.tensor([0, 1])
+    quiet = torch.tensor([[0.0, T]])                      # at or below T: nothing detected
+    assert detection_loss(quiet, idx, T).item() == 0.0
+    assert detection_loss(quiet + 0.05, idx, T).item() == pytest.approx(T + 0.05)  # 0.05 stays quiet, T + 0.05 fires
+    # loose needs hi >= T, strict lo >= T: a box straddling T satisfies loose only
+    straddle = Interval(torch.tensor([[0.0, 0.05]]), torch.tensor([[0.2, 0.3]]))
+    assert certification_loss(straddle, idx, T, "loose").item() == 0.0
+    assert certification_loss(straddle, idx, T, "strict").item() == pytest.approx(T + (T - 0.05))
+
+
+def test_natural_trap_rule_keeps_every_training_digit_quiet(strict_pair, digits):
+    from harden.graph.analyse import feature_extractor
+
+    hardened, _ = strict_pair
+    method = hardened.methods[0]
+    assert method.config["trap_rule"] == "natural"
+    _, *acts = feature_extractor(hardened.classifier, method.sites)(digits.train.x)
+    raised = 0
+    for i, act in enumerate(acts):
+        indices, thresholds = method.head.trap(i)
+        assert (thresholds >= 1e-4).all()
+        assert (act.flatten(1).index_select(1, indices) <= thresholds).all()
+        raised += int((thresholds > 1e-4).sum())
+    assert raised > 0  # the rule did something on this model: some trap fires naturally at T
+
+
+def test_finetune_history_has_the_epoch_figures(strict_pair):
+    hardened, _ = strict_pair
+    config = hardened.methods[0].config
+    history = config["_history"]
+    assert 1 <= config["finetune"]["best_epoch"] <= len(history)
+    for record in history:
+        for field in ("cross_entropy", "l_d", "l_c", "accuracy", "fpr", "cal_l_d", "cal_l_c"):
+            assert np.isfinite(record[field]), field
+        assert 0.0 <= record["fpr"] <= 1.0 and 0.0 <= record["accuracy"] <= 1.0
