@@ -1,6 +1,8 @@
-"""Interval bound propagation throughput beside the plain forward pass, on LeNet-5 at batch 256.
+"""Interval bound propagation throughput beside the plain forward pass, on LeNet-5 at batch 256;
+then milliseconds per image of each bound method (ibp, crown-ibp, crown) on the example LeNet-5 / MNIST.
 
     python bench/certify.py --json
+    python bench/certify.py --json --only-methods --method-samples 200
 
 Both passes run in the same process in paired rounds (one forward, then one
 propagation, back to back); the ratio (target >= 1/3) is the median over rounds
@@ -62,6 +64,49 @@ def _minor_faults() -> int:
         return 0
 
 
+def example_lenet():
+    """The example checkpoint and the MNIST test split (the figures of issue 8), or None when absent."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        from harden.io.data import load_data
+        from harden.io.model import load_model
+
+        model = load_model(root / "examples" / "lenet5_mnist.pt", arch="examples.lenet:LeNet5").eval()
+        test = load_data("mnist").test
+    except Exception as exc:  # no checkpoint or no data: say so, time nothing
+        return None, f"{type(exc).__name__}: {exc}"
+    return (trace(model), test), None
+
+
+def bound_methods(args) -> dict:
+    """ms per image and robust count of each bound method, one process, methods interleaved per round."""
+    from harden.bounds.crown import METHODS
+
+    loaded, why = example_lenet()
+    if loaded is None:
+        return {"skipped": why}
+    gm, test = loaded
+    torch.set_num_threads(args.method_threads)
+    x, y = test.x[: args.method_samples], test.y[: args.method_samples]
+    times = {m: [] for m in METHODS}
+    robust = {}
+    for _ in range(args.method_rounds):
+        for method in METHODS:
+            start = time.perf_counter()
+            r = certify_samples(gm, [], x, y, args.method_eps, (0.0, 1.0), batch_size=args.method_batch,
+                                bounds=method)
+            times[method].append(time.perf_counter() - start)
+            robust[method] = int(r["robust"].sum())
+    n = x.shape[0]
+    return {
+        "model": "examples/lenet5_mnist.pt (LeNet-5), MNIST test split",
+        "samples": n, "eps": args.method_eps, "batch": args.method_batch, "threads": torch.get_num_threads(),
+        "rounds": args.method_rounds,
+        "ms_per_image": {m: round(1000 * statistics.median(t) / n, 2) for m, t in times.items()},
+        "robust": robust,
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -69,7 +114,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--eps", type=float, default=0.003)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only-methods", action="store_true", help="time only the bound methods")
+    parser.add_argument("--method-samples", type=int, default=50)
+    parser.add_argument("--method-batch", type=int, default=50)
+    parser.add_argument("--method-eps", type=float, default=0.01)
+    parser.add_argument("--method-rounds", type=int, default=1)
+    parser.add_argument("--method-threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.only_methods:
+        result = {"bound_methods": bound_methods(args), "torch": torch.__version__}
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return result
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -134,6 +189,7 @@ def main(argv=None) -> dict:
         "interval_page_faults_per_batch": int(statistics.median(ibp_faults)),
         "torch": torch.__version__,
     }
+    result["bound_methods"] = bound_methods(args)
     if args.json:
         print(json.dumps(result))
     else:

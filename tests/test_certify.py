@@ -240,3 +240,84 @@ def test_certify_on_a_trained_model(digits):
     assert certs["fractions"]["robust"] > 0.5
     assert certs["fractions"]["detect_or_robust"] >= certs["fractions"]["robust"]
     assert check_certificates(gm, traps, x, y, 0.01, (0.0, 1.0), n_points=8, seed=0).ok
+
+
+# --------------------------------------------------------------------------- linear-relaxation bounds
+@pytest.mark.parametrize("bounds", ["crown-ibp", "crown"])
+def test_detect_or_robust_by_hand_with_linear_bounds(bounds):
+    """The hand cases above hold with backward linear-relaxation bounds: the trap's pre-activation is clamped
+    (x2 <= T for a quiet input), the ReLU relaxed over the clamped interval."""
+    gm = trace(two_layer())
+    site = relu_node(gm)
+    cases = {0.4: (False, True, False), 0.2: (False, True, True), 0.5: (False, False, False)}
+    for t, expected in cases.items():
+        trap = Trap(site, torch.tensor([1]), torch.tensor([t]))
+        r = certify_samples(gm, [trap], X, Y, 0.15, (0.0, 1.0), bounds=bounds)
+        assert (r["robust"].item(), r["detect_or_robust"].item(), r["always_alarm"].item()) == expected, t
+        assert r["bounds"] == bounds
+
+
+def test_pre_activation_clamp_tightens_the_relaxation():
+    """h = relu(z), z = x in [-1, 1] (unstable), logits [h - 0.25, 0]: intervals give h in [0, 1] and margin
+    -0.25; a quiet input has h <= T = 0.1, so z <= 0.1 and the relaxation is taken over [-1, 0.1]."""
+    gm = trace(_relu_margin_net(0.25))
+    site = relu_node(gm)
+    trap = Trap(site, torch.tensor([0]), torch.tensor([0.1]))
+    x, y = torch.tensor([[0.0]]), torch.tensor([0])
+    for bounds in ("ibp", "crown"):
+        r = certify_samples(gm, [trap], x, y, 1.0, None, bounds=bounds)
+        # margin = 0.25 - h: robust fails (h up to 1); quiet inputs have h <= 0.1: margin >= 0.15
+        assert not r["robust"].item() and r["detect_or_robust"].item(), bounds
+        assert torch.allclose(r["margin_detect"], torch.tensor([0.15]), atol=1e-6), bounds
+        assert torch.allclose(r["margin"], torch.tensor([-0.75]), atol=1e-6), bounds
+    assert check_certificates(gm, [trap], x, y, 1.0, None, n_points=64, seed=0, bounds="crown").ok
+
+
+@pytest.mark.parametrize("bounds", ["crown-ibp", "crown"])
+def test_linear_bounds_certificates_and_check_agree_on_a_small_cnn(bounds):
+    gm, x, y, traps = small_cnn_setup()
+    traps = [Trap(t.node, t.flat_indices, t.thresholds + 0.3) for t in traps]  # traps that do not always fire
+    ibp = certify_samples(gm, traps, x, y, 0.03, (0.0, 1.0))
+    for eps in (0.0, 0.01, 0.03):
+        certs = certify_samples(gm, traps, x, y, eps, (0.0, 1.0), batch_size=5, bounds=bounds)
+        assert bool((certs["robust"] <= certs["detect_or_robust"]).all())
+        result = check_certificates(gm, traps, x, y, eps, (0.0, 1.0), n_points=16, seed=3, bounds=bounds)
+        assert result.ok, [str(v) for v in result.details]
+    # never looser than intervals (same eps): every margin at least the interval one
+    assert bool((certs["margin"] >= ibp["margin"] - 1e-6).all())
+    assert bool((certs["margin_detect"] >= ibp["margin_detect"] - 1e-6).all())
+    assert certs["fractions"]["robust"] >= ibp["fractions"]["robust"]
+
+
+def _relu_margin_net(offset: float) -> nn.Module:
+    """h = relu(x), logits [offset - h, 0]."""
+    net = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.tensor([[-1.0], [0.0]]))
+        net[2].bias.copy_(torch.tensor([offset, 0.0]))
+    return net.eval()
+
+
+def test_check_catches_an_unsound_backward_rule(monkeypatch):
+    """A ReLU relaxation without the upper chord's intercept claims x in [-1, 1] keeps 0.6 - relu(x) > 0
+    (0.6 - x / 2 >= 0.1); at x = 1 the margin is -0.4.  The check must object."""
+    from harden.bounds.backward import BACKWARD_RULES, BackwardRule
+    from harden.bounds.backward_activations import relu_relaxation
+
+    def no_intercept(back):
+        x = back.call.args[0]
+        low, up, _ = relu_relaxation(x)
+        A = back.A
+        back.emit(x, A * torch.where(A >= 0, back.per_row(low), back.per_row(up)))
+
+    gm = trace(_relu_margin_net(0.6))
+    x, y = torch.tensor([[0.0]]), torch.tensor([0])
+    assert not certify_samples(gm, [], x, y, 1.0, None, bounds="crown")["robust"].item()
+    assert check_certificates(gm, [], x, y, 1.0, None, n_points=16, seed=0, bounds="crown").ok
+    original = BACKWARD_RULES._entries["relu"]
+    monkeypatch.setitem(BACKWARD_RULES._entries, "relu", BackwardRule(no_intercept, None, original.relaxes))
+    assert certify_samples(gm, [], x, y, 1.0, None, bounds="crown")["robust"].item()   # the false claim
+    result = check_certificates(gm, [], x, y, 1.0, None, n_points=16, seed=0, bounds="crown")
+    assert not result.ok and result.counts.get("robust", 0) > 0

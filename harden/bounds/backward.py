@@ -34,12 +34,23 @@ class Back:
     A: torch.Tensor
     rows: torch.Tensor
     output: Interval | None = None   # the node's own bounds (forward pass)
+    memo: dict | None = None         # per-sample relaxation parameters, shared by all passes over the same bounds
     contributions: list[tuple[object, torch.Tensor]] = field(default_factory=list)
     bias: torch.Tensor | float = 0.0
 
     def per_row(self, t: torch.Tensor) -> torch.Tensor:
         """A per-sample tensor [N, ...] gathered for every row: [R, ...]."""
         return t.index_select(0, self.rows)
+
+    def remember(self, what: str, x: Interval, compute: Callable[[], object]):
+        """``compute()`` once per (what, bounds object): every chunk and every refinement reads the same bounds."""
+        if self.memo is None:
+            return compute()
+        key = (what, id(x))
+        hit = self.memo.get(key)
+        if hit is None or hit[0] is not x:
+            hit = self.memo[key] = (x, compute())   # keeps x alive, so its id is not reused
+        return hit[1]
 
     def emit(self, value, coefficients: torch.Tensor) -> None:
         """Coefficients on ``value`` (an input Interval of the call, as the rule received it)."""

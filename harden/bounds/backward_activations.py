@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from harden.bounds.activations import _HARDTANH, _LEAKY
-from harden.bounds.backward import Back, backward_rule, relax_elementwise
+from harden.bounds.backward import Back, backward_rule, flat_sum, relax_elementwise
 from harden.bounds.interval import Interval
 from harden.bounds.rules import interval_arg
 
@@ -52,8 +52,11 @@ def _input(back: Back) -> Interval:
 def relu(back: Back) -> None:
     """ReLU: 0 / x on stable inputs; a x <= relu(x) <= u (x - l) / (u - l) on unstable ones."""
     x = _input(back)
-    low_slope, up_slope, up_icpt = relu_relaxation(x)
-    relax_elementwise(back, x, low_slope, None, up_slope, up_icpt)
+    low_slope, up_slope, up_icpt = back.remember("relu", x, lambda: relu_relaxation(x))
+    A = back.A
+    # one pass picks the slope by the sign of A (lower relaxation for A >= 0, upper for A < 0)
+    back.emit(x, A * torch.where(A >= 0, back.per_row(low_slope), back.per_row(up_slope)))
+    back.add_bias(flat_sum(A.clamp(max=0) * back.per_row(up_icpt)))
 
 
 def clamp_relaxation(x: Interval, a: float, b: float):
@@ -96,7 +99,7 @@ def clamp_relaxation(x: Interval, a: float, b: float):
 def relu6(back: Back) -> None:
     """relu6 = clamp(x, 0, 6): see :func:`clamp_relaxation`."""
     x = _input(back)
-    relax_elementwise(back, x, *clamp_relaxation(x, 0.0, 6.0))
+    relax_elementwise(back, x, *back.remember("relu6", x, lambda: clamp_relaxation(x, 0.0, 6.0)))
 
 
 def _hardtanh_range(back: Back) -> tuple[Interval, float, float]:

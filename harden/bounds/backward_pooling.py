@@ -62,7 +62,7 @@ def _relaxation(x: Interval, g: dict):
 def max_pool2d(back: Back) -> None:
     """max >= x_{i*}; max <= x_{i*} where i* dominates its window, else max <= max_j u_j."""
     x, g = _geometry(back.call)
-    index, stable, top = _relaxation(x, g)
+    index, stable, top = back.remember(f"max_pool2d{sorted(g.items())}", x, lambda: _relaxation(x, g))
     n, c = x.shape[:2]
     A = back.A.reshape(back.A.shape[0], c, -1)                               # [R, C, L]
     if A.shape[2] != index.shape[2]:

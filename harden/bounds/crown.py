@@ -71,6 +71,8 @@ class LinearBounds:
         self.dependent = input_dependent(gm)
         self.row_budget = row_budget
         self.rules_used: set[str] = set()
+        self.first_block = self._first_block()
+        self.memo: dict = {}
         check_supported(gm)
         self._check_backward_supported()
         self.refined = self._refine_plan()
@@ -144,6 +146,7 @@ class LinearBounds:
         nodes see and what is recorded).
         """
         check_method(method)
+        self.memo = {}
         refine = method == "crown"
         names = [n.name for n in self.nodes]
         steps: dict[str, list[Callable]] = {}
@@ -198,8 +201,9 @@ class LinearBounds:
             else:
                 pending[source] = coefficients
 
-    def _run(self, values: dict, node: fx.Node, first: Back) -> torch.Tensor:
-        """Lower bounds [R] of the rows ``first`` holds on ``node``'s inputs (plus its bias), down to the box."""
+    def _run(self, values: dict, node: fx.Node, first: Back, stop: frozenset = frozenset()) -> torch.Tensor:
+        """Lower bounds [R] of the rows ``first`` holds on ``node``'s inputs (plus its bias), down to the box
+        (or to the intervals of the ``stop`` nodes, the first that the pass reaches)."""
         rows = first.rows
         total = torch.zeros(rows.shape[0], dtype=values[node.name].lo.dtype, device=rows.device) + first.bias
         pending: dict[fx.Node, torch.Tensor] = {}
@@ -208,10 +212,10 @@ class LinearBounds:
             A = pending.pop(n, None)
             if A is None:
                 continue
-            if n.op == "placeholder":
+            if n.op == "placeholder" or n.name in stop:
                 total = total + box_lower(A, values[n.name], rows)
                 continue
-            back = Back(self._call(n, values), A, rows, output=values[n.name])
+            back = Back(self._call(n, values), A, rows, output=values[n.name], memo=self.memo)
             self._rule(n).backward(back)
             self.rules_used.add(self.keys[n])
             total = total + back.bias
@@ -224,7 +228,7 @@ class LinearBounds:
         return max(2, self.row_budget // max(1, widest))
 
     def neuron_lower(self, values: dict, node: fx.Node, rows: torch.Tensor, neuron: torch.Tensor,
-                     sign: torch.Tensor) -> torch.Tensor:
+                     sign: torch.Tensor, stop: frozenset = frozenset()) -> torch.Tensor:
         """Lower bounds [R] of ``sign * node[sample rows, flat neuron]``."""
         call = self._call(node, values)
         rule = self._rule(node)
@@ -239,28 +243,51 @@ class LinearBounds:
             A.scatter_(1, neuron.unsqueeze(1), sign.unsqueeze(1))
             first = Back(call, A.reshape((len(neuron),) + shape), rows, output=iv)
             rule.backward(first)
-        return self._run(values, node, first)
+        return self._run(values, node, first, stop)
 
-    def refine(self, values: dict, node: fx.Node, iv: Interval) -> Interval:
-        """``iv`` tightened by backward passes at the neurons the relaxations after ``node`` read."""
+    def _first_block(self) -> frozenset:
+        """Nodes before the second mixing layer (the first convolution or linear layer and the activations and
+        pooling right after it).  Their interval bounds are exact or nearly: a first, cheap backward pass
+        stops there (see :meth:`refine`)."""
+        cheap = _EXACT_ON_A_BOX | _MIXING | ACTIVATIONS | {"max_pool2d", "avg_pool2d"}
+        block = set()
+        for node in self.nodes:
+            if node.op == "placeholder" or node not in self.dependent:
+                continue
+            mixing, stack, seen, ok = 0, [node], set(), True
+            while stack and ok:
+                n = stack.pop()
+                if n in seen or n not in self.dependent or n.op == "placeholder":
+                    continue
+                seen.add(n)
+                mixing += self.keys[n] in _MIXING
+                ok = self.keys[n] in cheap and mixing <= 1
+                stack.extend(n.all_input_nodes)
+            if ok:
+                block.add(node.name)
+        return frozenset(block)
+
+    def _mask(self, node: fx.Node, iv: Interval) -> torch.Tensor:
         mask = None
         for relaxes in self.refined[node.name]:
             m = relaxes(iv)
             mask = m if mask is None else mask | m
         n = iv.shape[0]
-        lo, hi = iv.lo.reshape(n, -1), iv.hi.reshape(n, -1)
-        picked = (mask.reshape(n, -1) & (lo <= hi)).nonzero()               # [M, 2]: sample, neuron
+        return mask.reshape(n, -1) & (iv.lo <= iv.hi).reshape(n, -1)
+
+    def _tighten(self, values: dict, node: fx.Node, iv: Interval, stop: frozenset) -> Interval:
+        n = iv.shape[0]
+        picked = self._mask(node, iv).nonzero()                              # [M, 2]: sample, neuron
         if picked.shape[0] == 0:
             return iv
+        lo, hi = iv.lo.reshape(n, -1), iv.hi.reshape(n, -1)
         # rows in pairs: (+ neuron) gives its lower bound, (- neuron) minus its upper bound
         rows = picked[:, 0].repeat_interleave(2)
         neuron = picked[:, 1].repeat_interleave(2)
         sign = torch.tensor([1.0, -1.0], dtype=lo.dtype, device=lo.device).repeat(picked.shape[0])
-        values = dict(values)
-        values[node.name] = iv
         step = self._chunk_rows(values)
         step -= step % 2
-        parts = [self.neuron_lower(values, node, rows[i:i + step], neuron[i:i + step], sign[i:i + step])
+        parts = [self.neuron_lower(values, node, rows[i:i + step], neuron[i:i + step], sign[i:i + step], stop)
                  for i in range(0, rows.shape[0], step)]
         bound = torch.cat(parts).reshape(-1, 2)
         lo, hi = lo.clone(), hi.clone()
@@ -268,6 +295,21 @@ class LinearBounds:
         lo[s, j] = torch.maximum(lo[s, j], bound[:, 0])
         hi[s, j] = torch.minimum(hi[s, j], -bound[:, 1])
         return Interval(lo.reshape(iv.shape), hi.reshape(iv.shape))
+
+    def refine(self, values: dict, node: fx.Node, iv: Interval) -> Interval:
+        """``iv`` tightened by backward passes at the neurons the relaxations after ``node`` read.
+
+        Two stages: every such neuron first by a pass that stops at the first block's intervals (the
+        widest layers of a convolutional net are skipped), then only the neurons still unstable by a
+        pass down to the input box.  Neurons the first stage settles would gain nothing from the second:
+        a relaxation is exact on a stable neuron.
+        """
+        values = dict(values)
+        values[node.name] = iv
+        if self.first_block:
+            iv = self._tighten(values, node, iv, self.first_block)
+            values[node.name] = iv
+        return self._tighten(values, node, iv, frozenset())
 
     # -- the specification ----------------------------------------------------------------------
     def margin_lower(self, values: dict, y: torch.Tensor, fold: fx.Node | None) -> torch.Tensor:
