@@ -103,8 +103,9 @@ def _print_finetuning(method: dict) -> None:
                       f"{r['l_c']:.3g}", f"{r['accuracy']:.3f}", f"{r['fpr']:.3f}", f"{r['cal_l_d']:.3g}",
                       f"{r['cal_l_c']:.3g}", f"{r['seconds']:.1f}")
     stdout.print(table)
-    stdout.print(f"* kept epoch {best}: the lowest calibration L_C among epochs with trap FPR <= --fpr and accuracy "
-                 "within 1 point of the original model, else the lowest FPR + L_C", highlight=False)
+    stdout.print(f"* kept epoch {best}: among epochs with calibration accuracy within 1 point of the original model, "
+                 "the lowest cal L_C of those with cal FPR <= --fpr, else the lowest cal FPR + cal L_C "
+                 "(no epoch that accurate: the lowest cal FPR + cal L_C overall)", highlight=False)
 
 
 def _print_summary(out: Path, manifest: dict) -> None:
