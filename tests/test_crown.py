@@ -268,3 +268,32 @@ def test_crown_tightens_a_trained_lenet_style_net():
     assert float(m_crown.mean()) > float(ibp.mean())
     assert float(m_cibp.mean()) > float(ibp.mean())
     assert float(m_crown.mean()) >= float(m_cibp.mean()) - 1e-6
+
+
+@settings(max_examples=8, **COMMON)
+@given(seed=st.integers(0, 2**16), stride=st.sampled_from([1, 2]), padding=st.sampled_from([0, 1]),
+       pool=st.sampled_from([(2, 2, 0), (3, 2, 1), (2, 1, 0)]), eps=st.sampled_from([0.02, 0.1]))
+def test_windowed_passes_equal_dense_passes(seed, stride, padding, pool, eps):
+    """Conv neurons above a conv / ReLU / max-pool chain are refined on windows; the bounds must be the
+    dense pass's (same relaxations), whatever the strides, paddings and pooling geometry."""
+    torch.manual_seed(seed)
+    k, s, p = pool
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, stride=stride, padding=padding), nn.ReLU(), nn.MaxPool2d(k, s, p),
+                        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 2, stride=2), nn.ReLU(),
+                        nn.Flatten(), nn.LazyLinear(3))
+    x = torch.rand(3, 2, 12, 12)
+    net(x)
+    gm = trace(net.eval())
+    box = Interval.from_box(x, eps, (0.0, 1.0))
+    results = []
+    with torch.no_grad():
+        for windowed in (True, False):
+            engine = LinearBounds(gm)
+            engine.windowed = windowed
+            results.append(engine.bound_graph(box, "crown"))
+            assert (engine.windowed_rows > 0) == windowed
+    for name, iv in results[0].nodes.items():
+        if isinstance(iv, Interval):
+            other = results[1].nodes[name]
+            tol = 1e-5 * max(1.0, float(other.hi.abs().max()))
+            assert torch.allclose(iv.lo, other.lo, atol=tol) and torch.allclose(iv.hi, other.hi, atol=tol), name

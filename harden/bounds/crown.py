@@ -29,6 +29,7 @@ from harden.bounds.interval import Interval
 from harden.bounds.linear import linear_parts
 from harden.bounds.propagate import BoundResult, IntervalInterpreter, check_supported, input_dependent
 from harden.bounds.rules import Call
+from harden.bounds.windowed import chain_below, conv_neuron_lower
 from harden.errors import HardenError, UnsupportedOpsError
 from harden.graph.ops import canonical_op, op_spelling
 
@@ -73,6 +74,10 @@ class LinearBounds:
         self.rules_used: set[str] = set()
         self.first_block = self._first_block()
         self.memo: dict = {}
+        self.windowed = True
+        self.windowed_rows = 0
+        """Single conv neurons above a convolutional chain go through :mod:`harden.bounds.windowed`."""
+        self._chains = {n: chain_below(self, n) for n in self.nodes if self.keys[n] == "conv2d" and n in self.dependent}
         check_supported(gm)
         self._check_backward_supported()
         self.refined = self._refine_plan()
@@ -230,6 +235,12 @@ class LinearBounds:
     def neuron_lower(self, values: dict, node: fx.Node, rows: torch.Tensor, neuron: torch.Tensor,
                      sign: torch.Tensor, stop: frozenset = frozenset()) -> torch.Tensor:
         """Lower bounds [R] of ``sign * node[sample rows, flat neuron]``."""
+        if self.windowed and not stop and self._chains.get(node) is not None:
+            lower = conv_neuron_lower(self, values, node, self._chains[node], rows, neuron, sign)
+            if lower is not None:
+                self.rules_used.add(self.keys[node])
+                self.windowed_rows += int(rows.shape[0])
+                return lower
         call = self._call(node, values)
         rule = self._rule(node)
         self.rules_used.add(self.keys[node])
@@ -306,7 +317,9 @@ class LinearBounds:
         """
         values = dict(values)
         values[node.name] = iv
-        if self.first_block:
+        sources = [s for s in node.all_input_nodes if s in self.dependent]
+        if self.first_block and not all(s.name in self.first_block for s in sources):
+            # (a node right above the first block would stop at once: its first pass is its interval bound)
             iv = self._tighten(values, node, iv, self.first_block)
             values[node.name] = iv
         return self._tighten(values, node, iv, frozenset())

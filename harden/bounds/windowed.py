@@ -1,0 +1,180 @@
+"""Backward passes of single neurons of a convolution through a convolutional chain, on windows only.
+
+A convolution neuron depends on a small window of its input, that window on a slightly larger
+window of the layer before, and so on down to the image.  Refining every unstable neuron of a
+second convolution by dense backward passes touches whole feature maps per row (mostly zeros);
+here each row carries only its window [C, h, w] and the position of the window's corner, and
+every relaxation parameter is gathered for that window.  Same relaxations, same result as the
+dense pass (tests compare them), a fraction of the work.
+
+Handles chains of conv2d (groups 1, zero padding), relu and max_pool2d down to a 4-d input box;
+:func:`chain_below` returns None for anything else and the dense pass is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from harden.bounds.backward import flat_sum
+from harden.bounds.backward_activations import relu_relaxation
+from harden.bounds.backward_affine import _conv_params
+from harden.bounds.backward_pooling import _geometry, _relaxation
+from harden.bounds.interval import Interval
+
+WINDOW_OPS = frozenset({"conv2d", "relu", "max_pool2d"})
+
+
+def chain_below(engine, node: fx.Node) -> list[fx.Node] | None:
+    """The nodes from ``node``'s input down to the placeholder when the path is one chain of window ops."""
+    chain = []
+    current = node
+    while True:
+        sources = [s for s in current.all_input_nodes if s in engine.dependent]
+        if len(sources) != 1:
+            return None
+        current = sources[0]
+        if current.op == "placeholder":
+            return chain
+        if engine.keys[current] not in WINDOW_OPS:
+            return None
+        chain.append(current)
+
+
+def _crop(maps: torch.Tensor, rows: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, a: int, b: int,
+          fill: float = 0.0) -> torch.Tensor:
+    """[R, C, a, b]: the window of ``maps[rows]`` [N, C, H, W] whose corner is (oy, ox); outside the map ``fill``."""
+    n, c, h, w = maps.shape
+    top, left = max(0, -int(oy.min())), max(0, -int(ox.min()))
+    bottom, right = max(0, int(oy.max()) + a - h), max(0, int(ox.max()) + b - w)
+    if top or left or bottom or right:
+        maps = F.pad(maps, (left, right, top, bottom), value=fill if maps.is_floating_point() else int(fill))
+    hp, wp = maps.shape[2:]
+    ys = (oy + top).unsqueeze(1) + torch.arange(a, device=oy.device)              # [R, a]
+    xs = (ox + left).unsqueeze(1) + torch.arange(b, device=ox.device)             # [R, b]
+    channel = torch.arange(c, device=oy.device) * (hp * wp)
+    index = (rows * (c * hp * wp)).view(-1, 1, 1, 1) + channel.view(1, -1, 1, 1) \
+        + (ys * wp).view(-1, 1, a, 1) + xs.view(-1, 1, 1, b)
+    return maps.reshape(-1)[index]
+
+
+def _inside(oy, ox, a: int, b: int, h: int, w: int, dtype) -> torch.Tensor:
+    """[R, 1, a, b]: 1 where the window entry lies on the map, 0 on padding."""
+    ys = oy.unsqueeze(1) + torch.arange(a, device=oy.device)
+    xs = ox.unsqueeze(1) + torch.arange(b, device=ox.device)
+    row_ok = ((ys >= 0) & (ys < h)).to(dtype)
+    col_ok = ((xs >= 0) & (xs < w)).to(dtype)
+    return (row_ok.unsqueeze(2) * col_ok.unsqueeze(1)).unsqueeze(1)
+
+
+def _pairs(v) -> tuple[int, int]:
+    v = tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+    return v * 2 if len(v) == 1 else v
+
+
+def _conv_window(engine, values, node, A, oy, ox, total):
+    """Through a convolution: A [R, Co, a, b] at the output corner (oy, ox) -> the input window."""
+    x, p = _conv_params(engine._call(node, values))
+    weight, bias = p["weight"], p["bias"]
+    if p["groups"] != 1 or isinstance(p["padding"], str):
+        raise _NotWindowed
+    stride, padding, dilation = _pairs(p["stride"]), _pairs(p["padding"]), _pairs(p["dilation"])
+    if bias is not None:
+        total = total + A.sum(dim=(2, 3)).matmul(bias)
+    if stride == (1, 1) and weight.shape[1] < 4:  # see backward_affine._transposed_as_conv
+        flipped = weight.flip((2, 3)).transpose(0, 1)
+        full = tuple(d * (k - 1) for d, k in zip(dilation, weight.shape[2:]))
+        A = F.conv2d(A, flipped, padding=full, dilation=dilation)
+    else:
+        A = F.conv_transpose2d(A, weight, stride=stride, dilation=dilation)
+    oy, ox = oy * stride[0] - padding[0], ox * stride[1] - padding[1]
+    A = A * _inside(oy, ox, A.shape[2], A.shape[3], x.shape[2], x.shape[3], A.dtype)
+    return A, oy, ox, total
+
+
+def _relu_window(engine, values, node, A, rows, oy, ox, total):
+    x = values[node.all_input_nodes[0].name]
+    key = ("relu", id(x))
+    hit = engine.memo.get(key)
+    if hit is None or hit[0] is not x:
+        hit = engine.memo[key] = (x, relu_relaxation(x))
+    low, up, icpt = hit[1]
+    a, b = A.shape[2:]
+    total = total + flat_sum(A.clamp(max=0) * _crop(icpt, rows, oy, ox, a, b))
+    A = A * torch.where(A >= 0, _crop(low, rows, oy, ox, a, b), _crop(up, rows, oy, ox, a, b))
+    return A, total
+
+
+def _pool_window(engine, values, node, A, rows, oy, ox, total):
+    x, g = _geometry(engine._call(node, values))
+    if g["dilation"] != (1, 1) or g.get("extra"):
+        raise _NotWindowed
+    key = (f"max_pool2d{sorted(g.items())}", id(x))
+    hit = engine.memo.get(key)
+    if hit is None or hit[0] is not x:
+        hit = engine.memo[key] = (x, _relaxation(x, g))
+    index, stable, top = hit[1]
+    n, c, h, w = x.shape
+    out = values[node.name].shape[2:]
+    (kh, kw), (sh, sw), (ph, pw) = g["kernel_size"], g["stride"], g["padding"]
+    # the picked entry's offset inside its window
+    wy = torch.arange(out[0], device=A.device).view(1, 1, -1, 1) * sh - ph
+    wx = torch.arange(out[1], device=A.device).view(1, 1, 1, -1) * sw - pw
+    index = index.reshape(n, c, out[0], out[1])
+    local = (index // w - wy) * kw + (index % w - wx)                                # [N, C, Ho, Wo]
+    a, b = A.shape[2:]
+    stable_r = _crop(stable.reshape(n, c, *out).to(A.dtype), rows, oy, ox, a, b, 1.0) > 0.5
+    top_r = _crop(top.reshape(n, c, *out), rows, oy, ox, a, b)
+    local_r = _crop(local, rows, oy, ox, a, b)
+    neg = A.clamp(max=0)
+    total = total + flat_sum(torch.where(~stable_r & (neg < 0), neg * top_r, torch.zeros_like(neg)))
+    on_pick = A.clamp(min=0) + torch.where(stable_r, neg, torch.zeros_like(neg))
+    height, width = (a - 1) * sh + kh, (b - 1) * sw + kw
+    ty = torch.arange(a, device=A.device).view(1, 1, -1, 1) * sh + local_r // kw
+    tx = torch.arange(b, device=A.device).view(1, 1, 1, -1) * sw + local_r % kw
+    out_A = torch.zeros((A.shape[0], c, height * width), dtype=A.dtype, device=A.device)
+    out_A.scatter_add_(2, (ty * width + tx).reshape(A.shape[0], c, -1), on_pick.reshape(A.shape[0], c, -1))
+    return out_A.reshape(A.shape[0], c, height, width), oy * sh - ph, ox * sw - pw, total
+
+
+class _NotWindowed(Exception):
+    pass
+
+
+def conv_neuron_lower(engine, values: dict, node: fx.Node, chain: list[fx.Node], rows: torch.Tensor,
+                      neuron: torch.Tensor, sign: torch.Tensor) -> torch.Tensor | None:
+    """Lower bounds [R] of ``sign * node[rows, neuron]`` for a conv2d ``node`` above a window chain, or None."""
+    try:
+        x, p = _conv_params(engine._call(node, values))
+        if p["groups"] != 1 or isinstance(p["padding"], str) or x.dim() != 4:
+            return None
+        weight, bias = p["weight"], p["bias"]
+        stride, padding = _pairs(p["stride"]), _pairs(p["padding"])
+        out = values[node.name].shape[2:] if isinstance(values.get(node.name), Interval) else None
+        if out is None:
+            return None
+        channel, place = neuron // (out[0] * out[1]), neuron % (out[0] * out[1])
+        y, xpos = place // out[1], place % out[1]
+        A = weight.index_select(0, channel) * sign.view(-1, 1, 1, 1)
+        total = sign * bias.index_select(0, channel) if bias is not None else torch.zeros_like(sign)
+        dilation = _pairs(p["dilation"])
+        if dilation != (1, 1):
+            return None
+        oy, ox = y * stride[0] - padding[0], xpos * stride[1] - padding[1]
+        A = A * _inside(oy, ox, A.shape[2], A.shape[3], x.shape[2], x.shape[3], A.dtype)
+        for n in chain:
+            key = engine.keys[n]
+            if key == "max_pool2d":
+                A, oy, ox, total = _pool_window(engine, values, n, A, rows, oy, ox, total)
+            elif key == "relu":
+                A, total = _relu_window(engine, values, n, A, rows, oy, ox, total)
+            else:
+                A, oy, ox, total = _conv_window(engine, values, n, A, oy, ox, total)
+            engine.rules_used.add(key)
+        box = values[next(s for s in (chain[-1] if chain else node).all_input_nodes if s in engine.dependent).name]
+        a, b = A.shape[2:]
+        lo, hi = _crop(box.lo, rows, oy, ox, a, b), _crop(box.hi, rows, oy, ox, a, b)
+        return total + flat_sum(A.clamp(min=0) * lo + A.clamp(max=0) * hi)
+    except _NotWindowed:
+        return None
