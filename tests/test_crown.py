@@ -208,7 +208,7 @@ def test_every_spelling_with_a_backward_rule_is_sound(spec):
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=int(os.environ.get("HARDEN_BOUNDS_EXAMPLES", 15)), **COMMON)
+@settings(max_examples=int(os.environ.get("HARDEN_BOUNDS_EXAMPLES", 8)), **COMMON)
 @given(img=st.lists(st.sampled_from(CROWN_STAGE["img"]), min_size=0, max_size=4),
        flat=st.sampled_from(CROWN_STAGE["img->vec"]),
        vec=st.lists(st.sampled_from(CROWN_STAGE["vec"]), min_size=0, max_size=4),
@@ -297,3 +297,11 @@ def test_windowed_passes_equal_dense_passes(seed, stride, padding, pool, eps):
             other = results[1].nodes[name]
             tol = 1e-5 * max(1.0, float(other.hi.abs().max()))
             assert torch.allclose(iv.lo, other.lo, atol=tol) and torch.allclose(iv.hi, other.hi, atol=tol), name
+
+
+def test_reflect_padding_is_sound():
+    """A convolution with padding_mode='reflect' (padding copies entries) in the middle of a net."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, CLASSES)).eval()
+    check_crown(trace(net), _inputs(True, 2, seed=3), 0.05, (0.0, 1.0), n_points=6, seed=3)

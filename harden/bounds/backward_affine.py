@@ -45,8 +45,6 @@ def linear(back: Back) -> None:
 def _conv_params(call: Call) -> tuple[Interval, dict]:
     p = call.bind(CONV_SIGNATURE, _conv_module)
     x = interval_arg(call, p["input"], "the input")
-    if p.get("pre_pad") is not None:
-        raise call.fail(f"padding mode {p['pre_pad'][1]!r} has no backward rule (only zero padding)")
     p["weight"] = concrete_arg(call, p["weight"], "weight")
     p["bias"] = concrete_arg(call, p["bias"], "bias")
     return x, p
@@ -83,6 +81,22 @@ def _conv_backward(back: Back, grad_input, conv) -> None:
     flat = A.reshape((-1,) + tuple(out_shape))
     x_shape = (flat.shape[0],) + tuple(x.shape[1:])
     weight = p["weight"]
+    pre_pad = p.get("pre_pad")
+    if pre_pad is not None:
+        # reflect / replicate / circular: convolve the padded input without padding, then pass the
+        # coefficients back through the padding (a linear copy of entries) by its adjoint.
+        pads, mode = pre_pad
+        rows = flat.shape[0]
+        with torch.enable_grad():
+            probe = torch.zeros(x_shape, dtype=flat.dtype, device=flat.device, requires_grad=True)
+            padded = F.pad(probe, pads, mode=mode)
+            on_padded = grad_input(tuple(padded.shape), weight, flat, stride=p["stride"], padding=0,
+                                   dilation=p["dilation"], groups=p["groups"])
+            (coefficients,) = torch.autograd.grad(padded, probe, on_padded)
+        back.emit(x, coefficients)
+        if p["bias"] is not None:
+            back.add_bias(A.reshape(rows, A.shape[1], -1).sum(dim=2).matmul(p["bias"]))
+        return
     coefficients = _transposed_as_conv(flat, weight, p, conv) if weight.shape[1] < 4 else None
     if coefficients is None or tuple(coefficients.shape) != x_shape:
         coefficients = grad_input(x_shape, weight, flat, stride=p["stride"], padding=p["padding"],
@@ -104,7 +118,7 @@ def _index_windows(call: Call, x: Interval, p: dict) -> torch.Tensor:
 def _conv2d_start(call: Call, neuron, sign, rows) -> Back | None:
     """sign * conv output[neuron] written as weights on the input window (no transposed convolution of a one-hot)."""
     x, p = _conv_params(call)
-    if p["groups"] != 1 or x.dim() != 4:
+    if p["groups"] != 1 or x.dim() != 4 or p.get("pre_pad") is not None:
         return None
     weight = p["weight"]
     cols = _index_windows(call, x, p)                                # [C k k, L]

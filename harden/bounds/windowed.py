@@ -77,7 +77,7 @@ def _conv_window(engine, values, node, A, oy, ox, total):
     """Through a convolution: A [R, Co, a, b] at the output corner (oy, ox) -> the input window."""
     x, p = _conv_params(engine._call(node, values))
     weight, bias = p["weight"], p["bias"]
-    if p["groups"] != 1 or isinstance(p["padding"], str):
+    if p["groups"] != 1 or isinstance(p["padding"], str) or p.get("pre_pad") is not None:
         raise _NotWindowed
     stride, padding, dilation = _pairs(p["stride"]), _pairs(p["padding"]), _pairs(p["dilation"])
     if bias is not None:
@@ -147,7 +147,7 @@ def conv_neuron_lower(engine, values: dict, node: fx.Node, chain: list[fx.Node],
     """Lower bounds [R] of ``sign * node[rows, neuron]`` for a conv2d ``node`` above a window chain, or None."""
     try:
         x, p = _conv_params(engine._call(node, values))
-        if p["groups"] != 1 or isinstance(p["padding"], str) or x.dim() != 4:
+        if p["groups"] != 1 or isinstance(p["padding"], str) or x.dim() != 4 or p.get("pre_pad") is not None:
             return None
         weight, bias = p["weight"], p["bias"]
         stride, padding = _pairs(p["stride"]), _pairs(p["padding"])
