@@ -265,3 +265,46 @@ def render_table(report: EvaluationReport):
                       _num(row.mean_l2), _num(row.mean_linf), _num(row.roc_auc.get("score")), f"{row.seconds:.1f}")
     return table
 
+
+
+# --------------------------------------------------------------------------- adaptive (type II)
+
+
+def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, settings, *,
+                      input_range: tuple[float, float], num_classes: int, limit: int | None = None,
+                      progress: Progress | None = None) -> dict[str, Any]:
+    """The type II attack of :mod:`harden.adaptive` beside its detector-blind baseline (lam = 0), scored by ``scorer``.
+
+    Rates are over the inputs the scorer classifies correctly: ``fooled``
+    (misclassified after the attack), ``evaded`` (no combined ``alarm``),
+    ``success`` (both), and per method the fraction that evades that
+    method's own alarm.
+    """
+    from harden.adaptive import adaptive_attack
+
+    x, y = np.asarray(x, dtype=np.float32), np.asarray(y).astype(np.int64)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    say = progress or (lambda message: None)
+    clean = _score(scorer, x, num_classes, "the clean inputs")
+    correct = clean["logits"].argmax(axis=1) == y
+    result: dict[str, Any] = {"n": len(x), "n_correct": int(correct.sum()), "eps": settings.eps,
+                              "steps": settings.steps, "lams": list(settings.lams), "kappa": settings.kappa,
+                              "surrogate": dict(settings.surrogate)}
+    for label, lams in (("type_i", (0.0,)), ("type_ii", tuple(settings.lams))):
+        say(f"adaptive attack ({label}, lam {', '.join(f'{v:g}' for v in lams)}) on {len(x)} inputs")
+        start = time.perf_counter()
+        attack = adaptive_attack(hardened, x, y, settings, input_range=input_range, lams=lams)
+        adv = _score(scorer, attack["x_adv"], num_classes, f"the {label} examples")
+        fooled = adv["logits"].argmax(axis=1) != y
+        quiet = ~adv["alarm"]
+        result["methods"] = attack["methods"]
+        result[label] = {
+            "fooled": _rate(fooled[correct]),
+            "evaded": _rate(quiet[correct]),
+            "success": _rate((fooled & quiet)[correct]),
+            "evaded_per_method": {m: _rate(~adv[m + ALARM_SUFFIX][correct]) for m in method_names(adv)},
+            "mean_linf": _mean(np.abs(attack["x_adv"] - x).reshape(len(x), -1).max(axis=1)[correct]) if len(x) else None,
+            "seconds": time.perf_counter() - start,
+        }
+    return _jsonable(result)

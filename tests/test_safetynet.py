@@ -13,8 +13,8 @@ from harden.methods.safetynet import CodeHead, SafetyNet, positive_quantiles
 from harden.runtime import OnnxGraph
 
 FPR = 0.05
-# Small and fixed where the grid search is not under test: keeps the file well under a minute.
-FAST = {"max_train": 240, "svm_c": 1.0, "svm_gamma": 0.05}
+# Small and fixed where the default path (PGD, cross-validated grid) is not under test: FGSM is one gradient step.
+FAST = {"max_train": 240, "svm_c": 1.0, "svm_gamma": 0.05, "attacks": ["fgsm:eps=0.2"]}
 
 
 def options(**extra) -> Options:
@@ -184,9 +184,11 @@ def test_detector_separates_fresh_adversarial_examples(quaternary, tiny_model, d
 
 
 def test_manifest_facts(binary, quaternary):
+    assert binary.method("safetynet").config["attacks"] == ["fgsm:eps=0.2"]
+    assert quaternary.method("safetynet").config["attacks"] == ["pgd:eps=0.1"]  # the default
     for hardened, code in ((binary, "binary"), (quaternary, "quaternary")):
         config = hardened.method("safetynet").config
-        assert config["code"] == code and config["attacks"] == ["pgd:eps=0.1"]
+        assert config["code"] == code
         assert config["sites"] == ["relu_1"]  # the last ReLU site by default
         assert config["svm"]["support_vectors"] >= 1
         training = config["training"]
@@ -199,7 +201,8 @@ def test_manifest_facts(binary, quaternary):
 
 @pytest.mark.parametrize("policy", ["any", "majority"])
 def test_composition_with_ctt_lite_and_several_sites(policy, tiny_model, digits):
-    opts = Options(key="sn-test", fpr=FPR, mask_ratio=0.1, layers=["safetynet=last:2"], extra={**FAST, "max_sv": 60})
+    opts = Options(key="sn-test", fpr=FPR, mask_ratio=0.1, layers=["safetynet=last:2"],
+                   extra={**FAST, "max_train": 160, "max_sv": 60})
     hardened = instrument(tiny_model, digits, ["ctt-lite", "safetynet"], opts, policy=policy)
     x = digits.test.x
     out = hardened.run(x)
@@ -253,3 +256,49 @@ def test_bundle_round_trip_and_parity(quaternary, digits, tmp_path):
 def test_bad_options_are_one_line_errors(extra, message, tiny_model, digits):
     with pytest.raises(HardenError, match=message):
         instrument(tiny_model, digits, ["safetynet"], options(**extra))
+
+
+# --------------------------------------------------------------------------- the SVM graph
+
+
+@pytest.mark.parametrize("scaler", [False, True])
+def test_dense_svm_graph_matches_sklearn_and_skl2onnx(scaler):
+    # SafetyNet ships the SVC as dense ONNX algebra (one MatMul against the support vectors) instead of skl2onnx's
+    # SVMClassifier, which onnxruntime evaluates pair by pair; both must give scikit-learn's decision function.
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    from harden.detectors.sklearn_onnx import SklearnDetector
+    from harden.methods.safetynet import RbfSvmDetector
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 4, (300, 40)).astype(np.float32)
+    labels = (codes[:, :5].sum(1) + rng.normal(0, 2, 300) > 7.5).astype(int)
+    svc = SVC(C=10.0, gamma=0.02)
+    estimator = make_pipeline(StandardScaler(), svc).fit(codes, labels) if scaler else svc.fit(codes, labels)
+    dense = RbfSvmDetector(estimator, "safetynet", 40)
+    assert dense.exact_int is not scaler
+    reference = SklearnDetector(estimator, "safetynet", 40, column=1)
+    test = rng.integers(0, 4, (200, 40)).astype(np.float32)
+    want = estimator.decision_function(test)
+    got_dense = OnnxGraph(dense.onnx_model()).session.run(None, {"safetynet.features": test})[0]
+    got_skl = OnnxGraph(reference.onnx_model()).session.run(None, {"safetynet.features": test})[0]
+    assert np.abs(got_dense - want).max() <= 1e-5
+    assert np.abs(got_skl - want).max() <= 1e-3   # skl2onnx runs the kernel sum in float32
+    assert np.array_equal(dense.score(test), want.astype(np.float32))
+
+
+def test_support_vector_budget_refits_on_fewer_examples():
+    from sklearn.svm import SVC
+
+    from harden.methods.safetynet import support_vectors, within_budget
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 4, (400, 20)).astype(np.float32)
+    y = rng.integers(0, 2, 400)   # random labels: nearly every example is a support vector
+    svc = SVC(C=1.0, gamma=0.05).fit(x, y)
+    assert support_vectors(svc) > 150
+    small, used = within_budget(svc, x, y, 150, seed=0)
+    assert support_vectors(small) <= 150 and used < 400
+    assert small.C == svc.C and small.gamma == svc.gamma

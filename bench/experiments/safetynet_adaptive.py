@@ -1,12 +1,12 @@
 """Type II (adaptive) attack on a SafetyNet bundle: how often it fools the classifier AND evades the detector.
 
-    python bench/experiments/safetynet_adaptive.py BUNDLE.hardened [--limit 200] [--eps 0.1]
+    python bench/experiments/safetynet_adaptive.py BUNDLE.hardened [--limit 200] [--eps 0.1] \
+        [--lam 1 --lam 10] [--temperature 0.1 --temperature 0.3] [--widen 10]
 
-Runs ``harden.methods.safetynet.adaptive_attack`` on the first --limit test inputs (the split the bundle
-recorded): lam=0 is the type I baseline (the same margin PGD, detector ignored); lam>0 adds the smoothed
-detector score (sigmoid codes of width --temperature x each unit's mean positive activation, RBF gamma divided
-by --widen). Success is judged on the exact hardened model (hard codes, real SVM, calibrated threshold) and
-re-checked through the exported ONNX graph. One JSON line per setting.
+Runs ``harden.evaluation.evaluate_adaptive`` (what ``harden evaluate --adaptive`` runs) on the first --limit test
+inputs of the split the bundle recorded, for every (temperature, widen) and each lam alone, then all lams as
+restarts; scored through a fresh ONNX export of the bundle. The type I row (lam 0, detector-blind) comes with
+each report. One JSON line per setting.
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from harden.api import bundle_data  # noqa: E402
-from harden.export import export_onnx  # noqa: E402
+from harden.adaptive import AdaptiveSettings  # noqa: E402
+from harden.api import bundle_data, scorer_for  # noqa: E402
+from harden.evaluation import evaluate_adaptive  # noqa: E402
 from harden.io.bundle import load_bundle  # noqa: E402
-from harden.methods.safetynet import adaptive_attack  # noqa: E402
-from harden.runtime import OnnxGraph  # noqa: E402
 
 
 def main() -> None:
@@ -42,24 +39,17 @@ def main() -> None:
     torch.set_num_threads(1)
     hardened, manifest = load_bundle(args.bundle)
     data = bundle_data(manifest)
-    x, y = data.test.x[: args.limit].numpy(), data.test.y[: args.limit].numpy()
-    graph = OnnxGraph(export_onnx(hardened).model.SerializeToString())
-    settings = [(0.0, 0.1, 10.0)]
-    for lam in args.lam or [1.0, 10.0]:
-        for t in args.temperature or [0.1, 0.3]:
-            for w in args.widen or [10.0]:
-                settings.append((lam, t, w))
-    for lam, t, w in settings:
-        started = time.perf_counter()
-        r = adaptive_attack(hardened, x, y, args.eps, steps=args.steps, lam=lam, temperature=t, widen=w)
-        onnx = graph.run(r.pop("x_adv"))
-        clean = graph.run(x)
-        correct = clean["logits"].argmax(1) == y
-        fooled = onnx["logits"].argmax(1) != y
-        evaded = ~onnx["safetynet.alarm"]
-        r["onnx_success"] = float((fooled & evaded & correct).sum() / max(1, correct.sum()))
-        r["seconds"] = round(time.perf_counter() - started, 1)
-        print(json.dumps({"bundle": str(args.bundle), **r}), flush=True)
+    x, y = data.test.x.numpy(), data.test.y.numpy()
+    scorer = scorer_for(hardened, None).run
+    lams = args.lam or [1.0, 10.0]
+    for t in args.temperature or [0.1]:
+        for w in args.widen or [10.0]:
+            for lam_set in ([[v] for v in lams] + [lams] if len(lams) > 1 else [lams]):
+                settings = AdaptiveSettings(eps=args.eps, steps=args.steps, lams=tuple(lam_set),
+                                            surrogate={"temperature": t, "widen": w})
+                report = evaluate_adaptive(hardened, scorer, x, y, settings, input_range=tuple(manifest["input"]["range"]),
+                                           num_classes=manifest["num_classes"], limit=args.limit)
+                print(json.dumps({"bundle": str(args.bundle), **report}), flush=True)
 
 
 if __name__ == "__main__":

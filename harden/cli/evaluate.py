@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split"),
         limit: int = typer.Option(500, "--limit", help="Attack at most this many inputs of the split."),
         seed: int = typer.Option(0, "--seed"),
+        adaptive: bool = typer.Option(False, "--adaptive", help="Type II attack that knows the detectors (smoothed surrogates); alone unless --attack is given too."),
+        adaptive_eps: float = typer.Option(0.1, "--adaptive-eps", help="L-inf budget of the --adaptive attack."),
         json_out: bool = JSON_OPTION,
     ):
         """Accuracy under attack, detection rate, perturbation size, clean FPR and ROC-AUC per detector."""
@@ -49,12 +51,34 @@ def register(app: typer.Typer) -> None:
 
             bundle_path, onnx_path = resolve_target(target, bundle)
             hardened, manifest = load_bundle(bundle_path)
+            report, adaptive_report = None, None
             with progress_reporter(not json_out) as progress:
-                report = run_evaluate(hardened, manifest, attack or DEFAULT_ATTACKS, onnx_path=onnx_path, data=data,
-                                      split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5))
+                if attack or not adaptive:
+                    report = run_evaluate(hardened, manifest, attack or DEFAULT_ATTACKS, onnx_path=onnx_path, data=data,
+                                          split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5))
+                if adaptive:
+                    adaptive_report = _run_adaptive(hardened, manifest, onnx_path, data, split, limit, adaptive_eps,
+                                                    lambda m: progress(m, 0.5))
             if json_out:
-                emit_json({"target": str(target), "bundle": str(bundle_path), **report.to_json()})
+                extra = {"adaptive": adaptive_report} if adaptive_report is not None else {}
+                emit_json({"target": str(target), "bundle": str(bundle_path), **(report.to_json() if report else {}), **extra})
                 return
-            stdout.print(render_table(report))
+            if report is not None:
+                stdout.print(render_table(report))
+            if adaptive_report is not None:
+                from harden.adaptive import render_adaptive
+
+                stdout.print(render_adaptive(adaptive_report))
             if onnx_path is None:
                 console.print("scored through a fresh in-memory ONNX export of the bundle", highlight=False)
+
+
+def _run_adaptive(hardened, manifest, onnx_path, data, split, limit, eps, progress):
+    from harden.adaptive import AdaptiveSettings
+    from harden.api import bundle_data, scorer_for, split_of
+    from harden.evaluation import evaluate_adaptive
+
+    part = split_of(bundle_data(manifest, data), split)
+    return evaluate_adaptive(hardened, scorer_for(hardened, onnx_path).run, part.x.numpy(), part.y.numpy(),
+                             AdaptiveSettings(eps=eps), input_range=tuple(manifest["input"]["range"]),
+                             num_classes=manifest["num_classes"], limit=limit, progress=progress)

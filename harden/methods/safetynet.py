@@ -6,9 +6,9 @@ it exceeds, the thresholds being quantiles of that unit's positive activations
 on the training split).  The quantisation is a torch head in the classifier's
 graph (thresholds are buffers; a comparison and a sum, exported with a dynamic
 batch) emitting float32 features ``[N, D]``; several sites are concatenated
-into one code (the paper's "Det ABC" asks whether any layer looks wrong; one
-SVM over the concatenated code sees every layer at once and measured at least
-as well as a max over per-site SVMs, see docs/results/safetynet.md).
+into one code (the paper's "Det ABC" asks whether any layer looks wrong; here
+one SVM over the concatenated code sees every layer at once, so one threshold
+is calibrated instead of one per site).
 
 The detector is an RBF SVC (after a StandardScaler) trained on natural (0) and
 adversarial (1) codes of a capped, seeded subset of the training split; the
@@ -231,7 +231,8 @@ class RbfSvmDetector:
     scikit-learn's own ``decision_function``, the reference the export is
     checked against.  Input ``<name>.features`` [N, D] float32, output
     ``<name>.raw`` [N] float32; the initializers (``svm_sv_t``, ``svm_dual``,
-    ...) are what :func:`adaptive_attack` reads back.
+    ...) are what the adaptive surrogate (:mod:`harden.methods.safetynet_adaptive`)
+    reads back from a bundle.
     """
 
     def __init__(self, estimator, method_name: str, n_features: int):
@@ -505,163 +506,3 @@ class SafetyNet(Method):
     @classmethod
     def build_head(cls, config: dict[str, Any]) -> nn.Module:
         return CodeHead(config["dims"], config["levels"], config["reduce"], config.get("kernels")).eval()
-
-
-# --------------------------------------------------------------------------- type II (adaptive) attack
-
-
-def _svm_parameters(detector) -> dict[str, torch.Tensor]:
-    """The RBF SVM's support vectors, dual coefficients, gamma and scaler, read from the detector's ONNX."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load_from_string(detector.onnx_model())
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    if "svm_sv_t" not in inits:
-        raise HardenError("the adaptive attack needs SafetyNet's RBF SVM detector (a bundle from this version)")
-    params = {k[len("svm_"):]: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in inits.items()
-              if k.startswith("svm_") and v.dtype != np.int64}
-    return params
-
-
-class _SmoothedSafetyNet(nn.Module):
-    """Classifier logits and SafetyNet's detector score, exact or smoothed (sigmoid codes, wider RBF)."""
-
-    def __init__(self, hardened, temperature: float, widen: float):
-        super().__init__()
-        method = hardened.method(NAME)
-        self.sites = list(method.head_inputs)
-        self.head = method.head
-        self.extractor = feature_extractor(hardened.classifier, self.sites)
-        self.svm = _svm_parameters(method.detector)
-        self.temperature = float(temperature)
-        self.widen = float(widen)
-        self.unit_scale: list[torch.Tensor] = []
-
-    def calibrate_scale(self, x: torch.Tensor) -> None:
-        """Per unit, the mean positive activation on ``x``: sigmoid widths are relative to it."""
-        with torch.no_grad():
-            _, *acts = self.extractor(x)
-        self.unit_scale = []
-        for i, a in enumerate(acts):
-            r = self.head.reduced(i, a).double()
-            positive = (r > 0).double()
-            mean = (r * positive).sum(0) / positive.sum(0).clamp_min(1)
-            fallback = mean[mean > 0].mean() if (mean > 0).any() else torch.tensor(1.0, dtype=torch.float64)
-            self.unit_scale.append(torch.where(mean > 0, mean, fallback))
-
-    def codes(self, acts, smooth: bool) -> torch.Tensor:
-        parts = []
-        for i, a in enumerate(acts):
-            thresholds = getattr(self.head, f"thresholds_{i}").double()
-            r = self.head.reduced(i, a).double().unsqueeze(1)
-            if smooth:
-                width = (self.temperature * self.unit_scale[i]).clamp_min(1e-6)
-                parts.append(torch.sigmoid((r - thresholds) / width).sum(1))
-            else:
-                parts.append((r > thresholds).double().sum(1))
-        return torch.cat(parts, dim=1)
-
-    def score(self, codes: torch.Tensor, smooth: bool) -> torch.Tensor:
-        p = self.svm
-        z = codes
-        if "mean" in p:
-            z = (z - p["mean"]) / p["scale"]
-        sv_t = p["sv_t"]
-        d2 = (z * z).sum(1, keepdim=True) + (sv_t * sv_t).sum(0, keepdim=True) - 2.0 * z @ sv_t
-        gamma = -p["minus_gamma"] / (self.widen if smooth else 1.0)
-        return (torch.exp(-gamma * d2.clamp_min(0)) @ p["dual"] + p["intercept"]).reshape(-1)
-
-    def forward(self, x: torch.Tensor, smooth: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, *acts = self.extractor(x)
-        return logits, self.score(self.codes(acts, smooth), smooth)
-
-
-def adaptive_attack(hardened, x, y, eps: float, *, steps: int = 100, step_size: float | None = None,
-                    lam: float = 1.0, temperature: float = 0.1, widen: float = 10.0, kappa: float = 2.0,
-                    restarts: int = 1, input_range: tuple[float, float] | None = None, seed: int = 0,
-                    batch_size: int = 256) -> dict[str, Any]:
-    """A type II attack on SafetyNet (paper sec. 3): L-inf PGD on margin(classifier) - lam * smoothed detector score.
-
-    The quantisation is replaced by sigmoids (width ``temperature`` times each
-    unit's mean positive activation) and the RBF kernel widened (gamma /
-    ``widen``) so the detector has usable gradients.  The classifier term is
-    the Carlini-Wagner margin capped at ``kappa``, so once an input is
-    misclassified the steps go to hiding it.  After every step each input is
-    checked against the *exact* hardened model (hard codes, real SVM, the
-    calibrated safetynet threshold); the first perturbation that is
-    misclassified and not flagged is kept.
-
-    Returns the adversarial inputs and, on the inputs the classifier got
-    right, how often the result fools the classifier, evades SafetyNet, and
-    does both (``success``); ``lam=0`` is the type I baseline (plain margin
-    PGD, same budget).
-    """
-    if hardened.policy is None:
-        raise HardenError("the hardened model is not calibrated")
-    names = [m.name for m in hardened.methods]
-    if NAME not in names:
-        raise HardenError(f"the adaptive attack targets {NAME}; this model has {', '.join(names)}")
-    column = names.index(NAME)
-    threshold = float(hardened.policy.thresholds[column])
-    lo, hi = input_range if input_range is not None else tuple(hardened.facts.get("input", {}).get("range", (0.0, 1.0)))
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    y = torch.as_tensor(np.asarray(y)).long()
-    step = float(step_size) if step_size is not None else max(eps / 10, 2.5 * eps / steps)
-    model = _SmoothedSafetyNet(hardened, temperature, widen)
-    model.calibrate_scale(x)
-    generator = torch.Generator().manual_seed(seed)
-    out = x.clone()
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        best = xb.clone()
-        done = torch.zeros(len(xb), dtype=torch.bool)
-        for restart in range(max(1, restarts)):
-            noise = (torch.rand(xb.shape, generator=generator) * 2 - 1) * eps if restart else 0.0  # first run from x
-            adv = (xb + noise).clamp(lo, hi)
-            for _ in range(steps):
-                adv = adv.detach().requires_grad_(True)
-                logits, smooth_score = model(adv, smooth=True)
-                true = logits.gather(1, yb[:, None]).squeeze(1)
-                other = logits.masked_fill(torch.nn.functional.one_hot(yb, logits.shape[1]).bool(), float("-inf")).amax(1)
-                margin = torch.clamp(other - true, max=kappa)
-                objective = margin.double() - lam * smooth_score
-                grad, = torch.autograd.grad(objective.sum(), adv)
-                with torch.no_grad():
-                    adv = adv + step * grad.sign()
-                    adv = torch.min(torch.max(adv, xb - eps), xb + eps).clamp(lo, hi)
-                    logits, exact = model(adv, smooth=False)
-                    success = (logits.argmax(1) != yb) & (exact <= threshold) & ~done
-                    best[success] = adv[success]
-                    done |= success
-                if bool(done.all()):
-                    break
-            if bool(done.all()):
-                break
-        fallback = ~done
-        best[fallback] = adv.detach()[fallback]  # the last iterate where nothing succeeded
-        out[start : start + batch_size] = best
-    x_adv = out.numpy()
-    result = hardened.run(x_adv)
-    clean = hardened.run(x.numpy())
-    correct = clean["logits"].argmax(1) == y.numpy()
-    fooled = result["logits"].argmax(1) != y.numpy()
-    evaded = ~result[f"{NAME}.alarm"]
-    evaded_all = ~result["alarm"]
-    n = int(correct.sum())
-
-    def rate(mask):
-        return float((mask & correct).sum() / n) if n else float("nan")
-
-    return {
-        "x_adv": x_adv,
-        "inputs": int(len(x)),
-        "originally_correct": n,
-        "fooled": rate(fooled),
-        "evaded": rate(evaded),
-        "success": rate(fooled & evaded),
-        "success_combined_alarm": rate(fooled & evaded_all),
-        "linf": float(np.abs(x_adv - x.numpy()).reshape(len(x), -1).max(1).mean()) if len(x) else 0.0,
-        "params": {"eps": eps, "steps": steps, "step_size": step, "lam": lam, "temperature": temperature,
-                   "widen": widen, "kappa": kappa, "restarts": restarts},
-    }
