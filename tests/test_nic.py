@@ -39,8 +39,29 @@ def exported(nic):
 def test_sites_default_to_every_relu(nic):
     method = nic.method("nic")
     assert len(method.sites) == 3
+    assert method.head_inputs == method.sites + ["@logits"]
+    # a value invariant per site; a provenance one per pair of consecutive derived models, the classifier's own
+    # softmax closing the chain (3 probes + the output = 3 pairs)
+    assert method.config["parts_per_set"] == [3 + 3]
+
+
+def test_last_derived_model_is_the_classifier(nic, tiny_model, digits):
+    method = nic.method("nic")
+    features = nic.torch_outputs(digits.test.x)["nic.features"]
+    (entry,) = layout(method.config)
+    assert len(entry["probe"]) == len(method.sites) + 1
+    a, b = entry["probe"][-1]
+    with torch.no_grad():
+        expected = torch.softmax(tiny_model(digits.test.x), dim=1).numpy()
+    np.testing.assert_allclose(features[:, a:b], expected, atol=1e-6)
+
+
+def test_without_the_output_probe(tiny_model, digits):
+    hardened = instrument(tiny_model, digits, ["nic"], Options(key="nic-test", extra={"nic_output": False}))
+    method = hardened.method("nic")
     assert method.head_inputs == method.sites
-    assert method.config["parts_per_set"] == [3 + 2]  # a value invariant per site, a provenance one per pair
+    assert method.config["parts_per_set"] == [3 + 2]
+    assert export_onnx(hardened).parity.alarm_mismatches["nic.alarm"] == 0
 
 
 def test_probes_are_trained_and_beat_chance(nic, digits):
@@ -48,7 +69,8 @@ def test_probes_are_trained_and_beat_chance(nic, digits):
     method = nic.method("nic")
     features = nic.torch_outputs(digits.test.x)["nic.features"]
     (entry,) = layout(method.config)
-    accuracies = [float((features[:, a:b].argmax(1) == digits.test.y.numpy()).mean()) for a, b in entry["probe"]]
+    probes = entry["probe"][: len(method.sites)]  # the last one is the classifier's own softmax
+    accuracies = [float((features[:, a:b].argmax(1) == digits.test.y.numpy()).mean()) for a, b in probes]
     chance = 1.0 / 10
     assert min(accuracies) > 3 * chance, accuracies
     assert accuracies[-1] > 0.85, accuracies  # the last site's probe is nearly the classifier
@@ -72,7 +94,7 @@ def test_out_of_distribution_inputs_score_higher(nic, digits):
     assert odd["nic.alarm"].all()
 
 
-@pytest.mark.parametrize("invariants, parts", [("value", 3), ("provenance", 2)])
+@pytest.mark.parametrize("invariants, parts", [("value", 3), ("provenance", 3)])
 def test_each_invariant_kind_alone(tiny_model, digits, invariants, parts):
     hardened = instrument(tiny_model, digits, ["nic"], Options(key="nic-test", extra={"nic_invariants": invariants}))
     method = hardened.method("nic")
@@ -171,5 +193,6 @@ def test_bad_options_are_one_line_errors(tiny_model, digits):
         instrument(tiny_model, digits, ["nic"], Options(extra={"nic_invariants": "values"}))
     with pytest.raises(HardenError, match="nic-detectors"):
         instrument(tiny_model, digits, ["nic"], Options(extra={"nic_detectors": 0}))
-    with pytest.raises(HardenError, match="two sites"):
-        instrument(tiny_model, digits, ["nic"], Options(layers=["nic=last:1"], extra={"nic_invariants": "provenance"}))
+    with pytest.raises(HardenError, match="two derived models"):
+        instrument(tiny_model, digits, ["nic"], Options(layers=["nic=last:1"],
+                                                        extra={"nic_invariants": "provenance", "nic_output": False}))

@@ -33,6 +33,10 @@ GRIDS = {
     "gamma_hi": [{"nic_nu": nu, "nic_gamma": g} for nu, g in itertools.product([0.02, 0.05, 0.1], [10.0, 30.0])],
     "final": [{"nic_final_nu": nu, "nic_final_gamma": g} for nu, g in itertools.product([0.02, 0.1, 0.2], [0.3, 1.0, 3.0])],
     "holdout": [{"nic_holdout": h} for h in (0.0, 1 / 3, 0.5)],
+    "output": [{"nic_output": o} for o in (False, True)],
+    "ramp": [{"nic_ramp": r} for r in (0.05, 0.2)],
+    "output_nu_gamma": [{"nic_output": True, "nic_nu": nu, "nic_gamma": g}
+                        for nu, g in itertools.product([0.02, 0.1], [0.3, 1.0, 3.0])],
     "transform": [{"nic_transform": t} for t in (False, True)],
     "invariants": [{"nic_invariants": i} for i in ("value", "provenance", "both")],
     "sets": [{"nic_detectors": k} for k in (1, 3, 5)],

@@ -27,6 +27,7 @@ VARIANTS = {
     "both-k3": {"nic_detectors": 3},
     "both-k5": {"nic_detectors": 5},
     "both-no-g": {"nic_transform": False},
+    "both-no-output": {"nic_output": False},
 }
 
 
@@ -38,7 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], help="extra option for every variant, name=json")
     parser.add_argument("--key", default="nic-bench")
     parser.add_argument("--fpr", type=float, default=0.02)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
