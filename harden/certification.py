@@ -411,7 +411,8 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
     if n_points < 1:
         raise HardenError(f"--check needs at least one point per box; got {n_points}")
     generator = torch.Generator().manual_seed(int(seed))
-    engine = _engine(gm, bounds)
+    method = bounds  # (``bounds`` names each node-bound table in the loop below)
+    engine = _engine(gm, method)
     fold = _final_linear(gm)
     dependent = input_dependent(gm)
     checked = [n.name for n in gm.graph.nodes if n in dependent and n.op != "output"]
@@ -429,7 +430,7 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
         for rows in _chunks(x.shape[0], max(1, batch_points // n_points)):
             xb, yb = x[rows], y[rows]
             eps_b = _eps_for(eps, rows, x)
-            b = _bound_batch(gm, traps, xb, yb, eps_b, input_range, fold, set(checked), engine, bounds)
+            b = _bound_batch(gm, traps, xb, yb, eps_b, input_range, fold, set(checked), engine, method)
             box = Interval.from_box(xb, eps_b, input_range)
             points = draw_points(box, n_points, generator, anchor=xb)
             nb = xb.shape[0]

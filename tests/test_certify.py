@@ -281,8 +281,11 @@ def test_linear_bounds_certificates_and_check_agree_on_a_small_cnn(bounds):
     for eps in (0.0, 0.01, 0.03):
         certs = certify_samples(gm, traps, x, y, eps, (0.0, 1.0), batch_size=5, bounds=bounds)
         assert bool((certs["robust"] <= certs["detect_or_robust"]).all())
-        result = check_certificates(gm, traps, x, y, eps, (0.0, 1.0), n_points=16, seed=3, bounds=bounds)
+        # batch_points 40: several chunks of boxes, each bounded by the same method
+        result = check_certificates(gm, traps, x, y, eps, (0.0, 1.0), n_points=16, seed=3, bounds=bounds,
+                                    batch_points=40)
         assert result.ok, [str(v) for v in result.details]
+        assert result.points == 16 * len(x)
     # never looser than intervals (same eps): every margin at least the interval one
     assert bool((certs["margin"] >= ibp["margin"] - 1e-6).all())
     assert bool((certs["margin_detect"] >= ibp["margin_detect"] - 1e-6).all())

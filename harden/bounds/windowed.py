@@ -93,16 +93,26 @@ def _conv_window(engine, values, node, A, oy, ox, total):
     return A, oy, ox, total
 
 
-def _relu_window(engine, values, node, A, rows, oy, ox, total):
-    x = values[node.all_input_nodes[0].name]
-    key = ("relu", id(x))
+def _remember(engine, what: str, x, compute):
+    """Per-sample maps computed once per bounds object (all chunks and refinements read the same ones)."""
+    key = (what, id(x))
     hit = engine.memo.get(key)
     if hit is None or hit[0] is not x:
-        hit = engine.memo[key] = (x, relu_relaxation(x))
-    low, up, icpt = hit[1]
+        hit = engine.memo[key] = (x, compute())
+    return hit[1]
+
+
+def _relu_window(engine, values, node, A, rows, oy, ox, total):
+    x = values[node.all_input_nodes[0].name]
+    # lower slope, upper slope and upper intercept stacked along the channels: one gather per window
+    stacked = _remember(engine, "relu-window", x, lambda: torch.cat(
+        _remember(engine, "relu", x, lambda: relu_relaxation(x)), dim=1))
+    c = A.shape[1]
     a, b = A.shape[2:]
-    total = total + flat_sum(A.clamp(max=0) * _crop(icpt, rows, oy, ox, a, b))
-    A = A * torch.where(A >= 0, _crop(low, rows, oy, ox, a, b), _crop(up, rows, oy, ox, a, b))
+    params = _crop(stacked, rows, oy, ox, a, b)
+    low, up, icpt = params[:, :c], params[:, c:2 * c], params[:, 2 * c:]
+    total = total + flat_sum(A.clamp(max=0) * icpt)
+    A = A * torch.where(A >= 0, low, up)
     return A, total
 
 
@@ -110,23 +120,23 @@ def _pool_window(engine, values, node, A, rows, oy, ox, total):
     x, g = _geometry(engine._call(node, values))
     if g["dilation"] != (1, 1) or g.get("extra"):
         raise _NotWindowed
-    key = (f"max_pool2d{sorted(g.items())}", id(x))
-    hit = engine.memo.get(key)
-    if hit is None or hit[0] is not x:
-        hit = engine.memo[key] = (x, _relaxation(x, g))
-    index, stable, top = hit[1]
     n, c, h, w = x.shape
     out = values[node.name].shape[2:]
     (kh, kw), (sh, sw), (ph, pw) = g["kernel_size"], g["stride"], g["padding"]
-    # the picked entry's offset inside its window
-    wy = torch.arange(out[0], device=A.device).view(1, 1, -1, 1) * sh - ph
-    wx = torch.arange(out[1], device=A.device).view(1, 1, 1, -1) * sw - pw
-    index = index.reshape(n, c, out[0], out[1])
-    local = (index // w - wy) * kw + (index % w - wx)                                # [N, C, Ho, Wo]
+
+    def maps():
+        index, stable, top = _remember(engine, f"max_pool2d{sorted(g.items())}", x, lambda: _relaxation(x, g))
+        # the picked entry's offset inside its window
+        wy = torch.arange(out[0], device=x.device).view(1, 1, -1, 1) * sh - ph
+        wx = torch.arange(out[1], device=x.device).view(1, 1, 1, -1) * sw - pw
+        index = index.reshape(n, c, out[0], out[1])
+        local = (index // w - wy) * kw + (index % w - wx)                            # [N, C, Ho, Wo]
+        return torch.cat([stable.reshape(n, c, *out).to(x.dtype), top.reshape(n, c, *out), local.to(x.dtype)], 1)
+
+    stacked = _remember(engine, f"max_pool2d-window{sorted(g.items())}", x, maps)
     a, b = A.shape[2:]
-    stable_r = _crop(stable.reshape(n, c, *out).to(A.dtype), rows, oy, ox, a, b, 1.0) > 0.5
-    top_r = _crop(top.reshape(n, c, *out), rows, oy, ox, a, b)
-    local_r = _crop(local, rows, oy, ox, a, b)
+    params = _crop(stacked, rows, oy, ox, a, b)
+    stable_r, top_r, local_r = params[:, :c] > 0.5, params[:, c:2 * c], params[:, 2 * c:].round().long()
     neg = A.clamp(max=0)
     total = total + flat_sum(torch.where(~stable_r & (neg < 0), neg * top_r, torch.zeros_like(neg)))
     on_pick = A.clamp(min=0) + torch.where(stable_r, neg, torch.zeros_like(neg))
@@ -174,7 +184,8 @@ def conv_neuron_lower(engine, values: dict, node: fx.Node, chain: list[fx.Node],
             engine.rules_used.add(key)
         box = values[next(s for s in (chain[-1] if chain else node).all_input_nodes if s in engine.dependent).name]
         a, b = A.shape[2:]
-        lo, hi = _crop(box.lo, rows, oy, ox, a, b), _crop(box.hi, rows, oy, ox, a, b)
-        return total + flat_sum(A.clamp(min=0) * lo + A.clamp(max=0) * hi)
+        c = A.shape[1]
+        ends = _crop(_remember(engine, "box-window", box, lambda: torch.cat([box.lo, box.hi], 1)), rows, oy, ox, a, b)
+        return total + flat_sum(A.clamp(min=0) * ends[:, :c] + A.clamp(max=0) * ends[:, c:])
     except _NotWindowed:
         return None
