@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from harden.bounds import Interval, propagate, run_recorded
-from harden.bounds.crown import METHODS, LinearBounds, check_method
+from harden.bounds.crown import LinearBounds, check_method
 from harden.bounds.linear import linear_parts
 from harden.bounds.propagate import BoundResult, input_dependent
 from harden.bounds.rules import Call

@@ -324,3 +324,14 @@ def test_check_catches_an_unsound_backward_rule(monkeypatch):
     assert certify_samples(gm, [], x, y, 1.0, None, bounds="crown")["robust"].item()   # the false claim
     result = check_certificates(gm, [], x, y, 1.0, None, n_points=16, seed=0, bounds="crown")
     assert not result.ok and result.counts.get("robust", 0) > 0
+
+
+def test_cli_refuses_an_unknown_bound_method(tmp_path):
+    """A typo in --bounds fails at once, in one line, before the bundle is read."""
+    from typer.testing import CliRunner
+
+    from harden.cli.app import app
+
+    result = CliRunner().invoke(app, ["certify", str(tmp_path / "missing.hardened"), "--bounds", "deeppoly"])
+    assert result.exit_code != 0
+    assert "ibp, crown-ibp, crown" in result.output and "missing.hardened" not in result.output

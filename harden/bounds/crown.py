@@ -17,7 +17,7 @@ input box.  Rules live in :data:`BACKWARD_RULES`, one small file per op family.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -371,7 +371,3 @@ def linear_bounds(gm: fx.GraphModule, box: Interval, method: str = "crown", **kw
     """Bounds of every node of ``gm`` over ``box`` (see :class:`LinearBounds`)."""
     return LinearBounds(gm).bound_graph(box, method, **kwargs)
 
-
-def refined_nodes(gm: fx.GraphModule) -> Iterable[str]:
-    """The nodes ``crown`` refines by backward passes."""
-    return list(LinearBounds(gm).refined)
