@@ -72,7 +72,7 @@ class LinearBounds:
         self.dependent = input_dependent(gm)
         self.row_budget = row_budget
         self.rules_used: set[str] = set()
-        self.first_block = self._first_block()
+        self.depth = self._mixing_depth()
         self.memo: dict = {}
         self.windowed = True
         self.windowed_rows = 0
@@ -256,27 +256,23 @@ class LinearBounds:
             rule.backward(first)
         return self._run(values, node, first, stop)
 
-    def _first_block(self) -> frozenset:
-        """Nodes before the second mixing layer (the first convolution or linear layer and the activations and
-        pooling right after it).  Their interval bounds are exact or nearly: a first, cheap backward pass
-        stops there (see :meth:`refine`)."""
-        cheap = _EXACT_ON_A_BOX | _MIXING | ACTIVATIONS | {"max_pool2d", "avg_pool2d"}
-        block = set()
+    def _mixing_depth(self) -> dict[str, int]:
+        """Per node, the most linear or convolution layers on any path from the input to it."""
+        depth: dict[str, int] = {}
         for node in self.nodes:
-            if node.op == "placeholder" or node not in self.dependent:
+            if node not in self.dependent:
                 continue
-            mixing, stack, seen, ok = 0, [node], set(), True
-            while stack and ok:
-                n = stack.pop()
-                if n in seen or n not in self.dependent or n.op == "placeholder":
-                    continue
-                seen.add(n)
-                mixing += self.keys[n] in _MIXING
-                ok = self.keys[n] in cheap and mixing <= 1
-                stack.extend(n.all_input_nodes)
-            if ok:
-                block.add(node.name)
-        return frozenset(block)
+            below = max((depth[s.name] for s in node.all_input_nodes if s.name in depth), default=0)
+            depth[node.name] = below + (self.keys[node] in _MIXING)
+        return depth
+
+    def _stages(self, node: fx.Node) -> list[frozenset]:
+        """Where the passes refining ``node`` stop, cheapest first: the nodes at most m mixing layers deep, for
+        m = (depth of node's input) - 1 down to 1, then the input box (an empty stop set)."""
+        sources = [s.name for s in node.all_input_nodes if s in self.dependent]
+        top = max((self.depth[s] for s in sources), default=0)
+        stages = [frozenset(n for n, d in self.depth.items() if d <= m) for m in range(top - 1, 0, -1)]
+        return [*stages, frozenset()]
 
     def _mask(self, node: fx.Node, iv: Interval) -> torch.Tensor:
         mask = None
@@ -310,19 +306,16 @@ class LinearBounds:
     def refine(self, values: dict, node: fx.Node, iv: Interval) -> Interval:
         """``iv`` tightened by backward passes at the neurons the relaxations after ``node`` read.
 
-        Two stages: every such neuron first by a pass that stops at the first block's intervals (the
-        widest layers of a convolutional net are skipped), then only the neurons still unstable by a
-        pass down to the input box.  Neurons the first stage settles would gain nothing from the second:
-        a relaxation is exact on a stable neuron.
+        In stages, cheapest first: a pass that stops at the intervals of the layers just below (a few
+        rows of small matrices), then deeper, and only the neurons still unstable go on to the next stage;
+        the last stage reaches the input box.  A neuron settled early would gain nothing later: a
+        relaxation is exact on a stable neuron.
         """
         values = dict(values)
-        values[node.name] = iv
-        sources = [s for s in node.all_input_nodes if s in self.dependent]
-        if self.first_block and not all(s.name in self.first_block for s in sources):
-            # (a node right above the first block would stop at once: its first pass is its interval bound)
-            iv = self._tighten(values, node, iv, self.first_block)
+        for stop in self._stages(node):
             values[node.name] = iv
-        return self._tighten(values, node, iv, frozenset())
+            iv = self._tighten(values, node, iv, stop)
+        return iv
 
     # -- the specification ----------------------------------------------------------------------
     def margin_lower(self, values: dict, y: torch.Tensor, fold: fx.Node | None) -> torch.Tensor:
