@@ -14,8 +14,13 @@ hiding it.  After every step each input is checked with the surrogates'
 *exact* scores (the real detector, not the smoothed one) against the
 calibrated thresholds; the first perturbation that fools the classifier and
 raises none of the modelled alarms is kept.  Every ``lam`` in ``lams`` is a
-restart on the inputs not yet won.  ``lam = 0`` is the type I baseline: the
-same PGD, blind to the detector (it keeps its first misclassified iterate).  The verdict on the returned inputs is the
+restart on the inputs not yet won, and so is every *support* in
+``supports``: ``all`` moves every input value, ``ink`` only those where the
+clean input is above the lower end of the input range (the digit's strokes on
+MNIST), a constraint an attacker picks once it knows that detectors reading
+early layers see any change of a blank background.  ``lam = 0`` with support
+``all`` is the type I baseline: the same PGD, blind to the detector (it keeps
+its first misclassified iterate).  The verdict on the returned inputs is the
 caller's (harden evaluate scores them through the exported ONNX graph).
 """
 
@@ -51,12 +56,16 @@ def register_surrogate(method_name: str) -> Callable[[SurrogateFactory], Surroga
     return SURROGATES.register(method_name)
 
 
+SUPPORTS = ("all", "ink")
+
+
 @dataclass
 class AdaptiveSettings:
     eps: float = 0.1
     steps: int = 100
     step_size: float | None = None        # default max(eps / 10, 2.5 eps / steps)
     lams: tuple[float, ...] = (1.0, 10.0)  # detector weight; each is a restart on the inputs not yet won
+    supports: tuple[str, ...] = SUPPORTS   # which input values may move; each is a restart too
     kappa: float = 2.0                    # cap on the classifier margin
     batch_size: int = 256
     surrogate: dict[str, Any] = field(default_factory=dict)   # per-surrogate settings (temperature, widen, ...)
@@ -113,7 +122,8 @@ def _margin(logits: torch.Tensor, y: torch.Tensor, kappa: float) -> torch.Tensor
 
 
 def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSettings, *,
-                    input_range: tuple[float, float], lams: tuple[float, ...] | None = None) -> dict[str, Any]:
+                    input_range: tuple[float, float], lams: tuple[float, ...] | None = None,
+                    supports: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Adversarial inputs against the classifier and the modelled detectors; see the module docstring.
 
     Returns ``x_adv``, the methods modelled, and ``won``: per input, whether
@@ -124,6 +134,10 @@ def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSe
         raise HardenError("the hardened model is not calibrated")
     if not settings.eps >= 0 or settings.steps < 1:
         raise HardenError(f"adaptive attack: eps must be >= 0 and steps >= 1; got eps={settings.eps}, steps={settings.steps}")
+    supports = tuple(supports if supports is not None else settings.supports)
+    unknown = [s for s in supports if s not in SUPPORTS]
+    if unknown or not supports:
+        raise HardenError(f"adaptive attack: support {unknown or supports} is not one of {', '.join(SUPPORTS)}")
     surrogates = surrogates_for(hardened, settings.surrogate)
     names = [m.name for m in hardened.methods]
     thresholds = {n: float(hardened.policy.thresholds[names.index(n)]) for n in surrogates}
@@ -139,7 +153,9 @@ def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSe
     for start in range(0, len(x_all), settings.batch_size):
         xb, yb = x_all[start : start + settings.batch_size], y_all[start : start + settings.batch_size]
         best, done = xb.clone(), torch.zeros(len(xb), dtype=torch.bool)
-        for lam in lams if lams is not None else settings.lams:
+        restarts = [(support, lam) for support in supports for lam in (lams if lams is not None else settings.lams)]
+        for support, lam in restarts:
+            movable = (xb > lo).to(xb.dtype) if support == "ink" else torch.ones_like(xb)
             adv = xb.clone()
             for _ in range(settings.steps):
                 adv = adv.detach().requires_grad_(True)
@@ -148,7 +164,7 @@ def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSe
                 objective = _margin(logits, yb, settings.kappa).double() - lam * detector
                 grad, = torch.autograd.grad(objective.sum(), adv)
                 with torch.no_grad():
-                    adv = adv + step * grad.sign()
+                    adv = adv + step * grad.sign() * movable
                     adv = torch.min(torch.max(adv, xb - eps), xb + eps).clamp(lo, hi)
                     logits, exact = target(adv, smooth=False)
                     # lam = 0 is blind to the detector: its first misclassified iterate counts, alarm or not
@@ -158,7 +174,7 @@ def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSe
                     done |= success
                 if bool(done.all()):
                     break
-            best[~done] = adv.detach()[~done]  # no win: the last iterate of the last lam
+            best[~done] = adv.detach()[~done]  # no win: the last iterate of the last restart
             if bool(done.all()):
                 break
         out[start : start + settings.batch_size] = best
@@ -180,7 +196,8 @@ def render_adaptive(report: dict):
     for name in ("fooled", "evaded", "fooled+evaded", "linf", "seconds"):
         table.add_column(name, justify="right", no_wrap=True)
     lams = ", ".join(f"{v:g}" for v in report["lams"])
-    for key, label in (("type_i", "type I (lam 0)"), ("type_ii", f"type II (lam {lams})")):
+    supports = ", ".join(report.get("supports", []))
+    for key, label in (("type_i", "type I (lam 0, all)"), ("type_ii", f"type II (lam {lams}; {supports})")):
         row = report[key]
         linf = "-" if row["mean_linf"] is None else f"{row['mean_linf']:.3f}"
         table.add_row(label, pct(row["fooled"]), pct(row["evaded"]), pct(row["success"]), linf, f"{row['seconds']:.1f}")

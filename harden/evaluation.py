@@ -289,12 +289,12 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
     clean = _score(scorer, x, num_classes, "the clean inputs")
     correct = clean["logits"].argmax(axis=1) == y
     result: dict[str, Any] = {"n": len(x), "n_correct": int(correct.sum()), "eps": settings.eps,
-                              "steps": settings.steps, "lams": list(settings.lams), "kappa": settings.kappa,
-                              "surrogate": dict(settings.surrogate)}
-    for label, lams in (("type_i", (0.0,)), ("type_ii", tuple(settings.lams))):
-        say(f"adaptive attack ({label}, lam {', '.join(f'{v:g}' for v in lams)}) on {len(x)} inputs")
+                              "steps": settings.steps, "lams": list(settings.lams), "supports": list(settings.supports),
+                              "kappa": settings.kappa, "surrogate": dict(settings.surrogate)}
+    for label, lams, supports in (("type_i", (0.0,), ("all",)), ("type_ii", settings.lams, settings.supports)):
+        say(f"adaptive attack ({label}) on {len(x)} inputs")
         start = time.perf_counter()
-        attack = adaptive_attack(hardened, x, y, settings, input_range=input_range, lams=lams)
+        attack = adaptive_attack(hardened, x, y, settings, input_range=input_range, lams=lams, supports=supports)
         adv = _score(scorer, attack["x_adv"], num_classes, f"the {label} examples")
         fooled = adv["logits"].argmax(axis=1) != y
         quiet = ~adv["alarm"]

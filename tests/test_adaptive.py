@@ -64,8 +64,8 @@ def test_wins_are_real_and_type_ii_beats_type_i(loaded, digits):
     out = loaded.run(x)
     correct = out["logits"].argmax(1) == y
     success = {}
-    for lams in ((0.0,), (1.0, 10.0)):
-        result = adaptive_attack(loaded, x, y, settings, input_range=digits.input_range, lams=lams)
+    for lams, supports in (((0.0,), ("all",)), ((1.0, 10.0), ("all", "ink"))):
+        result = adaptive_attack(loaded, x, y, settings, input_range=digits.input_range, lams=lams, supports=supports)
         adv = loaded.run(result["x_adv"])
         assert np.abs(result["x_adv"] - x).max() <= 0.2 + 1e-6
         assert result["x_adv"].min() >= digits.input_range[0] and result["x_adv"].max() <= digits.input_range[1]
@@ -77,6 +77,17 @@ def test_wins_are_real_and_type_ii_beats_type_i(loaded, digits):
             assert not adv["safetynet.alarm"][won].any()
         success[lams] = float((fooled & ~adv["alarm"] & correct).sum())
     assert success[(1.0, 10.0)] > success[(0.0,)]
+
+
+def test_ink_support_leaves_the_background_alone(loaded, digits):
+    x, y = digits.test.x[:20].numpy(), digits.test.y[:20].numpy()
+    result = adaptive_attack(loaded, x, y, AdaptiveSettings(eps=0.2, steps=5), input_range=digits.input_range,
+                             lams=(1.0,), supports=("ink",))
+    background = x <= digits.input_range[0]
+    assert background.any() and np.array_equal(result["x_adv"][background], x[background])
+    assert np.abs(result["x_adv"] - x)[~background].max() > 0
+    with pytest.raises(HardenError, match="support"):
+        adaptive_attack(loaded, x, y, AdaptiveSettings(), input_range=digits.input_range, supports=("edges",))
 
 
 def test_a_bundle_without_a_surrogate_is_refused(tiny_hardened):
