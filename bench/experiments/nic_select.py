@@ -34,7 +34,11 @@ GRIDS = {
     "final": [{"nic_final_nu": nu, "nic_final_gamma": g} for nu, g in itertools.product([0.02, 0.1, 0.2], [0.3, 1.0, 3.0])],
     "holdout": [{"nic_holdout": h} for h in (0.0, 1 / 3, 0.5)],
     "output": [{"nic_output": o} for o in (False, True)],
-    "ramp": [{"nic_ramp": r} for r in (0.05, 0.2)],
+    "ramp": [{"nic_ramp": r} for r in (0.05, 0.2, 0.5)],
+    "cheap": [{"nic_nu": nu, "nic_gamma": g} for nu, g in ((0.02, 1.0), (0.02, 2.0), (0.05, 1.0), (0.01, 1.0))],
+    # support-vector budget (latency): fewer training rows and a smaller nu both mean fewer support vectors
+    "budget": [{"nic_nu": nu, "max_train": m} for nu, m in ((0.02, 4000), (0.02, 1000), (0.05, 1000), (0.1, 1000),
+                                                            (0.02, 500), (0.05, 500))],
     "output_nu_gamma": [{"nic_output": True, "nic_nu": nu, "nic_gamma": g}
                         for nu, g in itertools.product([0.02, 0.1], [0.3, 1.0, 3.0])],
     "transform": [{"nic_transform": t} for t in (False, True)],

@@ -28,6 +28,7 @@ VARIANTS = {
     "both-k5": {"nic_detectors": 5},
     "both-no-g": {"nic_transform": False},
     "both-no-output": {"nic_output": False},
+    "both-gamma10": {"nic_gamma": 10.0, "nic_nu": 0.1},   # the most accurate setting measured, 4x the latency
 }
 
 
@@ -44,6 +45,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from examples.lenet import LeNet5
+    from harden.errors import HardenError
     from harden.evaluation import roc_auc
     from harden.export import export_onnx
     from harden.instrument import instrument
@@ -67,18 +69,21 @@ def main(argv=None) -> None:
         cpu, wall = time.process_time(), time.perf_counter()
         hardened = instrument(model, data, ["nic"], Options(key=args.key, fpr=args.fpr, extra=extra))
         fit = {"cpu_s": round(time.process_time() - cpu, 1), "wall_s": round(time.perf_counter() - wall, 1)}
-        result = export_onnx(hardened)
-        graph = OnnxGraph(result.model.SerializeToString())
-        clean = graph.run(x)
+        try:
+            result = export_onnx(hardened)
+            run, parity = OnnxGraph(result.model.SerializeToString()).run, result.parity.max_abs_diff
+        except HardenError as exc:  # report the variant anyway, scored by the torch + scikit-learn path
+            run, parity = hardened.run, f"export refused: {exc}"
+        clean = run(x)
         correct = clean["logits"].argmax(1) == y
         row = {"variant": variant, "extra": extra, "fit": fit,
                "fpr_test_limit": float(clean["alarm"].mean()),
                "fpr_test_all": hardened.facts["metrics"]["test_fpr"],
                "calibration_fpr": hardened.facts["metrics"]["calibration_fpr"],
-               "parity_max_abs_diff": result.parity.max_abs_diff,
+               "parity_max_abs_diff": parity,
                "probe_accuracy": hardened.method("nic").config.get("probe_accuracy"), "attacks": {}}
         for name in [k[4:] for k in adv if k.startswith("adv/")]:
-            out = graph.run(adv[f"adv/{name}"])
+            out = run(adv[f"adv/{name}"])
             wrong = out["logits"].argmax(1) != y
             successful = correct & wrong
             row["attacks"][name] = {
