@@ -128,60 +128,14 @@ def original_classifier(hardened: HardenedModel):
 
 
 def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = None, *, data: str | None = None,
-            split: str = "test", limit: int | None = None, check: int = 0, seed: int = 0,
+            split: str = "test", limit: int | None = None, check: int = 0, seed: int = 0, bounds: str = "ibp",
             progress: Callable[[str, float], None] = lambda m, f: None) -> dict:
-    """Placement, robust and detect-or-robust certificates (hardened vs original), and the sampling check."""
-    from harden.certification import certify_samples, check_certificates, placement
+    """Placement, robust and detect-or-robust certificates (hardened vs original), and the sampling check.
 
-    eps_list = list(eps) if eps else [float(manifest.get("eps", 3e-3))]
-    for value in eps_list:
-        if not value >= 0:
-            raise HardenError(f"--eps must be >= 0; got {value}")
-    if check < 0:
-        raise HardenError("--check must be >= 0")
-    dataset = bundle_data(manifest, data)
-    part = split_of(dataset, split)
-    x, y = part.x, part.y
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    input_range = tuple(manifest["input"]["range"])
-    traps = ctt_traps(hardened)
-    gm, original = hardened.classifier, original_classifier(hardened)
-    k = manifest["policy"]["k"]
-    report = {
-        "samples": len(x), "split": split, "bounds": "interval (IBP)",
-        "policy": manifest["policy"]["text"],
-        "traps": [{"site": t.node, "neurons": int(t.flat_indices.numel())} for t in traps],
-        "note": ("the detect-or-robust certificate concerns the CTT alarm; under policy 'any' the combined "
-                 "alarm fires whenever the CTT alarm does" if k == 1 else
-                 "the detect-or-robust certificate concerns the CTT alarm only: under this policy the combined "
-                 "alarm needs other methods to agree"),
-        "results": {}, "check": {} if check else None,
-    }
-    steps = len(eps_list) * (3 if check else 2)
-    done = 0
-    for value in eps_list:
-        text = f"{value:g}"
-        progress(f"eps {text}: bounds of the hardened model", done / steps)
-        hardened_cert = certify_samples(gm, traps, x, y, value, input_range)
-        place = placement(gm, traps, x, value, input_range) if traps else []
-        done += 1
-        progress(f"eps {text}: bounds of the original model", done / steps)
-        original_cert = certify_samples(original, [], x, y, value, input_range)
-        done += 1
-        report["results"][text] = {
-            "placement": place,
-            "hardened": hardened_cert["fractions"],
-            "original": original_cert["fractions"],
-            "margin_method": hardened_cert["margin_method"],
-        }
-        if check:
-            progress(f"eps {text}: {check} points per box through the real model", done / steps)
-            results = [check_certificates(gm, traps, x, y, value, input_range, check, seed)]
-            if original is not gm:
-                results.append(check_certificates(original, [], x, y, value, input_range, check, seed))
-            merged = {"points": sum(r.points for r in results), "violations": sum(r.violations for r in results),
-                      "examples": [e for r in results for e in r.to_dict()["examples"]]}
-            report["check"][text] = merged
-            done += 1
-    return report
+    ``bounds``: ``ibp`` (interval), ``crown-ibp`` (backward linear-relaxation margin on interval intermediates)
+    or ``crown`` (backward linear relaxation throughout; tightest, slowest).
+    """
+    from harden.certification import certify_bundle
+
+    return certify_bundle(hardened, manifest, eps, data=data, split=split, limit=limit, check=check, seed=seed,
+                          bounds=bounds, progress=progress)

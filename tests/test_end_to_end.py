@@ -42,6 +42,14 @@ def test_main_job_on_small_mnist(tmp_path):
     assert certified["check"]["0.001"]["violations"] == 0
     assert len(result["placement"]) == 4
 
+    # linear-relaxation bounds certify at least what intervals do, on the same samples, still sound
+    tight = json.loads(run("certify", bundle, "--eps", "0.001", "--limit", "40", "--check", "20", "--bounds", "crown",
+                           "--json").stdout)
+    tight_result = tight["results"]["0.001"]
+    assert tight_result["original"]["robust"] >= result["original"]["robust"]
+    assert tight_result["hardened"]["detect_or_robust"] >= result["hardened"]["detect_or_robust"]
+    assert tight["check"]["0.001"]["violations"] == 0
+
     evaluated = json.loads(run("evaluate", onnx_path, "--attack", "fgsm:eps=0.2", "--limit", "60", "--json").stdout)
     (row,) = evaluated["rows"]
     assert row["attack"] == "fgsm:eps=0.2"
