@@ -139,3 +139,83 @@ def test_finetune_history_has_the_epoch_figures(strict_pair):
         for field in ("cross_entropy", "l_d", "l_c", "accuracy", "fpr", "cal_l_d", "cal_l_c"):
             assert np.isfinite(record[field]), field
         assert 0.0 <= record["fpr"] <= 1.0 and 0.0 <= record["accuracy"] <= 1.0
+
+
+class _NormNet(torch.nn.Module):
+    """Batch norm (2-d and 1-d), in-place ReLU, average pooling and a view: the stacked pass's other layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.pool = torch.nn.AvgPool2d(2)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 16)
+        self.bn1 = torch.nn.BatchNorm1d(16)
+        self.out = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn(self.conv(x))))
+        x = torch.relu(self.bn1(self.fc(x.view(x.size(0), -1))))
+        return self.out(x)
+
+
+class _ShiftNet(_NormNet):
+    """An op the stacked pass does not take (x - 0.5 is not monotone in a stacked operand's sense): fallback."""
+
+    def forward(self, x):
+        return super().forward(x - 0.5)
+
+
+def _traps_for(model, digits, kind="strict", eps=0.05):
+    from harden.graph.trace import trace
+    from harden.methods.base import FitContext
+    from harden.methods.ctt import CTTStrict
+    from harden.train.finetune import FinetuneConfig, _Traps
+
+    gm = trace(model)
+    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=digits, options=Options(key="stk", mask_ratio=0.2)))
+    traps = _Traps(gm, sites, masks, FinetuneConfig(kind=kind, eps=eps), digits.input_range)
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    return gm, traps
+
+
+def _loss_and_grads(gm, traps, x, y):
+    ce, l_d, l_c = traps.losses(x, y)
+    values = torch.stack([ce, l_d, l_c])
+    grads = torch.autograd.grad(ce + 0.3 * l_d + 0.7 * l_c, [p for p in gm.parameters()])
+    return values.detach(), grads
+
+
+@pytest.mark.parametrize("make", ["tiny", "norm"])
+@pytest.mark.parametrize("kind", ["loose", "strict"])
+def test_stacked_pass_gives_the_general_paths_losses_and_gradients(make, kind, tiny_model, digits, one_thread):
+    import copy
+
+    torch.manual_seed(1)
+    model = copy.deepcopy(tiny_model) if make == "tiny" else _NormNet()
+    if make == "norm":  # non-trivial running statistics and affine parameters, some scales negative
+        for bn in (model.bn, model.bn1):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(bn.weight, -1.5, 1.5)
+    gm, traps = _traps_for(model, digits, kind)
+    x, y = digits.train.x[:48], digits.train.y[:48]
+    traps.losses(x, y)                       # the first batch checks the stacked pass against the general one
+    assert traps.stacked is not None
+    stacked_values, stacked_grads = _loss_and_grads(gm, traps, x, y)
+    runner, traps.stacked = traps.stacked, None
+    general_values, general_grads = _loss_and_grads(gm, traps, x, y)
+    traps.stacked = runner
+    assert torch.allclose(stacked_values, general_values, rtol=1e-5, atol=1e-6)
+    assert general_values[2] > 0  # the certification term is active, so its gradient is compared too
+    for a, b in zip(stacked_grads, general_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + float(b.abs().max())))
+
+
+def test_an_op_the_stacked_pass_does_not_take_keeps_the_general_path(digits, one_thread):
+    gm, traps = _traps_for(_ShiftNet(), digits)
+    assert traps.stacked is None
+    ce, l_d, l_c = traps.losses(digits.train.x[:16], digits.train.y[:16])
+    assert all(torch.isfinite(v) for v in (ce, l_d, l_c))

@@ -31,7 +31,11 @@ def detection_loss(activation: torch.Tensor, indices: torch.Tensor, threshold: f
     ``T - margin``, so they sit clearly below T rather than on it.  On a ReLU's *input* (pre-activation) z,
     ``z * [z > T]`` equals the paper's loss on relu(z) for T > 0, and a margin larger than T pushes z below 0.
     """
-    masked = activation.flatten(1).index_select(1, indices)
+    return detection_hinge(activation.flatten(1).index_select(1, indices), threshold, margin)
+
+
+def detection_hinge(masked: torch.Tensor, threshold: float, margin: float = 0.0) -> torch.Tensor:
+    """:func:`detection_loss` on values already gathered at the masked positions, shape [N, count]."""
     if margin:
         return torch.relu(masked - (threshold - margin)).sum(dim=1)
     return (masked * (masked > threshold)).sum(dim=1)
@@ -44,5 +48,10 @@ def certification_loss(bounds: Interval, indices: torch.Tensor, threshold: float
     ``margin`` asks the bound to clear T by that much: ``relu(T + margin - bound)``.
     """
     bound = getattr(bounds, CERTIFICATION_BOUND[kind])
-    masked = bound.flatten(1).index_select(1, indices)
-    return torch.relu(threshold + margin - masked).sum(dim=1)
+    return certification_hinge(bound.flatten(1).index_select(1, indices), threshold, margin)
+
+
+def certification_hinge(masked_bound: torch.Tensor, threshold: float, margin: float = 0.0) -> torch.Tensor:
+    """:func:`certification_loss` on the bound (hi for loose, lo for strict) already gathered at the masked
+    positions, shape [N, count]."""
+    return torch.relu(threshold + margin - masked_bound).sum(dim=1)

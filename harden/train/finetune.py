@@ -44,7 +44,8 @@ from harden.bounds.interval import Interval
 from harden.bounds.propagate import propagate
 from harden.errors import HardenError
 from harden.graph.analyse import feature_extractor
-from harden.train.ctt_losses import certification_loss, detection_loss
+from harden.train.ctt_losses import certification_hinge, detection_hinge, detection_loss
+from harden.train.stacked_bounds import stacked_runner
 
 ANNEAL = ("both", "detection")
 TRAP_RULES = ("fixed", "natural")
@@ -163,22 +164,50 @@ class _Traps:
         pre = [pre_activation(gm, s) for s in self.sites]
         self.natural = feature_extractor(gm, pre)          # logits and each site's pre-activation
         self.bounds = bounds_graph(gm, pre)                 # the pre-activations' interval bounds only
+        self.pre = pre
+        # Training runs the natural and the bounds pass as one stacked pass when every layer allows it; the
+        # first batch checks it against the general path (``forward``) before it is trusted.
+        self.stacked = stacked_runner(gm, dict(zip(pre, self.masks)))
+        self.stacked_checked = False
 
-    def certification(self, bounds, kind: str, margin: float) -> torch.Tensor:
-        return sum(certification_loss(b, m, self.cfg.threshold, kind, margin) for b, m in zip(bounds, self.masks))
+    def general(self, x: torch.Tensor, box: Interval):
+        """(logits, per site (natural, lower, upper) at the masked positions): natural pass plus ``propagate``."""
+        logits, *pre = self.natural(x)
+        bounds = propagate(self.bounds, box).output
+        gather = [lambda t, m=m: t.flatten(1).index_select(1, m) for m in self.masks]
+        return logits, [(g(a), g(b.lo), g(b.hi)) for g, a, b in zip(gather, pre, bounds)]
+
+    def forward(self, x: torch.Tensor):
+        """Logits and, per site, the natural pre-activations and their interval bounds over the eps-box around
+        ``x``, gathered at the masked positions ([N, count] each)."""
+        box = Interval.from_box(x, self.cfg.eps, self.input_range)
+        if self.stacked is None:
+            return self.general(x, box)
+        if not self.stacked_checked:
+            self.stacked_checked = True
+            reference = self.general(x, box)
+            try:
+                agrees = _close(reference, self.stacked(x, box, self.pre))
+            except Exception:  # an op that does not stack after all (e.g. a shape built from a constant)
+                agrees = False
+            if not agrees:
+                self.stacked = None
+            return reference
+        return self.stacked(x, box, self.pre)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor):
         """Cross-entropy, L_D and L_C as trained (batch means)."""
         cfg = self.cfg
-        logits, *pre = self.natural(x)
-        ce = F.cross_entropy(logits, y)
         # L_C on the ReLU's input bounds: [relu(b) >= T] == [b >= T] for T > 0, so the loss is zero exactly
         # where the paper's is, but relu(T - b) keeps a gradient when b < 0 (relu(T - relu(b)) has none there).
-        bounds = propagate(self.bounds, Interval.from_box(x, cfg.eps, self.input_range)).output
-        l_d = sum(detection_loss(a, m, cfg.threshold, cfg.quiet_margin) for a, m in zip(pre, self.masks))
-        l_c = self.certification(bounds, cfg.kind, cfg.fire_margin)
+        logits, sites = self.forward(x)
+        ce = F.cross_entropy(logits, y)
+        t = cfg.threshold
+        l_d = sum(detection_hinge(nat, t, cfg.quiet_margin) for nat, _, _ in sites)
+        bound = 1 if cfg.kind == "strict" else 2          # lo for L_SC, hi for L_LC
+        l_c = sum(certification_hinge(s[bound], t, cfg.fire_margin) for s in sites)
         if cfg.kind == "strict" and cfg.loose_weight:
-            l_c = l_c + cfg.loose_weight * self.certification(bounds, "loose", cfg.fire_margin)
+            l_c = l_c + cfg.loose_weight * sum(certification_hinge(hi, t, cfg.fire_margin) for _, _, hi in sites)
         return ce, l_d.mean(), l_c.mean()
 
     @torch.no_grad()
@@ -218,6 +247,15 @@ class _Traps:
                 l_c_sum += float(torch.relu(t - bound).sum())
         n = len(x)
         return correct / n, alarms / n, l_d_sum / n, l_c_sum / n
+
+
+def _close(reference, candidate, tol: float = 1e-4) -> bool:
+    """The stacked pass agrees with the general one (relative to each tensor's scale)."""
+    pairs = [(reference[0], candidate[0])]
+    pairs += [(a, b) for ref, got in zip(reference[1], candidate[1]) for a, b in zip(ref, got)]
+    with torch.no_grad():
+        return all(a.shape == b.shape and float((a - b).abs().max()) <= tol * (1.0 + float(a.abs().max()))
+                   for a, b in pairs)
 
 
 def finetune_ctt(
