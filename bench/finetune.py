@@ -4,7 +4,8 @@
 
 The plain epoch is cross-entropy + RMSProp on the same traced LeNet-5 and the
 same 3,000 training digits in the same order; the CTT epoch adds the natural
-pre-activations' L_D and the interval bounds' L_C (``harden.train.finetune``).
+pre-activations' L_D and the interval bounds' L_C (``harden.train.finetune``; ``bounds_pass`` says whether
+the one stacked natural + bounds pass of ``harden.train.stacked_bounds`` ran, or the general path).
 Rounds alternate plain and CTT epochs back to back; the ratio (target <= 3) is
 the median of the paired ratios, so a busy machine slows both sides alike.
 ``--instrument`` also times the whole ``harden instrument --method ctt-<kind>``
@@ -90,6 +91,7 @@ def main(argv=None) -> None:
         "threads": args.threads, "kind": args.kind, "traps": {s: len(m) for s, m in masks.items()},
         "plain_epoch_s": round(statistics.median(plain_s), 3), "ctt_epoch_s": round(statistics.median(ctt_s), 3),
         "ratio": round(statistics.median(ratios), 2), "target_ratio": 3.0,
+        "bounds_pass": "stacked" if traps.stacked is not None else "general",
     }
     if args.instrument:
         out = Path("/tmp") / f"bench_finetune_{os.getpid()}.hardened"
