@@ -59,6 +59,48 @@ def _crop(maps: torch.Tensor, rows: torch.Tensor, oy: torch.Tensor, ox: torch.Te
     return maps.reshape(-1)[index]
 
 
+TABLE_BUDGET = 1 << 25
+"""Largest per-window table (entries) :func:`_crop_rows` keeps; beyond it windows are gathered entry by entry."""
+
+
+class _Grid:
+    """Where a row's window sits: corner = position * scale + offset per axis, position in [0, count).
+
+    Every row of one pass starts at a neuron of the same convolution, so its window corners at every
+    level of the chain lie on one grid; tables unfolded on that grid turn a window into one row.
+    """
+
+    def __init__(self, y, x, scale, offset, count):
+        self.y, self.x, self.scale, self.offset, self.count = y, x, scale, offset, count
+
+    def down(self, stride, padding) -> "_Grid":
+        scale = tuple(s * t for s, t in zip(self.scale, stride))
+        offset = tuple(o * t - p for o, t, p in zip(self.offset, stride, padding))
+        return _Grid(self.y, self.x, scale, offset, self.count)
+
+
+def _crop_rows(engine, what: str, maps: torch.Tensor, rows, oy, ox, grid: _Grid, a: int, b: int) -> torch.Tensor:
+    """As :func:`_crop` (fill 0), but by one contiguous row gather from a table [N * positions, C a b] unfolded
+    once per bounds object: the windows of all grid positions of every sample (sample-major)."""
+    n, c, h, w = maps.shape
+    (sy, sx), (oy0, ox0), (ny, nx) = grid.scale, grid.offset, grid.count
+    if n * ny * nx * c * a * b > TABLE_BUDGET:
+        return _crop(maps, rows, oy, ox, a, b)
+
+    def table():
+        top, left = max(0, -oy0), max(0, -ox0)
+        bottom, right = max(0, oy0 + (ny - 1) * sy + a - h), max(0, ox0 + (nx - 1) * sx + b - w)
+        padded = F.pad(maps, (left, right, top, bottom)) if top or left or bottom or right else maps
+        padded = padded[:, :, oy0 + top:oy0 + top + (ny - 1) * sy + a, ox0 + left:ox0 + left + (nx - 1) * sx + b]
+        cols = F.unfold(padded, (a, b), stride=(sy, sx))                           # [N, C a b, ny nx]
+        return cols.transpose(1, 2).reshape(n * ny * nx, c * a * b).contiguous()
+
+    key = f"{what}-table{(a, b, sy, sx, oy0, ox0, ny, nx)}"
+    flat = _remember(engine, key, maps, table)
+    index = rows * (ny * nx) + grid.y * nx + grid.x
+    return flat.index_select(0, index).reshape(rows.shape[0], c, a, b)
+
+
 def _inside(oy, ox, a: int, b: int, h: int, w: int, dtype) -> torch.Tensor:
     """[R, 1, a, b]: 1 where the window entry lies on the map, 0 on padding."""
     ys = oy.unsqueeze(1) + torch.arange(a, device=oy.device)
@@ -73,7 +115,7 @@ def _pairs(v) -> tuple[int, int]:
     return v * 2 if len(v) == 1 else v
 
 
-def _conv_window(engine, values, node, A, oy, ox, total):
+def _conv_window(engine, values, node, A, oy, ox, total, grid):
     """Through a convolution: A [R, Co, a, b] at the output corner (oy, ox) -> the input window."""
     x, p = _conv_params(engine._call(node, values))
     weight, bias = p["weight"], p["bias"]
@@ -90,7 +132,7 @@ def _conv_window(engine, values, node, A, oy, ox, total):
         A = F.conv_transpose2d(A, weight, stride=stride, dilation=dilation)
     oy, ox = oy * stride[0] - padding[0], ox * stride[1] - padding[1]
     A = A * _inside(oy, ox, A.shape[2], A.shape[3], x.shape[2], x.shape[3], A.dtype)
-    return A, oy, ox, total
+    return A, oy, ox, total, grid.down(stride, padding)
 
 
 def _remember(engine, what: str, x, compute):
@@ -102,21 +144,21 @@ def _remember(engine, what: str, x, compute):
     return hit[1]
 
 
-def _relu_window(engine, values, node, A, rows, oy, ox, total):
+def _relu_window(engine, values, node, A, rows, oy, ox, total, grid):
     x = values[node.all_input_nodes[0].name]
     # lower slope, upper slope and upper intercept stacked along the channels: one gather per window
     stacked = _remember(engine, "relu-window", x, lambda: torch.cat(
         _remember(engine, "relu", x, lambda: relu_relaxation(x)), dim=1))
     c = A.shape[1]
     a, b = A.shape[2:]
-    params = _crop(stacked, rows, oy, ox, a, b)
+    params = _crop_rows(engine, "relu-window", stacked, rows, oy, ox, grid, a, b)
     low, up, icpt = params[:, :c], params[:, c:2 * c], params[:, 2 * c:]
     total = total + flat_sum(A.clamp(max=0) * icpt)
     A = A * torch.where(A >= 0, low, up)
     return A, total
 
 
-def _pool_window(engine, values, node, A, rows, oy, ox, total):
+def _pool_window(engine, values, node, A, rows, oy, ox, total, grid):
     x, g = _geometry(engine._call(node, values))
     if g["dilation"] != (1, 1) or g.get("extra"):
         raise _NotWindowed
@@ -135,7 +177,7 @@ def _pool_window(engine, values, node, A, rows, oy, ox, total):
 
     stacked = _remember(engine, f"max_pool2d-window{sorted(g.items())}", x, maps)
     a, b = A.shape[2:]
-    params = _crop(stacked, rows, oy, ox, a, b)
+    params = _crop_rows(engine, "max_pool2d-window", stacked, rows, oy, ox, grid, a, b)
     stable_r, top_r, local_r = params[:, :c] > 0.5, params[:, c:2 * c], params[:, 2 * c:].round().long()
     neg = A.clamp(max=0)
     total = total + flat_sum(torch.where(~stable_r & (neg < 0), neg * top_r, torch.zeros_like(neg)))
@@ -145,7 +187,8 @@ def _pool_window(engine, values, node, A, rows, oy, ox, total):
     tx = torch.arange(b, device=A.device).view(1, 1, 1, -1) * sw + local_r % kw
     out_A = torch.zeros((A.shape[0], c, height * width), dtype=A.dtype, device=A.device)
     out_A.scatter_add_(2, (ty * width + tx).reshape(A.shape[0], c, -1), on_pick.reshape(A.shape[0], c, -1))
-    return out_A.reshape(A.shape[0], c, height, width), oy * sh - ph, ox * sw - pw, total
+    return (out_A.reshape(A.shape[0], c, height, width), oy * sh - ph, ox * sw - pw, total,
+            grid.down((sh, sw), (ph, pw)))
 
 
 class _NotWindowed(Exception):
@@ -173,19 +216,21 @@ def conv_neuron_lower(engine, values: dict, node: fx.Node, chain: list[fx.Node],
             return None
         oy, ox = y * stride[0] - padding[0], xpos * stride[1] - padding[1]
         A = A * _inside(oy, ox, A.shape[2], A.shape[3], x.shape[2], x.shape[3], A.dtype)
+        grid = _Grid(y, xpos, stride, (-padding[0], -padding[1]), tuple(out))
         for n in chain:
             key = engine.keys[n]
             if key == "max_pool2d":
-                A, oy, ox, total = _pool_window(engine, values, n, A, rows, oy, ox, total)
+                A, oy, ox, total, grid = _pool_window(engine, values, n, A, rows, oy, ox, total, grid)
             elif key == "relu":
-                A, total = _relu_window(engine, values, n, A, rows, oy, ox, total)
+                A, total = _relu_window(engine, values, n, A, rows, oy, ox, total, grid)
             else:
-                A, oy, ox, total = _conv_window(engine, values, n, A, oy, ox, total)
+                A, oy, ox, total, grid = _conv_window(engine, values, n, A, oy, ox, total, grid)
             engine.rules_used.add(key)
         box = values[next(s for s in (chain[-1] if chain else node).all_input_nodes if s in engine.dependent).name]
         a, b = A.shape[2:]
         c = A.shape[1]
-        ends = _crop(_remember(engine, "box-window", box, lambda: torch.cat([box.lo, box.hi], 1)), rows, oy, ox, a, b)
+        ends = _crop_rows(engine, "box-window", _remember(engine, "box-window", box, lambda: torch.cat([box.lo, box.hi], 1)),
+                          rows, oy, ox, grid, a, b)
         return total + flat_sum(A.clamp(min=0) * ends[:, :c] + A.clamp(max=0) * ends[:, c:])
     except _NotWindowed:
         return None
