@@ -302,3 +302,22 @@ def test_support_vector_budget_refits_on_fewer_examples():
     small, used = within_budget(svc, x, y, 150, seed=0)
     assert support_vectors(small) <= 150 and used < 400
     assert small.C == svc.C and small.gamma == svc.gamma
+
+
+def test_grid_ties_go_to_the_fewest_support_vectors():
+    from sklearn.svm import SVC
+
+    from harden.methods.safetynet import fit_svm, support_vectors
+
+    rng = np.random.default_rng(2)
+    natural = rng.integers(0, 2, (150, 30)).astype(np.float32)
+    adversarial = natural.copy()
+    adversarial[:, :10] = 3.0   # far apart: every grid point separates them perfectly
+    x = np.concatenate([natural, adversarial])
+    y = np.r_[np.zeros(150, int), np.ones(150, int)]
+    chosen = fit_svm(x, y, seed=0)
+    # every grid point reaches CV AUC 1; the chosen one has the fewest support vectors of them all
+    gamma_base = 1.0 / (x.shape[1] * float(np.var(x)))   # the rule fit_svm uses
+    counts = [support_vectors(SVC(C=c, gamma=f * gamma_base).fit(x, y)) for c in (0.1, 1.0, 10.0, 100.0)
+              for f in (0.1, 0.3, 1.0, 3.0)]
+    assert support_vectors(chosen) == min(counts) < max(counts)
