@@ -400,6 +400,38 @@ def _boundary(estimator, p, batch_size):
                           init_size=p["init_size"], verbose=False)
 
 
+class _DegradationAttack:
+    """ART-like ``generate`` over :func:`harden.degradations.degrade`, querying only the estimator's predictions."""
+
+    def __init__(self, estimator, kind: str, batch_size: int):
+        self.estimator, self.kind, self.batch_size = estimator, kind, batch_size
+
+    def generate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        from harden.degradations import degrade
+
+        lo, hi = (float(v) for v in self.estimator.clip_values)
+        labels = np.asarray(y).argmax(axis=1)
+        predict = lambda batch: self.estimator.predict(batch, batch_size=self.batch_size).argmax(axis=1)  # noqa: E731
+        seed = int(np.random.randint(2**31))  # run_attack seeds numpy: the noise pattern is reproducible
+        return degrade(predict, self.kind, x, labels, seed=seed, input_range=(lo, hi))[0]
+
+
+def _register_degradation(kind: str, what: str) -> None:
+    def make(estimator, p, batch_size):
+        return _DegradationAttack(estimator, kind, batch_size)
+
+    make.__doc__ = (f"{what} (bi-model mismatch paper, section III-A): per input, the weakest level of a line "
+                    f"search that flips the model's decision; an input no level flips keeps the strongest. "
+                    f"Queries predictions only (against the ONNX graph when evaluated through it).")
+    _attack(kind, black_box=True)(make)
+
+
+for _kind, _what in (("noise", "Gaussian noise, sigma 0.05 to 1.0 of the input range"),
+                     ("blur", "Gaussian blur, sigma 0.5 to 5 pixels"),
+                     ("saltpepper", "salt and pepper, 2% to 60% of the pixels set to the ends of the input range")):
+    _register_degradation(_kind, _what)
+
+
 # --------------------------------------------------------------------------- parsing
 
 

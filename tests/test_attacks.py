@@ -148,6 +148,9 @@ QUICK = {
     "jsma": "jsma:gamma=0.2",
     "hopskipjump": "hopskipjump:max_iter=2,max_eval=50,init_eval=10,init_size=20",
     "boundary": "boundary:max_iter=5,num_trial=5,sample_size=5,init_size=20",
+    "noise": "noise",
+    "blur": "blur",
+    "saltpepper": "saltpepper",
 }
 
 
@@ -266,3 +269,42 @@ def test_fast_class_gradient_matches_art(tiny, batch):
         for label in (labels, None, 3):
             np.testing.assert_allclose(fast.class_gradient(x, label=label), art.class_gradient(x, label=label),
                                        rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["noise", "blur", "saltpepper"])
+def test_degradation_is_the_weakest_level_that_flips(kind, tiny, batch):
+    """Through the attack registry a degradation is seeded and equals degrade() with the same seed stream."""
+    from harden.degradations import degrade
+
+    x, y = batch
+    a = run_attack(tiny, parse_attack(kind), x, y, input_range=RANGE, num_classes=10, seed=3)
+    b = run_attack(tiny, parse_attack(kind), x, y, input_range=RANGE, num_classes=10, seed=3)
+    np.testing.assert_array_equal(a, b)
+    np.random.seed(3)
+    expected, flipped = degrade(tiny, kind, x, y, seed=int(np.random.randint(2**31)), input_range=RANGE)
+    np.testing.assert_array_equal(a, expected)
+    assert flipped.mean() >= 0.5, f"{kind} flipped only {flipped.mean():.0%} of the digits"
+    with torch.no_grad():
+        pred = tiny(torch.from_numpy(a)).argmax(1).numpy()
+    assert (pred[flipped] != y[flipped]).all()
+
+
+def test_degradation_queries_the_target_model(tiny, batch):
+    """Against a target that always answers class 0, digits labelled 0 can never flip: they keep the strongest
+    level, and every other digit flips at the weakest level already."""
+    x, y = batch
+    calls = []
+
+    def always_zero(batch_x):
+        calls.append(len(batch_x))
+        out = np.zeros((len(batch_x), 10), np.float32)
+        out[:, 0] = 1
+        return out
+
+    out = run_attack(tiny, parse_attack("noise"), x, y, input_range=RANGE, num_classes=10, seed=0,
+                     target_model=always_zero)
+    assert calls, "the target model was never queried"
+    moved = np.abs(out - x).reshape(len(x), -1).max(1)
+    weakest = moved[y != 0]
+    assert (y == 0).any() and (y != 0).any()
+    assert moved[y == 0].min() > weakest.max()
