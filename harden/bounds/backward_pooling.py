@@ -58,6 +58,28 @@ def _relaxation(x: Interval, g: dict):
     return index, stable, top
 
 
+def entries_read(x: Interval, g: dict) -> torch.Tensor:
+    """bool [N, C, H, W]: the entries whose bounds the relaxation of some window can depend on.
+
+    An entry j with u_j < max_i l_i in every window holding it is never the picked entry (the one with
+    the largest lower bound) and never the window's largest upper bound, so neither its bounds nor
+    the relaxation of what produces it change any bound after the pool; tightening its bounds (which
+    keeps u_j <= its current value and only raises the others' l_i) keeps it that way.
+    """
+    n, c, h, w = x.shape
+    lower = _windows(x.lo, g, float("-inf"))
+    upper = _windows(x.hi, g, float("-inf"))
+    best = lower.amax(dim=2, keepdim=True)                                   # [N, C, 1, L]
+    read = (upper >= best).to(x.lo.dtype)                                   # [N, C, K, L]
+    positions = torch.arange(h * w, device=x.device, dtype=torch.float64).reshape(1, 1, h, w)
+    where = _windows(positions, g, -1.0)[0, 0].long()                       # [K, L]
+    inside = where >= 0
+    index = torch.where(inside, where, torch.full_like(where, h * w))       # padding -> a spare slot
+    counts = torch.zeros((n, c, h * w + 1), dtype=x.lo.dtype, device=x.device)
+    counts.scatter_add_(2, index.reshape(1, 1, -1).expand(n, c, -1), read.reshape(n, c, -1))
+    return counts[:, :, :h * w].reshape(n, c, h, w) > 0
+
+
 @backward_rule("max_pool2d", relaxes=lambda x: torch.ones_like(x.lo, dtype=torch.bool))
 def max_pool2d(back: Back) -> None:
     """max >= x_{i*}; max <= x_{i*} where i* dominates its window, else max <= max_j u_j."""

@@ -124,15 +124,45 @@ def _conv_window(engine, values, node, A, oy, ox, total, grid):
     stride, padding, dilation = _pairs(p["stride"]), _pairs(p["padding"]), _pairs(p["dilation"])
     if bias is not None:
         total = total + A.sum(dim=(2, 3)).matmul(bias)
-    if stride == (1, 1) and weight.shape[1] < 4:  # see backward_affine._transposed_as_conv
-        flipped = weight.flip((2, 3)).transpose(0, 1)
-        full = tuple(d * (k - 1) for d, k in zip(dilation, weight.shape[2:]))
-        A = F.conv2d(A, flipped, padding=full, dilation=dilation)
-    else:
-        A = F.conv_transpose2d(A, weight, stride=stride, dilation=dilation)
+    A = _transposed_window(engine, node, weight, A, stride, dilation)
     oy, ox = oy * stride[0] - padding[0], ox * stride[1] - padding[1]
     A = A * _inside(oy, ox, A.shape[2], A.shape[3], x.shape[2], x.shape[3], A.dtype)
     return A, oy, ox, total, grid.down(stride, padding)
+
+
+MATRIX_BUDGET = 1 << 21
+"""Largest window-to-window matrix (entries) of a transposed convolution kept as a dense matrix."""
+
+
+def _transposed_conv(A, weight, stride, dilation):
+    if stride == (1, 1) and weight.shape[1] < 4:  # see backward_affine._transposed_as_conv
+        flipped = weight.flip((2, 3)).transpose(0, 1)
+        full = tuple(d * (k - 1) for d, k in zip(dilation, weight.shape[2:]))
+        return F.conv2d(A, flipped, padding=full, dilation=dilation)
+    return F.conv_transpose2d(A, weight, stride=stride, dilation=dilation)
+
+
+def _transposed_window(engine, node, weight, A, stride, dilation):
+    """W^T * A on a window.  Windows are small: as one matmul with the map's dense matrix (built once per
+    engine by transposing the identity) it runs several times faster than a convolution with a few
+    output channels on this class of CPU (measured: 3 vs 8 ms for 1782 rows of LeNet's first layer)."""
+    rows, co, a, b = A.shape
+    size = co * a * b
+    cache = engine.__dict__.setdefault("_window_matrices", {})
+    key = (node.name, a, b, A.dtype, A.device)
+    matrix = cache.get(key)
+    if matrix is None:
+        out = _transposed_conv(torch.zeros((1, co, a, b), dtype=A.dtype, device=A.device), weight, stride, dilation)
+        if size * out[0].numel() > MATRIX_BUDGET:
+            cache[key] = False
+        else:
+            eye = torch.eye(size, dtype=A.dtype, device=A.device).reshape(size, co, a, b)
+            image = _transposed_conv(eye, weight, stride, dilation)
+            cache[key] = matrix = (image.reshape(size, -1).contiguous(), tuple(image.shape[1:]))
+    if not matrix:
+        return _transposed_conv(A, weight, stride, dilation)
+    dense, shape = matrix
+    return A.reshape(rows, size).matmul(dense).reshape((rows,) + shape)
 
 
 def _remember(engine, what: str, x, compute):
