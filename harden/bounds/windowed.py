@@ -149,7 +149,7 @@ def _transposed_window(engine, node, weight, A, stride, dilation):
     rows, co, a, b = A.shape
     size = co * a * b
     cache = engine.__dict__.setdefault("_window_matrices", {})
-    key = (node.name, a, b, A.dtype, A.device)
+    key = (node.name, a, b, A.dtype, A.device, weight.data_ptr(), weight._version)   # weights edited in place: rebuilt
     matrix = cache.get(key)
     if matrix is None:
         out = _transposed_conv(torch.zeros((1, co, a, b), dtype=A.dtype, device=A.device), weight, stride, dilation)
@@ -188,37 +188,66 @@ def _relu_window(engine, values, node, A, rows, oy, ox, total, grid):
     return A, total
 
 
-def _pool_window(engine, values, node, A, rows, oy, ox, total, grid):
+def _pool_window(engine, values, node, A, rows, oy, ox, total, grid, relu=None):
+    """Through a max pool (see :mod:`harden.bounds.backward_pooling`).  With ``relu`` (the pool's input is
+    that ReLU's output and the windows do not overlap) the ReLU is relaxed here too, at the picked entries
+    only: each ReLU neuron is picked by at most one window, so its coefficient is the picked share alone
+    and the result is the separate passes' (the window of ReLU parameters, mostly unread, is never gathered).
+    """
     x, g = _geometry(engine._call(node, values))
     if g["dilation"] != (1, 1) or g.get("extra"):
         raise _NotWindowed
     n, c, h, w = x.shape
     out = values[node.name].shape[2:]
     (kh, kw), (sh, sw), (ph, pw) = g["kernel_size"], g["stride"], g["padding"]
+    fused = relu is not None
 
     def maps():
         index, stable, top = _remember(engine, f"max_pool2d{sorted(g.items())}", x, lambda: _relaxation(x, g))
         # the picked entry's offset inside its window
         wy = torch.arange(out[0], device=x.device).view(1, 1, -1, 1) * sh - ph
         wx = torch.arange(out[1], device=x.device).view(1, 1, 1, -1) * sw - pw
+        flat = index
         index = index.reshape(n, c, out[0], out[1])
-        local = (index // w - wy) * kw + (index % w - wx)                            # [N, C, Ho, Wo]
-        return torch.cat([stable.reshape(n, c, *out).to(x.dtype), top.reshape(n, c, *out), local.to(x.dtype)], 1)
+        parts = [stable.reshape(n, c, *out).to(x.dtype), top.reshape(n, c, *out),
+                 (index // w - wy).to(x.dtype), (index % w - wx).to(x.dtype)]
+        if fused:
+            z = values[relu.all_input_nodes[0].name]
+            for t in _remember(engine, "relu", z, lambda: relu_relaxation(z)):
+                parts.append(t.reshape(n, c, h * w).gather(2, flat).reshape(n, c, *out))
+        return torch.cat(parts, 1)
 
-    stacked = _remember(engine, f"max_pool2d-window{sorted(g.items())}", x, maps)
+    stacked = _remember(engine, f"max_pool2d-window{fused}{sorted(g.items())}", x, maps)
     a, b = A.shape[2:]
-    params = _crop_rows(engine, "max_pool2d-window", stacked, rows, oy, ox, grid, a, b)
-    stable_r, top_r, local_r = params[:, :c] > 0.5, params[:, c:2 * c], params[:, 2 * c:].round().long()
+    params = _crop_rows(engine, f"max_pool2d-window{fused}", stacked, rows, oy, ox, grid, a, b)
+    stable_r, top_r = params[:, :c] > 0.5, params[:, c:2 * c]
     neg = A.clamp(max=0)
     total = total + flat_sum(torch.where(~stable_r & (neg < 0), neg * top_r, torch.zeros_like(neg)))
     on_pick = A.clamp(min=0) + torch.where(stable_r, neg, torch.zeros_like(neg))
+    if fused:
+        low, up, icpt = params[:, 4 * c:5 * c], params[:, 5 * c:6 * c], params[:, 6 * c:]
+        total = total + flat_sum(on_pick.clamp(max=0) * icpt)
+        on_pick = on_pick * torch.where(on_pick >= 0, low, up)
     height, width = (a - 1) * sh + kh, (b - 1) * sw + kw
-    ty = torch.arange(a, device=A.device).view(1, 1, -1, 1) * sh + local_r // kw
-    tx = torch.arange(b, device=A.device).view(1, 1, 1, -1) * sw + local_r % kw
+    corner = (torch.arange(a, device=A.device, dtype=A.dtype).view(1, 1, -1, 1) * (sh * width)
+              + torch.arange(b, device=A.device, dtype=A.dtype).view(1, 1, 1, -1) * sw)
+    target = (params[:, 2 * c:3 * c] * width + params[:, 3 * c:4 * c] + corner).round().long()
     out_A = torch.zeros((A.shape[0], c, height * width), dtype=A.dtype, device=A.device)
-    out_A.scatter_add_(2, (ty * width + tx).reshape(A.shape[0], c, -1), on_pick.reshape(A.shape[0], c, -1))
+    out_A.scatter_add_(2, target.reshape(A.shape[0], c, -1), on_pick.reshape(A.shape[0], c, -1))
     return (out_A.reshape(A.shape[0], c, height, width), oy * sh - ph, ox * sw - pw, total,
             grid.down((sh, sw), (ph, pw)))
+
+
+def _relu_below(engine, chain, i):
+    """The ReLU right below the max pool ``chain[i]`` when it can be relaxed inside the pool step: the pool's
+    windows do not overlap and the ReLU's output feeds nothing but the pool."""
+    if i + 1 >= len(chain) or engine.keys[chain[i + 1]] != "relu" or len(chain[i + 1].users) != 1:
+        return None
+    module = engine.gm.get_submodule(chain[i].target) if chain[i].op == "call_module" else None
+    if module is None:
+        return None
+    kernel, stride = _pairs(module.kernel_size), _pairs(module.stride if module.stride is not None else module.kernel_size)
+    return chain[i + 1] if all(s >= k for s, k in zip(stride, kernel)) else None
 
 
 class _NotWindowed(Exception):
@@ -247,10 +276,15 @@ def conv_neuron_lower(engine, values: dict, node: fx.Node, chain: list[fx.Node],
         oy, ox = y * stride[0] - padding[0], xpos * stride[1] - padding[1]
         A = A * _inside(oy, ox, A.shape[2], A.shape[3], x.shape[2], x.shape[3], A.dtype)
         grid = _Grid(y, xpos, stride, (-padding[0], -padding[1]), tuple(out))
-        for n in chain:
+        skip = None
+        for i, n in enumerate(chain):
             key = engine.keys[n]
-            if key == "max_pool2d":
-                A, oy, ox, total, grid = _pool_window(engine, values, n, A, rows, oy, ox, total, grid)
+            if n is skip:
+                pass
+            elif key == "max_pool2d":
+                relu = _relu_below(engine, chain, i)
+                A, oy, ox, total, grid = _pool_window(engine, values, n, A, rows, oy, ox, total, grid, relu)
+                skip = relu
             elif key == "relu":
                 A, total = _relu_window(engine, values, n, A, rows, oy, ox, total, grid)
             else:
