@@ -30,7 +30,7 @@ from harden.bounds.interval import Interval
 from harden.bounds.linear import linear_parts
 from harden.bounds.propagate import BoundResult, IntervalInterpreter, check_supported, input_dependent
 from harden.bounds.rules import Call
-from harden.bounds.windowed import chain_below, conv_neuron_lower
+from harden.bounds.windowed import chain_below, conv_neuron_lower, map_lower
 from harden.errors import HardenError, UnsupportedOpsError
 from harden.graph.ops import canonical_op, op_spelling
 
@@ -43,6 +43,8 @@ ACTIVATIONS = frozenset({"relu", "relu6", "hardtanh", "leaky_relu"})
 _EXACT_ON_A_BOX = frozenset({"identity", "flatten", "reshape", "permute", "transpose", "batch_norm", "getitem",
                              "slice", "select", "neg"})
 _MIXING = frozenset({"linear", "conv1d", "conv2d"})
+_FLATTENS = frozenset({"flatten", "reshape"})
+"""Keep the batch dim and only re-read each sample's block in a new shape: coefficients pass by a reshape."""
 _SHAPE_QUERIES = frozenset({"size", "getattr"})
 """Input-dependent nodes whose value is a concrete shape, never bounds: no backward rule needed."""
 
@@ -82,6 +84,8 @@ class LinearBounds:
         """Whether neurons refined by dense passes (not on windows) go on to the input box after the stages
         that stop one mixing layer above it (see :meth:`_stages`); windowed neurons always do (cheap)."""
         self._chains = {n: chain_below(self, n) for n in self.nodes if self.keys[n] == "conv2d" and n in self.dependent}
+        self._maps = {n: chain_below(self, n) for n in self.nodes if self.keys[n] in _FLATTENS and n in self.dependent}
+        """Flattening nodes above a window chain: whole-map passes below them run on the windowed steps."""
         check_supported(gm)
         self._check_backward_supported()
         self.refined = self._refine_plan()
@@ -225,6 +229,14 @@ class LinearBounds:
             if n.op == "placeholder" or n.name in stop:
                 total = total + box_lower(A, values[n.name], rows)
                 continue
+            if self.windowed and not pending and self._maps.get(n) is not None:
+                chain = self._maps[n]
+                shape = values[chain[0].name].shape if isinstance(values.get(chain[0].name), Interval) else None
+                if shape is not None and len(shape) == 4:
+                    lower = map_lower(self, values, chain, A.reshape((A.shape[0],) + tuple(shape[1:])), rows, stop)
+                    if lower is not None:
+                        self.rules_used.add(self.keys[n])
+                        return total + lower
             back = Back(self._call(n, values), A, rows, output=values[n.name], memo=self.memo)
             self._rule(n).backward(back)
             self.rules_used.add(self.keys[n])
