@@ -28,7 +28,7 @@ demo: $(BIN)/harden $(CHECKPOINT)
 	$(BIN)/harden instrument $(CHECKPOINT) --arch examples.lenet:LeNet5 --data mnist --method $(METHOD) --key $(KEY) -o $(OUT)/lenet.hardened
 	$(BIN)/harden export $(OUT)/lenet.hardened -o $(OUT)/lenet.onnx
 	$(BIN)/harden inspect $(OUT)/lenet.onnx
-	$(BIN)/harden certify $(OUT)/lenet.hardened --eps 0.001 --eps 0.003 --check 100
+	$(BIN)/harden certify $(OUT)/lenet.hardened --eps 0.003 --eps 0.01 --bounds crown --limit 200 --check 100
 	$(BIN)/harden evaluate $(OUT)/lenet.onnx --limit 500 \
 		--attack fgsm:eps=0.1 --attack fgsm:eps=0.2 --attack bim:eps=0.1 --attack pgd:eps=0.1 --attack deepfool --attack cw
 
