@@ -284,7 +284,11 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
 
     x, y = np.asarray(x, dtype=np.float32), np.asarray(y).astype(np.int64)
     if limit is not None:
+        if limit < 1:
+            raise HardenError(f"--limit must be positive; got {limit}")
         x, y = x[:limit], y[:limit]
+    if len(x) == 0:
+        raise HardenError("nothing to evaluate: no inputs")
     say = progress or (lambda message: None)
     clean = _score(scorer, x, num_classes, "the clean inputs")
     correct = clean["logits"].argmax(axis=1) == y
