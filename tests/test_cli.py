@@ -147,3 +147,20 @@ def test_export_to_missing_folder_and_bad_bundle(bundle, tmp_path):
     fake.write_text("hello")
     one_line_error(invoke("export", fake, "-o", tmp_path / "x.onnx"), "not a harden bundle")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_safetynet_support_vector_budget_from_the_cli(files, tmp_path):
+    """--max-sv reaches the method: a bad value is one line and no file; a small budget caps the SVM."""
+    _, state, _ = files
+    out = tmp_path / "sn.hardened"
+    common = ("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "safetynet", "--key", "k",
+              "--attack", "fgsm:eps=0.2", "--max-train", "120", "--svm-c", "10", "--svm-gamma", "0.05")
+    one_line_error(invoke(*common, "--max-sv", "0", "-o", out), "--max-sv")
+    assert not out.exists()
+    result = invoke(*common, "--max-sv", "15", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(invoke("inspect", out, "--json").stdout)
+    (method,) = shown["manifest"]["methods"]
+    svm = method["config"]["svm"]
+    assert svm["max_support_vectors"] == 15
+    assert 1 <= svm["support_vectors"] <= 15 < svm["support_vectors_before_budget"]

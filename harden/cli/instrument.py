@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         svm_c: float = typer.Option(None, "--svm-c", help="SVM C (default: cross-validated grid)."),
         svm_gamma: float = typer.Option(None, "--svm-gamma", help="RBF gamma (default: cross-validated grid)."),
         max_train: int = typer.Option(None, "--max-train", help="Cap on detector training examples."),
+        max_sv: int = typer.Option(None, "--max-sv", help="SafetyNet: support-vector budget (the SVM's cost per input grows with it; default 500)."),
         nic_detectors: int = typer.Option(None, "--nic-detectors", help="NIC: K randomised detector sets, majority vote."),
         nic_invariants: str = typer.Option(None, "--nic-invariants", help="NIC: value | provenance | both."),
         second_model: Path = typer.Option(None, "--second-model", help="Mismatch: the second model (.pt2, or .pt with --second-arch)."),
@@ -67,7 +68,7 @@ def register(app: typer.Typer) -> None:
             extra = {"epochs": epochs, "alpha": alpha, "alpha_growth": alpha_growth, "alpha_every": alpha_every,
                      "lr": lr, "detection_weight": detection_weight, "fire_margin": fire_margin,
                      "trap_rule": trap_rule, "code": code, "attacks": attack or None, "svm_c": svm_c, "svm_gamma": svm_gamma,
-                     "max_train": max_train, "nic_detectors": nic_detectors, "nic_invariants": nic_invariants,
+                     "max_train": max_train, "max_sv": max_sv, "nic_detectors": nic_detectors, "nic_invariants": nic_invariants,
                      "second_model": str(second_model) if second_model else None, "second_arch": second_arch,
                      "train_second": train_second or None, "trust_pickle": trust_pickle or None}
             options = Options(key=key, seed=seed, layers=list(layers or []), mask_ratio=mask_ratio, quantile=quantile,

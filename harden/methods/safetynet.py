@@ -428,7 +428,7 @@ class SafetyNet(Method):
         code = _code_name(ctx)
         specs = [parse_attack(text) for text in _attack_texts(ctx)]
         max_train = _positive_int(options.get("max_train", DEFAULT_MAX_TRAIN), "--max-train")
-        max_sv = _positive_int(options.get("max_sv", DEFAULT_MAX_SV), "safetynet max_sv")
+        max_sv = _positive_int(options.get("max_sv", DEFAULT_MAX_SV), "--max-sv")
         grid = _positive_int(options.get("grid", GRID), "safetynet grid")
         svm_c = _svm_param(options.get("svm_c"), "--svm-c")
         svm_gamma = _svm_param(options.get("svm_gamma"), "--svm-gamma")
