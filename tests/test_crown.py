@@ -305,3 +305,85 @@ def test_reflect_padding_is_sound():
     net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"),
                         nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, CLASSES)).eval()
     check_crown(trace(net), _inputs(True, 2, seed=3), 0.05, (0.0, 1.0), n_points=6, seed=3)
+
+
+def _lenet_like(seed: int) -> nn.Module:
+    """conv - ReLU - max pool (non-overlapping) twice, then dense layers: the shape the fused and whole-map
+    windowed steps and the max-pool read filter are written for."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 3 * 3, 12), nn.ReLU(),
+                         nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_and_whole_map_windows_equal_dense_passes(seed):
+    """A ReLU under a non-overlapping pool relaxed inside the pool step, and dense rows after a flatten
+    through the windowed steps: every node bound and the margin equal the dense passes'."""
+    gm = trace(_lenet_like(seed))
+    x = torch.rand(4, 1, 12, 12)
+    box = Interval.from_box(x, 0.03, (0.0, 1.0))
+    y = gm(x).argmax(1)
+    out = []
+    with torch.no_grad():
+        for windowed in (True, False):
+            engine = LinearBounds(gm)
+            engine.windowed = windowed
+            result = engine.bound_graph(box, "crown")
+            out.append((result, engine.margin_lower(result.nodes, y, _final_linear(gm))))
+            assert (engine.windowed_rows > 0) == windowed
+    (fast, m_fast), (dense, m_dense) = out
+    assert torch.allclose(m_fast, m_dense, atol=1e-5 * max(1.0, float(m_dense.abs().max())))
+    for name, iv in fast.nodes.items():
+        if isinstance(iv, Interval):
+            tol = 1e-5 * max(1.0, float(dense.nodes[name].hi.abs().max()))
+            assert torch.allclose(iv.lo, dense.nodes[name].lo, atol=tol), name
+            assert torch.allclose(iv.hi, dense.nodes[name].hi, atol=tol), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_skipping_neurons_no_pool_window_reads_changes_nothing_after_the_pool(seed):
+    """Conv neurons whose ReLU output no max-pool window can read are not refined: every bound from the
+    pool on, and the margin, equal those of refining them all; and fewer neurons are refined."""
+    gm = trace(_lenet_like(seed))
+    x = torch.rand(6, 1, 12, 12)
+    box = Interval.from_box(x, 0.03, (0.0, 1.0))
+    y = gm(x).argmax(1)
+    conv = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
+    counts, out = [], []
+    with torch.no_grad():
+        for filtered in (True, False):
+            engine = LinearBounds(gm)
+            if not filtered:
+                engine._pooled = {}
+            iv = propagate(gm, box, record={conv[1].name}).nodes[conv[1].name]
+            counts.append(int(engine._mask(conv[1], iv).sum()))
+            result = engine.bound_graph(box, "crown")
+            out.append((result, engine.margin_lower(result.nodes, y, _final_linear(gm))))
+    assert counts[0] < counts[1]
+    (kept, m_kept), (full, m_full) = out
+    assert torch.allclose(m_kept, m_full, atol=1e-5 * max(1.0, float(m_full.abs().max())))
+    after = [n.name for n in gm.graph.nodes][[n.name for n in gm.graph.nodes].index(conv[1].name) + 2:]
+    for name in after:
+        iv = kept.nodes.get(name)
+        if isinstance(iv, Interval):
+            tol = 1e-5 * max(1.0, float(full.nodes[name].hi.abs().max()))
+            assert torch.allclose(iv.lo, full.nodes[name].lo, atol=tol), name
+            assert torch.allclose(iv.hi, full.nodes[name].hi, atol=tol), name
+
+
+def test_dense_rows_to_the_input_are_optional_and_never_looser():
+    """``dense_to_input`` adds the last stage (to the box) for dense layers: sound, at least as tight."""
+    gm = trace(_lenet_like(2))
+    x = torch.rand(6, 1, 12, 12)
+    check_crown(gm, x, 0.03, (0.0, 1.0), n_points=6, seed=2)
+    box = Interval.from_box(x, 0.03, (0.0, 1.0))
+    y = gm(x).argmax(1)
+    margins = []
+    with torch.no_grad():
+        for deep in (False, True):
+            engine = LinearBounds(gm)
+            engine.dense_to_input = deep
+            result = engine.bound_graph(box, "crown")
+            margins.append(engine.margin_lower(result.nodes, y, _final_linear(gm)))
+    assert bool((margins[1] >= margins[0] - 1e-5).all())

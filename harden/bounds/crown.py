@@ -84,7 +84,8 @@ class LinearBounds:
         """Whether neurons refined by dense passes (not on windows) go on to the input box after the stages
         that stop one mixing layer above it (see :meth:`_stages`); windowed neurons always do (cheap)."""
         self._chains = {n: chain_below(self, n) for n in self.nodes if self.keys[n] == "conv2d" and n in self.dependent}
-        self._maps = {n: chain_below(self, n) for n in self.nodes if self.keys[n] in _FLATTENS and n in self.dependent}
+        self._maps = {n: chain for n in self.nodes if self.keys[n] in _FLATTENS and n in self.dependent
+                      and (chain := chain_below(self, n))}
         """Flattening nodes above a window chain: whole-map passes below them run on the windowed steps."""
         check_supported(gm)
         self._check_backward_supported()
