@@ -286,7 +286,8 @@ class LinearBounds:
 
     def _stages(self, node: fx.Node) -> list[frozenset]:
         """Where the passes refining ``node`` stop, cheapest first: the nodes at most m mixing layers deep, for
-        m = (depth of node's input) - 1 down to 1, then the input box (an empty stop set)."""
+        m = (depth of node's input) - 1 down to 1, then the input box (an empty stop set) -- the box only for
+        windowed neurons, for a node with no earlier stage, or with ``dense_to_input``."""
         sources = [s.name for s in node.all_input_nodes if s in self.dependent]
         top = max((self.depth[s] for s in sources), default=0)
         stages = [frozenset(n for n, d in self.depth.items() if d <= m) for m in range(top - 1, 0, -1)]
