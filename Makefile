@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT := out
 CHECKPOINT := examples/lenet5_mnist.pt
-METHOD ?= ctt-lite
+METHOD ?= ctt-strict
 KEY ?= readme-demo-key
 
 .PHONY: demo test venv clean
