@@ -92,8 +92,11 @@ def _crop_rows(engine, what: str, maps: torch.Tensor, rows, oy, ox, grid: _Grid,
         bottom, right = max(0, oy0 + (ny - 1) * sy + a - h), max(0, ox0 + (nx - 1) * sx + b - w)
         padded = F.pad(maps, (left, right, top, bottom)) if top or left or bottom or right else maps
         padded = padded[:, :, oy0 + top:oy0 + top + (ny - 1) * sy + a, ox0 + left:ox0 + left + (nx - 1) * sx + b]
-        cols = F.unfold(padded, (a, b), stride=(sy, sx))                           # [N, C a b, ny nx]
-        return cols.transpose(1, 2).reshape(n * ny * nx, c * a * b).contiguous()
+        # [N, ny, nx, C, a, b] as a strided view of the maps, copied once into the table's layout (unfold
+        # plus a transpose copied twice and was slow for a window as large as the map)
+        s0, s1, s2, s3 = padded.stride()
+        view = padded.as_strided((n, ny, nx, c, a, b), (s0, sy * s2, sx * s3, s1, s2, s3), padded.storage_offset())
+        return view.reshape(n * ny * nx, c * a * b)
 
     key = f"{what}-table{(a, b, sy, sx, oy0, ox0, ny, nx)}"
     flat = _remember(engine, key, maps, table)
@@ -135,9 +138,18 @@ MATRIX_BUDGET = 1 << 21
 
 
 def _transposed_conv(A, weight, stride, dilation):
-    if stride == (1, 1) and weight.shape[1] < 4:  # see backward_affine._transposed_as_conv
+    if stride == (1, 1):  # as a convolution with the flipped kernel: see backward_affine._transposed_as_conv
+        # (to many channels too: 19 vs 23 ms for 1782 rows of LeNet's second layer)
         flipped = weight.flip((2, 3)).transpose(0, 1)
         full = tuple(d * (k - 1) for d, k in zip(dilation, weight.shape[2:]))
+        if weight.shape[1] < 4 and A.device.type == "cpu" and torch.backends.mkldnn.enabled:
+            # oneDNN's convolution to one or two channels is slow here: ATen's own (unfold + gemm) took
+            # 10 vs 18 ms for 500 rows of LeNet's first layer (the margin's whole maps), 43 vs 103 ms for 1500
+            torch.backends.mkldnn.set_flags(False, _fp32_precision=None)   # only the switch
+            try:
+                return F.conv2d(A, flipped, padding=full, dilation=dilation)
+            finally:
+                torch.backends.mkldnn.set_flags(True, _fp32_precision=None)
         return F.conv2d(A, flipped, padding=full, dilation=dilation)
     return F.conv_transpose2d(A, weight, stride=stride, dilation=dilation)
 
