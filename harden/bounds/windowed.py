@@ -129,7 +129,9 @@ def _conv_window(engine, values, node, A, oy, ox, total, grid):
         total = total + A.sum(dim=(2, 3)).matmul(bias)
     A = _transposed_window(engine, node, weight, A, stride, dilation)
     oy, ox = oy * stride[0] - padding[0], ox * stride[1] - padding[1]
-    A = A * _inside(oy, ox, A.shape[2], A.shape[3], x.shape[2], x.shape[3], A.dtype)
+    a, b = A.shape[2:]
+    if int(oy.min()) < 0 or int(ox.min()) < 0 or int(oy.max()) + a > x.shape[2] or int(ox.max()) + b > x.shape[3]:
+        A = A * _inside(oy, ox, a, b, x.shape[2], x.shape[3], A.dtype)      # (every window inside: nothing to cut)
     return A, oy, ox, total, grid.down(stride, padding)
 
 
