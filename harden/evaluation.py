@@ -163,6 +163,17 @@ def _detectors(out: dict[str, np.ndarray]) -> list[str]:
 # --------------------------------------------------------------------------- evaluate
 
 
+
+def _first(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``limit`` inputs (all when None); an empty result or a limit below 1 is an error."""
+    if limit is not None:
+        if limit < 1:
+            raise HardenError(f"--limit must be positive; got {limit}")
+        x, y = x[:limit], y[:limit]
+    if len(x) == 0:
+        raise HardenError("nothing to evaluate: no inputs")
+    return x, y
+
 def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarray, attacks: list[AttackSpec], *,
              input_range: tuple[float, float], num_classes: int, seed: int = 0, limit: int | None = None,
              progress: Progress | None = None) -> EvaluationReport:
@@ -177,12 +188,7 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
         y = y.argmax(axis=1)
     if len(x) != len(y):
         raise HardenError(f"{len(x)} inputs but {len(y)} labels")
-    if limit is not None:
-        if limit < 1:
-            raise HardenError(f"--limit must be positive; got {limit}")
-        x, y = x[:limit], y[:limit]
-    if len(x) == 0:
-        raise HardenError("nothing to evaluate: no inputs")
+    x, y = _first(x, y, limit)
     x = x.astype(np.float32)
     y = y.astype(np.int64)
     say = progress or (lambda message: None)
@@ -282,13 +288,7 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
     """
     from harden.adaptive import adaptive_attack
 
-    x, y = np.asarray(x, dtype=np.float32), np.asarray(y).astype(np.int64)
-    if limit is not None:
-        if limit < 1:
-            raise HardenError(f"--limit must be positive; got {limit}")
-        x, y = x[:limit], y[:limit]
-    if len(x) == 0:
-        raise HardenError("nothing to evaluate: no inputs")
+    x, y = _first(np.asarray(x, dtype=np.float32), np.asarray(y).astype(np.int64), limit)
     say = progress or (lambda message: None)
     clean = _score(scorer, x, num_classes, "the clean inputs")
     correct = clean["logits"].argmax(axis=1) == y

@@ -477,3 +477,23 @@ def net_for(spec: Spelling, seed: int = 0) -> nn.Module:
     if spec.stage == "vec":
         return build_net([BY_NAME["flatten/torch"], spec], rng)
     return build_net([spec], rng)
+
+
+class _Values(torch.fx.Interpreter):
+    """The real graph, every node's value kept (independent of the code under test)."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values = {}
+
+    def run_node(self, n):
+        self.values[n.name] = out = super().run_node(n)
+        return out
+
+
+def real_values(gm, x) -> dict:
+    """Every node's real value on input ``x``, by name."""
+    interp = _Values(gm)
+    with torch.no_grad():
+        interp.run(x)
+    return interp.values

@@ -28,7 +28,7 @@ from harden.bounds import BOUND_RULES, Interval, propagate
 from harden.bounds.propagate import input_dependent
 from harden.graph.trace import trace
 
-from bounds_nets import BY_STAGE, INPUT_SHAPE, SPELLINGS, build_net, net_for
+from bounds_nets import BY_STAGE, INPUT_SHAPE, SPELLINGS, build_net, net_for, real_values
 
 RTOL = 1e-5
 HIT: set[str] = set()   # canonical keys whose rule ran in this module's tests
@@ -43,25 +43,6 @@ EXPORTED = frozenset({
     "conv1d/functional", "max_pool2d/functional-ceil", "avg_pool2d/functional", "adaptive_avg_pool2d/module",
     "leaky_relu/negative-slope[vec]", "hardtanh/functional-kw[img]", "permute/method", "transpose/torch",
 })
-
-
-class _Values(fx.Interpreter):
-    """The real graph, every node's value kept (independent of the code under test)."""
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.values = {}
-
-    def run_node(self, n):
-        self.values[n.name] = out = super().run_node(n)
-        return out
-
-
-def _real_values(gm, x) -> dict:
-    interp = _Values(gm)
-    with torch.no_grad():
-        interp.run(x)
-    return interp.values
 
 
 def _checked(gm) -> list[str]:
@@ -81,7 +62,7 @@ def check_graph(gm: fx.GraphModule, x: torch.Tensor, eps: float, input_range, n_
     with torch.no_grad():
         # eps = 0: point intervals equal the forward pass.
         point = propagate(gm, Interval.point(x), record=names)
-        real = _real_values(gm, x)
+        real = real_values(gm, x)
         for name in names:
             iv, v = point.nodes[name], real[name]
             if isinstance(iv, Interval):
@@ -109,7 +90,7 @@ def check_graph(gm: fx.GraphModule, x: torch.Tensor, eps: float, input_range, n_
             if k < n_points // 3:
                 u = (u < 0.5).float()  # a random vertex of the box
             p = box.lo + u * (box.hi - box.lo)
-            values = _real_values(gm, p)
+            values = real_values(gm, p)
             for name in names:
                 iv, v = bounds.nodes[name], values[name]
                 if not isinstance(iv, Interval):

@@ -20,7 +20,7 @@ from harden.certification import _final_linear, margin_lower_bound
 from harden.errors import HardenError, UnsupportedOpsError
 from harden.graph.trace import trace
 
-from bounds_nets import BY_NAME, BY_STAGE, CLASSES, INPUT_SHAPE, SPELLINGS, build_net, net_for
+from bounds_nets import BY_NAME, BY_STAGE, CLASSES, INPUT_SHAPE, SPELLINGS, build_net, net_for, real_values
 
 RTOL = 1e-5
 HIT: set[str] = set()
@@ -120,23 +120,6 @@ def _tol(iv: Interval) -> torch.Tensor:
     return (RTOL * scale).reshape((-1,) + (1,) * (iv.lo.dim() - 1))
 
 
-class _Values(torch.fx.Interpreter):
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.values = {}
-
-    def run_node(self, n):
-        self.values[n.name] = out = super().run_node(n)
-        return out
-
-
-def _real(gm, x) -> dict:
-    interp = _Values(gm)
-    with torch.no_grad():
-        interp.run(x)
-    return interp.values
-
-
 def _true_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     others = logits.scatter(1, y.unsqueeze(1), float("-inf"))
     return logits.gather(1, y.unsqueeze(1)).squeeze(1) - others.amax(dim=1)
@@ -161,7 +144,7 @@ def check_crown(gm, x: torch.Tensor, eps: float, input_range, n_points: int, see
         points = [box.lo + (torch.rand(x.shape, generator=generator) < 0.5).float() * (box.hi - box.lo)
                   if k < n_points // 3 else box.lo + torch.rand(x.shape, generator=generator) * (box.hi - box.lo)
                   for k in range(n_points)]
-        reals = [_real(gm, p) for p in points]
+        reals = [real_values(gm, p) for p in points]
         for method in ("crown-ibp", "crown"):
             result = engine.bound_graph(box, method)
             margins = [engine.margin_lower(result.nodes, y, f) for f in {fold, None}]
