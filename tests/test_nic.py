@@ -103,6 +103,23 @@ def test_each_invariant_kind_alone(tiny_model, digits, invariants, parts):
     noise = torch.rand(30, *digits.input_shape, generator=torch.Generator().manual_seed(1))
     clean = hardened.run(digits.test.x)["nic.score"]
     assert np.median(hardened.run(noise)["nic.score"]) > np.quantile(clean, 0.95)
+    # the Table III ablation bundles export too (value-only used to fail the parity check on LeNet-5)
+    result = export_onnx(hardened)
+    assert result.parity.max_abs_diff["nic.score"] <= 1e-4
+    assert result.parity.alarm_mismatches["nic.alarm"] == 0
+
+
+def test_head_reduces_and_transforms_in_float64(nic, digits):
+    # The float32 mean of a low-variance channel, standardised and through g's ramp, broke export parity on
+    # LeNet-5 (bench/experiments/nic_parity.py); the head works in float64 up to g and emits float32.
+    method = nic.method("nic")
+    head = method.head
+    spatial = head.spatial.index(True)
+    activation = torch.rand(4, head.dims[spatial], 5, 5)
+    assert head.reduce(spatial, activation).dtype == torch.float64
+    assert head.standardised(spatial, activation).dtype == torch.float64
+    assert head.g(0, spatial, head.standardised(spatial, activation)).dtype == torch.float32
+    assert nic.torch_outputs(digits.test.x[:4])["nic.features"].dtype == np.float32
 
 
 def test_calibration_reaches_the_requested_fpr(nic, digits):
@@ -128,8 +145,29 @@ def test_onnx_parity_through_export(nic, exported, digits):
 def test_transform_g_is_in_the_exported_graph(exported):
     ops = {n.op_type for n in exported.model.graph.node}
     assert {"Floor", "Ceil", "Slice", "Concat"} <= ops
+    assert {"MatMul", "Exp"} <= ops  # the one-class SVMs as dense algebra (harden.detectors.dense_rbf) ...
     domains = {n.domain for n in exported.model.graph.node}
-    assert "ai.onnx.ml" in domains  # the skl2onnx one-class SVMs
+    assert "ai.onnx.ml" not in domains  # ... not skl2onnx's float32 SVM operator
+
+
+def test_dense_svm_graph_matches_sklearn_and_skl2onnx(nic, digits):
+    # NIC's one-class SVMs are written as float64 ONNX algebra instead of skl2onnx's float32 operator (faster and
+    # closer to scikit-learn, see harden/detectors/dense_rbf.py); both graphs must give scikit-learn's score.
+    from harden.detectors.nic_onnx import build_composite
+
+    detector = nic.method("nic").detector
+    features = nic.torch_outputs(digits.test.x)["nic.features"]
+    noise = np.random.default_rng(3).normal(0, 2, features.shape).astype(np.float32)
+    x = np.concatenate([features, features + noise])
+    want = detector.score(x)
+    got = {}
+    for kernel in ("dense", "skl2onnx"):
+        model = build_composite("f", "r", detector.n_features, detector.sets, detector.vote, kernel=kernel)
+        got[kernel] = OnnxGraph(model.SerializeToString()).session.run(None, {"f": x})[0]
+    assert rel_diff(want, got["dense"]) <= 1e-5
+    assert rel_diff(want, got["skl2onnx"]) <= 1e-3
+    assert rel_diff(want, got["dense"]) <= rel_diff(want, got["skl2onnx"])
+    assert np.ptp(want) > 1.0  # the comparison covers a real range of scores
 
 
 def test_detector_interface(nic):

@@ -1,8 +1,8 @@
 """One ONNX graph for a composite detector: column slices -> one-class estimators -> a final estimator per set,
 then an order statistic across sets.
 
-Layout of the graph built by :func:`build_composite` (every estimator converted by skl2onnx through
-:func:`harden.detectors.sklearn_onnx.convert`, so each sub-graph maps ``[N, d] -> [N]`` already oriented)::
+Layout of the graph built by :func:`build_composite` (each estimator is emitted by a *kernel* of
+:data:`KERNELS`, so each sub-graph maps ``[N, d] float32 -> [N] float32`` already oriented)::
 
     features [N, D] --Slice--> est_1 --> s_1 [N] --Unsqueeze--\
                     --Slice--> est_2 --> s_2 [N] --Unsqueeze---+--Concat--> [N, n] --> final --> r_k [N]
@@ -10,7 +10,14 @@ Layout of the graph built by :func:`build_composite` (every estimator converted 
     (for each set k)   (r_k - loc_k) / spread_k --Unsqueeze--Concat--> [N, K] --TopK(m)--> [:, m-1] --> raw [N]
 
 With one set and no normalisation, ``raw = r_1``.  Every internal name is prefixed per estimator, so
-sub-graphs cannot collide; everything is float32 (onnxruntime has no double one-class SVM).
+sub-graphs cannot collide.
+
+Kernels: ``dense`` (the default) writes each RBF one-class SVM as float64 ONNX algebra
+(:mod:`harden.detectors.dense_rbf`): within ~1e-7 of scikit-learn and a fraction of the cost of
+``skl2onnx``, which converts through onnxruntime's float32 ``ai.onnx.ml`` SVM operator (kept for comparison:
+its float32 kernel sums drifted 2.6e-5..2.3e-4 from scikit-learn on NIC's LeNet-5 detectors, against the 1e-4
+export tolerance; docs/results/nic.md).  Between the stages the scores are float32, exactly as
+:class:`harden.methods.nic.NICDetector` rounds them, so the graph and scikit-learn see the same numbers.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from harden.detectors.dense_rbf import rbf_decision_graph
 from harden.detectors.sklearn_onnx import convert
-from harden.opsets import IR_VERSION, ML_OPSET, OPSET
+from harden.opsets import IR_VERSION, OPSET
 
 
 @dataclass
@@ -58,21 +66,36 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, [output], name=output + "/node", **attrs))
         return output
 
-    def estimator(self, estimator, prefix: str, source: str, n_features: int, sign: float) -> str:
-        """Inline the skl2onnx graph of ``estimator`` fed by ``source``; returns its [N] output name."""
-        sub = convert(estimator, "in", "out", n_features, column=None, sign=sign)
-        sub = onnx.compose.add_prefix(sub, prefix)
-        for entry in sub.opset_import:
-            self.opsets[entry.domain] = max(self.opsets.get(entry.domain, 0), entry.version)
-        self.node("Identity", [source], prefix + "in")
-        self.nodes.extend(sub.graph.node)
-        self.inits.extend(sub.graph.initializer)
+    def estimator(self, kernel: str, estimator, prefix: str, source: str, n_features: int, sign: float) -> str:
+        """Emit ``sign * decision(estimator)`` fed by ``source`` with ``kernel``; returns its [N] output name."""
+        KERNELS[kernel](self, estimator, prefix, source, n_features, sign)
         return prefix + "out"
 
 
+def _dense(b: _Builder, estimator, prefix: str, source: str, n_features: int, sign: float) -> None:
+    nodes, inits = rbf_decision_graph(estimator, source, prefix + "out", prefix, sign=sign, exact_int=False)
+    b.nodes.extend(nodes)
+    b.inits.extend(inits)
+
+
+def _skl2onnx(b: _Builder, estimator, prefix: str, source: str, n_features: int, sign: float) -> None:
+    sub = convert(estimator, "in", "out", n_features, column=None, sign=sign)
+    sub = onnx.compose.add_prefix(sub, prefix)
+    for entry in sub.opset_import:
+        b.opsets[entry.domain] = max(b.opsets.get(entry.domain, 0), entry.version)
+    b.node("Identity", [source], prefix + "in")
+    b.nodes.extend(sub.graph.node)
+    b.inits.extend(sub.graph.initializer)
+
+
+KERNELS = {"dense": _dense, "skl2onnx": _skl2onnx}
+
+
 def build_composite(input_name: str, output_name: str, n_features: int, sets: list[SetSpec],
-                    vote: int | None = None) -> onnx.ModelProto:
+                    vote: int | None = None, kernel: str = "dense") -> onnx.ModelProto:
     """``vote`` = m: the raw score is the m-th largest normalised set score (None: the only set's score)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {', '.join(KERNELS)}")
     if vote is None and len(sets) != 1:
         raise ValueError("several sets need a vote (the order statistic to take)")
     b = _Builder()
@@ -85,10 +108,10 @@ def build_composite(input_name: str, output_name: str, n_features: int, sets: li
             b.const(p + "starts", np.array([part.start], dtype=np.int64))
             b.const(p + "stops", np.array([part.stop], dtype=np.int64))
             sliced = b.node("Slice", [input_name, p + "starts", p + "stops", "axis1"], p + "columns")
-            score = b.estimator(part.estimator, p + "est/", sliced, part.stop - part.start, part.sign)
+            score = b.estimator(kernel, part.estimator, p + "est/", sliced, part.stop - part.start, part.sign)
             columns.append(b.node("Unsqueeze", [score, "axis1"], p + "column"))
         matrix = b.node("Concat", columns, f"set{k}/scores", axis=1)
-        raw = b.estimator(spec.final, f"set{k}/final/", matrix, len(spec.parts), spec.final_sign)
+        raw = b.estimator(kernel, spec.final, f"set{k}/final/", matrix, len(spec.parts), spec.final_sign)
         if vote is not None:
             b.const(f"set{k}/loc", np.array(spec.loc, dtype=np.float32))
             b.const(f"set{k}/spread", np.array(spec.spread, dtype=np.float32))
@@ -106,7 +129,6 @@ def build_composite(input_name: str, output_name: str, n_features: int, sets: li
         b.const("vote/last", np.array(vote - 1, dtype=np.int64))
         b.node("Gather", ["vote/top", "vote/last"], output_name, axis=1)
     b.opsets[""] = max(b.opsets.get("", 0), OPSET)
-    b.opsets.setdefault("ai.onnx.ml", ML_OPSET)
     graph = helper.make_graph(
         b.nodes, "composite_detector",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, n_features])],

@@ -106,37 +106,64 @@ class NICHead(nn.Module):
                 if self.provenance:
                     self.add_module(f"probe_{k}_{i}", nn.Linear(d, self.num_classes))
 
+    # Float64 from the reduction to g, cast back to float32 after g.  Measured (bench/experiments/nic_parity.py):
+    # in float32 the per-channel mean of relu1 (576 positions) differed between torch and onnxruntime by 1.5e-7
+    # (summation order; the activations themselves were identical); the standardisation multiplies that by 1/std
+    # (std 0.015) and g's ramp by 1/ramp, and the value invariant's score differed by 2.2e-4 > the 1e-4 export
+    # tolerance.  Casting the whole activation to float64 fixed it but cost 1.7 ms at batch 256 (a fifth of
+    # LeNet-5); summing along the last axis in float32 first (a few values: error a few ulps of a short sum)
+    # and the rest in float64 keeps the rounding difference ~100x smaller at the cost of a float32 ReduceSum.
+
     def reduce(self, i: int, activation: torch.Tensor) -> torch.Tensor:
+        """The site's reduced features, float64."""
         if not self.spatial[i]:
-            return activation.flatten(1)
-        flat = activation.flatten(2)  # [N, C, L]
-        if self.reduce_mode == "mean":
-            return flat.mean(dim=2)
+            return activation.flatten(1).double()
         if self.reduce_mode == "max":
-            return flat.amax(dim=2)
-        return torch.cat([flat.mean(dim=2), flat.amax(dim=2)], dim=1)
+            return activation.flatten(2).amax(dim=2).double()  # exact in float32
+        mean = self.spatial_mean(activation)
+        if self.reduce_mode == "mean":
+            return mean
+        return torch.cat([mean, activation.flatten(2).amax(dim=2).double()], dim=1)
+
+    @staticmethod
+    def spatial_mean(activation: torch.Tensor) -> torch.Tensor:
+        """Per-channel mean of ``[N, C, ...]``, float64: float32 means along the last axis, then float64.
+
+        For an image ``[N, C, H, W]`` the row means are an average pool of kernel ``(1, W)``, which onnxruntime
+        runs in the blocked layout of the convolutions around it (a ReduceSum needs the full map reordered first).
+        """
+        if activation.dim() == 4:
+            rows = nn.functional.avg_pool2d(activation, (1, activation.shape[-1])).double()
+        elif activation.dim() > 4:
+            rows = activation.mean(dim=-1).double()
+        else:
+            rows = activation.double()
+        return rows.flatten(2).mean(dim=2)
 
     def standardised(self, i: int, activation: torch.Tensor) -> torch.Tensor:
-        return (self.reduce(i, activation) - getattr(self, f"mean_{i}")) / getattr(self, f"std_{i}")
+        """(reduced - mean) / std, float64 (the buffers are float32, promoted)."""
+        return (self.reduce(i, activation) - getattr(self, f"mean_{i}").double()) / getattr(self, f"std_{i}").double()
 
     def g(self, k: int, i: int, z: torch.Tensor) -> torch.Tensor:
-        """The keyed transform: floor or ceil (per feature) of z * scale, divided back by the scale.
+        """The keyed transform: floor or ceil (per feature) of z * scale, divided back by the scale; float32 out.
 
         Each jump of the staircase is a linear ramp of width ``ramp`` (a fraction of a step), so g is
         continuous: its gradient is zero on the other (1 - ramp) of the line, but a value that float rounding
         puts a hair apart in torch and onnxruntime lands a hair apart after g too, instead of a whole step
         apart (with pure floor/ceil about 1 feature in 5,000 LeNet rows did, and export parity failed).
+        Computed in the dtype of ``z`` (float64 from :meth:`standardised`), so the ramp's 1/ramp slope
+        multiplies float64 rounding only.
         """
         if not self.transform:
-            return z
-        scale = getattr(self, f"scale_{k}_{i}")
+            return z.float()
+        scale = getattr(self, f"scale_{k}_{i}").to(z.dtype)
         v = z * scale
         keep = 1.0 - self.ramp
         down = torch.floor(v)
         up = torch.ceil(v)
         floor_g = down + torch.clamp((v - down - keep) / self.ramp, 0.0, 1.0)
         ceil_g = up - torch.clamp((up - v - keep) / self.ramp, 0.0, 1.0)
-        return torch.where(getattr(self, f"ceil_{k}_{i}"), ceil_g, floor_g) / scale
+        return (torch.where(getattr(self, f"ceil_{k}_{i}"), ceil_g, floor_g) / scale).float()
 
     def probe(self, k: int, i: int, features: torch.Tensor) -> torch.Tensor:
         return getattr(self, f"probe_{k}_{i}")(features)

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from harden.detectors.dense_rbf import RbfSvmDetector  # noqa: F401  (re-exported: SafetyNet's detector)
 from harden.errors import HardenError
 from harden.graph.analyse import describe, feature_extractor
 from harden.graph.trace import module_path, sites as graph_sites
@@ -230,125 +231,6 @@ def within_budget(estimator, x: np.ndarray, y: np.ndarray, max_sv: int, seed: in
         used = np.sort(np.concatenate(keep))
         estimator = clone(estimator).fit(x[used], y[used])
     return estimator, int(len(used))
-
-
-class RbfSvmDetector:
-    """The decision function of a fitted RBF SVC (optionally after a StandardScaler), as plain ONNX algebra.
-
-    skl2onnx's ``ai.onnx.ml.SVMClassifier`` is evaluated by onnxruntime one
-    (input, support vector) pair at a time: with ~500 support vectors it costs
-    2-7x the whole LeNet-5 at batch 256.  This graph computes the same function
-    with dense algebra, ``-gamma |x - s|^2 = 2 gamma x.s - gamma |s|^2 - gamma |x|^2``:
-    one MatMul against every support vector, broadcast Adds, an Exp over the
-    [N, S] kernel matrix and a MatMul with the dual coefficients
-    (bench/experiments/safetynet_latency.py).
-
-    Precision: the signed sum over support vectors cancels, so float32 algebra
-    drifts 1e-5..1e-3 from scikit-learn.  With integer codes and no scaler the
-    big product x.s is integer arithmetic, exact in float32 (``exact_int``);
-    everything after it runs in float64, as libsvm does.  With a scaler (or
-    non-integer support vectors) the whole chain runs in float64.  ``score`` is
-    scikit-learn's own ``decision_function``, the reference the export is
-    checked against.  Input ``<name>.features`` [N, D] float32, output
-    ``<name>.raw`` [N] float32; the initializers (``svm_sv_t``, ``svm_dual``,
-    ...) are what the adaptive surrogate (:mod:`harden.methods.safetynet_adaptive`)
-    reads back from a bundle.
-    """
-
-    def __init__(self, estimator, method_name: str, n_features: int):
-        from sklearn.pipeline import Pipeline
-
-        self.estimator = estimator
-        self.method_name = method_name
-        self.n_features = int(n_features)
-        steps = estimator.steps if isinstance(estimator, Pipeline) else [("svc", estimator)]
-        self.scaler = steps[0][1] if len(steps) == 2 else None
-        self.svc = steps[-1][1]
-        if len(steps) > 2 or self.svc.kernel != "rbf" or len(self.svc.classes_) != 2:
-            raise HardenError("RbfSvmDetector takes a binary RBF SVC, optionally after one StandardScaler")
-        sv = np.asarray(self.svc.support_vectors_, dtype=np.float64)
-        self.exact_int = bool(self.scaler is None and np.array_equal(sv, np.round(sv))
-                              and (np.abs(sv).max(initial=0.0) ** 2) * max(1, sv.shape[1]) < 2 ** 23)
-        self._onnx: bytes | None = None
-
-    @property
-    def support_vectors(self) -> int:
-        return int(self.svc.n_support_.sum())
-
-    def score(self, features: np.ndarray) -> np.ndarray:
-        decision = self.estimator.decision_function(np.asarray(features, dtype=np.float32))
-        return np.asarray(decision, dtype=np.float32).reshape(-1)
-
-    def onnx_model(self) -> bytes:
-        if self._onnx is None:
-            self._onnx = self._build().SerializeToString()
-        return self._onnx
-
-    def _build(self):
-        import onnx
-        from onnx import TensorProto, helper, numpy_helper
-
-        from harden.opsets import IR_VERSION, OPSET
-
-        gamma = float(self.svc._gamma)
-        sv = np.asarray(self.svc.support_vectors_, dtype=np.float64)
-        narrow = np.float32 if self.exact_int else np.float64
-        consts = {
-            "sv_t": sv.T.astype(narrow),                                     # [D, S]
-            "two_gamma": np.array(2.0 * gamma),
-            "sv_bias": (-gamma * (sv ** 2).sum(axis=1))[None],               # [1, S]
-            "minus_gamma": np.array(-gamma),
-            "dual": np.asarray(self.svc.dual_coef_, dtype=np.float64).T.copy(),   # [S, 1]
-            "intercept": np.asarray(self.svc.intercept_, dtype=np.float64),
-        }
-        if self.scaler is not None:
-            consts["mean"] = np.asarray(self.scaler.mean_, dtype=np.float64)
-            consts["scale"] = np.asarray(self.scaler.scale_, dtype=np.float64)
-        inits = [numpy_helper.from_array(np.asarray(v, dtype=narrow if k == "sv_t" else np.float64), f"svm_{k}")
-                 for k, v in consts.items()]
-        inits += [numpy_helper.from_array(np.array([1], dtype=np.int64), "svm_axis"),
-                  numpy_helper.from_array(np.array([-1], dtype=np.int64), "svm_flat")]
-        features, raw = f"{self.method_name}.features", f"{self.method_name}.raw"
-        n = helper.make_node
-        double = TensorProto.DOUBLE
-        if self.exact_int:  # integer codes: x.s and |x|^2 are exact in float32
-            nodes = [
-                n("MatMul", [features, "svm_sv_t"], ["svm_dot32"]),
-                n("Cast", ["svm_dot32"], ["svm_dot"], to=double),
-                n("Mul", [features, features], ["svm_x2_32"]),
-                n("ReduceSum", ["svm_x2_32", "svm_axis"], ["svm_x_sq32"], keepdims=1),
-                n("Cast", ["svm_x_sq32"], ["svm_x_sq"], to=double),
-            ]
-        else:
-            nodes = [n("Cast", [features], ["svm_x"], to=double)]
-            if self.scaler is not None:
-                nodes += [n("Sub", ["svm_x", "svm_mean"], ["svm_centred"]), n("Div", ["svm_centred", "svm_scale"], ["svm_z"])]
-            else:
-                nodes += [n("Identity", ["svm_x"], ["svm_z"])]
-            nodes += [
-                n("MatMul", ["svm_z", "svm_sv_t"], ["svm_dot"]),
-                n("Mul", ["svm_z", "svm_z"], ["svm_z2"]),
-                n("ReduceSum", ["svm_z2", "svm_axis"], ["svm_x_sq"], keepdims=1),
-            ]
-        nodes += [
-            n("Mul", ["svm_dot", "svm_two_gamma"], ["svm_cross"]),              # [N, S]
-            n("Mul", ["svm_x_sq", "svm_minus_gamma"], ["svm_row_bias"]),       # [N, 1]
-            n("Add", ["svm_cross", "svm_sv_bias"], ["svm_partial"]),
-            n("Add", ["svm_partial", "svm_row_bias"], ["svm_exponent"]),
-            n("Exp", ["svm_exponent"], ["svm_kernel"]),
-            n("MatMul", ["svm_kernel", "svm_dual"], ["svm_weighted"]),
-            n("Add", ["svm_weighted", "svm_intercept"], ["svm_decision"]),
-            n("Reshape", ["svm_decision", "svm_flat"], ["svm_flat_decision"]),
-            n("Cast", ["svm_flat_decision"], [raw], to=TensorProto.FLOAT),
-        ]
-        graph = helper.make_graph(
-            nodes, f"{self.method_name}_rbf_svm",
-            [helper.make_tensor_value_info(features, TensorProto.FLOAT, [None, self.n_features])],
-            [helper.make_tensor_value_info(raw, TensorProto.FLOAT, [None])], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="harden")
-        model.ir_version = IR_VERSION
-        onnx.checker.check_model(model)
-        return model
 
 
 # --------------------------------------------------------------------------- fitting
