@@ -109,7 +109,23 @@ def test_each_invariant_kind_alone(tiny_model, digits, invariants, parts):
     assert result.parity.alarm_mismatches["nic.alarm"] == 0
 
 
-def test_head_reduces_and_transforms_in_float64(nic, digits):
+def test_g_is_a_keyed_floor_or_ceil_staircase(nic):
+    # away from the ramps, g(z) = floor(z * scale) / scale or ceil(z * scale) / scale, per feature
+    head = nic.method("nic").head
+    scale, ceil = head.scale_0_0, head.ceil_0_0
+    assert ceil.any() and (~ceil).any()
+    z = torch.randn(500, len(scale), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    v = (z.float() * scale).double()
+    frac = v - torch.floor(v)
+    flat = torch.where(ceil, frac > head.ramp, frac < 1 - head.ramp) & (frac > 0)
+    expected = torch.where(ceil, torch.ceil(v), torch.floor(v)) / scale.double()
+    got = head.g(0, 0, z).double()
+    assert flat.float().mean() > 0.5
+    torch.testing.assert_close(got[flat], expected[flat], rtol=1e-6, atol=1e-6)
+    assert (got[~flat] - expected[~flat]).abs().max() <= 1.0 / float(scale.min())  # within the ramp's step
+
+
+def test_head_reduces_and_standardises_in_float64(nic, digits):
     # The float32 mean of a low-variance channel, standardised and through g's ramp, broke export parity on
     # LeNet-5 (bench/experiments/nic_parity.py); the head works in float64 up to g and emits float32.
     method = nic.method("nic")
@@ -144,7 +160,7 @@ def test_onnx_parity_through_export(nic, exported, digits):
 
 def test_transform_g_is_in_the_exported_graph(exported):
     ops = {n.op_type for n in exported.model.graph.node}
-    assert {"Floor", "Ceil", "Slice", "Concat"} <= ops
+    assert {"Floor", "Slice", "Concat"} <= ops  # g: ceil features are floor features with a negated scale
     assert {"MatMul", "Exp"} <= ops  # the one-class SVMs as dense algebra (harden.detectors.dense_rbf) ...
     domains = {n.domain for n in exported.model.graph.node}
     assert "ai.onnx.ml" not in domains  # ... not skl2onnx's float32 SVM operator

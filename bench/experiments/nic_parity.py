@@ -76,14 +76,14 @@ def main(argv=None) -> None:
         head = export_module(hardened.graph, (x[:2],), [INPUT_NAME], hardened.output_names())
         f_ort = OnnxGraph(head.SerializeToString()).session.run(["nic.features"], {INPUT_NAME: x.numpy()})[0]
 
-        # Which value entries lie on a ramp of g: record g's inputs (torch's standardised features) on the way.
+        # Which value entries lie on a ramp of g: record g's input (torch's joined standardised features) on the way.
         config, h = method.config, method.head
-        seen: dict[int, list[np.ndarray]] = {}
-        plain_g = h.g
+        seen: list[np.ndarray] = []
+        plain_joined = h.from_joined
 
-        def recording_g(k, i, z):
-            seen.setdefault(i, []).append(z.detach().numpy().copy())
-            return plain_g(k, i, z)
+        def recording_joined(z, logits=None):
+            seen.append(z.detach().numpy().copy())
+            return plain_joined(z, logits)
 
         reduced_torch: dict[int, list[np.ndarray]] = {}
         plain_reduce = h.reduce
@@ -95,11 +95,11 @@ def main(argv=None) -> None:
                 reduced_torch.setdefault(i, []).append((out.detach().double().numpy(), exact.numpy()))
             return out
 
-        h.g, h.reduce = recording_g, recording_reduce
+        h.from_joined, h.reduce = recording_joined, recording_reduce
         try:
             f_torch = hardened.torch_outputs(x)["nic.features"]
         finally:
-            del h.g, h.reduce
+            del h.from_joined, h.reduce
         # onnxruntime's reduced features: the outputs of the head's ReduceMean nodes, in site order.
         import onnx
         probe_head = onnx.ModelProto()
@@ -125,7 +125,7 @@ def main(argv=None) -> None:
         on_ramp = np.zeros_like(f_torch, dtype=bool)
         (entry,) = layout(config)  # one detector set in these variants
         for i, (a, b) in enumerate(entry["value"]):
-            v = np.concatenate(seen[i]) * getattr(h, f"scale_0_{i}").numpy()
+            v = np.concatenate(seen)[:, a:b].astype(np.float32) * getattr(h, f"scale_0_{i}").numpy()
             frac = v - np.floor(v)
             ceil = getattr(h, f"ceil_0_{i}").numpy()
             on_ramp[:, a:b] = np.where(ceil, frac < h.ramp, frac > 1 - h.ramp) & (frac != 0)

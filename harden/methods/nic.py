@@ -4,7 +4,8 @@ For each chosen site (default: every ReLU site) the torch head computes
 
 * the site's *reduced* features: global average pool per channel for a conv activation ``[N, C, H, W] -> [N, C]``
   (``nic_reduce``: ``mean`` | ``max`` | ``meanmax``), fully-connected activations as they are;
-* standardised with the training split's mean and std (buffers of the head);
+* standardised with the training split's mean and std (buffers of the head), in float64 from the reduction on
+  (so torch and onnxruntime agree on the standardised values: see :meth:`NICHead.reduce`);
 * passed through the detector set's keyed, non-differentiable transform ``g`` (per feature: a random scale and
   ``floor`` or ``ceil``, then the scale divided back out; the paper's "random scaling combined with discrete
   floor and ceiling functions");
@@ -19,7 +20,7 @@ at 5% FPR: CW detection 0.41 -> 0.82, DeepFool 0.60 -> 0.92, the gradient L-inf 
 
 The head outputs, for each detector set, ``[g(z_1) .. g(z_S) | softmax_1 .. softmax_S (, softmax(logits))]``
 concatenated as ``nic.features [N, D]``.  The detector (one ONNX graph, :mod:`harden.detectors.nic_onnx`) slices
-that vector and runs one one-class RBF SVM per site (value invariant), one per pair of consecutive derived models
+that vector and runs (as float64 ONNX algebra, :mod:`harden.detectors.dense_rbf`) one one-class RBF SVM per site (value invariant), one per pair of consecutive derived models
 on their concatenated softmax (provenance invariant), and a final one-class SVM over the invariant scores.  Every
 one-class decision function is negated, so higher = more suspicious.  Thresholds are set later by calibration.
 
@@ -72,7 +73,8 @@ SCALE_RANGE = (4.0, 16.0)  # g: per-feature scale, uniform in this range (steps 
 # g: width of the ramp at each jump, as a fraction of a step.  The ramp multiplies a torch/onnxruntime rounding
 # difference in a feature by 1/ramp; with gamma 10/n_features, 0.05 broke export parity (1.3e-4 to 1.9e-4 > 1e-4)
 # while 0.2 kept it at 2.6e-5 to 7.3e-5 over four keys, at the same detection (calibration pools, 5% FPR).
-# Parity stays marginal for some option combinations (docs/results/nic.md).
+# (That was with a float32 head and float32 SVMs; with the float64 standardisation and SVMs the differences are
+# 1e-5 to 3e-5 for every invariant setting: bench/experiments/nic_parity.py, docs/results/nic.md.)
 DEFAULT_RAMP = 0.2
 DEFAULT_OUTPUT_PROBE = True  # the classifier's softmax is the last derived model of the provenance chain
 
@@ -106,7 +108,7 @@ class NICHead(nn.Module):
                 if self.provenance:
                     self.add_module(f"probe_{k}_{i}", nn.Linear(d, self.num_classes))
 
-    # Float64 from the reduction to g, cast back to float32 after g.  Measured (bench/experiments/nic_parity.py):
+    # Float64 from the reduction to the standardised features, rounded to float32 for g.  Measured (bench/experiments/nic_parity.py):
     # in float32 the per-channel mean of relu1 (576 positions) differed between torch and onnxruntime by 1.5e-7
     # (summation order; the activations themselves were identical); the standardisation multiplies that by 1/std
     # (std 0.015) and g's ramp by 1/ramp, and the value invariant's score differed by 2.2e-4 > the 1e-4 export
@@ -145,41 +147,63 @@ class NICHead(nn.Module):
         return (self.reduce(i, activation) - getattr(self, f"mean_{i}").double()) / getattr(self, f"std_{i}").double()
 
     def g(self, k: int, i: int, z: torch.Tensor) -> torch.Tensor:
-        """The keyed transform: floor or ceil (per feature) of z * scale, divided back by the scale; float32 out.
+        """The keyed transform of site ``i`` in set ``k``: see :meth:`staircase`."""
+        return self.staircase(z, getattr(self, f"scale_{k}_{i}"), getattr(self, f"ceil_{k}_{i}"))
+
+    def staircase(self, z: torch.Tensor, scale: torch.Tensor, ceil: torch.Tensor) -> torch.Tensor:
+        """Floor or ceil (per feature) of z * scale, divided back by the scale; float32.
 
         Each jump of the staircase is a linear ramp of width ``ramp`` (a fraction of a step), so g is
         continuous: its gradient is zero on the other (1 - ramp) of the line, but a value that float rounding
         puts a hair apart in torch and onnxruntime lands a hair apart after g too, instead of a whole step
         apart (with pure floor/ceil about 1 feature in 5,000 LeNet rows did, and export parity failed).
-        Computed in the dtype of ``z`` (float64 from :meth:`standardised`), so the ramp's 1/ramp slope
-        multiplies float64 rounding only.
+        ``z`` comes from :meth:`standardised` in float64 and is rounded to float32 here: torch and onnxruntime
+        then agree on it bit for bit (but where the two float64 values straddle a float32 rounding boundary),
+        and every operation below is correctly rounded IEEE arithmetic, the same in both.  (In float64 the
+        staircase cost twice as much in onnxruntime at the same parity.)
         """
+        z = z.float()
         if not self.transform:
-            return z.float()
-        scale = getattr(self, f"scale_{k}_{i}").to(z.dtype)
-        v = z * scale
-        keep = 1.0 - self.ramp
+            return z
+        # ceil's staircase is floor's mirrored: ceil_g(v) = -floor_g(-v), exactly (negation is exact), so a ceil
+        # feature is a floor feature with a negated scale; one branch instead of two and a Where.
+        signed = torch.where(ceil, -scale, scale)   # constant: folded at export
+        v = z * signed
         down = torch.floor(v)
-        up = torch.ceil(v)
-        floor_g = down + torch.clamp((v - down - keep) / self.ramp, 0.0, 1.0)
-        ceil_g = up - torch.clamp((up - v - keep) / self.ramp, 0.0, 1.0)
-        return (torch.where(getattr(self, f"ceil_{k}_{i}"), ceil_g, floor_g) / scale).float()
+        return (down + torch.clamp((v - down - (1.0 - self.ramp)) / self.ramp, 0.0, 1.0)) / signed
 
     def probe(self, k: int, i: int, features: torch.Tensor) -> torch.Tensor:
         return getattr(self, f"probe_{k}_{i}")(features)
 
+    def _joined(self, prefix: str) -> torch.Tensor:
+        """The per-site buffers ``<prefix><i>`` as one vector over every site's features."""
+        return torch.cat([getattr(self, f"{prefix}{i}") for i in range(len(self.dims))])
+
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         activations, logits = (inputs[:-1], inputs[-1]) if self.output_probe else (inputs, None)
-        return self.from_standardised([self.standardised(i, a) for i, a in enumerate(activations)], logits)
+        # Every site at once (one standardisation and one g over the joined features instead of one per site:
+        # fewer, larger graph nodes; onnxruntime folds the joined buffers into constants).
+        reduced = torch.cat([self.reduce(i, a) for i, a in enumerate(activations)], dim=1)
+        z = (reduced - self._joined("mean_").double()) / self._joined("std_").double()
+        return self.from_joined(z, logits)
 
     def from_standardised(self, z: list[torch.Tensor], logits: torch.Tensor | None = None) -> torch.Tensor:
+        return self.from_joined(torch.cat(z, dim=1), logits)
+
+    def from_joined(self, z: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Joined standardised features [N, sum(dims)] -> the head output."""
+        bounds = np.cumsum([0] + self.dims).tolist()
         parts = []
         for k in range(self.sets):
-            gz = [self.g(k, i, zi) for i, zi in enumerate(z)]
+            if self.transform:
+                gz = self.staircase(z, self._joined(f"scale_{k}_"), self._joined(f"ceil_{k}_"))
+            else:
+                gz = z.float()  # the same rounding as the staircase's
             if self.value:
-                parts += gz
+                parts.append(gz)
             if self.provenance:
-                parts += [torch.softmax(self.probe(k, i, f), dim=1) for i, f in enumerate(gz)]
+                parts += [torch.softmax(self.probe(k, i, gz[:, bounds[i] : bounds[i + 1]]), dim=1)
+                          for i in range(len(self.dims))]
                 if self.output_probe:
                     parts.append(torch.softmax(logits.float(), dim=1))
         return torch.cat(parts, dim=1)
