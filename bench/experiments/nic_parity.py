@@ -14,7 +14,11 @@ compared stage by stage, with the export check's measure (absolute below 1, rela
 * ``head_through_sklearn``: scikit-learn on onnxruntime's features against scikit-learn on torch's: the head's
   error as the exact SVMs see it; ``head_off_ramps``: the same with the value entries that lie on a ramp taken
   from torch (what is left once the ramps are out);
-* ``total_skl2onnx`` / ``total_dense``: what ``harden export`` measures, old and new graph.
+* ``total_skl2onnx`` / ``total_dense``: what ``harden export`` measures, old and new graph;
+* ``head.per_site``: per value site, the largest feature difference, the std of that feature's channel and
+  ``score_diff_alone`` (torch's features but that site's value columns from onnxruntime);
+* ``head.reduce``: per conv site, the per-channel means in torch and onnxruntime against float64 means of the
+  same activations (``float64_means`` 0 = the activations themselves are identical: summation order is all).
 """
 
 from __future__ import annotations
