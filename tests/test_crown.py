@@ -370,3 +370,36 @@ def test_dense_rows_to_the_input_are_optional_and_never_looser():
             result = engine.bound_graph(box, "crown")
             margins.append(engine.margin_lower(result.nodes, y, _final_linear(gm)))
     assert bool((margins[1] >= margins[0] - 1e-5).all())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_second_bounds_skipped_only_where_no_relaxation_reads_them(seed):
+    """Upper bounds first, lower bounds only for neurons whose ReLU is not dead and whose pool window may read
+    them: every bound from the last hidden ReLU on, and the margin, equal refining both bounds of every
+    neuron, with fewer rows.  Lower bounds first where the ReLU output feeds only linear layers (skipping the
+    upper bound of settled active neurons, which only loosens later interval bounds): still sound."""
+    gm = trace(_lenet_like(seed))
+    x = torch.rand(8, 1, 12, 12)
+    box = Interval.from_box(x, 0.05, (0.0, 1.0))
+    y = gm(x).argmax(1)
+    rows, out = [], []
+    with torch.no_grad():
+        for skip in (True, False):
+            engine = LinearBounds(gm)
+            engine.skip_settled, engine.lower_first = skip, False
+            counted = []
+            lower = engine.neuron_lower
+            engine.neuron_lower = lambda *a, **k: counted.append(a[2].shape[0]) or lower(*a, **k)
+            result = engine.bound_graph(box, "crown")
+            rows.append(sum(counted))
+            out.append((result, engine.margin_lower(result.nodes, y, _final_linear(gm))))
+    assert rows[0] < rows[1]
+    (kept, m_kept), (full, m_full) = out
+    assert torch.allclose(m_kept, m_full, atol=1e-5 * max(1.0, float(m_full.abs().max())))
+    names = [n.name for n in gm.graph.nodes if n.op != "output"]
+    for name in names[-2:]:          # the last ReLU, the logits layer
+        if isinstance(kept.nodes.get(name), Interval):
+            tol = 1e-5 * max(1.0, float(full.nodes[name].hi.abs().max()))
+            assert torch.allclose(kept.nodes[name].lo, full.nodes[name].lo, atol=tol), name
+            assert torch.allclose(kept.nodes[name].hi, full.nodes[name].hi, atol=tol), name
+    check_crown(gm, x, 0.05, (0.0, 1.0), n_points=6, seed=seed)      # the default: lower bounds first

@@ -198,9 +198,10 @@ def _relu_window(engine, values, node, A, rows, oy, ox, total, grid):
     a, b = A.shape[2:]
     params = _crop_rows(engine, "relu-window", stacked, rows, oy, ox, grid, a, b)
     low, up, icpt = params[:, :c], params[:, c:2 * c], params[:, 2 * c:]
-    total = total + flat_sum(A.clamp(max=0) * icpt)
-    A = A * torch.where(A >= 0, low, up)
-    return A, total
+    neg = A.clamp(max=0)
+    total = total + flat_sum(neg * icpt)
+    # A+ low + A- up: two products instead of a select on the sign (several times slower per element here)
+    return A.clamp(min=0) * low + neg * up, total
 
 
 def _pool_window(engine, values, node, A, rows, oy, ox, total, grid, relu=None):
@@ -224,7 +225,10 @@ def _pool_window(engine, values, node, A, rows, oy, ox, total, grid, relu=None):
         wx = torch.arange(out[1], device=x.device).view(1, 1, 1, -1) * sw - pw
         flat = index
         index = index.reshape(n, c, out[0], out[1])
-        parts = [stable.reshape(n, c, *out).to(x.dtype), top.reshape(n, c, *out),
+        # stable as 0/1, and the largest upper bound where the window is unstable (0 where stable): the step
+        # below is then products and sums only
+        stable = stable.reshape(n, c, *out)
+        parts = [stable.to(x.dtype), torch.where(stable, torch.zeros_like(top.reshape(n, c, *out)), top.reshape(n, c, *out)),
                  (index // w - wy).to(x.dtype), (index % w - wx).to(x.dtype)]
         if fused:
             z = values[relu.all_input_nodes[0].name]
@@ -235,14 +239,15 @@ def _pool_window(engine, values, node, A, rows, oy, ox, total, grid, relu=None):
     stacked = _remember(engine, f"max_pool2d-window{fused}{sorted(g.items())}", x, maps)
     a, b = A.shape[2:]
     params = _crop_rows(engine, f"max_pool2d-window{fused}", stacked, rows, oy, ox, grid, a, b)
-    stable_r, top_r = params[:, :c] > 0.5, params[:, c:2 * c]
+    stable_r, top_r = params[:, :c], params[:, c:2 * c]
     neg = A.clamp(max=0)
-    total = total + flat_sum(torch.where(~stable_r & (neg < 0), neg * top_r, torch.zeros_like(neg)))
-    on_pick = A.clamp(min=0) + torch.where(stable_r, neg, torch.zeros_like(neg))
+    total = total + flat_sum(neg * top_r)                   # an unstable window's negative share: its top bound
+    on_pick = A.clamp(min=0) + neg * stable_r               # the rest goes to the picked entry
     if fused:
         low, up, icpt = params[:, 4 * c:5 * c], params[:, 5 * c:6 * c], params[:, 6 * c:]
-        total = total + flat_sum(on_pick.clamp(max=0) * icpt)
-        on_pick = on_pick * torch.where(on_pick >= 0, low, up)
+        neg = on_pick.clamp(max=0)
+        total = total + flat_sum(neg * icpt)
+        on_pick = on_pick.clamp(min=0) * low + neg * up
     height, width = (a - 1) * sh + kh, (b - 1) * sw + kw
     corner = (torch.arange(a, device=A.device, dtype=A.dtype).view(1, 1, -1, 1) * (sh * width)
               + torch.arange(b, device=A.device, dtype=A.dtype).view(1, 1, 1, -1) * sw)
