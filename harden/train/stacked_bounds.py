@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from harden.bounds.interval import Interval
 from harden.bounds.propagate import input_dependent
-from harden.graph.ops import canonical_op
+from harden.graph.ops import canonical_op, is_inplace
 
 # Ops that commute with stacking: monotone non-decreasing element-wise maps, max / average pooling (monotone in
 # every input), and reshapes that keep the batch dimension.  ``size`` / ``getattr`` let ``x.view(x.size(0), -1)``
@@ -167,14 +167,6 @@ def _channel_indices(indices: torch.Tensor, c: int, hw: int) -> torch.Tensor:
     return torch.cat([pixel * 3 * c + part * c + channel for part in range(3)])
 
 
-def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    return bool(node.kwargs.get("inplace", False))
-
-
 class _Stacked(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, wanted: dict[str, torch.Tensor], last: fx.Node,
                  dependent: set[fx.Node]):
@@ -185,7 +177,7 @@ class _Stacked(fx.Interpreter):
         self.n = 0
         self.natural_only = False
         self.recorded: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.overwritten = {n for n in gm.graph.nodes if any(_in_place(gm, u) for u in n.users)}
+        self.overwritten = {n for n in gm.graph.nodes if any(is_inplace(gm, u) for u in n.users)}
         self.keys = {n: canonical_op(gm, n) for n in gm.graph.nodes}
 
     def run_node(self, n: fx.Node):
