@@ -163,7 +163,6 @@ def _detectors(out: dict[str, np.ndarray]) -> list[str]:
 # --------------------------------------------------------------------------- evaluate
 
 
-
 def _first(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The first ``limit`` inputs (all when None); an empty result or a limit below 1 is an error."""
     if limit is not None:
@@ -173,6 +172,7 @@ def _first(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray,
     if len(x) == 0:
         raise HardenError("nothing to evaluate: no inputs")
     return x, y
+
 
 def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarray, attacks: list[AttackSpec], *,
              input_range: tuple[float, float], num_classes: int, seed: int = 0, limit: int | None = None,
@@ -270,7 +270,6 @@ def render_table(report: EvaluationReport):
         table.add_row(row.attack, _pct(row.accuracy), _pct(row.detection_rate), _pct(row.detection_rate_successful),
                       _num(row.mean_l2), _num(row.mean_linf), _num(row.roc_auc.get("score")), f"{row.seconds:.1f}")
     return table
-
 
 
 # --------------------------------------------------------------------------- adaptive (type II)

@@ -27,15 +27,15 @@ def register(app: typer.Typer) -> None:
     ):
         """Placement of every CTT trap, per-sample robust and detect-or-robust certificates, hardened vs original."""
         with errors_to_exit():
+            from harden.api import certify as certificates
             from harden.bounds.crown import check_method
-            from harden.certification import certify_bundle
             from harden.io.bundle import load_bundle
 
             check_method(bounds)  # before the bundle loads: a typo fails at once
             hardened, manifest = load_bundle(bundle)
             with progress_reporter(not json_out) as progress:
-                report = certify_bundle(hardened, manifest, eps or None, data=data, split=split, limit=limit,
-                                        check=check, seed=seed, bounds=bounds, progress=progress)
+                report = certificates(hardened, manifest, eps or None, data=data, split=split, limit=limit,
+                                      check=check, seed=seed, bounds=bounds, progress=progress)
             if json_out:
                 emit_json(report)
             else:

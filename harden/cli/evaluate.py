@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Accuracy under attack, detection rate, perturbation size, clean FPR and ROC-AUC per detector."""
         with errors_to_exit():
-            from harden.api import evaluate as run_evaluate
+            from harden.api import evaluate as run_evaluate, evaluate_adaptive
             from harden.evaluation import render_table
             from harden.io.bundle import load_bundle
 
@@ -57,8 +57,9 @@ def register(app: typer.Typer) -> None:
                     report = run_evaluate(hardened, manifest, attack or DEFAULT_ATTACKS, onnx_path=onnx_path, data=data,
                                           split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5))
                 if adaptive:
-                    adaptive_report = _run_adaptive(hardened, manifest, onnx_path, data, split, limit, adaptive_eps,
-                                                    lambda m: progress(m, 0.5))
+                    adaptive_report = evaluate_adaptive(hardened, manifest, eps=adaptive_eps, onnx_path=onnx_path,
+                                                        data=data, split=split, limit=limit,
+                                                        progress=lambda m: progress(m, 0.5))
             if json_out:
                 extra = {"adaptive": adaptive_report} if adaptive_report is not None else {}
                 emit_json({"target": str(target), "bundle": str(bundle_path), **(report.to_json() if report else {}), **extra})
@@ -71,14 +72,3 @@ def register(app: typer.Typer) -> None:
                 stdout.print(render_adaptive(adaptive_report))
             if onnx_path is None:
                 console.print("scored through a fresh in-memory ONNX export of the bundle", highlight=False)
-
-
-def _run_adaptive(hardened, manifest, onnx_path, data, split, limit, eps, progress):
-    from harden.adaptive import AdaptiveSettings
-    from harden.api import bundle_data, scorer_for, split_of
-    from harden.evaluation import evaluate_adaptive
-
-    part = split_of(bundle_data(manifest, data), split)
-    return evaluate_adaptive(hardened, scorer_for(hardened, onnx_path).run, part.x.numpy(), part.y.numpy(),
-                             AdaptiveSettings(eps=eps), input_range=tuple(manifest["input"]["range"]),
-                             num_classes=manifest["num_classes"], limit=limit, progress=progress)
