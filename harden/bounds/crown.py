@@ -80,6 +80,7 @@ class LinearBounds:
         self.windowed = True
         self.windowed_rows = 0
         """Single conv neurons above a convolutional chain go through :mod:`harden.bounds.windowed`."""
+        self.chain_rows = 0  # rows of such neurons, windowed or not: the windowed path's candidates
         self.skip_settled = True
         """A neuron's second bound is refined only where the relaxation after it may read it (see :meth:`_tighten`)."""
         self.lower_first = True
@@ -257,6 +258,8 @@ class LinearBounds:
     def neuron_lower(self, values: dict, node: fx.Node, rows: torch.Tensor, neuron: torch.Tensor,
                      sign: torch.Tensor, stop: frozenset = frozenset()) -> torch.Tensor:
         """Lower bounds [R] of ``sign * node[sample rows, flat neuron]``."""
+        if not stop and self._chains.get(node) is not None:
+            self.chain_rows += int(rows.shape[0])
         if self.windowed and not stop and self._chains.get(node) is not None:
             lower = conv_neuron_lower(self, values, node, self._chains[node], rows, neuron, sign)
             if lower is not None:
