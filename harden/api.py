@@ -149,7 +149,7 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     or ``crown`` (backward linear relaxation throughout; tightest, slowest).
     """
     from harden.bounds.crown import check_method
-    from harden.certification import BOUND_LABELS, certify_samples, check_certificates, placement
+    from harden.certification import BOUND_LABELS, certify_samples, check_certificates
 
     check_method(bounds)
     eps_list = list(eps) if eps else [float(manifest.get("eps", 3e-3))]
@@ -181,8 +181,9 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     for value in eps_list:
         text = f"{value:g}"
         progress(f"eps {text}: bounds of the hardened model", done / steps)
-        hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds)
-        place = placement(gm, traps, x, value, input_range, bounds=bounds) if traps else []
+        hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds,
+                                        with_placement=bool(traps))
+        place = hardened_cert.get("placement", [])
         done += 1
         progress(f"eps {text}: bounds of the original model", done / steps)
         original_cert = certify_samples(original, [], x, y, value, input_range, bounds=bounds)

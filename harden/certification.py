@@ -214,6 +214,36 @@ def _margin_record(fold: fx.Node | None) -> set[str]:
 # ---------------------------------------------------------------------------------------------------
 # placement
 # ---------------------------------------------------------------------------------------------------
+class _PlacementTally:
+    """Per trap, counts over samples x masked neurons of the four placement conditions (see :func:`placement`)."""
+
+    def __init__(self, traps: Sequence[Trap]):
+        self.traps = list(traps)
+        self.counts = [[0, 0, 0, 0] for _ in self.traps]
+        self.samples = 0
+
+    def add(self, natural: dict[str, torch.Tensor], result: BoundResult, xb: torch.Tensor) -> None:
+        self.samples += xb.shape[0]
+        for trap, count in zip(self.traps, self.counts):
+            idx, thresholds = trap.on(xb.device, xb.dtype)
+            act = natural[trap.node].flatten(1).index_select(1, idx)
+            iv = result.nodes[trap.node]
+            count[0] += int((act <= thresholds).sum())
+            count[1] += int((iv.hi.flatten(1).index_select(1, idx) >= thresholds).sum())
+            lower = iv.lo.flatten(1).index_select(1, idx)
+            count[2] += int((lower >= thresholds).sum())
+            count[3] += int((lower > thresholds).sum())
+
+    def rows(self) -> list[dict]:
+        out = []
+        for trap, (below, upper, lower, exceeds) in zip(self.traps, self.counts):
+            total = max(1, self.samples * trap.flat_indices.numel())
+            out.append({"site": trap.node, "neurons": int(trap.flat_indices.numel()),
+                        "natural_below": below / total, "upper_reaches": upper / total,
+                        "lower_reaches": lower / total, "lower_exceeds": exceeds / total})
+        return out
+
+
 def placement(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, input_range,
               batch_size: int = 256, bounds: str = "ibp") -> list[dict]:
     """Per trap, fractions over samples x masked neurons: natural activation <= T, hi >= T
@@ -221,34 +251,21 @@ def placement(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, i
 
     ``lower_exceeds`` (lo > T) is the strict form: the alarm fires on ``activation > T``, so a
     neuron with lo == T (typically a dead ReLU with T = 0) meets the paper's condition without
-    ever alarming.
+    ever alarming.  :func:`certify_samples` with ``with_placement=True`` gives the same rows from its own
+    bound pass (no second pass).
     """
     _check_inputs(gm, traps, x, eps)
     engine = _engine(gm, bounds)
     nodes = {t.node for t in traps}
-    counts = [[0, 0, 0, 0] for _ in traps]
+    tally = _PlacementTally(traps)
     with torch.no_grad():
         for rows in _chunks(x.shape[0], batch_size):
             xb = x[rows]
             _, natural = run_recorded(gm, xb, nodes)
             box = Interval.from_box(xb, _eps_for(eps, rows, xb), input_range)
             result = propagate(gm, box, record=nodes) if engine is None else engine.bound_graph(box, bounds)
-            for i, trap in enumerate(traps):
-                idx, thresholds = trap.on(xb.device, xb.dtype)
-                act = natural[trap.node].flatten(1).index_select(1, idx)
-                iv = result.nodes[trap.node]
-                counts[i][0] += int((act <= thresholds).sum())
-                counts[i][1] += int((iv.hi.flatten(1).index_select(1, idx) >= thresholds).sum())
-                lower = iv.lo.flatten(1).index_select(1, idx)
-                counts[i][2] += int((lower >= thresholds).sum())
-                counts[i][3] += int((lower > thresholds).sum())
-    rows_out = []
-    for trap, (below, upper, lower, exceeds) in zip(traps, counts):
-        total = max(1, x.shape[0] * trap.flat_indices.numel())
-        rows_out.append({"site": trap.node, "neurons": int(trap.flat_indices.numel()),
-                         "natural_below": below / total, "upper_reaches": upper / total,
-                         "lower_reaches": lower / total, "lower_exceeds": exceeds / total})
-    return rows_out
+            tally.add(natural, result, xb)
+    return tally.rows()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,7 +319,7 @@ def _bound_batch(gm, traps, xb, yb, eps, input_range, fold, record: set[str], en
 
 
 def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
-                    input_range, batch_size: int = 256, bounds: str = "ibp") -> dict:
+                    input_range, batch_size: int = 256, bounds: str = "ibp", with_placement: bool = False) -> dict:
     """Per-sample certificates over the eps-box around each input (clipped to ``input_range``).
 
     Returns bool tensors ``robust`` (label y everywhere in the box),
@@ -311,8 +328,12 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     bounds behind them (``margin``, ``margin_detect``), and ``fractions``.
     With ``traps=[]`` (the original model) detect_or_robust equals robust.
     ``bounds`` is one of ``ibp``, ``crown-ibp``, ``crown`` (see :mod:`harden.bounds.crown`).
+    ``with_placement``: also ``placement``, the rows of :func:`placement`, read off the same unclamped bound
+    pass (with crown that pass is the costly part, so it is not run twice).
     """
     _check_inputs(gm, traps, x, eps, y)
+    tally = _PlacementTally(traps) if with_placement else None
+    trap_nodes = {t.node for t in traps} if with_placement else set()
     engine = _engine(gm, bounds)
     fold = _final_linear(gm)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in
@@ -320,8 +341,11 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     y = y.to(device=x.device, dtype=torch.int64)
     with torch.no_grad():
         for rows in _chunks(x.shape[0], batch_size):
-            b = _bound_batch(gm, traps, x[rows], y[rows], _eps_for(eps, rows, x), input_range, fold, set(),
+            xb = x[rows]
+            b = _bound_batch(gm, traps, xb, y[rows], _eps_for(eps, rows, x), input_range, fold, trap_nodes,
                              engine, bounds)
+            if tally is not None:
+                tally.add(run_recorded(gm, xb, trap_nodes)[1], b.plain, xb)
             for key in parts:
                 parts[key].append(getattr(b, key))
     out = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for k, v in parts.items()}
@@ -331,6 +355,8 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     out["samples"] = n
     out["margin_method"] = "folded into the last linear layer" if fold is not None else "interval subtraction"
     out["bounds"] = bounds
+    if tally is not None:
+        out["placement"] = tally.rows()
     return out
 
 

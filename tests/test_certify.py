@@ -335,3 +335,20 @@ def test_cli_refuses_an_unknown_bound_method(tmp_path):
     result = CliRunner().invoke(app, ["certify", str(tmp_path / "missing.hardened"), "--bounds", "deeppoly"])
     assert result.exit_code != 0
     assert "ibp, crown-ibp, crown" in result.output and "missing.hardened" not in result.output
+
+
+@pytest.mark.parametrize("bounds", ["ibp", "crown-ibp", "crown"])
+def test_certify_samples_reads_placement_off_its_own_pass(bounds):
+    # harden certify takes the placement rows from certify_samples' unclamped pass instead of bounding the
+    # boxes a second time: the rows must be those of placement() itself, and the certificates unchanged.
+    gm, x, y, traps = small_cnn_setup()
+    traps = [Trap(t.node, t.flat_indices, t.thresholds + 0.02) for t in traps]
+    for eps in (0.0, 0.01, 0.05):
+        joint = certify_samples(gm, traps, x, y, eps, (0.0, 1.0), batch_size=5, bounds=bounds, with_placement=True)
+        alone = certify_samples(gm, traps, x, y, eps, (0.0, 1.0), batch_size=5, bounds=bounds)
+        assert joint["placement"] == placement(gm, traps, x, eps, (0.0, 1.0), batch_size=7, bounds=bounds)
+        for key in ("robust", "detect_or_robust", "always_alarm", "margin", "margin_detect"):
+            assert torch.equal(joint[key], alone[key]), key
+    fractions = [v for row in joint["placement"] for k, v in row.items() if k not in ("site", "neurons")]
+    assert any(0.0 < v < 1.0 for v in fractions)  # the case is not degenerate: some condition holds partly
+    assert "placement" not in alone
