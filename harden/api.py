@@ -174,7 +174,7 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
                  "alarm fires whenever the CTT alarm does" if k == 1 else
                  "the detect-or-robust certificate concerns the CTT alarm only: under this policy the combined "
                  "alarm needs other methods to agree"),
-        "results": {}, "check": {} if check else None,
+        "results": {}, "check": {} if check else None, "interval_only": [],
     }
     steps = len(eps_list) * (3 if check else 2)
     done = 0
@@ -187,6 +187,8 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
         done += 1
         progress(f"eps {text}: bounds of the original model", done / steps)
         original_cert = certify_samples(original, [], x, y, value, input_range, bounds=bounds)
+        report["interval_only"] = sorted(set(report["interval_only"]) | set(hardened_cert["interval_only"])
+                                         | set(original_cert["interval_only"]))
         done += 1
         report["results"][text] = {
             "placement": place,

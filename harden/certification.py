@@ -328,6 +328,7 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     bounds behind them (``margin``, ``margin_detect``), and ``fractions``.
     With ``traps=[]`` (the original model) detect_or_robust equals robust.
     ``bounds`` is one of ``ibp``, ``crown-ibp``, ``crown`` (see :mod:`harden.bounds.crown`).
+    ``interval_only``: the ops the linear-relaxation passes bounded by their intervals (no relaxation).
     ``with_placement``: also ``placement``, the rows of :func:`placement`, read off the same unclamped bound
     pass (with crown that pass is the costly part, so it is not run twice).
     """
@@ -355,6 +356,7 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     out["samples"] = n
     out["margin_method"] = "folded into the last linear layer" if fold is not None else "interval subtraction"
     out["bounds"] = bounds
+    out["interval_only"] = sorted(engine.interval_only) if engine is not None else []
     if tally is not None:
         out["placement"] = tally.rows()
     return out

@@ -31,6 +31,10 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; supported: {', '.join(sorted(self._entries))}"
             ) from None
 
+    def find(self, name: str) -> T | None:
+        """The entry, or None where there is none (for callers with a fallback)."""
+        return self._entries.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

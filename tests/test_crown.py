@@ -28,15 +28,16 @@ WITH_RULES = set(BACKWARD_RULES.names()) | {"size", "getattr"}
 
 
 REFUSED = {"div/floor[img]", "div/floor[vec]"}
-"""Spellings whose key has a backward rule but whose variant has none (rounding): refused with a clear error."""
+"""Spellings whose key has a backward rule but whose variant has none (rounding): bounded by their interval."""
 
 
-def _covered(spec) -> bool:
+def _relaxed(spec) -> bool:
+    """Every op of the spelling has a relaxation; the others are bounded by their intervals in the passes."""
     return set(spec.keys) <= WITH_RULES and spec.name not in REFUSED
 
 
-CROWN_SPELLINGS = [s for s in SPELLINGS if _covered(s)]
-CROWN_STAGE = {stage: [s for s in specs if _covered(s)] for stage, specs in BY_STAGE.items()}
+CROWN_SPELLINGS = SPELLINGS   # every op with an interval rule, relaxed or not
+CROWN_STAGE = BY_STAGE
 
 
 # --------------------------------------------------------------------------- by hand
@@ -94,23 +95,43 @@ def test_refinement_by_hand():
     assert torch.allclose(refined.hi, torch.tensor([[2.0]]), atol=1e-6)
 
 
-def test_unknown_method_and_unsupported_ops_are_refused():
+def test_unknown_methods_and_ops_without_interval_rules_are_refused():
     with pytest.raises(HardenError, match="crown-ibp"):
         check_method("deeppoly")
 
-    class Gated(nn.Module):
+    class Cumulative(nn.Module):   # no interval rule: nothing could stand in for a relaxation
         def forward(self, x):
-            return torch.sigmoid(x).flatten(1)[:, :3] * 2.0
+            return torch.cumsum(x, dim=1)
 
-    with pytest.raises(UnsupportedOpsError, match="sigmoid"):
-        LinearBounds(trace(Gated()))
-    for name in sorted(REFUSED):
-        gm = trace(net_for(BY_NAME[name], seed=1))
-        x = _inputs(True, 2, seed=1)
-        engine = LinearBounds(gm)
-        result = engine.bound_graph(Interval.from_box(x, 0.1, (0.0, 1.0)), "crown-ibp")
-        with pytest.raises(HardenError, match="backward rule"):
-            engine.margin_lower(result.nodes, torch.zeros(2, dtype=torch.long), _final_linear(gm))
+    with pytest.raises(UnsupportedOpsError, match="cumsum"):
+        LinearBounds(trace(Cumulative()))
+
+
+def test_ops_without_a_relaxation_are_bounded_by_their_intervals():
+    """A sigmoid has no backward rule and a product of two input-dependent values is refused by mul's: the
+    passes stop there on the node's interval (sound, looser) and say so in ``interval_only``."""
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.mid, self.out = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h, gate = torch.relu(self.a(x)), torch.sigmoid(self.b(x))
+            return self.out(torch.relu(self.mid(torch.relu(h * gate) + gate)))
+
+    torch.manual_seed(0)
+    gm = trace(Gated().eval())
+    x = torch.rand(5, 4)
+    keys = check_crown(gm, x, 0.05, (0.0, 1.0), n_points=12, seed=4)
+    assert {"interval:sigmoid", "interval:mul"} <= keys and "linear" in keys, sorted(keys)
+    engine = LinearBounds(gm)
+    box = Interval.from_box(x, 0.05, (0.0, 1.0))
+    y = gm(x).argmax(1)
+    with torch.no_grad():
+        crown = engine.margin_lower(engine.bound_graph(box, "crown").nodes, y, _final_linear(gm))
+        ibp = margin_lower_bound(gm, propagate(gm, box, record=[n.name for n in gm.graph.nodes]), y, _final_linear(gm))
+    assert bool((crown >= ibp - 1e-6).all()) and bool((crown > ibp + 1e-6).any())   # still tighter than intervals
 
 
 # --------------------------------------------------------------------------- sampling
@@ -127,7 +148,8 @@ def _true_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def check_crown(gm, x: torch.Tensor, eps: float, input_range, n_points: int, seed: int) -> set[str]:
     """For crown-ibp and crown: every node's interval holds the sampled values and lies inside the interval
-    one; the margin lower bound (folded and unfolded) holds on every point; eps = 0 is exact."""
+    one; the margin lower bound (folded and unfolded) holds on every point; eps = 0 is exact.  Returns the
+    op keys the passes relaxed, and ``interval:<key>`` for those they bounded by their interval."""
     engine = LinearBounds(gm)
     generator = torch.Generator().manual_seed(seed)
     y = torch.randint(0, CLASSES, (x.shape[0],), generator=generator)
@@ -165,7 +187,7 @@ def check_crown(gm, x: torch.Tensor, eps: float, input_range, n_points: int, see
                     slack = 1e-4 * real_margin.abs().clamp_min(1.0)
                     assert bool((real_margin >= m - slack).all()), f"{method}: margin bound violated"
     HIT.update(engine.rules_used)
-    return set(engine.rules_used)
+    return set(engine.rules_used) | {f"interval:{k}" for k in engine.interval_only}
 
 
 def _inputs(bounded: bool, n: int, seed: int) -> torch.Tensor:
@@ -183,9 +205,14 @@ def _run_spelling(name: str) -> frozenset:
 
 
 @pytest.mark.parametrize("spec", CROWN_SPELLINGS, ids=[s.name for s in CROWN_SPELLINGS])
-def test_every_spelling_with_a_backward_rule_is_sound(spec):
+def test_every_spelling_is_sound(spec):
     keys = _run_spelling(spec.name)
-    assert set(spec.keys) - {"size", "getattr"} <= keys, f"{spec.name} did not reach {set(spec.keys) - keys}"
+    wanted = set(spec.keys) - {"size", "getattr"}
+    if _relaxed(spec):
+        assert wanted <= keys, f"{spec.name} did not reach {wanted - keys}"
+        assert not any(k.startswith("interval:") for k in keys), f"{spec.name}: {sorted(keys)}"
+    else:   # the op without a relaxation was reached, and bounded by its interval
+        assert any(k.startswith("interval:") for k in keys), f"{spec.name}: {sorted(keys)}"
 
 
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -31,7 +31,7 @@ from harden.bounds.linear import linear_parts
 from harden.bounds.propagate import BoundResult, IntervalInterpreter, check_supported, input_dependent
 from harden.bounds.rules import Call
 from harden.bounds.windowed import chain_below, conv_neuron_lower, map_lower
-from harden.errors import HardenError, UnsupportedOpsError
+from harden.errors import HardenError
 from harden.graph.ops import canonical_op, op_spelling
 
 METHODS = ("ibp", "crown-ibp", "crown")
@@ -93,19 +93,12 @@ class LinearBounds:
                       and (chain := chain_below(self, n))}
         """Flattening nodes above a window chain: whole-map passes below them run on the windowed steps."""
         check_supported(gm)
-        self._check_backward_supported()
+        self.interval_only: set[str] = set()
+        """Op keys of nodes some pass bounded by their interval instead of a relaxation (see :meth:`_run`)."""
         self.refined = self._refine_plan()
         self._pooled = {n: self._only_pooled(n) for n in self.nodes if n.name in self.refined}
 
     # -- structure ------------------------------------------------------------------------------
-    def _check_backward_supported(self) -> None:
-        problems = [(n.name, op_spelling(self.gm, n)) for n in self.nodes
-                    if n in self.dependent and n.op not in ("placeholder", "output")
-                    and self.keys[n] not in BACKWARD_RULES and self.keys[n] not in _SHAPE_QUERIES
-                    and self._feeds_logits(n)]
-        if problems:
-            raise UnsupportedOpsError(STAGE, problems, BACKWARD_RULES.names())
-
     def _feeds_logits(self, node: fx.Node) -> bool:
         return node in self._logits_ancestors()
 
@@ -145,12 +138,14 @@ class LinearBounds:
         """Node name -> the masks of the relaxations that read it (each: which of its neurons matter)."""
         plan: dict[str, list] = {}
         for node in self.nodes:
-            rule = BACKWARD_RULES._entries.get(self.keys[node])
+            rule = BACKWARD_RULES.find(self.keys[node])
             if rule is None or rule.relaxes is None or node not in self.dependent:
                 continue
             for source in node.all_input_nodes:
                 if source not in self.dependent or self.keys[source] in ACTIVATIONS:
                     continue
+                if self.keys[source] not in BACKWARD_RULES:
+                    continue  # a pass from it would stop at once on its own interval: nothing to gain
                 if self._exact_on_a_box(source):
                     continue
                 plan.setdefault(source.name, []).append(rule.relaxes)
@@ -202,9 +197,6 @@ class LinearBounds:
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
         return Call(self.gm, node, self.keys[node], tuple(args), dict(kwargs), module)
 
-    def _rule(self, node: fx.Node):
-        return BACKWARD_RULES.get(self.keys[node])
-
     def _collect(self, node: fx.Node, back: Back, values: dict, pending: dict) -> None:
         owners: dict[int, fx.Node] = {}
         for source in node.all_input_nodes:
@@ -243,12 +235,35 @@ class LinearBounds:
                     if lower is not None:
                         self.rules_used.add(self.keys[n])
                         return total + lower
-            back = Back(self._call(n, values), A, rows, output=values[n.name], memo=self.memo)
-            self._rule(n).backward(back)
-            self.rules_used.add(self.keys[n])
+            back = self._backward(n, values, A, rows)
+            if back is None:   # no relaxation: the node's own interval bounds the rest of the pass from below
+                total = total + box_lower(A, values[n.name], rows)
+                continue
             total = total + back.bias
             self._collect(n, back, values, pending)
         return total
+
+    def _backward(self, node: fx.Node, values: dict, A: torch.Tensor, rows: torch.Tensor) -> Back | None:
+        """``A`` passed back through ``node`` by its rule, or None where the node has no rule (an op outside
+        the registry, or a variant a rule refuses, e.g. a product of two input-dependent values) and its
+        forward interval stands in for it: sound, as every value of the node lies in that interval, only
+        looser than a relaxation would be.  The op is recorded in :attr:`interval_only`."""
+        rule = BACKWARD_RULES.find(self.keys[node])
+        if rule is not None:
+            back = Back(self._call(node, values), A, rows, output=values[node.name], memo=self.memo)
+            try:
+                rule.backward(back)
+            except HardenError:
+                if not isinstance(values.get(node.name), Interval):
+                    raise
+            else:
+                self.rules_used.add(self.keys[node])
+                return back
+        if not isinstance(values.get(node.name), Interval):
+            raise HardenError(f"bounds: node {node.name!r} ({op_spelling(self.gm, node)}) has no backward rule "
+                              "and no interval of its own to stand in for one")
+        self.interval_only.add(self.keys[node])
+        return None
 
     def _chunk_rows(self, values: dict) -> int:
         widest = max((v.lo[0].numel() for v in values.values() if isinstance(v, Interval) and v.dim() > 0),
@@ -266,19 +281,26 @@ class LinearBounds:
                 self.rules_used.add(self.keys[node])
                 self.windowed_rows += int(rows.shape[0])
                 return lower
-        call = self._call(node, values)
-        rule = self._rule(node)
-        self.rules_used.add(self.keys[node])
-        first = rule.start(call, neuron, sign, rows) if rule.start is not None else None
-        if first is None:
+        rule = BACKWARD_RULES.find(self.keys[node])
+        first = None
+        if rule is not None and rule.start is not None:
+            try:
+                first = rule.start(self._call(node, values), neuron, sign, rows)
+            except HardenError:  # a variant the rule refuses: _backward below records the fallback
+                first = None
+        if first is not None:
+            self.rules_used.add(self.keys[node])
+        else:
             iv = values[node.name] if node.name in values else None
             shape = tuple(iv.shape[1:]) if iv is not None else None
             if shape is None:
                 raise HardenError(f"bounds: node {node.name!r} has no recorded shape")
             A = torch.zeros((len(neuron), int(torch.Size(shape).numel())), dtype=sign.dtype, device=sign.device)
             A.scatter_(1, neuron.unsqueeze(1), sign.unsqueeze(1))
-            first = Back(call, A.reshape((len(neuron),) + shape), rows, output=iv)
-            rule.backward(first)
+            A = A.reshape((len(neuron),) + shape)
+            first = self._backward(node, values, A, rows)
+            if first is None:   # the rule refuses this variant: the neuron keeps its interval bound
+                return box_lower(A, iv, rows)
         return self._run(values, node, first, stop)
 
     def _mixing_depth(self) -> dict[str, int]:
@@ -446,9 +468,9 @@ class LinearBounds:
         iv = values[logits.name]
         eye = torch.eye(k, dtype=iv.dtype, device=iv.device)
         A = (eye[ys].unsqueeze(1) - eye[others]).reshape(rows.shape[0], k)
-        first = Back(self._call(logits, values), A, rows, output=iv)
-        self._rule(logits).backward(first)
-        self.rules_used.add(self.keys[logits])
+        first = self._backward(logits, values, A, rows)
+        if first is None:
+            return box_lower(A, iv, rows)
         return self._run(values, logits, first)
 
 

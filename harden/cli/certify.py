@@ -47,6 +47,9 @@ def register(app: typer.Typer) -> None:
 def _print(report: dict) -> None:
     stdout.print(f"{report['samples']} {report['split']} samples; CTT alarm thresholds as exported "
                  f"(policy {report['policy']}); bounds: {report['bounds']}", highlight=False)
+    if report.get("interval_only"):
+        stdout.print(f"note: no linear relaxation for {', '.join(report['interval_only'])}: the backward passes "
+                     "use those nodes' interval bounds (sound, looser)", highlight=False)
     for eps_text, result in report["results"].items():
         table = Table(title=f"eps = {eps_text}: placement of masked neurons (fraction of samples x neurons)")
         for column in ("site", "neurons", "natural <= T", "hi >= T (sub-optimal)", "lo >= T (optimal)"):
