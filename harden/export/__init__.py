@@ -43,7 +43,6 @@ def build_onnx(hardened: HardenedModel, source: str | Path | None = None) -> onn
     example = torch.as_tensor(hardened.golden["input"][:2])
     graph = export_module(hardened.graph, (example,), [INPUT_NAME], hardened.output_names())
     combined = prefixed(graph, "classifier/")
-    public = [LOGITS_OUTPUT, FINITE_OUTPUT]
     raw_names = []
     for method in hardened.methods:
         raw = f"{method.name}.raw"
