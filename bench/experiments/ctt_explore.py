@@ -85,6 +85,18 @@ def measure(gm, sites, masks, data, cfg, n_test, full=False):
     hyb_raw = (test_per - shift).max(1)
     out["hybrid"] = {"threshold": hyb_thr, "cal_fpr_at_0": float((hyb_cal > 0).mean()),
                      "test_fpr": float((hyb_raw > hyb_thr).mean()), "raised": int((shift > 0).sum())}
+    # scaled (trap_scale="std"): the same thresholds, excess over each trap's natural pre-activation std
+    from harden.train.finetune import pre_activation
+
+    pre_ext = feature_extractor(gm, [pre_activation(gm, s) for s in sites])
+    with torch.no_grad():
+        _, *pre = pre_ext(data.train.x)
+    scale = torch.cat([a.flatten(1).index_select(1, masks[s]) for s, a in zip(sites, pre)], 1).std(0)
+    scale = scale.clamp_min(0.01).numpy()
+    sc_cal = ((cal_per - shift) / scale).max(1)
+    sc_thr = calibrate(sc_cal[:, None], 1, cfg.fpr).thresholds[0]
+    sc_raw = ((test_per - shift) / scale).max(1)
+    out["scaled"] = {"threshold": sc_thr, "test_fpr": float((sc_raw > sc_thr).mean())}
     attacks = {"fgsm0.1": lambda: fgsm(gm, x, y, 0.1), "pgd0.1": lambda: pgd(gm, x, y, 0.1)}
     if full:
         from harden.attacks import parse_attack, run_attack
@@ -105,6 +117,7 @@ def measure(gm, sites, masks, data, cfg, n_test, full=False):
                      "auc": round(float(roc_auc_score(labels, np.r_[raw, araw[correct]])), 3),
                      "hyb_det": round(float((ahyb[correct] > hyb_thr).mean()), 3),
                      "hyb_auc": round(float(roc_auc_score(labels, np.r_[hyb_raw, ahyb[correct]])), 3),
+                     "sc_det": round(float((((aper - shift) / scale).max(1)[correct] > sc_thr).mean()), 3),
                      "trap_fire": [round(float(v), 2) for v in (aper[correct] > 0).mean(0)]}
     return out
 
@@ -121,6 +134,7 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", default=None)
+    ap.add_argument("--save-every", default=None, help="save each epoch's state_dict to PREFIX<epoch>.pt")
     ap.add_argument("--load", default=None, help="measure a saved state_dict (no training)")
     ap.add_argument("--set", action="append", default=[], help="FinetuneConfig field=value")
     args = ap.parse_args(argv)
@@ -151,12 +165,14 @@ def main(argv=None):
         line = {"epoch": record.epoch, "alpha": round(record.alpha, 4), "ce": round(record.cross_entropy, 4),
                 "l_d": round(record.l_d, 5), "l_c": round(record.l_c, 5), "cal_acc": record.accuracy,
                 "cal_fpr": record.fpr, "cal_l_c": round(record.cal_l_c, 5), "sec": round(record.seconds, 1)}
+        if args.save_every:
+            torch.save(g.state_dict(), f"{args.save_every}{record.epoch}.pt")
         if args.every and (record.epoch % args.every == 0 or record.epoch == cfg.epochs):
             g_copy = __import__("copy").deepcopy(g)
             line.update(measure(g_copy, sites, masks, data, cfg, args.n_test))
         print(json.dumps(line), flush=True)
 
-    history, best, _ = finetune_ctt(gm, sites, masks, (data.train.x, data.train.y),
+    history, best, _, _ = finetune_ctt(gm, sites, masks, (data.train.x, data.train.y),
                                  (data.calibration.x, data.calibration.y), data.input_range, cfg,
                                  on_epoch=on_epoch)
     final = measure(gm, sites, masks, data, cfg, args.n_test, full=args.full)

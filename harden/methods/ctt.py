@@ -27,22 +27,40 @@ from harden.methods.base import (
 
 
 class TrapHead(nn.Module):
-    """raw = max over every masked neuron of (activation - T); an alarm at raw > 0 is the paper's rule."""
+    """raw = max over every masked neuron of (activation - T); an alarm at raw > 0 is the paper's rule.
 
-    def __init__(self, sizes: list[int], counts: list[int]):
+    ``scaled``: raw = max of (activation - T) / s instead, s a per-neuron scale (the neuron's natural spread).
+    The calibrated shift t then moves each threshold by t * s rather than by one common t: a trap whose natural
+    values never vary keeps its threshold where it is while a noisy one gets the headroom it needs
+    (docs/results/ctt.md, session 3).
+    """
+
+    def __init__(self, sizes: list[int], counts: list[int], scaled: bool = False):
         super().__init__()
         self.sizes = list(sizes)
+        self.scaled = scaled
         for i, count in enumerate(counts):
             self.register_buffer(f"indices_{i}", torch.zeros(count, dtype=torch.int64))
             self.register_buffer(f"thresholds_{i}", torch.zeros(count, dtype=torch.float32))
+            if scaled:
+                self.register_buffer(f"scales_{i}", torch.ones(count, dtype=torch.float32))
 
     def trap(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"indices_{i}"), getattr(self, f"thresholds_{i}")
 
+    def scales(self, i: int) -> torch.Tensor:
+        """Per masked neuron, how many units of activation one unit of the calibrated shift is (1: unscaled)."""
+        return getattr(self, f"scales_{i}") if self.scaled else torch.ones_like(self.trap(i)[1])
+
+    def alarm_thresholds(self, i: int, shift: float) -> torch.Tensor:
+        """The activation above which each masked neuron alarms once the calibrated shift is applied."""
+        return self.trap(i)[1] + shift * self.scales(i)
+
     def excess(self, i: int, activation: torch.Tensor) -> torch.Tensor:
-        """Per sample and masked neuron: activation - T, shape [N, count_i]."""
+        """Per sample and masked neuron: activation - T (over s when scaled), shape [N, count_i]."""
         indices, thresholds = self.trap(i)
-        return activation.flatten(1).index_select(1, indices) - thresholds
+        excess = activation.flatten(1).index_select(1, indices) - thresholds
+        return excess / getattr(self, f"scales_{i}") if self.scaled else excess
 
     def forward(self, *activations: torch.Tensor) -> torch.Tensor:
         per_site = [self.excess(i, a).amax(dim=1) for i, a in enumerate(activations)]
@@ -77,11 +95,14 @@ class _CTTBase(Method):
         masks = make_masks(ctx.options.key, sizes, ctx.options.mask_ratio)
         return chosen, masks, sizes
 
-    def finish(self, ctx: FitContext, chosen, masks, sizes, thresholds: dict[str, torch.Tensor], extra: dict) -> FittedMethod:
-        head = TrapHead([sizes[s] for s in chosen], [len(masks[s]) for s in chosen])
+    def finish(self, ctx: FitContext, chosen, masks, sizes, thresholds: dict[str, torch.Tensor], extra: dict,
+               scales: dict[str, torch.Tensor] | None = None) -> FittedMethod:
+        head = TrapHead([sizes[s] for s in chosen], [len(masks[s]) for s in chosen], scaled=scales is not None)
         for i, site in enumerate(chosen):
             getattr(head, f"indices_{i}").copy_(masks[site])
             getattr(head, f"thresholds_{i}").copy_(thresholds[site].float())
+            if scales is not None:
+                getattr(head, f"scales_{i}").copy_(scales[site].float())
         config: dict[str, Any] = {
             "sites": chosen,
             "sizes": [sizes[s] for s in chosen],
@@ -89,12 +110,13 @@ class _CTTBase(Method):
             "mask_ratio": ctx.options.mask_ratio,
             "key_fingerprint": key_fingerprint(ctx.options.key),
             **extra,
+            "trap_scaled": scales is not None,
         }
         return FittedMethod(self.name, config, head, list(chosen), sites=list(chosen))
 
     @classmethod
     def build_head(cls, config: dict[str, Any]) -> nn.Module:
-        return TrapHead(config["sizes"], config["counts"])
+        return TrapHead(config["sizes"], config["counts"], scaled=bool(config.get("trap_scaled", False)))
 
 
 @register_method
@@ -134,16 +156,16 @@ class _CTTFinetuned(_CTTBase):
                              device=o.device, **given)
         train = (ctx.data.train.x, ctx.data.train.y)
         calibration = (ctx.data.calibration.x, ctx.data.calibration.y)
-        history, best, thresholds = finetune_ctt(ctx.gm, chosen, masks, train, calibration, ctx.data.input_range,
-                                                 cfg, ctx.progress)
+        history, best, thresholds, scales = finetune_ctt(ctx.gm, chosen, masks, train, calibration,
+                                                         ctx.data.input_range, cfg, ctx.progress)
         extra = {"threshold": o.threshold, "eps": o.eps, "trap_rule": cfg.trap_rule,
                  "finetune": {**cfg.__dict__, "best_epoch": best}, "_history": history_json(history)}
-        return self.finish(ctx, chosen, masks, sizes, thresholds, extra)
+        return self.finish(ctx, chosen, masks, sizes, thresholds, extra, scales)
 
 
 # Fine-tuning settings a user may give (CLI flags / Options.extra), by FinetuneConfig field name.
 FINETUNE_OPTIONS = ("epochs", "alpha", "alpha_growth", "alpha_every", "lr", "detection_weight", "fire_margin",
-                    "loose_weight", "anneal", "trap_rule", "batch_size")
+                    "loose_weight", "anneal", "trap_rule", "trap_scale", "batch_size")
 
 
 @register_method

@@ -26,6 +26,10 @@ measurement in docs/results/ctt.md chose otherwise):
   section 3.3 enforced by construction where fine-tuning left L_D > 0.  Either
   way the combined alarm is then calibrated to --fpr, which shifts every
   trap's threshold by one common amount.
+- ``trap_scale``: "std" exports, per trap, the natural standard deviation of its
+  pre-activation on the training split (floored at ``scale_floor``) and the head
+  divides each trap's excess by it, so the calibrated shift moves each
+  threshold in proportion to the trap's own spread; "none": one common shift.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ ANNEAL = ("both", "detection")
 # DeepFool detection (32% -> 14% on 400 digits), so loose keeps lr 3e-4 over 10 epochs.
 KIND_DEFAULTS = {"strict": {"lr": 1e-4, "epochs": 4}, "loose": {"lr": 3e-4, "epochs": 10}}
 TRAP_RULES = ("fixed", "natural")
+TRAP_SCALES = ("none", "std")
 
 
 @dataclass
@@ -71,6 +76,8 @@ class FinetuneConfig:
     loose_weight: float = 1.0  # strict only: weight of the added L_LC term (keeps traps sensitive)
     anneal: str = "both"       # what alpha's growth applies to: "both" losses or only L_D ("detection")
     trap_rule: str = "natural"  # exported thresholds: "fixed" T, or max(T, natural maximum on the training split)
+    trap_scale: str = "none"   # "std": the calibrated shift moves each trap by its natural spread (see above)
+    scale_floor: float = 0.01  # smallest trap scale (a trap that never varies on the training split)
     eps_ramp_to: float = 0.0   # > 0: the training eps grows linearly from eps (first epoch) to this (last epoch)
     batch_size: int = 64
     fpr: float = 0.02          # an epoch qualifies when its calibration trap-FPR is at most this
@@ -88,6 +95,10 @@ class FinetuneConfig:
             raise HardenError(f"CTT fine-tuning kind must be loose or strict; got {self.kind!r}")
         if self.anneal not in ANNEAL:
             raise HardenError(f"anneal must be one of {', '.join(ANNEAL)}; got {self.anneal!r}")
+        if self.trap_scale not in TRAP_SCALES:
+            raise HardenError(f"trap_scale must be one of {', '.join(TRAP_SCALES)}; got {self.trap_scale!r}")
+        if not self.scale_floor > 0:
+            raise HardenError(f"scale_floor must be positive; got {self.scale_floor}")
         if self.trap_rule not in TRAP_RULES:
             raise HardenError(f"--trap-rule must be one of {', '.join(TRAP_RULES)}; got {self.trap_rule!r}")
         for name in ("epochs", "batch_size"):
@@ -237,6 +248,16 @@ class _Traps:
         return top
 
     @torch.no_grad()
+    def scales(self, x: torch.Tensor, batch: int = 500) -> list[torch.Tensor]:
+        """Per trap neuron, the natural standard deviation of its pre-activation on ``x``, at least scale_floor."""
+        parts: list[list[torch.Tensor]] = [[] for _ in self.masks]
+        for start in range(0, len(x), batch):
+            _, *pre = self.natural(x[start : start + batch])
+            for part, a, m in zip(parts, pre, self.masks):
+                part.append(a.flatten(1).index_select(1, m))
+        return [torch.cat(p).std(dim=0).clamp_min(self.cfg.scale_floor) for p in parts]
+
+    @torch.no_grad()
     def score(self, x: torch.Tensor, y: torch.Tensor, thresholds: list[torch.Tensor],
               batch: int = 500) -> tuple[float, float, float, float]:
         """Accuracy, trap FPR (some masked neuron above its threshold, as the exported head computes it before
@@ -281,10 +302,11 @@ def finetune_ctt(
     cfg: FinetuneConfig,
     progress: Callable[[str, float], None] = lambda message, fraction: None,
     on_epoch: Callable[[EpochRecord, fx.GraphModule], None] | None = None,
-) -> tuple[list[EpochRecord], int, dict[str, torch.Tensor]]:
+) -> tuple[list[EpochRecord], int, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Fine-tune ``gm`` in place; on return it holds the best epoch's weights.
 
-    Returns (history, best epoch, per-site trap thresholds by ``cfg.trap_rule`` for the best weights).
+    Returns (history, best epoch, per-site trap thresholds by ``cfg.trap_rule`` for the best weights, per-site
+    trap scales by ``cfg.trap_scale`` or None when unscaled).
 
     ``on_epoch(record, gm)`` is called after each epoch (experiments use it to measure attacks per epoch).
     """
@@ -341,8 +363,9 @@ def finetune_ctt(
     for p in params:
         p.requires_grad_(False)
     thresholds = {s: t.cpu() for s, t in zip(traps.sites, traps.thresholds(x_train))}
+    scales = ({s: k.cpu() for s, k in zip(traps.sites, traps.scales(x_train))} if cfg.trap_scale == "std" else None)
     gm.to("cpu")
-    return history, best.epoch if best else 0, thresholds
+    return history, best.epoch if best else 0, thresholds, scales
 
 
 def history_json(history: list[EpochRecord]) -> list[dict]:
