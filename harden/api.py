@@ -84,18 +84,22 @@ def scorer_for(hardened: HardenedModel, onnx_path: Path | None, source=None):
 
 def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onnx_path: Path | None = None,
              data: str | None = None, split: str = "test", limit: int | None = 500, seed: int = 0,
-             progress: Callable[[str], None] | None = None):
-    """Attacks (ART) against the classifier; alarms and scores read from the ONNX graph in onnxruntime."""
+             progress: Callable[[str], None] | None = None, adversarial: list[Path] = ()):
+    """Attacks (ART) against the classifier, and adversarial sets crafted elsewhere (``adversarial``: .npz
+    files, :mod:`harden.io.adversarial`); alarms and scores read from the ONNX graph in onnxruntime."""
     from harden.attacks import parse_attack
     from harden.evaluation import evaluate as _evaluate
+    from harden.io.adversarial import load_adversarial
 
     specs = [parse_attack(a) for a in attacks]
+    given = [load_adversarial(p, input_shape=tuple(manifest["input"]["shape"]), num_classes=manifest["num_classes"],
+                              input_range=tuple(manifest["input"]["range"])) for p in adversarial]
     dataset = bundle_data(manifest, data)
     part = split_of(dataset, split)
     graph = scorer_for(hardened, onnx_path)
     return _evaluate(hardened.classifier, graph.run, part.x.numpy(), part.y.numpy(), specs,
                      input_range=tuple(manifest["input"]["range"]), num_classes=manifest["num_classes"],
-                     seed=seed, limit=limit, progress=progress)
+                     seed=seed, limit=limit, progress=progress, given=given)
 
 
 

@@ -174,13 +174,62 @@ def _first(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray,
     return x, y
 
 
+def _row(label: str, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, correct: np.ndarray,
+         clean: dict[str, np.ndarray], adv: dict[str, np.ndarray], seconds: float, params: dict) -> AttackRow:
+    """One table row: ``x_adv`` made from ``x`` (None: unknown), ``correct`` the inputs the detection rates
+    count, ``clean`` the clean scores the ROC-AUC compares against."""
+    wrong_now = adv["logits"].argmax(axis=1) != y
+    successful = correct & wrong_now
+    l2 = linf = None
+    if x is not None:
+        delta = (x_adv - x).reshape(len(x), -1).astype(np.float64)
+        l2 = _mean(np.linalg.norm(delta, axis=1)[correct])
+        linf = _mean((np.abs(delta).max(axis=1) if delta.shape[1] else np.zeros(len(x)))[correct])
+    methods = method_names(clean)
+    return AttackRow(
+        attack=label,
+        n=len(x_adv),
+        accuracy=float(np.mean(~wrong_now)),
+        detection_rate=_rate(adv["alarm"][correct]),
+        detection_rate_successful=_rate(adv["alarm"][successful]),
+        mean_l2=l2,
+        mean_linf=linf,
+        roc_auc={d: roc_auc(clean[d], adv[d][correct]) if d in adv else None for d in _detectors(clean)},
+        per_method_detection={m: _rate(adv[m + ALARM_SUFFIX][correct]) if m + ALARM_SUFFIX in adv else None
+                              for m in methods},
+        seconds=seconds,
+        n_correct=int(correct.sum()),
+        n_successful=int(successful.sum()),
+        params=params,
+    )
+
+
+def _given_row(scorer: Scorer, given_set, clean: dict[str, np.ndarray], num_classes: int) -> AttackRow:
+    """A set crafted elsewhere (:mod:`harden.io.adversarial`).  With its clean inputs: the same measures as
+    an attack's row, the AUC against those clean inputs.  Without: every input counts as originally correct
+    (detection over all, "successful" = misclassified), no perturbation size, the AUC against the split's
+    clean inputs."""
+    start = time.perf_counter()
+    adv = _score(scorer, given_set.x, num_classes, given_set.label)
+    params = {"inputs": len(given_set.x), "clean_pairs": given_set.x_clean is not None}
+    if given_set.x_clean is None:
+        correct = np.ones(len(given_set.x), dtype=bool)
+        return _row(given_set.label, None, given_set.x, given_set.y, correct, clean, adv,
+                    time.perf_counter() - start, params)
+    own_clean = _score(scorer, given_set.x_clean, num_classes, f"the clean inputs of {given_set.label}")
+    correct = own_clean["logits"].argmax(axis=1) == given_set.y
+    return _row(given_set.label, given_set.x_clean, given_set.x, given_set.y, correct, own_clean, adv,
+                time.perf_counter() - start, params)
+
+
 def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarray, attacks: list[AttackSpec], *,
              input_range: tuple[float, float], num_classes: int, seed: int = 0, limit: int | None = None,
-             progress: Progress | None = None) -> EvaluationReport:
-    """Clean row, then each attack: crafted on ``model``, scored with ``scorer``.
+             progress: Progress | None = None, given: list = ()) -> EvaluationReport:
+    """Clean row, then each attack: crafted on ``model``, scored with ``scorer``; then each ``given`` set
+    (:class:`harden.io.adversarial.AdversarialSet`, crafted elsewhere), scored as it is.
 
     ``limit`` keeps the first ``limit`` inputs (the data splits are already
-    seeded shuffles). Every attack runs with the same ``seed``.
+    seeded shuffles). Every attack runs with the same ``seed``.  ``limit`` does not cut the given sets.
     """
     x = np.asarray(x)
     y = np.asarray(y)
@@ -198,7 +247,6 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
     clean_pred = clean["logits"].argmax(axis=1)
     correct = clean_pred == y
     methods = method_names(clean)
-    detectors = _detectors(clean)
     per_method_fpr = {m: float(np.mean(clean[m + ALARM_SUFFIX])) for m in methods if m + ALARM_SUFFIX in clean}
 
     rows: list[AttackRow] = []
@@ -209,29 +257,11 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
         x_adv = run_attack(model, spec, x, y, input_range=input_range, num_classes=num_classes, seed=seed)
         say(f"attack {i}/{len(attacks)}: scoring {label}")
         adv = _score(scorer, x_adv, num_classes, f"the {label} examples")
-        seconds = time.perf_counter() - start
-
-        wrong_now = adv["logits"].argmax(axis=1) != y
-        successful = correct & wrong_now
-        delta = (x_adv - x).reshape(len(x), -1).astype(np.float64)
-        l2 = np.linalg.norm(delta, axis=1)
-        linf = np.abs(delta).max(axis=1) if delta.shape[1] else np.zeros(len(x))
-        rows.append(AttackRow(
-            attack=label,
-            n=len(x),
-            accuracy=float(np.mean(~wrong_now)),
-            detection_rate=_rate(adv["alarm"][correct]),
-            detection_rate_successful=_rate(adv["alarm"][successful]),
-            mean_l2=_mean(l2[correct]),
-            mean_linf=_mean(linf[correct]),
-            roc_auc={d: roc_auc(clean[d], adv[d][correct]) if d in adv else None for d in detectors},
-            per_method_detection={m: _rate(adv[m + ALARM_SUFFIX][correct]) if m + ALARM_SUFFIX in adv else None
-                                  for m in methods},
-            seconds=seconds,
-            n_correct=int(correct.sum()),
-            n_successful=int(successful.sum()),
-            params=dict(spec.resolved()),
-        ))
+        rows.append(_row(label, x, x_adv, y, correct, clean, adv, time.perf_counter() - start,
+                         dict(spec.resolved())))
+    for given_set in given:
+        say(f"scoring {given_set.label}: {len(given_set.x)} inputs")
+        rows.append(_given_row(scorer, given_set, clean, num_classes))
 
     return EvaluationReport(
         clean_accuracy=float(np.mean(correct)),

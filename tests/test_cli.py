@@ -164,3 +164,25 @@ def test_safetynet_support_vector_budget_from_the_cli(files, tmp_path):
     svm = method["config"]["svm"]
     assert svm["max_support_vectors"] == 15
     assert 1 <= svm["support_vectors"] <= 15 < svm["support_vectors_before_budget"]
+
+
+def test_evaluate_scores_adversarial_sets_made_elsewhere(bundle, tmp_path):
+    from harden.io.bundle import load_bundle
+
+    hardened, manifest = load_bundle(bundle)
+    from harden.api import bundle_data
+
+    test = bundle_data(manifest).test
+    x, y = test.x[:30].numpy(), test.y[:30].numpy()
+    noisy = np.clip(x + np.random.default_rng(0).normal(0, 0.3, x.shape), 0, 1).astype(np.float32)
+    np.savez(tmp_path / "noisy.npz", x=noisy, y=y, x_clean=x)
+    result = invoke("evaluate", bundle, "--adversarial", tmp_path / "noisy.npz", "--limit", 30, "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["rows"]   # no default attacks ran beside the given set
+    alarms = hardened.run(noisy)["alarm"]
+    correct = hardened.run(x)["logits"].argmax(1) == y
+    assert row["attack"] == "given:noisy.npz" and row["n"] == 30
+    assert row["detection_rate"] == pytest.approx(alarms[correct].mean())
+    np.savez(tmp_path / "wide.npz", x=noisy * 3, y=y)
+    one_line_error(invoke("evaluate", bundle, "--adversarial", tmp_path / "wide.npz"), "outside the model's input range")
+    one_line_error(invoke("evaluate", bundle, "--adversarial", tmp_path / "none.npz"), "no such file")

@@ -245,3 +245,70 @@ def test_with_a_real_hardened_model(tiny_hardened, digits):
     assert row.accuracy < report.clean_accuracy
     assert row.mean_linf == pytest.approx(0.2, abs=1e-6)
     json.dumps(report.to_json(), allow_nan=False)
+
+
+def _given(path, x, y, x_clean=None):
+    from harden.io.adversarial import load_adversarial
+
+    arrays = {"x": x, "y": y} if x_clean is None else {"x": x, "y": y, "x_clean": x_clean}
+    np.savez(path, **arrays)
+    return load_adversarial(path, input_shape=x.shape[1:], num_classes=10, input_range=RANGE)
+
+
+def test_a_given_set_with_its_clean_inputs_scores_like_the_attack_that_made_it(setup, tmp_path):
+    # The same adversarial examples, once crafted by harden and once read from a file: the rows must agree.
+    model, x, y = setup
+    scorer = novelty_scorer(model, x)
+    weak = parse_attack("fgsm:eps=0.05")
+    x_adv = run_attack(model, weak, x, y, input_range=RANGE, num_classes=10, seed=0)
+    report = run(model, scorer, x, y, attacks=(weak,), given=[_given(tmp_path / "adv.npz", x_adv, y, x)])
+    crafted, given = report.rows
+    assert given.attack == "given:adv.npz"
+    for name in ("n", "accuracy", "detection_rate", "detection_rate_successful", "mean_l2", "mean_linf",
+                 "roc_auc", "per_method_detection", "n_correct", "n_successful"):
+        assert getattr(given, name) == pytest.approx(getattr(crafted, name)), name
+    assert 0 < crafted.n_successful < crafted.n_correct  # a case where the denominators differ
+
+
+def test_a_given_set_without_clean_inputs_counts_every_input(setup, tmp_path):
+    model, x, y = setup
+    x_adv = run_attack(model, FGSM, x, y, input_range=RANGE, num_classes=10, seed=0)
+    half = len(x) // 2
+    mixed = np.concatenate([x[:half], x_adv[half:]])   # the scorer knows the first half: it does not alarm there
+    report = run(model, novelty_scorer(model, x), x, y, attacks=(), given=[_given(tmp_path / "m.npz", mixed, y)])
+    (row,) = report.rows
+    assert row.n_correct == len(x) and row.mean_l2 is None and row.mean_linf is None
+    changed = np.abs(mixed - x).reshape(len(x), -1).max(axis=1) > 0
+    assert row.detection_rate == pytest.approx(changed.mean())
+    wrong = logits_of(model, mixed).argmax(1) != y
+    assert row.detection_rate_successful == pytest.approx(changed[wrong].mean())
+    assert row.accuracy == pytest.approx(1 - wrong.mean())
+
+
+def test_given_sets_are_checked(tmp_path):
+    from harden.io.adversarial import load_adversarial
+
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    y = np.arange(4)
+
+    def load(name, **arrays):
+        np.savez(tmp_path / name, **arrays)
+        return load_adversarial(tmp_path / name, input_shape=(1, 8, 8), num_classes=10, input_range=RANGE)
+
+    cases = {
+        "shape": dict(x=x[:, :, :6], y=y),
+        "'x' and 'y'": dict(x=x),
+        "labels": dict(x=x, y=y[:3]),
+        "lie in": dict(x=x, y=y + 7),
+        "input range": dict(x=x * 2, y=y),
+        "'x_clean' has shape": dict(x=x, y=y, x_clean=x[:2]),
+        "found": dict(x=x, y=y, extra=y),
+    }
+    for message, arrays in cases.items():
+        with pytest.raises(HardenError, match=message):
+            load(f"{len(message)}.npz", **arrays)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    (tmp_path / "objects.npz").write_bytes((tmp_path / "objects.npy").read_bytes())
+    with pytest.raises(HardenError, match="readable .npz"):
+        load_adversarial(tmp_path / "objects.npz", input_shape=(1, 8, 8), num_classes=10, input_range=RANGE)
+    assert load("ok.npz", x=x, y=np.eye(10)[y]).y.tolist() == y.tolist()   # one-hot labels

@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         adaptive: bool = typer.Option(False, "--adaptive", help="Type II attack that knows the detectors (smoothed surrogates); alone unless --attack is given too."),
         adaptive_eps: float = typer.Option(0.1, "--adaptive-eps", help="L-inf budget of the --adaptive attack."),
+        adversarial: list[Path] = typer.Option(None, "--adversarial", help="An .npz of adversarial inputs crafted elsewhere (x, y, optional x_clean), scored as given; repeatable; alone unless --attack is given too."),
         json_out: bool = JSON_OPTION,
     ):
         """Accuracy under attack, detection rate, perturbation size, clean FPR and ROC-AUC per detector."""
@@ -53,9 +54,11 @@ def register(app: typer.Typer) -> None:
             hardened, manifest = load_bundle(bundle_path)
             report, adaptive_report = None, None
             with progress_reporter(not json_out) as progress:
-                if attack or not adaptive:
-                    report = run_evaluate(hardened, manifest, attack or DEFAULT_ATTACKS, onnx_path=onnx_path, data=data,
-                                          split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5))
+                if attack or adversarial or not adaptive:
+                    attacks = attack or ([] if adversarial or adaptive else DEFAULT_ATTACKS)
+                    report = run_evaluate(hardened, manifest, attacks, onnx_path=onnx_path, data=data,
+                                          split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5),
+                                          adversarial=adversarial or [])
                 if adaptive:
                     adaptive_report = evaluate_adaptive(hardened, manifest, eps=adaptive_eps, onnx_path=onnx_path,
                                                         data=data, split=split, limit=limit,
