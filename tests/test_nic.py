@@ -250,3 +250,75 @@ def test_bad_options_are_one_line_errors(tiny_model, digits):
     with pytest.raises(HardenError, match="two derived models"):
         instrument(tiny_model, digits, ["nic"], Options(layers=["nic=last:1"],
                                                         extra={"nic_invariants": "provenance", "nic_output": False}))
+
+
+def test_provenance_svms_take_their_own_gamma_and_nu(nic):
+    # The provenance invariants default to a narrower kernel than the value invariants (harden/methods/nic.py,
+    # DEFAULT_PROVENANCE_GAMMA): with gamma 1/n an input pushed just across a decision boundary fell INSIDE the
+    # support of the near one-hot benign softmaxes.
+    from harden.methods.nic import DEFAULT_GAMMA, DEFAULT_NU, DEFAULT_PROVENANCE_GAMMA, DEFAULT_PROVENANCE_NU
+
+    method = nic.method("nic")
+    (spec,) = method.detector.sets
+    n_value = len(method.sites)
+    for part in spec.parts[:n_value]:
+        assert part.estimator.nu == DEFAULT_NU
+        assert part.estimator.gamma == pytest.approx(DEFAULT_GAMMA / (part.stop - part.start))
+    for part in spec.parts[n_value:]:
+        svm = part.estimator[-1]  # after the StandardScaler of the softmaxes
+        assert svm.nu == DEFAULT_PROVENANCE_NU
+        assert svm.gamma == pytest.approx(DEFAULT_PROVENANCE_GAMMA / (part.stop - part.start))
+    assert DEFAULT_PROVENANCE_GAMMA != DEFAULT_GAMMA
+
+
+def test_provenance_options_and_their_errors(tiny_model, digits):
+    hardened = instrument(tiny_model, digits, ["nic"], Options(key="nic-test", extra={
+        "nic_invariants": "provenance", "nic_provenance_gamma": 1.0, "nic_provenance_nu": 0.2}))
+    (spec,) = hardened.method("nic").detector.sets
+    for part in spec.parts:
+        assert part.estimator[-1].nu == 0.2
+        assert part.estimator[-1].gamma == pytest.approx(1.0 / (part.stop - part.start))
+    with pytest.raises(HardenError, match="nic_provenance_gamma"):
+        instrument(tiny_model, digits, ["nic"], Options(extra={"nic_provenance_gamma": 0}))
+    with pytest.raises(HardenError, match="nic_provenance_nu"):
+        instrument(tiny_model, digits, ["nic"], Options(extra={"nic_provenance_nu": 1.5}))
+
+
+class SixChannelCNN(torch.nn.Module):
+    """A first conv map of 6 channels, which onnxruntime keeps in plain NCHW (LeNet-5's relu1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(6, 8, 3)
+        self.fc = torch.nn.Linear(8 * 2 * 2, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.flatten(1))
+
+
+def test_row_means_per_site_export_and_old_bundles(digits):
+    # A conv map whose channel count is not a multiple of 8 takes its row means with a ReduceSum, any other with
+    # an average pool (latency only: harden/methods/nic.py, NICHead.spatial_mean); both must export with parity,
+    # and a bundle written before the choice was recorded (no "rows" in its config) keeps the average pool.
+    from harden.methods.nic import NICHead
+
+    torch.manual_seed(0)
+    model = SixChannelCNN().eval()
+    hardened = instrument(model, digits, ["nic"], Options(key="nic-test", fpr=0.05))
+    method = hardened.method("nic")
+    assert method.config["rows"][:2] == ["sum", "avgpool"]
+    result = export_onnx(hardened)
+    assert result.parity.alarm_mismatches["nic.alarm"] == 0
+    assert result.parity.max_abs_diff["nic.score"] <= 1e-4
+    reduce_sums = [n for n in result.model.graph.node if n.op_type == "ReduceSum"]
+    pools = [n for n in result.model.graph.node if n.op_type == "AveragePool"]
+    assert reduce_sums and len(pools) == 1
+
+    old = NICHead({k: v for k, v in method.config.items() if k != "rows"})
+    old.load_state_dict(method.head.state_dict())
+    assert old.rows == ["avgpool"] * len(method.sites)
+    activation = torch.rand(5, 6, 8, 8)
+    torch.testing.assert_close(old.reduce(0, activation), method.head.reduce(0, activation), rtol=1e-6, atol=1e-7)

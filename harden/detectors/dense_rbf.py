@@ -184,14 +184,23 @@ class RbfSvmDetector:
 
 
 def rbf_decisions_graph(columns: list[tuple[object, int, int, float]], source: str, output: str,
-                        prefix: str) -> tuple[list, list]:
+                        prefix: str, *, float32_exp: bool = False) -> tuple[list, list]:
     """(nodes, initializers) computing several RBF SVMs on column ranges of ``source`` at once.
 
     ``columns``: ``(estimator, start, stop, sign)`` per SVM, each reading ``source[:, start:stop]``; ``output`` is
-    float32 [N, len(columns)], column j = ``sign_j * decision_j``.  One float64 cast of ``source``; per SVM: a
-    Slice (and the scaler), one MatMul against ``2 gamma * support vectors`` and one for ``-gamma |x|^2``; then ONE Exp over the
-    joined [N, sum S_j] exponents and ONE MatMul with the block matrix of dual coefficients.  The same arithmetic
-    as :func:`rbf_decision_graph` in fewer, larger nodes (onnxruntime's cost per node dominated NIC's small SVMs).
+    float32 [N, len(columns)], column j = ``sign_j * decision_j``.  One float64 cast of ``source``; per SVM a
+    Slice and two MatMuls; then ONE Exp over the joined [N, sum S_j] exponents and ONE MatMul with the block
+    matrix of dual coefficients (onnxruntime's cost per node dominated NIC's small SVMs).
+
+    A StandardScaler (mean m, scale s) is folded into the constants instead of costing two nodes per SVM: with
+    z = (x - m) / s, the exponent -gamma |z - v|^2 of support vector v is
+    ``x . (2 gamma (v / s + m / s^2)) + x^2 . (-gamma / s^2) + c_v``, c_v = -gamma (|v|^2 + 2 m.(v / s) + |m / s|^2);
+    all in float64 (the inputs are softmax probabilities and standardised features, so the terms stay within a
+    few orders of magnitude of the result; measured against scikit-learn in tests/test_nic.py).
+
+    ``float32_exp``: the exponents are rounded to float32 for the Exp (onnxruntime's float64 Exp was the largest
+    node of NIC's detector; float32: a relative error of a few 1e-7 in each kernel value, below the float32
+    rounding the scores get anyway).
     """
     n = helper.make_node
     double = TensorProto.DOUBLE
@@ -207,25 +216,24 @@ def rbf_decisions_graph(columns: list[tuple[object, int, int, float]], source: s
     for j, (estimator, start, stop, sign) in enumerate(columns):
         parts = RbfParts.of(estimator)
         gamma = float(parts.svm._gamma)
-        sv = parts.support_vectors
+        sv = parts.support_vectors                                                           # [S, d]
+        d = sv.shape[1]
+        mean = np.zeros(d) if parts.scaler is None else np.asarray(parts.scaler.mean_, dtype=np.float64)
+        scale = np.ones(d) if parts.scaler is None else np.asarray(parts.scaler.scale_, dtype=np.float64)
         q = f"{prefix}{j}/"
         starts = const(f"{j}/start", np.array([start], dtype=np.int64))
         stops = const(f"{j}/stop", np.array([stop], dtype=np.int64))
-        nodes.append(n("Slice", [prefix + "source", starts, stops, axis], [q + "x" if parts.scaler is not None else q + "z"]))
-        if parts.scaler is not None:
-            mean = const(f"{j}/mean", np.asarray(parts.scaler.mean_, dtype=np.float64))
-            scale = const(f"{j}/scale", np.asarray(parts.scaler.scale_, dtype=np.float64))
-            nodes += [n("Sub", [q + "x", mean], [q + "centred"]), n("Div", [q + "centred", scale], [q + "z"])]
-        sv_t = const(f"{j}/sv_t_2gamma", (2.0 * gamma * sv).T.copy())                        # [d, S]
-        minus_gamma = const(f"{j}/minus_gamma", np.full((sv.shape[1], 1), -gamma))           # [d, 1]
+        linear = 2.0 * gamma * (sv / scale + mean / scale ** 2).T                             # [d, S]
+        square = (-gamma / scale ** 2)[:, None]                                               # [d, 1]
         nodes += [
-            n("MatMul", [q + "z", sv_t], [q + "cross"]),                  # 2 gamma x.s            [N, S]
-            n("Mul", [q + "z", q + "z"], [q + "z2"]),
-            n("MatMul", [q + "z2", minus_gamma], [q + "row_bias"]),       # -gamma |x|^2           [N, 1]
+            n("Slice", [prefix + "source", starts, stops, axis], [q + "x"]),
+            n("MatMul", [q + "x", const(f"{j}/linear", linear.copy())], [q + "cross"]),     # [N, S]
+            n("Mul", [q + "x", q + "x"], [q + "x2"]),
+            n("MatMul", [q + "x2", const(f"{j}/square", square)], [q + "row_bias"]),         # [N, 1]
             n("Add", [q + "cross", q + "row_bias"], [q + "exponent"]),
         ]
         exponents.append(q + "exponent")
-        sv_bias.append(-gamma * (sv ** 2).sum(axis=1))
+        sv_bias.append(-gamma * ((sv ** 2).sum(axis=1) + 2.0 * (sv / scale) @ mean + ((mean / scale) ** 2).sum()))
         duals.append(float(sign) * np.asarray(parts.svm.dual_coef_, dtype=np.float64).reshape(-1))
         intercepts.append(float(sign) * float(np.asarray(parts.svm.intercept_).reshape(-1)[0]))
     block = np.zeros((sum(len(d) for d in duals), len(columns)))
@@ -236,7 +244,16 @@ def rbf_decisions_graph(columns: list[tuple[object, int, int, float]], source: s
     nodes += [
         n("Concat", exponents, [prefix + "exponents"], axis=1),
         n("Add", [prefix + "exponents", const("sv_bias", np.concatenate(sv_bias)[None])], [prefix + "exponent"]),
-        n("Exp", [prefix + "exponent"], [prefix + "kernel"]),
+    ]
+    if float32_exp:
+        nodes += [
+            n("Cast", [prefix + "exponent"], [prefix + "exponent32"], to=TensorProto.FLOAT),
+            n("Exp", [prefix + "exponent32"], [prefix + "kernel32"]),
+            n("Cast", [prefix + "kernel32"], [prefix + "kernel"], to=double),
+        ]
+    else:
+        nodes.append(n("Exp", [prefix + "exponent"], [prefix + "kernel"]))
+    nodes += [
         n("MatMul", [prefix + "kernel", const("dual", block)], [prefix + "weighted"]),            # [N, P]
         n("Add", [prefix + "weighted", const("intercept", np.array(intercepts))], [prefix + "decisions"]),
         n("Cast", [prefix + "decisions"], [output], to=TensorProto.FLOAT),

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from harden.detectors.dense_rbf import rbf_decision_graph, rbf_decisions_graph
+from harden.detectors.dense_rbf import rbf_decisions_graph
 from harden.detectors.sklearn_onnx import convert
 from harden.opsets import IR_VERSION, OPSET
 
@@ -79,14 +79,21 @@ class _Builder:
 
 
 def _dense_one(b: _Builder, estimator, prefix: str, source: str, n_features: int, sign: float) -> None:
-    nodes, inits = rbf_decision_graph(estimator, source, prefix + "out", prefix, sign=sign, exact_int=False)
+    # the same graph as a set's parts, with one column (scaler folded, float32 Exp), flattened to [N]
+    nodes, inits = rbf_decisions_graph([(estimator, 0, n_features, sign)], source, prefix + "column", prefix,
+                                       float32_exp=FLOAT32_EXP)
     b.nodes.extend(nodes)
     b.inits.extend(inits)
+    b.const(prefix + "flat", np.array([-1], dtype=np.int64))
+    b.node("Reshape", [prefix + "column", prefix + "flat"], prefix + "out")
+
+
+FLOAT32_EXP = True
 
 
 def _dense_parts(b: _Builder, parts: list[Part], source: str, prefix: str) -> str:
     nodes, inits = rbf_decisions_graph([(p.estimator, p.start, p.stop, p.sign) for p in parts], source,
-                                       prefix + "scores", prefix)
+                                       prefix + "scores", prefix, float32_exp=FLOAT32_EXP)
     b.nodes.extend(nodes)
     b.inits.extend(inits)
     return prefix + "scores"

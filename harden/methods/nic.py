@@ -65,8 +65,20 @@ DEFAULT_FINAL_NU = 0.1     # the final one-class SVM over the invariant scores
 # detection (0.92) but made most training rows support vectors (latency 6.5x the classifier at batch 256); gamma 1
 # with nu 0.01 gives 0.89 (mean 0.94 against 0.96) with ~50 support vectors per SVM (1.7x).
 DEFAULT_GAMMA = 1.0
+# The provenance invariants (SVMs on pairs of softmaxes) get their own, narrower kernel: with gamma 1/n the
+# confident, near one-hot benign softmaxes sit on the boundary of a wide support and an input pushed just across
+# a decision boundary lands INSIDE it (measured: its invariant score is lower than any benign one); gamma 3/n
+# makes the space between classes a low-density region.  Chosen on calibration-split pools of FGSM, BIM, PGD,
+# CW and DeepFool (bench/experiments/nic_fusion.py, 4 gammas x 3 nus, two classifiers: the example and one
+# trained on the training split only): best worst-attack detection on the example (0.917 against 0.891) and
+# best mean on both; about twice the provenance support vectors (docs/results/nic.md).
+DEFAULT_PROVENANCE_GAMMA = 3.0
+DEFAULT_PROVENANCE_NU = 0.05
 DEFAULT_FINAL_GAMMA = 1.0  # the final SVM's gamma = DEFAULT_FINAL_GAMMA / number of invariants
 DEFAULT_REDUCE = "mean"
+# onnxruntime's blocked (NCHWc) layout holds conv maps whose channel count is a multiple of this (8 with AVX2);
+# such a map's row means are an average pool, any other's a ReduceSum (see NICHead.spatial_mean)
+ROW_BLOCK = 8
 DEFAULT_MAX_TRAIN = 4000   # cap on training rows per one-class SVM (fit time grows ~quadratically)
 DEFAULT_HOLDOUT = 1 / 3    # fraction of the training split held out to fit the final SVM
 SCALE_RANGE = (4.0, 16.0)  # g: per-feature scale, uniform in this range (steps per standard deviation)
@@ -90,6 +102,8 @@ class NICHead(nn.Module):
         self.dims = [int(d) for d in config["dims"]]
         self.spatial = [bool(s) for s in config["spatial"]]
         self.reduce_mode = str(config.get("reduce", DEFAULT_REDUCE))
+        # per site, how row means are taken in float32 (see spatial_mean); bundles without the field: "avgpool"
+        self.rows = [str(r) for r in config.get("rows", ["avgpool"] * len(self.dims))]
         self.sets = int(config["sets"])
         self.num_classes = int(config["num_classes"])
         self.value = bool(config["value"])
@@ -122,24 +136,31 @@ class NICHead(nn.Module):
             return activation.flatten(1).double()
         if self.reduce_mode == "max":
             return activation.flatten(2).amax(dim=2).double()  # exact in float32
-        mean = self.spatial_mean(activation)
+        mean = self.spatial_mean(i, activation)
         if self.reduce_mode == "mean":
             return mean
         return torch.cat([mean, activation.flatten(2).amax(dim=2).double()], dim=1)
 
-    @staticmethod
-    def spatial_mean(activation: torch.Tensor) -> torch.Tensor:
-        """Per-channel mean of ``[N, C, ...]``, float64: float32 means along the last axis, then float64.
+    def spatial_mean(self, i: int, activation: torch.Tensor) -> torch.Tensor:
+        """Per-channel mean of ``[N, C, ...]``, float64: float32 row means along the last axis, then float64.
 
-        For an image ``[N, C, H, W]`` the row means are an average pool of kernel ``(1, W)``, which onnxruntime
-        runs in the blocked layout of the convolutions around it (a ReduceSum needs the full map reordered first).
+        How the float32 row means are written is per site (config ``"rows"``), for onnxruntime's sake only (the
+        values agree to float32 rounding): ``"avgpool"``, an average pool of kernel ``(1, W)``, which onnxruntime
+        runs in the blocked (NCHWc) layout of the convolutions around it; ``"sum"``, a ReduceSum over the last
+        axis then a float64 division, for a map onnxruntime keeps in plain NCHW anyway (its blocked kernels take
+        channel counts that are a multiple of the block, 8 here), where an average pool of kernel ``(1, W)`` is
+        slow.  Measured with onnxruntime's profiler at batch 256 on LeNet-5 (bench/experiments/nic_profile.py):
+        relu1 [6, 28, 28] AveragePool 544 us, ReduceSum 282 us; relu2 [16, 10, 10] AveragePool (blocked) 89 us +
+        a 25 us reorder, ReduceSum 197 us + a 222 us reorder.  Bundles without the field used "avgpool".
         """
-        if activation.dim() == 4:
+        if activation.dim() < 4:
+            return activation.double().flatten(2).mean(dim=2)
+        if self.rows[i] == "sum":
+            rows = activation.sum(dim=-1).double() / activation.shape[-1]
+        elif activation.dim() == 4:
             rows = nn.functional.avg_pool2d(activation, (1, activation.shape[-1])).double()
-        elif activation.dim() > 4:
-            rows = activation.mean(dim=-1).double()
         else:
-            rows = activation.double()
+            rows = activation.mean(dim=-1).double()
         return rows.flatten(2).mean(dim=2)
 
     def standardised(self, i: int, activation: torch.Tensor) -> torch.Tensor:
@@ -303,6 +324,8 @@ class NICSettings:
     max_train: int
     holdout: float
     output_probe: bool
+    provenance_gamma_factor: float | None = DEFAULT_PROVENANCE_GAMMA   # None: gamma_factor
+    provenance_nu: float | None = DEFAULT_PROVENANCE_NU                # None: nu
 
     @classmethod
     def from_options(cls, options) -> "NICSettings":
@@ -335,12 +358,25 @@ class NICSettings:
         ramp = float(options.get("nic_ramp", DEFAULT_RAMP))
         if not 0.0 < ramp <= 1.0:
             raise HardenError(f"nic_ramp must lie in (0, 1]; got {ramp}")
+        prov_factor = options.get("nic_provenance_gamma", DEFAULT_PROVENANCE_GAMMA)
+        prov_nu = options.get("nic_provenance_nu", DEFAULT_PROVENANCE_NU)
+        if prov_factor is not None and not float(prov_factor) > 0:
+            raise HardenError(f"nic_provenance_gamma must be positive; got {prov_factor}")
+        if prov_nu is not None and not 0.0 < float(prov_nu) <= 1.0:
+            raise HardenError(f"nic_provenance_nu must lie in (0, 1]; got {prov_nu}")
         return cls(int(sets), invariants, nu, final_nu, None if gamma is None else float(gamma), factor, final_factor,
                    reduce, bool(options.get("nic_transform", True)), ramp, max_train, holdout,
-                   bool(options.get("nic_output", DEFAULT_OUTPUT_PROBE)))
+                   bool(options.get("nic_output", DEFAULT_OUTPUT_PROBE)),
+                   None if prov_factor is None else float(prov_factor), None if prov_nu is None else float(prov_nu))
 
-    def gamma_for(self, n_features: int) -> float:
-        return self.gamma if self.gamma is not None else self.gamma_factor / max(1, n_features)
+    def gamma_for(self, n_features: int, provenance: bool = False) -> float:
+        if self.gamma is not None:
+            return self.gamma
+        factor = self.provenance_gamma_factor if provenance and self.provenance_gamma_factor is not None else self.gamma_factor
+        return factor / max(1, n_features)
+
+    def nu_for(self, provenance: bool = False) -> float:
+        return self.provenance_nu if provenance and self.provenance_nu is not None else self.nu
 
 
 def _one_class(nu: float, gamma: float):
@@ -441,9 +477,10 @@ class NIC(Method):
             raise HardenError(f"labels go up to {int(train.y.max())} but the model has {num_classes} outputs")
         spatial = [len(infos[s].shape) > 1 for s in chosen]
         channels = [int(infos[s].shape[0]) if sp else int(np.prod(infos[s].shape)) for s, sp in zip(chosen, spatial)]
+        rows = ["avgpool" if c % ROW_BLOCK == 0 else "sum" for c in channels]
         dims = [c * (2 if sp and settings.reduce == "meanmax" else 1) for c, sp in zip(channels, spatial)]
         config: dict[str, Any] = {
-            "sites": chosen, "dims": dims, "spatial": spatial, "reduce": settings.reduce, "sets": settings.sets,
+            "sites": chosen, "dims": dims, "spatial": spatial, "reduce": settings.reduce, "rows": rows, "sets": settings.sets,
             "num_classes": num_classes, "value": value, "provenance": provenance, "transform": settings.transform,
             "ramp": settings.ramp, "scale_range": list(SCALE_RANGE), "output_probe": provenance and settings.output_probe,
         }
@@ -502,7 +539,8 @@ class NIC(Method):
             parts += [Part(None, probes[i][0], probes[i + 1][1]) for i in range(len(probes) - 1)]
             for j, part in enumerate(parts):
                 x_a = features[rows_a, part.start : part.stop]
-                svm = _one_class(settings.nu, settings.gamma_for(part.stop - part.start))
+                is_provenance = j >= n_value
+                svm = _one_class(settings.nu_for(is_provenance), settings.gamma_for(part.stop - part.start, is_provenance))
                 # Value features are standardised in the head; the probes' softmaxes are standardised here.
                 part.estimator = (svm if j < n_value else make_pipeline(StandardScaler(), svm)).fit(x_a)
                 ctx.progress("nic: invariants", 0.3 + 0.6 * (k + (j + 1) / len(parts)) / settings.sets)
@@ -530,6 +568,9 @@ class NIC(Method):
             "nu": settings.nu, "final_nu": settings.final_nu,
             "gamma": settings.gamma if settings.gamma is not None else f"{settings.gamma_factor:g}/n_features",
             "final_gamma": f"{settings.final_gamma_factor:g}/n_invariants",
+            "provenance_nu": settings.nu_for(provenance=True),
+            "provenance_gamma": (settings.gamma if settings.gamma is not None else
+                                 f"{settings.gamma_factor if settings.provenance_gamma_factor is None else settings.provenance_gamma_factor:g}/n_features"),
             "invariants": settings.invariants, "vote": vote, "n_features": n_features,
             "parts_per_set": [len(s.parts) for s in sets],
             "probe_accuracy": probe_accuracy, "train_rows": [int(len(rows_a)), int(len(rows_b))],
