@@ -306,12 +306,42 @@ def test_every_allowlisted_function_resolves_to_itself():
     from harden.graph.ops import FUNCTION_SPELLINGS, OUT_OF_PLACE_FUNCTIONS
     from harden.io.graphfile import _function_name, _resolve_function
 
+    from harden.io.graphfile import PURE_FUNCTIONS
+
     table = allowed_functions()
-    for fn in [*FUNCTION_SPELLINGS, *OUT_OF_PLACE_FUNCTIONS, *OUT_OF_PLACE_FUNCTIONS.values(), getattr, operator.getitem]:
+    for fn in [*FUNCTION_SPELLINGS, *OUT_OF_PLACE_FUNCTIONS, *OUT_OF_PLACE_FUNCTIONS.values(), *PURE_FUNCTIONS,
+               getattr, operator.getitem]:
         name = _function_name(fn)
         assert table[name] is fn
         assert _resolve_function(name, "n") is fn
     assert _resolve_function("aten.hardswish.default", "n") is torch.ops.aten.hardswish.default
+
+
+class ModernActivations(nn.Module):
+    """Functional calls of MobileNet- / ViT-style classifiers (hardswish, SiLU, GELU, layer norm, clamp)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = F.silu(F.hardswish(self.conv(x)))
+        h = F.layer_norm(h.flatten(1), (4 * 8 * 8,))
+        return self.fc(torch.clamp(F.gelu(h), -3.0, 3.0))
+
+
+def test_functional_activations_of_modern_classifiers_round_trip_bit_identically():
+    torch.manual_seed(0)
+    model = ModernActivations().eval()
+    gm = trace(model)
+    loaded, doc, _ = _roundtrip(gm)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(loaded(x), model(x))
+    functions = {n["target"] for n in doc["nodes"] if n["op"] == "call_function"}
+    assert {"torch.nn.functional.hardswish", "torch.nn.functional.silu", "torch.nn.functional.gelu",
+            "torch.nn.functional.layer_norm", "torch.clamp"} <= functions
+    assert "torch.save" not in allowed_functions() and "torch.load" not in allowed_functions()
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -539,12 +569,12 @@ def test_custom_leaf_module_is_refused_at_save_time(leaf):
 
 
 def test_unallowlisted_function_is_refused_at_save_time():
-    class Clamp(nn.Module):
+    class Cumulative(nn.Module):
         def forward(self, x):
-            return torch.clamp(x, 0, 1)
+            return torch.cumsum(x, 1)
 
-    with pytest.raises(HardenError, match="clamp"):
-        graph_to_json(trace(Clamp()))
+    with pytest.raises(HardenError, match="cumsum"):
+        graph_to_json(trace(Cumulative()))
 
 
 def test_module_with_hooks_is_refused_at_save_time():

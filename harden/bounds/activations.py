@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -145,4 +147,111 @@ def softmax(call: Call) -> Interval:
     return _log_softmax_bounds(x, dim).map(torch.exp)
 
 
-FRESH_OUTPUTS.update({"relu", "relu6", "hardtanh", "leaky_relu", "sigmoid", "tanh"})
+# --------------------------------------------------------------------------- smooth activations
+# SiLU, GELU, hardswish and mish fall from 0 at -inf to one minimum, then rise: on [l, u] the maximum is at an
+# end point and so is the minimum, unless the interval reaches the minimiser.  The minimiser is located once
+# in float64 on a fine grid over a bracket: for a function with one valley the true minimiser lies within one
+# grid step of the grid's lowest point, so an interval that reaches those two steps gets a floor below the
+# minimum value (the lowest grid value less a margin far above the grid's error and float32 rounding).
+
+_VALLEYS = {  # key -> a bracket of the minimiser (wide enough for every parameter the rule accepts)
+    "silu": (-1.4, -1.15),
+    "gelu": (-0.9, -0.6),
+    "hardswish": (-1.6, -1.4),
+    "mish": (-1.4, -1.0),
+}
+_valley_floor: dict[tuple, tuple[float, float, float]] = {}
+
+
+def _floor(key: str, fn, extra: tuple = ()) -> tuple[float, float, float]:
+    """(floor of the minimum value, the minimiser's bracket lo, hi) of ``fn``."""
+    cached = _valley_floor.get((key, extra))
+    if cached is None:
+        a, b = _VALLEYS[key]
+        grid = torch.linspace(a, b, 20001, dtype=torch.float64)
+        values = fn(grid)
+        k = int(values.argmin())
+        if k in (0, len(grid) - 1):   # the minimiser is not inside the bracket: the rule would be unsound
+            raise RuntimeError(f"{key}: the minimum lies outside its bracket {a, b}")
+        cached = _valley_floor[(key, extra)] = (float(values[k]) - 1e-6, float(grid[k - 1]), float(grid[k + 1]))
+    return cached
+
+
+def _valley(call: Call, key: str, x: Interval, fn, extra: tuple = ()) -> Interval:
+    f_lo, f_hi = fn(x.lo), fn(x.hi)
+    floor, a, b = _floor(key, fn, extra)
+    lowest = torch.minimum(f_lo, f_hi)
+    lo = torch.where((x.lo <= b) & (x.hi >= a), torch.clamp(lowest, max=floor), lowest)
+    return Interval(lo, torch.maximum(f_lo, f_hi))
+
+
+@BOUND_RULES.register("silu")
+def silu(call: Call) -> Interval:
+    """silu(x) = x sigmoid(x): end points, or the valley's floor (minimum -0.2785 at x = -1.2785)."""
+    return _valley(call, "silu", _input(call), F.silu)
+
+
+@BOUND_RULES.register("hardswish")
+def hardswish(call: Call) -> Interval:
+    """hardswish(x) = x relu6(x + 3) / 6: end points, or the valley's floor (minimum -0.375 at x = -1.5)."""
+    return _valley(call, "hardswish", _input(call), F.hardswish)
+
+
+@BOUND_RULES.register("mish")
+def mish(call: Call) -> Interval:
+    """mish(x) = x tanh(softplus(x)): end points, or the valley's floor (minimum -0.3088 at x = -1.19)."""
+    return _valley(call, "mish", _input(call), F.mish)
+
+
+_GELU = (("input", REQUIRED), ("approximate", "none"))
+
+
+@BOUND_RULES.register("gelu")
+def gelu(call: Call) -> Interval:
+    """gelu (exact or tanh-approximate): end points, or the valley's floor (minimum -0.170 at x = -0.752)."""
+    p = call.bind(_GELU, lambda m: {"approximate": m.approximate})
+    approximate = str(p["approximate"])
+    if approximate not in ("none", "tanh"):
+        raise call.fail(f"gelu approximate={approximate!r} is not one of 'none', 'tanh'")
+    fn = lambda t: F.gelu(t, approximate=approximate)  # noqa: E731
+    return _valley(call, "gelu", interval_arg(call, p["input"], "the input"), fn, (approximate,))
+
+
+_ELU = (("input", REQUIRED), ("alpha", 1.0), ("inplace", False))
+
+
+@BOUND_RULES.register("elu")
+def elu(call: Call) -> Interval:
+    """elu is monotone for alpha >= 0: [elu(l), elu(u)]."""
+    p = call.bind(_ELU, lambda m: {"alpha": m.alpha})
+    alpha = float(p["alpha"])
+    if alpha < 0:
+        raise call.fail(f"elu with alpha {alpha} < 0 is not monotone; no bound rule")
+    x = interval_arg(call, p["input"], "the input")
+    return Interval(F.elu(x.lo, alpha), F.elu(x.hi, alpha))
+
+
+_SOFTPLUS = (("input", REQUIRED), ("beta", 1.0), ("threshold", 20.0))
+
+
+@BOUND_RULES.register("softplus")
+def softplus(call: Call) -> Interval:
+    """softplus: [f(l), f(u)], widened to [<= t/beta, >= f_smooth(t/beta)] across the switch at t/beta."""
+    # log(1 + exp(beta x)) / beta up to x = t / beta (threshold t), x above: each piece rises, but f drops at the
+    # switch by log1p(exp(-t)) / beta (tiny for the default t = 20, large for a small t).
+    p = call.bind(_SOFTPLUS, lambda m: {"beta": m.beta, "threshold": m.threshold})
+    beta, threshold = float(p["beta"]), float(p["threshold"])
+    if beta <= 0:
+        raise call.fail(f"softplus with beta {beta} <= 0; no bound rule")
+    x = interval_arg(call, p["input"], "the input")
+    lo, hi = F.softplus(x.lo, beta, threshold), F.softplus(x.hi, beta, threshold)
+    switch = threshold / beta
+    crosses = (x.lo <= switch) & (x.hi > switch)
+    smooth_top = switch + math.log1p(math.exp(-threshold)) / beta   # the smooth piece's value at the switch
+    lo = torch.where(crosses, torch.clamp(lo, max=switch), lo)
+    hi = torch.where(crosses, torch.clamp(hi, min=smooth_top), hi)
+    return Interval(lo, hi)
+
+
+FRESH_OUTPUTS.update({"relu", "relu6", "hardtanh", "leaky_relu", "sigmoid", "tanh", "silu", "hardswish", "mish",
+                      "gelu", "elu", "softplus"})

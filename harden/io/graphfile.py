@@ -99,6 +99,19 @@ EXTRA_METHODS = frozenset({
     "relu", "sigmoid", "tanh", "softmax", "log_softmax", "matmul", "add", "sub", "mul", "div", "neg",
 })
 
+# Side-effect-free torch functions a graph may call besides harden's op spellings: the activations,
+# normalisations and tensor algebra of common classifiers (MobileNet's hardswish, ViT's GELU and layer norm,
+# SiLU, ...).  A curated list rather than "anything in torch": torch also holds functions that read and write
+# files (torch.load, torch.save).  Ops without a bound rule still make `harden certify` refuse the model, by name.
+PURE_FUNCTIONS = (
+    F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.mish, F.elu, F.selu, F.celu, F.softplus, F.softsign,
+    F.logsigmoid, F.tanhshrink, F.layer_norm, F.group_norm, F.instance_norm, F.normalize, F.pad, F.interpolate,
+    F.adaptive_max_pool2d, F.adaptive_avg_pool1d, F.max_pool1d, F.avg_pool1d, F.scaled_dot_product_attention,
+    torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.sum, torch.amax, torch.amin,
+    torch.matmul, torch.bmm, torch.stack, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.erf,
+    torch.pow, torch.where, torch.maximum, torch.minimum, torch.square, torch.addmm, torch.einsum,
+)
+
 # Namespaces searched, in order, for a human-readable function name.
 _FUNCTION_NAMESPACES = (("operator", operator), ("builtins", builtins), ("torch", torch),
                         ("torch.nn.functional", F))
@@ -130,7 +143,7 @@ def allowed_functions() -> dict[str, Callable]:
     """The explicit call_function allowlist: stored name -> function."""
     from harden.graph.ops import FUNCTION_SPELLINGS, OUT_OF_PLACE_FUNCTIONS
 
-    candidates = [*FUNCTION_SPELLINGS, *OUT_OF_PLACE_FUNCTIONS, *OUT_OF_PLACE_FUNCTIONS.values(),
+    candidates = [*FUNCTION_SPELLINGS, *OUT_OF_PLACE_FUNCTIONS, *OUT_OF_PLACE_FUNCTIONS.values(), *PURE_FUNCTIONS,
                   getattr, operator.getitem]
     table: dict[str, Callable] = {}
     for fn in candidates:
