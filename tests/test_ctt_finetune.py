@@ -33,22 +33,19 @@ def test_strict_loss_uses_the_lower_bound_loose_the_upper():
     assert certification_loss(done, idx, T, "loose").item() == 0.0
 
 
-def _losses(hardened, data, kind):
-    from harden.train.ctt_losses import certification_loss, detection_loss
-    from harden.bounds.propagate import propagate
-    from harden.graph.analyse import feature_extractor
+def _objective(hardened, data):
+    """The fine-tuning objective at its first-epoch weights, CE + alpha * (w_D * L_D + L_C), on the training
+    split, computed by the training's own loss terms with the method's recorded configuration."""
+    from harden.train.finetune import FinetuneConfig, _Traps
 
     method = hardened.methods[0]
-    gm = hardened.classifier
-    sites = method.sites
-    masks = {s: method.head.trap(i)[0] for i, s in enumerate(sites)}
-    x = data.train.x
+    recorded = method.config["finetune"]
+    cfg = FinetuneConfig(**{k: v for k, v in recorded.items() if k in FinetuneConfig.__dataclass_fields__})
+    masks = {s: method.head.trap(i)[0] for i, s in enumerate(method.sites)}
+    traps = _Traps(hardened.classifier, method.sites, masks, cfg, data.input_range)
     with torch.no_grad():
-        _, *acts = feature_extractor(gm, sites)(x)
-        bounds = propagate(gm, Interval.from_box(x, 0.01, data.input_range), record=sites)
-        l_d = sum(detection_loss(a, masks[s], 1e-4) for s, a in zip(sites, acts)).mean()
-        l_c = sum(certification_loss(bounds[s], masks[s], 1e-4, kind) for s in sites).mean()
-    return float(l_d + l_c)
+        ce, l_d, l_c = traps.losses(data.train.x, data.train.y)
+    return float(ce + cfg.alpha * (cfg.detection_weight * l_d + l_c))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def test_finetune_lowers_the_ctt_losses_and_keeps_logits_finite(strict_pair, tin
 
     # the same masks on the user's weights give the starting losses
     start = HardenedModel(before, hardened.methods)
-    assert _losses(hardened, digits, "strict") < _losses(start, digits, "strict")
+    assert _objective(hardened, digits) < _objective(start, digits)
     out = hardened.run(digits.test.x)
     assert np.isfinite(out["logits"]).all()
     assert hardened.original_state is not None
