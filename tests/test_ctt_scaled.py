@@ -69,3 +69,39 @@ def test_scaled_score_is_the_largest_scaled_excess_and_survives_the_bundle(scale
     loaded, _ = load_bundle(tmp_path / "s.hardened")
     again = loaded.run(digits.test.x)
     assert all(np.array_equal(out[k], again[k]) for k in out)
+
+
+def test_quiet_placement_draws_traps_among_constant_positions(tiny_model, digits):
+    from harden.graph.analyse import feature_extractor
+    from harden.methods.ctt import QUIET_STD, make_masks
+    from harden.train.finetune import pre_activation
+
+    import dataclasses
+
+    # blank the two left columns of every digit: the conv windows there see a constant input
+    def blank(split):
+        x = split.x.clone()
+        x[..., :, :2] = 0.0
+        return dataclasses.replace(split, x=x)
+
+    digits = dataclasses.replace(digits, train=blank(digits.train), calibration=blank(digits.calibration),
+                                 test=blank(digits.test))
+    options = Options(key="q", mask_ratio=0.05, extra={"trap_placement": "quiet"})
+    hardened = instrument(tiny_model, digits, ["ctt-lite"], options)
+    method = hardened.methods[0]
+    assert method.config["trap_placement"] == "quiet"
+    gm = hardened.classifier
+    _, *pre = feature_extractor(gm, [pre_activation(gm, s) for s in method.sites])(digits.train.x)
+    uniform = make_masks("q", dict(zip(method.sites, method.config["sizes"])), 0.05)
+    quiet_sites = 0
+    for i, (site, a) in enumerate(zip(method.sites, pre)):
+        std = a.flatten(1).std(dim=0)
+        eligible = int((std < QUIET_STD).sum())
+        indices, _ = method.head.trap(i)
+        assert len(indices) == len(uniform[site]) and len(set(indices.tolist())) == len(indices)
+        quiet = std[indices] < QUIET_STD
+        assert int(quiet.sum()) >= min(len(indices), eligible)   # every trap it could place is quiet
+        if eligible == 0:
+            assert torch.equal(indices, uniform[site])           # nothing quiet: the key's uniform choice
+        quiet_sites += eligible > 0
+    assert quiet_sites > 0  # the blanked columns give constant windows, so the rule did something

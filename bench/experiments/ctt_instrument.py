@@ -39,6 +39,9 @@ def main(argv=None):
     extra = {}
     for item in args.set:
         name, value = item.split("=", 1)
+        if not hasattr(probe, name):       # a method option outside FinetuneConfig (e.g. trap_placement)
+            extra[name] = value
+            continue
         current = getattr(probe, name)
         extra[name] = value if isinstance(current, str) else type(current or 0.0)(value) if current is not None \
             else float(value) if "." in value or "e" in value else int(value)
@@ -47,7 +50,7 @@ def main(argv=None):
     hardened = instrument(net, load_data("mnist"), [args.method], options)
     manifest = save_bundle(hardened, Path(args.output))
     method = next(m for m in manifest["methods"] if m["name"] == args.method)
-    print(json.dumps({"bundle": args.output, "extra": extra, "best_epoch": method["config"]["finetune"]["best_epoch"],
+    print(json.dumps({"bundle": args.output, "extra": extra, "best_epoch": method["config"].get("finetune", {}).get("best_epoch"),
                       "summary": {k: v for k, v in manifest.items() if k in ("facts", "accuracy", "summary")}},
                      default=str))
 

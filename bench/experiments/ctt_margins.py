@@ -90,6 +90,11 @@ def main(argv=None):
                          "--scale-floor), i.e. trap j fires at T_j + shift * s_j; none: one shift for all (harden)")
     ap.add_argument("--scale-floor", type=float, default=0.01)
     ap.add_argument("--per-trap", action="store_true", help="also one line per trap and attack")
+    ap.add_argument("--placement", default="key", choices=("key", "quiet"),
+                    help="quiet: instead of the key's uniform mask, the same number of traps per site drawn (seeded "
+                         "by the key) among the positions whose training pre-activation std is below --quiet-std: "
+                         "an experiment on trap placement, not what harden exports")
+    ap.add_argument("--quiet-std", type=float, default=1e-3)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -110,6 +115,21 @@ def main(argv=None):
     gm.eval()
     pres = [pre_activation(gm, s) for s in sites]
     masks = [masks_d[s] for s in sites]
+    if args.placement == "quiet":
+        ext = feature_extractor(gm, pres)
+        with torch.no_grad():
+            _, *full = ext(data.train.x)
+        from harden.methods.base import key_seed
+
+        chosen = []
+        for s, a, m in zip(sites, full, masks):
+            std = a.flatten(1).std(0)
+            eligible = torch.nonzero(std < args.quiet_std).flatten()
+            gen = torch.Generator().manual_seed(key_seed(args.key, f"quiet:{s}"))
+            pick = eligible[torch.randperm(len(eligible), generator=gen)[: len(m)]] if len(eligible) else m
+            chosen.append(pick.sort().values)
+            print(json.dumps({"site": s, "eligible": int(len(eligible)), "picked": int(len(pick))}), flush=True)
+        masks = chosen
 
     _, train = masked_pre(gm, pres, masks, data.train.x)
     tj = [np.maximum(args.threshold, np.quantile(t, args.trap_quantile, axis=0)) for t in train]

@@ -77,6 +77,41 @@ def make_masks(key: str, site_sizes: dict[str, int], ratio: float) -> dict[str, 
     return masks
 
 
+TRAP_PLACEMENTS = ("uniform", "quiet")
+QUIET_STD = 1e-3  # a position is "quiet" when its pre-activation's std over the training split is below this
+
+
+def quiet_masks(ctx: FitContext, chosen: list[str], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per site, the same number of traps drawn (seeded by the key) among the positions whose pre-activation is
+    constant on the training split (e.g. a conv window that only ever sees background); sites with too few such
+    positions fill up with the key's uniform choice.  Such a trap sits exactly at its natural threshold, so any
+    perturbation that moves its window upward fires it (docs/results/ctt.md, session 3)."""
+    from harden.graph.analyse import feature_extractor
+    from harden.train.finetune import pre_activation
+
+    pres = [pre_activation(ctx.gm, s) for s in chosen]
+    extractor = feature_extractor(ctx.gm, pres)
+    stds = []
+    with torch.no_grad():
+        parts = [[] for _ in chosen]
+        for start in range(0, len(ctx.data.train.x), 500):
+            _, *acts = extractor(ctx.data.train.x[start : start + 500])
+            for part, a in zip(parts, acts):
+                part.append(a.flatten(1))
+        stds = [torch.cat(p).std(dim=0) for p in parts]
+    out = {}
+    for site, std in zip(chosen, stds):
+        count = len(masks[site])
+        eligible = torch.nonzero(std < QUIET_STD).flatten()
+        generator = torch.Generator().manual_seed(key_seed(ctx.options.key, f"ctt-quiet:{site}"))
+        picked = eligible[torch.randperm(len(eligible), generator=generator)[:count]]
+        if len(picked) < count:
+            rest = masks[site][~torch.isin(masks[site], picked)][: count - len(picked)]
+            picked = torch.cat([picked, rest])
+        out[site] = picked.sort().values
+    return out
+
+
 class _CTTBase(Method):
     """Site choice and masks shared by every CTT variant."""
 
@@ -93,6 +128,13 @@ class _CTTBase(Method):
         infos = {i.name: i for i in describe(ctx.gm, ctx.data.train.x[:2])}
         sizes = {s: int(np.prod(infos[s].shape)) for s in chosen}
         masks = make_masks(ctx.options.key, sizes, ctx.options.mask_ratio)
+        placement = ctx.options.get("trap_placement") or "uniform"
+        if placement not in TRAP_PLACEMENTS:
+            from harden.errors import HardenError
+
+            raise HardenError(f"trap_placement must be one of {', '.join(TRAP_PLACEMENTS)}; got {placement!r}")
+        if placement == "quiet":
+            masks = quiet_masks(ctx, chosen, masks)
         return chosen, masks, sizes
 
     def finish(self, ctx: FitContext, chosen, masks, sizes, thresholds: dict[str, torch.Tensor], extra: dict,
@@ -108,6 +150,7 @@ class _CTTBase(Method):
             "sizes": [sizes[s] for s in chosen],
             "counts": [len(masks[s]) for s in chosen],
             "mask_ratio": ctx.options.mask_ratio,
+            "trap_placement": ctx.options.get("trap_placement") or "uniform",
             "key_fingerprint": key_fingerprint(ctx.options.key),
             **extra,
             "trap_scaled": scales is not None,
