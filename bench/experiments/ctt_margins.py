@@ -153,6 +153,9 @@ def main(argv=None):
 
     makers = {"fgsm0.1": lambda: fgsm(gm, x, y, 0.1), "pgd0.1": lambda: pgd(gm, x, y, 0.1),
               "fgsm0.2": lambda: fgsm(gm, x, y, 0.2)}
+    for sigma in ("0.002", "0.005"):  # benign noise, for comparison with what minimal attacks do to the traps
+        makers[f"gauss{sigma}"] = lambda s=float(sigma): (x + s * torch.randn(
+            x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     for spec in ("deepfool", "cw", "bim:eps=0.1"):
         makers[spec.split(":")[0]] = lambda s=spec: torch.from_numpy(run_attack(
             gm, parse_attack(s), x.numpy(), y.numpy(), input_range=(0.0, 1.0), num_classes=10))
