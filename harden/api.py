@@ -118,7 +118,8 @@ def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0
 def ctt_traps(hardened: HardenedModel):
     """The CTT traps as the exported alarm sees them: each neuron's T shifted by its method's calibrated threshold.
 
-    A CTT method alarms when max_i (x_i - T_i) > t, i.e. when some x_i > T_i + t.
+    A CTT method alarms when max_i (x_i - T_i) / s_i > t (s_i = 1 unless the head is scaled), i.e. when some
+    x_i > T_i + t s_i.
     """
     from harden.certification import Trap
 
@@ -128,8 +129,8 @@ def ctt_traps(hardened: HardenedModel):
             continue
         shift = float(hardened.facts["thresholds"][method.name])
         for i, site in enumerate(method.sites):
-            indices, thresholds = method.head.trap(i)
-            traps.append(Trap(site, indices.clone(), thresholds.clone() + shift))
+            indices, _ = method.head.trap(i)
+            traps.append(Trap(site, indices.clone(), method.head.alarm_thresholds(i, shift).clone()))
     return traps
 
 

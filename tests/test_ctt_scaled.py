@@ -105,3 +105,21 @@ def test_quiet_placement_draws_traps_among_constant_positions(tiny_model, digits
             assert torch.equal(indices, uniform[site])           # nothing quiet: the key's uniform choice
         quiet_sites += eligible > 0
     assert quiet_sites > 0  # the blanked columns give constant windows, so the rule did something
+
+
+def test_certify_sees_the_traps_the_exported_alarm_uses(scaled, digits):
+    # harden certify bounds the alarm through ctt_traps: with a scaled head each trap's threshold moves by its
+    # own shift x scale, and an input alarms exactly when some trap's activation exceeds its threshold.
+    from harden.api import ctt_traps
+    from harden.bounds import run_recorded
+
+    traps = ctt_traps(scaled)
+    x = torch.cat([digits.test.x, digits.test.x + 0.3 * torch.randn_like(digits.test.x)]).clamp(0, 1)
+    _, values = run_recorded(scaled.classifier, x, {t.node for t in traps})
+    fired = torch.zeros(len(x), dtype=torch.bool)
+    for trap in traps:
+        fired |= (values[trap.node].flatten(1).index_select(1, trap.flat_indices) > trap.thresholds).any(dim=1)
+    alarm = torch.as_tensor(scaled.run(x.numpy())["ctt-strict.alarm"]).bool()
+    assert torch.equal(fired, alarm)
+    assert 0 < int(alarm.sum()) < len(x)   # both outcomes occur
+    assert any(not torch.allclose(t.thresholds - t.thresholds.min(), torch.zeros_like(t.thresholds)) for t in traps)
