@@ -186,3 +186,13 @@ def test_evaluate_scores_adversarial_sets_made_elsewhere(bundle, tmp_path):
     np.savez(tmp_path / "wide.npz", x=noisy * 3, y=y)
     one_line_error(invoke("evaluate", bundle, "--adversarial", tmp_path / "wide.npz"), "outside the model's input range")
     one_line_error(invoke("evaluate", bundle, "--adversarial", tmp_path / "none.npz"), "no such file")
+
+
+@pytest.mark.parametrize("flag, value", [("--trap-scale", "bogus"), ("--trap-placement", "nowhere"), ("--anneal", "up")])
+def test_ctt_finetuning_choices_are_checked(files, tmp_path, flag, value):
+    _, state, _ = files
+    out = tmp_path / "x.hardened"
+    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-strict", flag, value,
+                    "--key", "k", "-o", out)
+    one_line_error(result, f"{flag} must be one of")
+    assert not out.exists()

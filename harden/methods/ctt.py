@@ -132,7 +132,7 @@ class _CTTBase(Method):
         if placement not in TRAP_PLACEMENTS:
             from harden.errors import HardenError
 
-            raise HardenError(f"trap_placement must be one of {', '.join(TRAP_PLACEMENTS)}; got {placement!r}")
+            raise HardenError(f"--trap-placement must be one of {', '.join(TRAP_PLACEMENTS)}; got {placement!r}")
         if placement == "quiet":
             masks = quiet_masks(ctx, chosen, masks)
         return chosen, masks, sizes

@@ -95,9 +95,9 @@ class FinetuneConfig:
         if self.kind not in ("loose", "strict"):
             raise HardenError(f"CTT fine-tuning kind must be loose or strict; got {self.kind!r}")
         if self.anneal not in ANNEAL:
-            raise HardenError(f"anneal must be one of {', '.join(ANNEAL)}; got {self.anneal!r}")
+            raise HardenError(f"--anneal must be one of {', '.join(ANNEAL)}; got {self.anneal!r}")
         if self.trap_scale not in TRAP_SCALES:
-            raise HardenError(f"trap_scale must be one of {', '.join(TRAP_SCALES)}; got {self.trap_scale!r}")
+            raise HardenError(f"--trap-scale must be one of {', '.join(TRAP_SCALES)}; got {self.trap_scale!r}")
         if not self.scale_floor > 0:
             raise HardenError(f"scale_floor must be positive; got {self.scale_floor}")
         if self.trap_rule not in TRAP_RULES:
