@@ -2,9 +2,12 @@
 
     python -m examples.train_lenet --out examples/lenet5_mnist.pt
 
-Trains on the train + calibration splits of ``load_data("mnist", seed=0)`` (4,000 digits),
-reports accuracy on the test split (1,000), writes a state_dict atomically and prints
-JSON ``{"test_accuracy": ..., "seconds": ...}``.
+Trains on the train split of ``load_data("mnist", seed=0)`` only (3,000 digits): the calibration split
+must be new to the classifier, as a user's held-out data would be, or every detector's alarm rate
+calibrated on it understates the rate on new inputs (measured: NIC calibrated to 5% gave 7.7% on the
+test split with a checkpoint that had trained on the calibration digits, 4.6% without).  Reports
+accuracy on the test split (1,000), writes a state_dict atomically and prints JSON
+``{"test_accuracy": ..., "seconds": ...}``.
 """
 
 from __future__ import annotations
@@ -92,8 +95,7 @@ def _train(epochs: int, seed: int, limit: int | None, batch_size: int, lr: float
     torch.manual_seed(seed)
 
     data = load_data("mnist", seed=0, limit=limit)
-    x = torch.cat([data.train.x, data.calibration.x])
-    y = torch.cat([data.train.y, data.calibration.y])
+    x, y = data.train.x, data.train.y   # never the calibration split (see the module docstring)
 
     model = LeNet5()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

@@ -29,9 +29,9 @@ def test_short_training_beats_chance_and_saves_a_state_dict(tmp_path):
     deterministic = torch.are_deterministic_algorithms_enabled()
     out = tmp_path / "lenet.pt"
     result = train(out, epochs=2, seed=0, limit=1000)
-    assert result["train_samples"] == 800 and result["test_samples"] == 200
+    assert result["train_samples"] == 600 and result["test_samples"] == 200   # the train split only
     assert result["losses"][1] < result["losses"][0] < 2.3  # ln(10) is chance
-    assert result["test_accuracy"] > 0.3  # chance is 0.1 (this seeded run gets about 0.58)
+    assert result["test_accuracy"] > 0.3  # chance is 0.1 (this seeded run gets about 0.5)
     model = LeNet5()
     model.load_state_dict(torch.load(out, weights_only=True))
     assert [p.name for p in tmp_path.iterdir()] == ["lenet.pt"]  # no temporary left behind
