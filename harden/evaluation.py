@@ -288,12 +288,13 @@ def render_table(report: EvaluationReport):
     from rich.table import Table
 
     methods = ", ".join(f"{m} {_pct(v)}" for m, v in report.per_method_fpr.items())
-    caption = f"{report.n_clean} inputs; det = alarm rate on originally-correct inputs"
+    caption = (f"{report.n_clean} inputs; det = alarm rate on originally-correct inputs, det(succ) on those the "
+               "attack fooled; AUC = ROC-AUC of score (clean vs attacked); s = seconds")
     if methods:
         caption += f"; clean FPR per method: {methods}"
     table = Table(title="harden evaluate", caption=caption)
     table.add_column("attack", no_wrap=True)
-    for name in ("acc", "det", "det(succ)", "l2", "linf", "AUC(score)", "seconds"):
+    for name in ("acc", "det", "det(succ)", "l2", "linf", "AUC", "s"):  # short: the table fits 80 columns
         table.add_column(name, justify="right", no_wrap=True)
     table.add_row("no attack", _pct(report.clean_accuracy), _pct(report.clean_fpr), "-", "-", "-", "-", "-")
     for row in report.rows:

@@ -191,8 +191,7 @@ def test_limit_progress_and_table(setup):
     assert any("fgsm:eps=0.2" in m for m in messages) and any("pgd" in m for m in messages)
 
     table = render_table(report)
-    assert [c.header for c in table.columns] == ["attack", "acc", "det", "det(succ)", "l2", "linf", "AUC(score)",
-                                                 "seconds"]
+    assert [c.header for c in table.columns] == ["attack", "acc", "det", "det(succ)", "l2", "linf", "AUC", "s"]
     assert table.row_count == 3
     console = Console(record=True, width=160)
     console.print(table)
