@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/experiments/ctt_latency_sites.py
 """
-import sys, json, numpy as np, torch
+import sys, numpy as np, torch
 sys.path.insert(0, '.')
 torch.set_num_threads(1)
 from pathlib import Path

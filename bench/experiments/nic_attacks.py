@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from bench.experiments.example import load_lenet
 
 ATTACKS = ["fgsm:eps=0.1", "bim:eps=0.1", "pgd:eps=0.1", "deepfool", "cw"]
 
@@ -31,13 +32,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from examples.lenet import LeNet5
     from harden.attacks import parse_attack, run_attack
     from harden.io.data import load_data
 
-    model = LeNet5()
-    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-    model.eval()
+    model = load_lenet(args.checkpoint)
     data = load_data("mnist", seed=0)
     part = getattr(data, args.split)
     x, y = part.x[: args.limit].numpy(), part.y[: args.limit].numpy()

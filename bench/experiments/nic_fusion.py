@@ -25,6 +25,7 @@ import json
 
 import numpy as np
 import torch
+from bench.experiments.example import load_lenet, parse_sets
 
 
 def tail_transform(reference: np.ndarray):
@@ -62,18 +63,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from examples.lenet import LeNet5
     from harden.instrument import instrument
     from harden.io.data import load_data
     from harden.methods.base import Options, key_seed
 
-    extra = {}
-    for entry in args.set:
-        name, _, value = entry.partition("=")
-        extra[name] = json.loads(value)
-    model = LeNet5()
-    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-    model.eval()
+    extra = parse_sets(args.set)
+    model = load_lenet(args.checkpoint)
     data = load_data("mnist", seed=0)
     hardened = instrument(model, data, ["nic"], Options(key=args.key, fpr=args.fpr, extra=extra))
     method = hardened.method("nic")

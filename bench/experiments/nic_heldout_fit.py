@@ -57,6 +57,7 @@ import time
 
 import numpy as np
 import torch
+from bench.experiments.example import load_lenet
 
 ATTACKS = ["fgsm:eps=0.1", "bim:eps=0.1", "pgd:eps=0.1", "cw", "deepfool"]
 HELD_OUT_FIT = 600  # calibration digits used for fitting in B / C; the remaining 400 calibrate
@@ -100,14 +101,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from examples.lenet import LeNet5
     from harden.instrument import instrument
     from harden.io.data import load_data
     from harden.methods.base import Options
 
-    model = LeNet5()
-    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-    model.eval()
+    model = load_lenet(args.checkpoint)
     data = load_data("mnist", seed=0)
     pool = np.load(args.adv)
     y, clean_pred = pool["y"], pool["clean_pred"]

@@ -28,6 +28,7 @@ import json
 
 import numpy as np
 import torch
+from bench.experiments.example import load_lenet
 
 VARIANTS = {
     "both": {},
@@ -51,7 +52,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from examples.lenet import LeNet5
     from harden.detectors.nic_onnx import build_composite
     from harden.export import INPUT_NAME
     from harden.export.torch_graph import export_module
@@ -61,9 +61,7 @@ def main(argv=None) -> None:
     from harden.methods.nic import layout
     from harden.runtime import OnnxGraph
 
-    model = LeNet5()
-    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-    model.eval()
+    model = load_lenet(args.checkpoint)
     data = load_data("mnist", seed=0)
     for variant in args.variant or list(VARIANTS):
         hardened = instrument(model, data, ["nic"], Options(key=args.key, fpr=args.fpr, extra=VARIANTS[variant]))

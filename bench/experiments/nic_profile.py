@@ -18,6 +18,7 @@ import tempfile
 
 import numpy as np
 import torch
+from bench.experiments.example import load_lenet
 
 
 def profile(model_bytes: bytes, x: np.ndarray, runs: int) -> tuple[dict, dict]:
@@ -56,7 +57,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from examples.lenet import LeNet5
     from harden.export import export_onnx
     from harden.export.torch_graph import export_module
     from harden.graph.trace import trace
@@ -65,9 +65,7 @@ def main(argv=None) -> None:
     from harden.methods.base import Options
 
     data = load_data("mnist", seed=0, limit=args.limit)
-    model = LeNet5()
-    model.load_state_dict(torch.load("examples/lenet5_mnist.pt", weights_only=True))
-    model.eval()
+    model = load_lenet("examples/lenet5_mnist.pt")
     hardened = instrument(model, data, ["nic"], Options(key="bench", extra=json.loads(args.set)))
     graph = export_onnx(hardened).model.SerializeToString()
     plain = export_module(trace(model), (data.test.x[:2],), ["input"], ["logits"]).SerializeToString()

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from bench.experiments.example import load_lenet, parse_sets
 
 GRIDS = {
     "nu_gamma": [{"nic_nu": nu, "nic_gamma": g} for nu, g in itertools.product([0.01, 0.05, 0.1, 0.2], [0.3, 1.0, 3.0])],
@@ -95,16 +96,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from examples.lenet import LeNet5
     from harden.io.data import load_data
 
-    base = {}
-    for entry in args.set:
-        name, _, value = entry.partition("=")
-        base[name] = json.loads(value)
-    model = LeNet5()
-    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-    model.eval()
+    base = parse_sets(args.set)
+    model = load_lenet(args.checkpoint)
     data = load_data("mnist", seed=0)
     adv = []
     for path in args.adv:

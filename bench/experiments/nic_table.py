@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from bench.experiments.example import load_lenet, parse_sets
 
 VARIANTS = {
     "both": {},
@@ -44,7 +45,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from examples.lenet import LeNet5
     from harden.errors import HardenError
     from harden.evaluation import roc_auc
     from harden.export import export_onnx
@@ -53,13 +53,8 @@ def main(argv=None) -> None:
     from harden.methods.base import Options
     from harden.runtime import OnnxGraph
 
-    base = {}
-    for entry in args.set:
-        name, _, value = entry.partition("=")
-        base[name] = json.loads(value)
-    model = LeNet5()
-    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-    model.eval()
+    base = parse_sets(args.set)
+    model = load_lenet(args.checkpoint)
     data = load_data("mnist", seed=0)
     with np.load(args.adv) as npz:
         adv = {k: npz[k] for k in npz.files}

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.lenet import LeNet5  # noqa: E402
 from harden.attacks import parse_attack, run_attack  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
+from bench.experiments.example import load_lenet
 
 ATTACKS = ["fgsm:eps=0.1", "bim:eps=0.1", "pgd:eps=0.1", "deepfool", "cw"]
 
@@ -37,9 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_data("mnist", seed=0)
-    model = LeNet5()
-    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-    model.eval()
+    model = load_lenet(args.checkpoint)
     arrays = {}
     if args.out.exists():
         arrays = dict(np.load(args.out))

@@ -14,7 +14,6 @@ the number of support vectors. One JSON line each.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time

@@ -31,6 +31,7 @@ from harden.export.torch_graph import export_module  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 from harden.methods.safetynet import RbfSvmDetector  # noqa: E402
 from harden.runtime import OnnxGraph  # noqa: E402
+from bench.experiments.example import load_lenet
 
 
 def timed(runs, rounds: int) -> list[dict]:
@@ -50,9 +51,7 @@ def timed(runs, rounds: int) -> list[dict]:
 
 
 def end_to_end(args) -> None:
-    model = LeNet5()
-    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-    model.eval()
+    model = load_lenet(args.checkpoint)
     x_all = torch.rand(256, 1, 28, 28)
     plain = OnnxGraph(export_module(trace(model), (x_all[:2],), ["input"], ["logits"]).SerializeToString(),
                       threads=args.threads)
