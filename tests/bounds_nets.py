@@ -117,6 +117,16 @@ def _(s, rng):
         ("img", out, h, w)
 
 
+@spelling("conv2d/padding-same", "img")
+def _(s, rng):
+    # "same" with an odd and an even kernel (torch pads the extra entry at the end), dilation, and "valid"
+    _, c, h, w = s
+    out = rng.randint(1, 3)
+    convs = nn.Sequential(nn.Conv2d(c, out, (3, 2), padding="same"), nn.Conv2d(out, out, 3, padding="same", dilation=2),
+                          nn.Conv2d(out, out, 2, padding="same"), nn.Conv2d(out, out, 1, padding="valid"))
+    return Block(lambda m, x: m.convs(x), convs=convs), ("img", out, h, w)
+
+
 def _conv1d_block(functional: bool, s, rng):
     _, c, h, w = s
     out = rng.randint(1, 3)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from harden.bounds import norm
 from harden.bounds.backward import Back, backward_rule, flat_sum
 from harden.bounds.interval import Interval
-from harden.bounds.linear import CONV_SIGNATURE, _conv_module, linear_parts
+from harden.bounds.linear import CONV_SIGNATURE, _conv_module, explicit_padding, linear_parts
 from harden.bounds.rules import REQUIRED, Call, concrete_arg, interval_arg
 from harden.errors import HardenError
 
@@ -47,7 +47,7 @@ def _conv_params(call: Call) -> tuple[Interval, dict]:
     x = interval_arg(call, p["input"], "the input")
     p["weight"] = concrete_arg(call, p["weight"], "weight")
     p["bias"] = concrete_arg(call, p["bias"], "bias")
-    return x, p
+    return x, explicit_padding(p, p["weight"])
 
 
 def _as_tuple(v, n: int) -> tuple:

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 # Importing the rule families registers them.
-from harden.bounds import backward_activations, backward_affine, backward_pooling  # noqa: F401
+from harden.bounds import backward_activations, backward_affine, backward_pooling, backward_smooth  # noqa: F401
 from harden.bounds.backward import BACKWARD_RULES, Back, flat_sum
 from harden.bounds.backward_pooling import _geometry as _pool_geometry, entries_read
 from harden.bounds.interval import Interval

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from harden.bounds.interval import Interval
+from harden.errors import HardenError
 from harden.bounds.rules import BOUND_RULES, FRESH_OUTPUTS, REQUIRED, Call, concrete_arg, interval_arg
 
 LINEAR_SIGNATURE = (("input", REQUIRED), ("weight", REQUIRED), ("bias", None))
@@ -55,10 +56,34 @@ def _conv_module(m) -> dict:
     return params
 
 
+def explicit_padding(p: dict, weight: torch.Tensor) -> dict:
+    """``padding="valid"`` / ``"same"`` as numbers: the backward rules and windows need explicit geometry.
+
+    "same" pads dilation (k - 1) per dim, the extra entry (even kernels) at the end, as torch does; an
+    uneven split becomes a zero ``pre_pad`` (the input padded first, then convolved without padding)."""
+    padding = p.get("padding")
+    if not isinstance(padding, str):
+        return p
+    spatial = weight.dim() - 2
+    if padding == "valid":
+        return {**p, "padding": 0}
+    if padding != "same":
+        raise HardenError(f"convolution padding {padding!r} is not 'same' or 'valid'")
+    dilation = p["dilation"] if isinstance(p["dilation"], (list, tuple)) else (p["dilation"],) * spatial
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    if all(t % 2 == 0 for t in totals):
+        return {**p, "padding": tuple(t // 2 for t in totals)}
+    pads = []
+    for t in reversed(totals):    # F.pad lists the last dim first
+        pads += [t // 2, t - t // 2]
+    return {**p, "padding": 0, "pre_pad": (tuple(pads), "constant")}
+
+
 def _conv(call: Call, conv, spatial: int) -> Interval:
     p = call.bind(CONV_SIGNATURE, _conv_module)
     x = interval_arg(call, p["input"], "the input")
     weight = concrete_arg(call, p["weight"], "weight")
+    p = explicit_padding(p, weight)
     bias = concrete_arg(call, p["bias"], "bias")
     groups = p["groups"]
     half = weight * 0.5
