@@ -337,6 +337,17 @@ def _lenet_like(seed: int) -> nn.Module:
                          nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
 
 
+def _assert_same_bounds(a, margin_a, b, margin_b, names) -> None:
+    """Two runs' margins agree, and so do their bounds at ``names`` (nodes without an interval skipped)."""
+    assert torch.allclose(margin_a, margin_b, atol=1e-5 * max(1.0, float(margin_b.abs().max())))
+    for name in names:
+        iv = a.nodes.get(name)
+        if isinstance(iv, Interval):
+            tol = 1e-5 * max(1.0, float(b.nodes[name].hi.abs().max()))
+            assert torch.allclose(iv.lo, b.nodes[name].lo, atol=tol), name
+            assert torch.allclose(iv.hi, b.nodes[name].hi, atol=tol), name
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fused_and_whole_map_windows_equal_dense_passes(seed):
     """A ReLU under a non-overlapping pool relaxed inside the pool step, and dense rows after a flatten
@@ -360,12 +371,7 @@ def test_fused_and_whole_map_windows_equal_dense_passes(seed):
             else:
                 assert engine.windowed_rows == 0
     (fast, m_fast), (dense, m_dense) = out
-    assert torch.allclose(m_fast, m_dense, atol=1e-5 * max(1.0, float(m_dense.abs().max())))
-    for name, iv in fast.nodes.items():
-        if isinstance(iv, Interval):
-            tol = 1e-5 * max(1.0, float(dense.nodes[name].hi.abs().max()))
-            assert torch.allclose(iv.lo, dense.nodes[name].lo, atol=tol), name
-            assert torch.allclose(iv.hi, dense.nodes[name].hi, atol=tol), name
+    _assert_same_bounds(fast, m_fast, dense, m_dense, list(fast.nodes))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -389,14 +395,8 @@ def test_skipping_neurons_no_pool_window_reads_changes_nothing_after_the_pool(se
             out.append((result, engine.margin_lower(result.nodes, y, _final_linear(gm))))
     assert counts[0] < counts[1]
     (kept, m_kept), (full, m_full) = out
-    assert torch.allclose(m_kept, m_full, atol=1e-5 * max(1.0, float(m_full.abs().max())))
     after = [n.name for n in gm.graph.nodes][[n.name for n in gm.graph.nodes].index(conv[1].name) + 2:]
-    for name in after:
-        iv = kept.nodes.get(name)
-        if isinstance(iv, Interval):
-            tol = 1e-5 * max(1.0, float(full.nodes[name].hi.abs().max()))
-            assert torch.allclose(iv.lo, full.nodes[name].lo, atol=tol), name
-            assert torch.allclose(iv.hi, full.nodes[name].hi, atol=tol), name
+    _assert_same_bounds(kept, m_kept, full, m_full, after)
 
 
 def test_dense_rows_to_the_input_are_optional_and_never_looser():
@@ -439,11 +439,6 @@ def test_second_bounds_skipped_only_where_no_relaxation_reads_them(seed):
             out.append((result, engine.margin_lower(result.nodes, y, _final_linear(gm))))
     assert rows[0] < rows[1]
     (kept, m_kept), (full, m_full) = out
-    assert torch.allclose(m_kept, m_full, atol=1e-5 * max(1.0, float(m_full.abs().max())))
     names = [n.name for n in gm.graph.nodes if n.op != "output"]
-    for name in names[-2:]:          # the last ReLU, the logits layer
-        if isinstance(kept.nodes.get(name), Interval):
-            tol = 1e-5 * max(1.0, float(full.nodes[name].hi.abs().max()))
-            assert torch.allclose(kept.nodes[name].lo, full.nodes[name].lo, atol=tol), name
-            assert torch.allclose(kept.nodes[name].hi, full.nodes[name].hi, atol=tol), name
+    _assert_same_bounds(kept, m_kept, full, m_full, names[-2:])   # the last ReLU, the logits layer
     check_crown(gm, x, 0.05, (0.0, 1.0), n_points=6, seed=seed)      # the default: lower bounds first
