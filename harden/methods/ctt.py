@@ -60,7 +60,7 @@ class TrapHead(nn.Module):
         """Per sample and masked neuron: activation - T (over s when scaled), shape [N, count_i]."""
         indices, thresholds = self.trap(i)
         excess = activation.flatten(1).index_select(1, indices) - thresholds
-        return excess / getattr(self, f"scales_{i}") if self.scaled else excess
+        return excess / self.scales(i) if self.scaled else excess
 
     def forward(self, *activations: torch.Tensor) -> torch.Tensor:
         per_site = [self.excess(i, a).amax(dim=1) for i, a in enumerate(activations)]
@@ -86,19 +86,12 @@ def quiet_masks(ctx: FitContext, chosen: list[str], masks: dict[str, torch.Tenso
     constant on the training split (e.g. a conv window that only ever sees background); sites with too few such
     positions fill up with the key's uniform choice.  Such a trap sits exactly at its natural threshold, so any
     perturbation that moves its window upward fires it (docs/results/ctt.md, session 3)."""
-    from harden.graph.analyse import feature_extractor
     from harden.train.finetune import pre_activation
 
     pres = [pre_activation(ctx.gm, s) for s in chosen]
-    extractor = feature_extractor(ctx.gm, pres)
-    stds = []
     with torch.no_grad():
-        parts = [[] for _ in chosen]
-        for start in range(0, len(ctx.data.train.x), 500):
-            _, *acts = extractor(ctx.data.train.x[start : start + 500])
-            for part, a in zip(parts, acts):
-                part.append(a.flatten(1))
-        stds = [torch.cat(p).std(dim=0) for p in parts]
+        natural = collect(ctx.gm, pres, ctx.data.train.x, lambda _, a: a, batch_size=500)
+    stds = [natural[p].std(dim=0) for p in pres]
     out = {}
     for site, std in zip(chosen, stds):
         count = len(masks[site])
