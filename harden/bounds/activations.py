@@ -247,7 +247,8 @@ def softplus(call: Call) -> Interval:
     lo, hi = F.softplus(x.lo, beta, threshold), F.softplus(x.hi, beta, threshold)
     switch = threshold / beta
     crosses = (x.lo <= switch) & (x.hi > switch)
-    smooth_top = switch + math.log1p(math.exp(-threshold)) / beta   # the smooth piece's value at the switch
+    drop = max(-threshold, 0.0) + math.log1p(math.exp(-abs(threshold)))   # log1p(exp(-t)), no overflow for t < 0
+    smooth_top = switch + drop / beta                                      # the smooth piece's value at the switch
     lo = torch.where(crosses, torch.clamp(lo, max=switch), lo)
     hi = torch.where(crosses, torch.clamp(hi, min=smooth_top), hi)
     return Interval(lo, hi)

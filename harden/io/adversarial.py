@@ -44,7 +44,8 @@ def _float_inputs(name: str, key: str, value: np.ndarray, input_shape: tuple[int
 def _labels(name: str, value: np.ndarray, n: int, num_classes: int) -> np.ndarray:
     if value.ndim == 2:
         value = value.argmax(axis=1)
-    if value.ndim != 1 or value.dtype.kind not in "iu" and not (value.dtype.kind == "f" and np.all(value == np.round(value))):
+    integral = value.dtype.kind in "iu" or (value.dtype.kind == "f" and bool(np.all(value == np.round(value))))
+    if value.ndim != 1 or not integral:
         raise HardenError(f"{name}: 'y' must be integer labels [N] or one-hot [N, K]; got {value.dtype} {value.shape}")
     if len(value) != n:
         raise HardenError(f"{name}: {n} inputs but {len(value)} labels")

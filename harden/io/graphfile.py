@@ -56,11 +56,13 @@ A call_function target is a name such as ``"torch.relu"``,
 from __future__ import annotations
 
 import builtins
+import functools
 import keyword
 import math
 import operator
 import re
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -139,8 +141,9 @@ def _function_name(fn: Any) -> str | None:
     return f"{module}.{name}" if module else None
 
 
-def allowed_functions() -> dict[str, Callable]:
-    """The explicit call_function allowlist: stored name -> function."""
+@functools.lru_cache(maxsize=1)
+def allowed_functions() -> Mapping[str, Callable]:
+    """The explicit call_function allowlist: stored name -> function (built once; read-only)."""
     from harden.graph.ops import FUNCTION_SPELLINGS, OUT_OF_PLACE_FUNCTIONS
 
     candidates = [*FUNCTION_SPELLINGS, *OUT_OF_PLACE_FUNCTIONS, *OUT_OF_PLACE_FUNCTIONS.values(), *PURE_FUNCTIONS,
@@ -150,7 +153,7 @@ def allowed_functions() -> dict[str, Callable]:
         name = _function_name(fn)
         if name is not None and name not in table:
             table[name] = fn
-    return table
+    return MappingProxyType(table)
 
 
 def _aten_problem(op: torch._ops.OpOverload) -> str | None:
