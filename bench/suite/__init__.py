@@ -1,0 +1,1 @@
+"""The suite: model/data pairs built and trained in code, and a runner measuring every method across them."""

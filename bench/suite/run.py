@@ -1,0 +1,247 @@
+"""Instrument, export, then evaluate through the ONNX graph on every pair; one row per pair, the worst pair marked.
+
+    python -m bench.suite --method ctt-strict [--method nic ...] [--pairs cnn-digits,mlp-mnist] [--json]
+
+Each ``--method`` is one run per pair (``a+b`` combines methods under ``--policy any``).  ``--set key=value``
+passes an option to the methods (an ``Options`` field such as ``eps`` or ``layers``, else a method option such
+as ``code`` or ``lr``), which is how alternatives to a default are measured.  ``--split calibration`` measures
+on the calibration split (where defaults are chosen); the default ``test`` split is only for reporting.
+
+Per pair and method: test accuracy (and the original's), the alarm's false-positive rate on the whole test
+split against the target, and per attack of each library the detection rate among successful adversarial
+examples of originally correct inputs, with the ROC-AUC of the combined score; instrument seconds.
+Adversarial examples of a classifier the method left unchanged are cached (cache/adv/), keyed by the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.suite.attacks import ATTACK_NAMES, LIBRARIES, craft
+from bench.suite.pairs import CACHE, PAIRS, LoadedPair, load_pair
+from harden.attack_strength import half_accuracy_eps
+from harden.io.adversarial import AdversarialSet
+
+SUITE_KEY = "harden-suite-key"
+# The issue's targets: ctt methods calibrate to 2%, every other method to 5%.
+DEFAULT_FPR = {"ctt-lite": 0.02, "ctt-loose": 0.02, "ctt-strict": 0.02}
+OTHER_FPR = 0.05
+
+
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+def build_options(method_label: str, sets: list[str], fpr: float | None, seed: int, key: str):
+    from harden.methods.base import Options
+
+    names = method_label.split("+")
+    target = fpr if fpr is not None else min(DEFAULT_FPR.get(m, OTHER_FPR) for m in names)
+    option_fields = {f.name for f in fields(Options)} - {"extra"}
+    given, extra = {}, {}
+    for entry in sets:
+        name, sep, value = entry.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {entry!r} must be key=value")
+        name = name.strip().replace("-", "_")
+        parsed = [_parse_value(v) for v in value.split(";")] if name in ("attacks", "layers") else _parse_value(value)
+        if name == "layers":
+            parsed = [str(v) for v in parsed]
+        (given if name in option_fields else extra)[name] = parsed
+    return names, Options(key=key, seed=seed, fpr=target, extra=extra, **given)
+
+
+def _state_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pair_eps(lp: LoadedPair) -> dict:
+    """The pair's attack eps (FGSM halves the undefended accuracy on the calibration split), cached."""
+    path = CACHE / f"{lp.pair.name}-{lp.pair.digest()}-eps.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cal = lp.data.calibration
+    strength = half_accuracy_eps(lp.model, cal.x[:500].numpy(), cal.y[:500].numpy(), input_range=lp.data.input_range,
+                                 num_classes=lp.data.num_classes).to_json()
+    path.write_text(json.dumps(strength, indent=1))
+    return strength
+
+
+def adversarial(model, library: str, attack: str, x, y, *, eps: float, lp: LoadedPair, split: str, seed: int):
+    weights = _state_hash(model)
+    tag = f"{lp.pair.name}-{split}-{len(x)}-{library}-{attack}-{eps:.6g}-{seed}-{weights}"
+    path = CACHE / "adv" / (hashlib.sha256(tag.encode()).hexdigest()[:20] + ".npy")
+    if path.exists():
+        return np.load(path), True
+    x_adv = craft(library, model, attack, x, y, eps=eps, input_range=lp.data.input_range,
+                  num_classes=lp.data.num_classes, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, x_adv)
+    return x_adv, False
+
+
+def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
+    from harden.api import export_onnx, instrument
+    from harden.evaluation import evaluate
+    from harden.runtime import OnnxGraph
+
+    names, options = build_options(method_label, args.set, args.fpr, args.seed, args.key)
+    strength = pair_eps(lp)
+    eps = float(strength["eps"])
+    started = time.perf_counter()
+    hardened = instrument(lp.model, lp.data, names, options, policy=args.policy)
+    instrument_s = time.perf_counter() - started
+    exported = export_onnx(hardened)
+    graph = OnnxGraph(exported.model.SerializeToString())
+    part = getattr(lp.data, args.split)
+    x, y = part.x[: args.limit].numpy(), part.y[: args.limit].numpy()
+    sets, crafted = [], {}
+    for library in args.libraries:
+        for attack in args.attacks:
+            t0 = time.perf_counter()
+            x_adv, cached = adversarial(hardened.classifier, library, attack, x, y, eps=eps, lp=lp,
+                                        split=args.split, seed=args.seed)
+            crafted[f"{library}.{attack}"] = {"seconds": round(time.perf_counter() - t0, 1), "cached": cached}
+            say(f"{lp.pair.name} {method_label}: {library}.{attack} ({'cached' if cached else 'crafted'})")
+            sets.append(AdversarialSet(f"{library}.{attack}", x_adv, y, x_clean=x))
+    report = evaluate(hardened.classifier, graph.run, x, y, [], input_range=lp.data.input_range,
+                      num_classes=lp.data.num_classes, seed=args.seed, given=sets)
+    metrics = hardened.facts["metrics"]
+    split_fpr = metrics["test_fpr"] if args.split == "test" else metrics["calibration_fpr"]
+    detection = {r.attack: r.detection_rate_successful for r in report.rows}
+    return {
+        "pair": lp.pair.name, "method": method_label, "options": {k: v for k, v in vars(options).items() if k != "key"},
+        "split": args.split, "n": len(x), "eps": eps,
+        "accuracy": metrics["test_accuracy"], "original_accuracy": metrics["original_test_accuracy"],
+        "fpr_target": options.fpr, "fpr": split_fpr, "fpr_evaluated": report.clean_fpr,
+        "calibration_fpr": metrics["calibration_fpr"],
+        "detection": detection,
+        "successful": {r.attack: r.n_successful for r in report.rows},
+        "auc": {r.attack: r.roc_auc.get("score") for r in report.rows},
+        "instrument_seconds": round(instrument_s, 1),
+        "parity": max(exported.parity.max_abs_diff.values(), default=0.0),
+        "attacks": crafted,
+        "calibration": metrics.get("calibration"),
+    }
+
+
+def worst(rows: list[dict]) -> dict:
+    """Per column, the worst value and the pair it belongs to (lowest detection / accuracy / AUC, highest FPR
+    excess and time)."""
+    out: dict = {}
+
+    def pick(column, value_of, lowest=True):
+        values = [(value_of(r), r["pair"]) for r in rows if value_of(r) is not None]
+        if values:
+            v, pair = (min if lowest else max)(values)
+            out[column] = {"value": v, "pair": pair}
+
+    pick("accuracy_drop", lambda r: r["original_accuracy"] - r["accuracy"], lowest=False)
+    pick("fpr_excess", lambda r: r["fpr"] - r["fpr_target"], lowest=False)
+    pick("instrument_seconds", lambda r: r["instrument_seconds"], lowest=False)
+    for attack in rows[0]["detection"] if rows else ():
+        pick(f"detection:{attack}", lambda r, a=attack: r["detection"].get(a))
+        pick(f"auc:{attack}", lambda r, a=attack: r["auc"].get(a))
+    return out
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}"
+
+
+def render(method_label: str, rows: list[dict], worst_cols: dict):
+    from rich.table import Table
+
+    first = rows[0]
+    table = Table(title=f"{method_label} on the suite ({first['split']} split, {first['n']} inputs a pair; "
+                        f"det = % of successful adversarial examples alarmed, ART/foolbox)")
+    for column in ("pair", "eps", "acc (orig)", "FPR / target"):
+        table.add_column(column, no_wrap=True)
+    attacks = sorted({a.split(".", 1)[1] for a in first["detection"]}, key=ATTACK_NAMES.index)
+    for attack in attacks:
+        table.add_column(attack, justify="right", no_wrap=True)
+    table.add_column("min AUC", justify="right")
+    table.add_column("inst s", justify="right")
+
+    def det(r, attack):
+        return "/".join(_pct(r["detection"].get(f"{lib}.{attack}")) for lib in LIBRARIES
+                        if f"{lib}.{attack}" in r["detection"])
+
+    for r in rows:
+        aucs = [v for v in r["auc"].values() if v is not None]
+        table.add_row(r["pair"], f"{r['eps']:.3g}", f"{r['accuracy']:.3f} ({r['original_accuracy']:.3f})",
+                      f"{100 * r['fpr']:.1f} / {100 * r['fpr_target']:.0f}", *[det(r, a) for a in attacks],
+                      f"{min(aucs):.3f}" if aucs else "-", f"{r['instrument_seconds']:.0f}")
+    cells = []
+    for attack in attacks:
+        parts = [worst_cols.get(f"detection:{lib}.{attack}") for lib in LIBRARIES]
+        cells.append("/".join(_pct(p["value"]) if p else "-" for p in parts if p is not None))
+    fpr_w = worst_cols.get("fpr_excess")
+    table.add_row("worst", "", f"-{worst_cols['accuracy_drop']['value']:.3f}" if "accuracy_drop" in worst_cols else "",
+                  f"+{100 * fpr_w['value']:.1f} ({fpr_w['pair']})" if fpr_w else "", *cells, "",
+                  f"{worst_cols['instrument_seconds']['value']:.0f}" if "instrument_seconds" in worst_cols else "")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", action="append", required=True, help="a method, or a+b combined; repeatable")
+    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated (default all: {', '.join(PAIRS)})")
+    parser.add_argument("--split", default="test", choices=("test", "calibration"))
+    parser.add_argument("--limit", type=int, default=200, help="inputs attacked per pair")
+    parser.add_argument("--fpr", type=float, default=None, help="target FPR (default: 0.02 for CTT, else 0.05)")
+    parser.add_argument("--set", action="append", default=[], help="key=value method option; repeatable")
+    parser.add_argument("--policy", default="any")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--attacks", default=",".join(ATTACK_NAMES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--key", default=SUITE_KEY)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    args.libraries = [s for s in args.libraries.split(",") if s]
+    args.attacks = [s for s in args.attacks.split(",") if s]
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    unknown = [p for p in pairs if p not in PAIRS]
+    if unknown:
+        parser.error(f"unknown pair(s) {', '.join(unknown)}; pairs: {', '.join(PAIRS)}")
+
+    def say(message: str) -> None:
+        if not args.json:
+            print(message, file=sys.stderr, flush=True)
+
+    results = {"methods": {}, "set": args.set, "split": args.split, "limit": args.limit}
+    loaded = {name: load_pair(name) for name in pairs}
+    for method_label in args.method:
+        rows = [run_one(loaded[name], method_label, args, say) for name in pairs]
+        results["methods"][method_label] = {"rows": rows, "worst": worst(rows)}
+        if not args.json:
+            from rich.console import Console
+
+            Console(width=200).print(render(method_label, rows, results["methods"][method_label]["worst"]))
+    text = json.dumps(results, indent=1, default=float)
+    if args.out:
+        args.out.write_text(text)
+    if args.json:
+        print(text)
+    return 0
