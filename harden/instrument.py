@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from harden.detectors.calibration import calibrate
+from harden.detectors.calibration import calibrate, check_split
 from harden.errors import HardenError
 from harden.graph.analyse import check_input_shape
 from harden.graph.trace import trace
@@ -64,6 +64,8 @@ def instrument(
     # A traced graph shares parameters with the user's model; fine-tuning must never change the caller's object.
     gm = copy.deepcopy(trace(model))
     check_input_shape(gm, data.train.x[:2])
+    if 0 < options.fpr < 1 and len(data.calibration) >= 2:
+        check_split(len(data.calibration), options.fpr, options.fpr_confidence)  # fail before minutes of fitting
     original_state = copy.deepcopy(gm.state_dict())
     with torch.no_grad():
         original_test_logits = gm(data.test.x).numpy()
@@ -76,7 +78,7 @@ def instrument(
 
     progress("calibrating", 0.0)
     raw_cal = hardened.raw_scores(hardened.torch_outputs(data.calibration.x))
-    cal = calibrate(raw_cal, k, options.fpr)
+    cal = calibrate(raw_cal, k, options.fpr, options.fpr_confidence)
     hardened.policy = AlarmPolicy(cal.thresholds, cal.scales, k)
 
     test_out = hardened.run(data.test.x)
@@ -91,6 +93,7 @@ def instrument(
                     "threshold": options.threshold, "seed": options.seed, **options.extra},
         "policy": {"text": policy, "k": k, "methods": len(fitted)},
         "fpr_target": options.fpr,
+        "fpr_confidence": options.fpr_confidence,
         "key_fingerprint": key_fingerprint(options.key),
         "seed": options.seed,
         "thresholds": {m.name: t for m, t in zip(fitted, cal.thresholds)},
@@ -98,6 +101,7 @@ def instrument(
         "metrics": {
             "calibration_fpr": cal.achieved_fpr,
             "calibration_fpr_per_method": {m.name: f for m, f in zip(fitted, cal.per_method_fpr)},
+            "calibration": cal.facts(),   # the order-statistic rule: allowed alarms, confidence, needed split, bound
             "test_fpr": float(test_out["alarm"].mean()),
             "test_fpr_per_method": {m.name: float(test_out[f"{m.name}.alarm"].mean()) for m in fitted},
             "test_accuracy": _accuracy(test_out[LOGITS_OUTPUT], data.test.y),

@@ -196,3 +196,47 @@ def test_ctt_finetuning_choices_are_checked(files, tmp_path, flag, value):
                     "--key", "k", "-o", out)
     one_line_error(result, f"{flag} must be one of")
     assert not out.exists()
+
+
+def test_fpr_confidence_flag_reaches_the_manifest_and_the_summary(files, tmp_path):
+    _, state, _ = files
+    out = tmp_path / "c.hardened"
+    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite", "--key", "k",
+                    "--mask-ratio", "0.05", "--fpr", "0.05", "--fpr-confidence", "0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(invoke("inspect", out, "--json").stdout)["manifest"]
+    cal = manifest["metrics"]["calibration"]
+    assert manifest["fpr_confidence"] == cal["confidence"] == 0.5
+    n, c = cal["samples"], cal["allowed_alarms"]
+    line = (f"calibration: {n} inputs, at most {c} may alarm for FPR <= 0.05 with confidence 0.5 "
+            f"(needs >= {cal['needed_samples']} inputs)")
+    assert line in " ".join(result.stdout.split())
+    assert line in " ".join(invoke("inspect", out).stdout.split())
+
+
+def test_a_calibration_split_too_small_for_the_promise_is_one_line(files, tmp_path):
+    _, state, _ = files
+    out = tmp_path / "x.hardened"
+    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite", "--fpr", "0.001",
+                    "-o", out)
+    one_line_error(result, "at least 2302 inputs; use more data, a larger --fpr, or a lower --fpr-confidence")
+    assert not out.exists()
+
+
+def test_a_bundle_from_before_the_confidence_rule_still_inspects_and_exports(bundle, tmp_path):
+    import zipfile
+
+    old = tmp_path / "old.hardened"
+    with zipfile.ZipFile(bundle) as src, zipfile.ZipFile(old, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "manifest.json":
+                manifest = json.loads(data)
+                del manifest["metrics"]["calibration"], manifest["fpr_confidence"]
+                data = json.dumps(manifest).encode()
+            dst.writestr(item, data)
+    human = invoke("inspect", old)
+    assert human.exit_code == 0, human.output
+    assert "FPR target" in human.stdout and "calibration:" not in human.stdout
+    exported = invoke("export", old, "-o", tmp_path / "old.onnx", "--json")
+    assert exported.exit_code == 0, exported.output

@@ -1,8 +1,11 @@
 """Instrumentation keeps logits bit-identical, ctt-lite profiles thresholds, calibration reaches the FPR."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from scipy.stats import binom
 
 from harden.errors import HardenError
 from harden.graph.trace import trace
@@ -55,24 +58,53 @@ def test_trap_head_is_a_gather_matching_a_masked_check():
     assert raw.tolist() == [0.5, -0.5]
 
 
-def test_calibrated_fpr_and_reported_metrics(tiny_hardened):
+def test_calibrated_fpr_and_reported_metrics(tiny_hardened, digits):
     metrics = tiny_hardened.facts["metrics"]
     assert metrics["calibration_fpr"] <= 0.02
     assert 0.0 <= metrics["test_fpr"] <= 0.2
     assert metrics["test_accuracy"] == metrics["original_test_accuracy"] > 0.8
+    # the order-statistic rule's figures: n, c, the split it needs, and the bound the achieved count proves
+    cal = metrics["calibration"]
+    n = len(digits.calibration)
+    assert cal["samples"] == n == metrics["calibration_samples"]
+    assert tiny_hardened.facts["fpr_confidence"] == cal["confidence"] == 0.9
+    assert cal["needed_samples"] == 114
+    assert cal["alarms"] == round(metrics["calibration_fpr"] * n) <= cal["allowed_alarms"] < 0.02 * n
+    assert metrics["calibration_fpr"] <= cal["fpr_upper_bound"] <= 0.02
 
 
 def test_calibration_hits_the_requested_fpr_on_the_calibration_split(tiny_model, digits):
+    n = len(digits.calibration)
     for fpr in (0.05, 0.1):
-        hardened = instrument(tiny_model, digits, ["ctt-lite"], Options(key="k", mask_ratio=0.05, fpr=fpr))
-        out = hardened.run(digits.calibration.x)
-        achieved = out["alarm"].mean()
-        assert achieved <= fpr
-        # and it is the highest level the calibration scores allow: one step lower would exceed the target
-        raw = hardened.raw_scores(hardened.torch_outputs(digits.calibration.x))[:, 0]
-        threshold = hardened.policy.thresholds[0].item()
-        next_lower = raw[raw <= threshold].max()
-        assert (raw >= next_lower).mean() > fpr
+        for confidence in (0.0, 0.9):
+            options = Options(key="k", mask_ratio=0.05, fpr=fpr, fpr_confidence=confidence)
+            hardened = instrument(tiny_model, digits, ["ctt-lite"], options)
+            allowed = hardened.facts["metrics"]["calibration"]["allowed_alarms"]
+            if confidence == 0:
+                assert allowed == math.floor(fpr * n)
+            else:
+                assert binom.cdf(allowed, n, fpr) <= 1 - confidence < binom.cdf(allowed + 1, n, fpr)
+            out = hardened.run(digits.calibration.x)
+            assert out["alarm"].sum() <= allowed
+            # and it is the highest level the calibration scores allow: one step lower would exceed the allowed count
+            raw = hardened.raw_scores(hardened.torch_outputs(digits.calibration.x))[:, 0]
+            threshold = hardened.policy.thresholds[0].item()
+            next_lower = raw[raw <= threshold].max()
+            assert (raw >= next_lower).sum() > allowed
+            if confidence == 0:   # the empirical rule: the calibration FPR as close to the target as the split allows
+                assert out["alarm"].mean() <= fpr < (raw >= next_lower).mean()
+
+
+def test_a_calibration_split_too_small_for_the_promise_fails_before_fitting(tiny_model, digits, monkeypatch):
+    from harden.methods.base import METHODS
+
+    def never(self, ctx):
+        raise AssertionError("fitted although calibration could never succeed")
+
+    monkeypatch.setattr(METHODS.get("ctt-lite"), "fit", never)
+    n = len(digits.calibration)
+    with pytest.raises(HardenError, match=rf"has {n} inputs.*FPR <= 0.001 with confidence 0.9.*at least 2302 inputs"):
+        instrument(tiny_model, digits, ["ctt-lite"], Options(key="k", fpr=0.001))
 
 
 def test_non_finite_inputs_raise_the_alarm(tiny_hardened, digits):

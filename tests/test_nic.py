@@ -142,7 +142,9 @@ def test_calibration_reaches_the_requested_fpr(nic, digits):
     metrics = nic.facts["metrics"]
     n = len(digits.calibration)
     assert metrics["calibration_fpr"] <= 0.05
-    assert metrics["calibration_fpr"] >= 0.05 - 2.0 / n
+    # as many calibration alarms as the order-statistic rule allows, within 2 (as close as the scores allow)
+    cal = metrics["calibration"]
+    assert cal["allowed_alarms"] - 2 <= cal["alarms"] == round(metrics["calibration_fpr"] * n) <= cal["allowed_alarms"]
     alarms = nic.run(digits.calibration.x)["nic.alarm"]
     assert alarms.mean() == pytest.approx(metrics["calibration_fpr"])
 

@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _print(info: dict) -> None:
+    from harden.detectors.calibration import describe
+
     m = info["manifest"]
     metrics = m.get("metrics", {})
     stdout.print(f"[bold]{info['file']}[/] ({info['kind']}, harden {m['packages']['harden']}, format {m['format']}, "
@@ -76,5 +78,8 @@ def _print(info: dict) -> None:
                  f"FPR target {m['fpr_target']}: calibration {metrics.get('calibration_fpr', float('nan')):.3f}, "
                  f"test {metrics.get('test_fpr', float('nan')):.3f}; test accuracy {metrics.get('test_accuracy', float('nan')):.4f} "
                  f"(original {metrics.get('original_test_accuracy', float('nan')):.4f})", highlight=False)
+    line = describe(metrics.get("calibration"), m["fpr_target"])
+    if line:  # bundles from before the order-statistic rule have no metrics["calibration"]
+        stdout.print(line, highlight=False)
     outputs = ", ".join(o["name"] for o in info["outputs"])
     stdout.print(f"outputs: {outputs}", highlight=False)

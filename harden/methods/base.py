@@ -36,6 +36,7 @@ class Options:
     mask_ratio: float = 0.01
     quantile: float = 1.0
     fpr: float = 0.02
+    fpr_confidence: float = 0.9   # P(true FPR on new data <= fpr); 0 = the plain empirical quantile
     eps: float = 3e-3
     threshold: float = 1e-4
     device: str = "cpu"
