@@ -197,8 +197,8 @@ def render(method_label: str, rows: list[dict], worst_cols: dict):
         parts = [worst_cols.get(f"detection:{lib}.{attack}") for lib in LIBRARIES]
         cells.append("/".join(_pct(p["value"]) if p else "-" for p in parts if p is not None))
     fpr_w = worst_cols.get("fpr_excess")
-    table.add_row("worst", "", f"-{worst_cols['accuracy_drop']['value']:.3f}" if "accuracy_drop" in worst_cols else "",
-                  f"+{100 * fpr_w['value']:.1f} ({fpr_w['pair']})" if fpr_w else "", *cells, "",
+    table.add_row("worst", "", f"{-worst_cols['accuracy_drop']['value']:+.3f}" if "accuracy_drop" in worst_cols else "",
+                  f"{100 * fpr_w['value']:+.1f} ({fpr_w['pair']})" if fpr_w else "", *cells, "",
                   f"{worst_cols['instrument_seconds']['value']:.0f}" if "instrument_seconds" in worst_cols else "")
     return table
 

@@ -25,14 +25,17 @@ def register(app: typer.Typer) -> None:
         layers: list[str] = typer.Option(None, "--layers", help="all | last:K | name,name, or METHOD=SPEC for one method; repeatable (default: each method's own)."),
         mask_ratio: float = typer.Option(0.01, "--mask-ratio", help="CTT: fraction of each site's neurons that are traps (at least one)."),
         quantile: float = typer.Option(1.0, "--quantile", help="ctt-lite: per-neuron threshold quantile on the training split (1 = maximum)."),
-        fpr: float = typer.Option(0.02, "--fpr", help="Target false-positive rate of the combined alarm on the calibration split."),
+        fpr: float = typer.Option(0.02, "--fpr", help="Target false-positive rate of the combined alarm on new clean data (see --fpr-confidence)."),
+        fpr_confidence: float = typer.Option(0.9, "--fpr-confidence", help="Probability that the alarm's true false-positive rate on new data is at most --fpr (needs a large enough calibration split: 114 inputs for --fpr 0.02 at 0.9); 0 = the plain empirical quantile of the calibration split (the old behaviour, no promise)."),
         policy: str = typer.Option("any", "--policy", help="any | majority | k:N methods must alarm."),
         input_range: str = typer.Option("0,1", "--input-range", help="The model's input range lo,hi."),
         limit: int = typer.Option(None, "--limit", help="Use only this many samples of the data (quick runs)."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (training and bound propagation)."),
-        eps: float = typer.Option(3e-3, "--eps", help="CTT: L-inf radius of the certified box used in fine-tuning."),
+        eps: str = typer.Option("3e-3", "--eps", help="CTT-loose/strict: L-inf radius of the certified box used in fine-tuning, or auto (the paper's grid search: FGSM detection and accuracy on the calibration split; see harden.train.eps_search)."),
         threshold: float = typer.Option(1e-4, "--threshold", help="CTT-loose/strict: trap threshold T."),
-        epochs: int = typer.Option(None, "--epochs", help="Fine-tuning epochs (CTT-loose/strict; default 2)."),
+        epochs: int = typer.Option(None, "--epochs", help="CTT-loose/strict: exactly this many fine-tuning epochs, no early stop (instead of --steps)."),
+        steps: int = typer.Option(None, "--steps", help="CTT-loose/strict: fine-tuning step budget (default 600); stops earlier once the calibration L_C converges (--patience)."),
+        patience: int = typer.Option(None, "--patience", help="CTT-loose/strict: stop after this many calibration checks without a 1% better L_C (default 3; 0: train the whole --steps)."),
         alpha: float = typer.Option(None, "--alpha", help="CTT: weight of L_C (L_D's is alpha x --detection-weight)."),
         alpha_growth: float = typer.Option(None, "--alpha-growth", help="CTT: alpha is multiplied by this every --alpha-every epochs."),
         alpha_every: int = typer.Option(None, "--alpha-every", help="CTT: epochs between alpha increases."),
@@ -68,7 +71,13 @@ def register(app: typer.Typer) -> None:
             out = check_output_path(output or Path(model.name).with_suffix(".hardened"))
             generated_key = key is None
             key = key if key is not None else secrets.token_hex(16)
-            extra = {"epochs": epochs, "alpha": alpha, "alpha_growth": alpha_growth, "alpha_every": alpha_every,
+            from harden.errors import HardenError
+            from harden.train.eps_search import parse_eps
+
+            eps = parse_eps(eps)
+            if eps == "auto" and not {"ctt-loose", "ctt-strict"} & set(method):
+                raise HardenError("--eps auto searches the fine-tuning eps of ctt-loose or ctt-strict; add one of them")
+            extra = {"epochs": epochs, "steps": steps, "patience": patience, "alpha": alpha, "alpha_growth": alpha_growth, "alpha_every": alpha_every,
                      "lr": lr, "detection_weight": detection_weight, "fire_margin": fire_margin,
                      "trap_rule": trap_rule, "trap_scale": trap_scale, "anneal": anneal, "trap_placement": trap_placement,
                      "code": code, "attacks": attack or None, "svm_c": svm_c, "svm_gamma": svm_gamma,
@@ -76,7 +85,7 @@ def register(app: typer.Typer) -> None:
                      "second_model": str(second_model) if second_model else None, "second_arch": second_arch,
                      "train_second": train_second or None, "trust_pickle": trust_pickle or None}
             options = Options(key=key, seed=seed, layers=list(layers or []), mask_ratio=mask_ratio, quantile=quantile,
-                              fpr=fpr, eps=eps, threshold=threshold, device=device,
+                              fpr=fpr, fpr_confidence=fpr_confidence, eps=eps, threshold=threshold, device=device,
                               extra={k: v for k, v in extra.items() if v is not None})
             net = load_model(model, arch, trust_pickle)
             dataset = load_data(data, seed=seed, input_range=parse_input_range(input_range), limit=limit)
@@ -93,28 +102,57 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_finetuning(method: dict) -> None:
-    """The fine-tuning history, one row per epoch; the kept epoch is marked (rule: harden.train.finetune._better)."""
+    """The fine-tuning history, one row per calibration check; the kept check is marked (rule:
+    harden.train.finetune._better); then why training stopped."""
     history = method["config"].get("_history")
     if not history:
         return
-    best = method["config"].get("finetune", {}).get("best_epoch")
+    finetune = method["config"].get("finetune", {})
+    best = finetune.get("best_epoch")
     table = Table(title=f"{method['name']} fine-tuning (calibration split: accuracy, trap FPR before calibration, "
                         f"L_D at T, L_C at the exported thresholds)")
-    for column in ("epoch", "alpha", "CE", "L_D", "L_C", "cal acc", "cal FPR", "cal L_D", "cal L_C", "s"):
+    for column in ("step", "alpha", "CE", "L_D", "L_C", "cal acc", "cal FPR", "cal L_D", "cal L_C", "s"):
         table.add_column(column, justify="right")
-    for r in history:
+    for r in history:   # one row per calibration check, labelled by the steps taken
         mark = "*" if r["epoch"] == best else ""
-        table.add_row(f"{r['epoch']}{mark}", f"{r['alpha']:.3g}", f"{r['cross_entropy']:.3f}", f"{r['l_d']:.3g}",
-                      f"{r['l_c']:.3g}", f"{r['accuracy']:.3f}", f"{r['fpr']:.3f}", f"{r['cal_l_d']:.3g}",
-                      f"{r['cal_l_c']:.3g}", f"{r['seconds']:.1f}")
+        table.add_row(f"{r.get('step', r['epoch'])}{mark}", f"{r['alpha']:.3g}", f"{r['cross_entropy']:.3f}",
+                      f"{r['l_d']:.3g}", f"{r['l_c']:.3g}", f"{r['accuracy']:.3f}", f"{r['fpr']:.3f}",
+                      f"{r['cal_l_d']:.3g}", f"{r['cal_l_c']:.3g}", f"{r['seconds']:.1f}")
     stdout.print(table)
-    stdout.print(f"* kept epoch {best}: among epochs with calibration accuracy within 1 point of the original model, "
+    reason = {"converged": f"converged (cal L_C not 1% better for {finetune.get('patience')} checks)",
+              "step budget": f"step budget ({finetune.get('steps')} steps)",
+              "epochs": f"--epochs {finetune.get('epochs')}"}.get(finetune.get("stop_reason"))
+    if reason:
+        stdout.print(f"stopped after {finetune.get('steps_taken')} steps: {reason}", highlight=False)
+    stdout.print(f"* kept check {best} (step {finetune.get('best_step', '-')}): among checks with calibration accuracy within 1 point of the original model, "
                  "the lowest cal L_C of those with cal FPR <= --fpr, else the lowest cal FPR + cal L_C "
-                 "(no epoch that accurate: the lowest cal FPR + cal L_C overall)", highlight=False)
+                 "(no check that accurate: the lowest cal FPR + cal L_C overall)", highlight=False)
+
+
+def _print_eps_search(method: dict) -> None:
+    """--eps auto: one row per grid eps; the chosen one is marked (rule: harden.train.eps_search.choose)."""
+    search = method["config"].get("eps_search")
+    if not search:
+        return
+    table = Table(title=f"{method['name']} --eps auto ({search['attack']} on half the calibration split, alarm "
+                        f"calibrated on the other half)")
+    for column in ("eps", "cal acc", "detected", "of", "alarm rate", "steps", "stop", "s"):
+        table.add_column(column, justify="right")
+    for c in search["candidates"]:
+        mark = "*" if c["eps"] == search["eps"] else ""
+        table.add_row(f"{c['eps']:.3g}{mark}", f"{c['accuracy']:.3f}", f"{c['detection']:.3f}", str(c["adversarial"]),
+                      f"{c['alarm_fpr']:.3f}", str(c["steps"]), c["stop"], f"{c['seconds']:.1f}")
+    stdout.print(table)
+    stdout.print(f"* chosen eps {search['eps']:.3g}: the highest FGSM detection among eps whose calibration accuracy "
+                 f"is within 1 point of the original model's ({search['baseline_accuracy']:.3f}); ties: the larger "
+                 "eps (none that accurate: the most accurate)", highlight=False)
 
 
 def _print_summary(out: Path, manifest: dict) -> None:
+    from harden.detectors.calibration import describe
+
     for m in manifest["methods"]:
+        _print_eps_search(m)
         _print_finetuning(m)
     metrics = manifest["metrics"]
     table = Table(title=f"wrote {out}")
@@ -132,3 +170,6 @@ def _print_summary(out: Path, manifest: dict) -> None:
         f"key fingerprint {manifest['key_fingerprint']}",
         highlight=False,
     )
+    line = describe(metrics.get("calibration"), manifest["fpr_target"])
+    if line:
+        stdout.print(line, highlight=False)

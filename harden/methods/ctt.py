@@ -182,26 +182,44 @@ class _CTTFinetuned(_CTTBase):
     kind: str
 
     def fit(self, ctx: FitContext) -> FittedMethod:
+        from harden.train.eps_search import parse_eps
         from harden.train.finetune import FinetuneConfig, finetune_ctt, history_json
 
         chosen, masks, sizes = self.plan(ctx)
         o = ctx.options
         # Defaults live in FinetuneConfig alone; only what the user gave overrides them.
         given = {name: o.get(name) for name in FINETUNE_OPTIONS if o.get(name) is not None}
-        cfg = FinetuneConfig(kind=self.kind, threshold=o.threshold, eps=o.eps, fpr=o.fpr, seed=o.seed,
-                             device=o.device, **given)
+        o.eps = parse_eps(o.eps)   # a number, or "auto": the grid search of harden.train.eps_search
+        auto = o.eps == "auto"
+        cfg = FinetuneConfig(kind=self.kind, threshold=o.threshold, fpr=o.fpr, seed=o.seed, device=o.device,
+                             **({} if auto else {"eps": o.eps}), **given)
+        cfg.check()
         train = (ctx.data.train.x, ctx.data.train.y)
         calibration = (ctx.data.calibration.x, ctx.data.calibration.y)
+        extra: dict[str, Any] = {}
+        if auto:
+            from harden.train.eps_search import search_eps
+
+            search = search_eps(ctx.gm, chosen, masks, train, calibration, ctx.data.input_range,
+                                ctx.data.num_classes, cfg,
+                                lambda t, s: self.finish(ctx, chosen, masks, sizes, t, {}, s), progress=ctx.progress)
+            cfg.eps = search.eps
+            # The manifest's eps (the default of `harden certify`) is the chosen number, never "auto".
+            o.eps = search.eps
+            extra["eps_search"] = search.to_json()
         history, best, thresholds, scales = finetune_ctt(ctx.gm, chosen, masks, train, calibration,
                                                          ctx.data.input_range, cfg, ctx.progress)
-        extra = {"threshold": o.threshold, "eps": o.eps, "trap_rule": cfg.trap_rule,
-                 "finetune": {**cfg.__dict__, "best_epoch": best}, "_history": history_json(history)}
+        extra.update({"threshold": o.threshold, "eps": cfg.eps, "trap_rule": cfg.trap_rule,
+                      "finetune": {**cfg.__dict__, "best_epoch": best, "best_step": history[best - 1].step,
+                                   "steps_taken": history[-1].step, "stop_reason": history[-1].stop},
+                      "_history": history_json(history)})
         return self.finish(ctx, chosen, masks, sizes, thresholds, extra, scales)
 
 
 # Fine-tuning settings a user may give (CLI flags / Options.extra), by FinetuneConfig field name.
-FINETUNE_OPTIONS = ("epochs", "alpha", "alpha_growth", "alpha_every", "lr", "detection_weight", "fire_margin",
-                    "loose_weight", "anneal", "trap_rule", "trap_scale", "batch_size")
+FINETUNE_OPTIONS = ("steps", "epochs", "check_every", "patience", "min_improvement", "alpha", "alpha_growth",
+                    "alpha_every", "lr", "detection_weight", "fire_margin", "loose_weight", "anneal", "trap_rule",
+                    "trap_scale", "batch_size")
 
 
 @register_method
