@@ -206,6 +206,39 @@ def test_user_second_model_round_trips_through_the_bundle(tiny, digits, user_sec
     assert "_second_graph" not in meta  # the graph document stays out of the ONNX metadata
 
 
+def test_default_attacks_resolve_eps_auto_on_the_classifier(tiny, digits, user_second, tmp_path):
+    from harden.attack_strength import EPS_GRID, resolve_auto_eps
+    from harden.methods.base import key_seed
+    from harden.methods.mismatch import DEFAULT_ATTACKS
+
+    assert DEFAULT_ATTACKS == ("fgsm:eps=auto", "pgd:eps=auto", "saltpepper")
+    # attacks=None: the default attacks; a user's second model, so nothing is trained here
+    hardened = instrument(tiny, digits, ["mismatch"], options(attacks=None, second_model=user_second, max_train=200,
+                                                              **FIXED_SVM))
+    config = hardened.method("mismatch").config
+    strength = config["attack_strength"]
+    eps = strength["eps"]
+    assert eps in EPS_GRID   # inputs in [0, 1]: the grid fraction is the eps
+    assert config["attacks"] == [f"fgsm:eps={eps:g}", f"pgd:eps={eps:g}", "saltpepper"]
+    assert strength["split"] == "train" and strength["inputs"] == min(500, len(digits.train))
+    # measured once, on the classifier (not the second model), on the key-seeded subset of the training split
+    _, expected = resolve_auto_eps(["fgsm:eps=auto"], tiny, digits.train.x, digits.train.y,
+                                   input_range=digits.input_range, num_classes=digits.num_classes,
+                                   seed=key_seed("mm-key", "mismatch:auto-eps:0"))
+    want = expected.to_json()
+    assert eps == want["eps"] and strength["clean_accuracy"] == pytest.approx(want["clean_accuracy"])
+    assert strength["fgsm_accuracy"] == pytest.approx(want["fgsm_accuracy"])
+    assert config["training_set"]["per_attack"].keys() == set(config["attacks"])
+    path = tmp_path / "auto.hardened"
+    save_bundle(hardened, path)
+    loaded, manifest = load_bundle(path)
+    assert manifest["methods"][0]["config"]["attacks"] == config["attacks"]
+    assert manifest["methods"][0]["config"]["attack_strength"] == strength
+    x = digits.test.x
+    assert np.array_equal(loaded.run(x)["mismatch.alarm"], hardened.run(x)["mismatch.alarm"])
+    export_onnx(loaded)  # parity-checked
+
+
 def test_wrong_input_shape_is_one_line(tiny, digits, tmp_path):
     from examples.lenet import LeNet5
 

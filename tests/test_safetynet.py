@@ -173,10 +173,12 @@ def test_detector_separates_fresh_adversarial_examples(quaternary, tiny_model, d
 
     from harden.attacks import parse_attack, run_attack
 
-    # Test inputs the detector never saw, attacked as in training (PGD eps 0.1). The tiny 8x8 model's last site
-    # (32 units) is a weak place for SafetyNet (AUC ~0.79 here; LeNet-5 numbers in docs/results/safetynet.md).
+    # Test inputs the detector never saw, attacked as in training (the default PGD at eps=auto, about 0.1 here).
+    # The tiny 8x8 model's last site (32 units) is a weak place for SafetyNet (AUC ~0.79 here; LeNet-5 numbers in
+    # docs/results/safetynet.md).
+    (trained_on,) = quaternary.method("safetynet").config["attacks"]
     x, y = digits.test.x[:150].numpy(), digits.test.y[:150].numpy()
-    adv = run_attack(tiny_model, parse_attack("pgd:eps=0.1"), x, y, input_range=digits.input_range,
+    adv = run_attack(tiny_model, parse_attack(trained_on), x, y, input_range=digits.input_range,
                      num_classes=digits.num_classes, seed=1)
     out_adv, out_nat = quaternary.run(adv), quaternary.run(x)
     correct = out_nat["logits"].argmax(1) == y
@@ -186,9 +188,22 @@ def test_detector_separates_fresh_adversarial_examples(quaternary, tiny_model, d
     assert out_adv["safetynet.alarm"][correct].mean() > 2 * FPR
 
 
-def test_manifest_facts(binary, quaternary):
+def test_manifest_facts(binary, quaternary, digits):
+    from harden.attack_strength import EPS_GRID
+    from harden.attacks import parse_attack
+
     assert binary.method("safetynet").config["attacks"] == ["fgsm:eps=0.2"]
-    assert quaternary.method("safetynet").config["attacks"] == ["pgd:eps=0.1"]  # the default
+    assert binary.method("safetynet").config["attack_strength"] is None   # a numeric eps was given
+    # The default, pgd:eps=auto, is recorded with the eps it resolved to: a grid value (inputs in [0, 1]) at which
+    # FGSM roughly halves the model's accuracy on at most 500 training inputs.
+    config = quaternary.method("safetynet").config
+    (attack,) = config["attacks"]
+    spec = parse_attack(attack)
+    assert spec.name == "pgd" and set(spec.params) == {"eps"}
+    strength = config["attack_strength"]
+    assert spec.params["eps"] == strength["eps"] and strength["eps"] in EPS_GRID
+    assert strength["split"] == "train" and strength["inputs"] == min(500, len(digits.train))
+    assert strength["fgsm_accuracy"][f"{strength['eps']:g}"] < strength["clean_accuracy"]
     for hardened, code in ((binary, "binary"), (quaternary, "quaternary")):
         config = hardened.method("safetynet").config
         assert config["code"] == code
@@ -239,6 +254,9 @@ def test_bundle_round_trip_and_parity(quaternary, digits, tmp_path):
     assert np.abs(a["safetynet.score"] - b["safetynet.score"]).max() <= 1e-4
     entry = next(m for m in manifest["methods"] if m["name"] == "safetynet")
     assert entry["config"]["code"] == "quaternary"
+    config = quaternary.method("safetynet").config
+    assert entry["config"]["attacks"] == config["attacks"] and "auto" not in config["attacks"][0]
+    assert entry["config"]["attack_strength"] == config["attack_strength"]
     result = export_onnx(loaded)
     assert result.parity.alarm_mismatches["alarm"] == 0
     got = OnnxGraph(result.model.SerializeToString()).run(x.numpy())
@@ -249,8 +267,16 @@ def test_bundle_round_trip_and_parity(quaternary, digits, tmp_path):
 # --------------------------------------------------------------------------- sites and options
 
 
+def test_user_given_eps_auto_is_resolved_once_and_numeric_eps_kept(tiny_model, digits):
+    extra = {**FAST, "max_train": 120, "attacks": ["fgsm:eps=auto", "fgsm:eps=0.2", "bim:eps=auto,steps=3"]}
+    config = instrument(tiny_model, digits, ["safetynet"], options(**extra)).method("safetynet").config
+    eps = config["attack_strength"]["eps"]
+    assert config["attacks"] == [f"fgsm:eps={eps:g}", "fgsm:eps=0.2", f"bim:eps={eps:g},steps=3"]
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"code": "ternary"}, "--code"),
+    ({"attacks": ["pgd:eps=autox"]}, "eps"),
     ({"max_train": 0}, "--max-train"),
     ({"svm_c": -1.0}, "--svm-c"),
     ({"attacks": ["nosuch"]}, "nosuch"),

@@ -7,7 +7,12 @@ returns ``concat(softmax(classifier logits), softmax(second model logits))``
 skl2onnx) trained on natural (0) versus adversarial (1) training examples
 turns it into a raw score (its decision function, higher = more suspicious).
 Each adversarial example is made by an attack against ONE of the two models,
-chosen at random (seeded by the key), as in the paper.
+chosen at random (seeded by the key), as in the paper.  The default attacks
+are ``fgsm:eps=auto``, ``pgd:eps=auto`` and the ``saltpepper`` degradation;
+``eps=auto`` is the eps at which FGSM halves the CLASSIFIER's accuracy,
+measured once per fit on a seeded subset of at most 500 training inputs
+(:func:`harden.attack_strength.resolve_auto_eps`); the resolved attacks and
+those strength facts are in the config.
 
 The second model is either
 
@@ -77,9 +82,12 @@ SECOND_FGSM_EPS = 0.1
 # Detector defaults, chosen by measurement across FGSM, BIM, PGD, DeepFool and CW on LeNet-5 / MNIST with the
 # candidates' adversarial examples made on the CALIBRATION split (never the test split results are reported on);
 # see docs/results/mismatch.md and bench/experiments/mismatch_select.py.
-# Budgets are fractions of the input range (0.1 is eps=0.1 for --input-range 0,1).  "saltpepper" is a quality
-# degradation (see degrade()), not an ART attack: training on it made the detector generalise to noise and blur too.
-DEFAULT_ATTACKS = ("fgsm:eps={0.1}", "pgd:eps={0.1}", "saltpepper")
+# Those measurements trained at eps = 0.1 of the input range, a budget chosen on MNIST; the default budget is now
+# eps=auto, the eps at which FGSM halves THIS classifier's accuracy (harden.attack_strength), found per fit on the
+# training split, since one fixed fraction is far too large for some models (32x32 colour) and small for others.  "saltpepper" is a
+# quality degradation (see degrade()), not an ART attack: training on it made the detector generalise to noise and
+# blur too.
+DEFAULT_ATTACKS = ("fgsm:eps=auto", "pgd:eps=auto", "saltpepper")
 DEFAULT_MAX_TRAIN = 3000     # detector training rows (natural + adversarial); the SVC's cost grows with them
 # C stays <= 10: onnxruntime runs the SVC in float32 and its error grows with C (max |dual coef|); at C=100 it reached
 # 1.7e-4 of the decision value on MNIST, beyond export parity's 1e-4.  fit_svm also checks the fitted SVC.
@@ -378,20 +386,23 @@ class Degradation:
         return self.name
 
 
-def default_attacks(input_range: tuple[float, float]) -> list[str]:
-    width = float(input_range[1]) - float(input_range[0])
-    return [a.replace("{0.1}", f"{0.1 * width:g}") for a in DEFAULT_ATTACKS]
-
-
-def _parse_attacks(options, input_range: tuple[float, float]) -> list:
+def _parse_attacks(ctx: FitContext):
+    """(attack specs and degradations, AttackStrength or None): ``eps=auto`` resolved on the classifier, once, on a
+    seeded subset of the training split."""
+    from harden.attack_strength import resolve_auto_eps
     from harden.attacks import parse_attack
 
-    attacks = options.get("attacks", default_attacks(input_range))
+    options, data = ctx.options, ctx.data
+    attacks = options.get("attacks", list(DEFAULT_ATTACKS))
     if isinstance(attacks, str):
         attacks = [attacks]
     if not attacks:
         raise HardenError("mismatch needs at least one --attack to make adversarial training examples")
-    return [Degradation(a.strip().lower()) if a.strip().lower() in DEGRADATIONS else parse_attack(a) for a in attacks]
+    attacks, strength = resolve_auto_eps(attacks, ctx.gm, data.train.x, data.train.y, input_range=data.input_range,
+                                         num_classes=data.num_classes,
+                                         seed=key_seed(options.key, f"mismatch:auto-eps:{options.seed}"))
+    specs = [Degradation(a.strip().lower()) if a.strip().lower() in DEGRADATIONS else parse_attack(a) for a in attacks]
+    return specs, strength
 
 
 def _svm_settings(options) -> tuple[float | None, float | None, int]:
@@ -555,11 +566,11 @@ class Mismatch(Method):
     name = "mismatch"
 
     def fit(self, ctx: FitContext) -> FittedMethod:
+        from harden.attack_strength import auto_eps_facts
         from harden.detectors.sklearn_onnx import SklearnDetector
 
         started = time.perf_counter()
         options, data = ctx.options, ctx.data
-        specs = _parse_attacks(options, data.input_range)
         c, gamma, max_train = _svm_settings(options)
         path, arch = options.get("second_model"), options.get("second_arch")
         train_flag = bool(options.get("train_second", False))
@@ -573,6 +584,8 @@ class Mismatch(Method):
             num_classes = int(ctx.gm(example).shape[1])
         if num_classes != data.num_classes:
             raise HardenError(f"the classifier has {num_classes} outputs but the data has {data.num_classes} classes")
+        ctx.progress("mismatch: attack strength", 0.01)
+        specs, strength = _parse_attacks(ctx)
         primary_kinds = layer_sequence(ctx.gm)
         ctx.progress("mismatch: second model", 0.02)
 
@@ -635,6 +648,7 @@ class Mismatch(Method):
             "n_features": n_features,
             "features": "concat(softmax(classifier logits), softmax(second model logits))",
             "attacks": [s.label() for s in specs],
+            "attack_strength": auto_eps_facts(strength, len(data.train)),
             "training_set": set_facts,
             "max_train": max_train,
             "svm": svm_facts,

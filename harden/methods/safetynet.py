@@ -12,9 +12,14 @@ is calibrated instead of one per site).
 
 The detector is an RBF SVC (after a StandardScaler) trained on natural (0) and
 adversarial (1) codes of a capped, seeded subset of the training split; the
-adversarial examples are made by ``--attack`` (default ``pgd:eps=0.1``, L-inf,
-for inputs in [0, 1]) against the classifier.  Its raw score is the SVC's
-decision function (positive = adversarial); calibration sets the threshold.
+adversarial examples are made by ``--attack`` against the classifier.  The
+default is ``pgd:eps=auto``: L-inf PGD at the eps where FGSM halves this
+classifier's accuracy (:func:`harden.attack_strength.resolve_auto_eps`, on a
+seeded subset of at most 500 training inputs), so the detector trains on
+perturbations of the size that hurts this model, not one number for every
+dataset.  The resolved attacks and those strength facts are in the config.
+Its raw score is the SVC's decision function (positive = adversarial);
+calibration sets the threshold.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from harden.methods.base import (
 
 NAME = "safetynet"
 DEFAULT_LAYERS = "last:1"
-DEFAULT_ATTACKS = ("pgd:eps=0.1",)
+DEFAULT_ATTACKS = ("pgd:eps=auto",)   # eps=auto: resolved per fit on the training split (harden.attack_strength)
 CODES = {"binary": (), "quaternary": (0.25, 0.5, 0.75)}
 REDUCTIONS = ("grid", "none", "max", "mean")
 DEFAULT_REDUCE = "grid"   # conv sites: max-pool to about GRID x GRID cells per channel
@@ -304,11 +309,18 @@ class SafetyNet(Method):
     name = NAME
 
     def fit(self, ctx: FitContext) -> FittedMethod:
+        from harden.attack_strength import auto_eps_facts, resolve_auto_eps
         from harden.attacks import parse_attack, run_attack
 
         options, data, gm = ctx.options, ctx.data, ctx.gm
         code = _code_name(ctx)
-        specs = [parse_attack(text) for text in _attack_texts(ctx)]
+        # eps=auto (the default): the eps at which FGSM halves this classifier's accuracy, measured once on a
+        # seeded subset of the TRAINING split, substituted before the texts are parsed.
+        ctx.progress("safetynet: attack strength", 0.01)
+        texts, strength = resolve_auto_eps(_attack_texts(ctx), gm, data.train.x, data.train.y,
+                                           input_range=data.input_range, num_classes=data.num_classes,
+                                           seed=key_seed(options.key, f"safetynet:auto-eps:{options.seed}"))
+        specs = [parse_attack(text) for text in texts]
         max_train = _positive_int(options.get("max_train", DEFAULT_MAX_TRAIN), "--max-train")
         max_sv = _positive_int(options.get("max_sv", DEFAULT_MAX_SV), "--max-sv")
         grid = _positive_int(options.get("grid", GRID), "safetynet grid")
@@ -394,6 +406,7 @@ class SafetyNet(Method):
             "quantiles": list(quantiles),
             "features": total_dim,
             "attacks": [s.label() for s in specs],
+            "attack_strength": auto_eps_facts(strength, len(data.train)),
             "training": {"natural": int(len(nat_codes)), "adversarial": int(len(adv)), "success_only": success_only,
                          "per_attack": attack_facts, "svm_examples": used},
             "svm": {"C": float(svc.C), "gamma": float(svc._gamma), "support_vectors": support_vectors(pipeline),
