@@ -157,7 +157,7 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     from harden.certification import BOUND_LABELS, certify_samples, check_certificates
 
     check_method(bounds)
-    eps_list = list(eps) if eps else [float(manifest.get("eps", 3e-3))]
+    eps_list = list(eps) if eps else [float(manifest.get("eps") or 3e-3)]
     for value in eps_list:
         if not value >= 0:
             raise HardenError(f"--eps must be >= 0; got {value}")

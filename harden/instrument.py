@@ -88,7 +88,7 @@ def instrument(
         "input": {"shape": list(data.input_shape), "range": list(data.input_range)},
         "num_classes": data.num_classes,
         "data": {"name": data.name, "split": data.split},
-        "eps": options.eps,
+        "eps": options.eps if isinstance(options.eps, (int, float)) else None,  # a CTT fit resolves a rule to its number
         "options": {"layers": options.layers, "mask_ratio": options.mask_ratio, "quantile": options.quantile,
                     "threshold": options.threshold, "seed": options.seed, **options.extra},
         "policy": {"text": policy, "k": k, "methods": len(fitted)},

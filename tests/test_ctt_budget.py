@@ -177,8 +177,8 @@ def test_cli_eps_auto_writes_the_chosen_float_eps(tiny_model, tmp_path, one_thre
     assert float(load_bundle(out)[1]["eps"]) == manifest["eps"]
 
 
-@pytest.mark.parametrize("args, message", [(("--method", "ctt-strict", "--eps", "big"), "--eps must be a number or auto"),
-                                           (("--method", "ctt-lite", "--eps", "auto"), "--eps auto searches")])
+@pytest.mark.parametrize("args, message", [(("--method", "ctt-strict", "--eps", "big"), "--eps must be a number, auto or scaled"),
+                                           (("--method", "ctt-lite", "--eps", "auto"), "--eps auto sets the fine-tuning eps")])
 def test_cli_eps_errors(tiny_model, tmp_path, args, message):
     from harden.cli.app import app
 
@@ -187,3 +187,24 @@ def test_cli_eps_errors(tiny_model, tmp_path, args, message):
     result = CliRunner().invoke(app, ["instrument", str(state), "--arch", "conftest:TinyCNN", "--data", "digits",
                                       *args, "--key", "k", "-o", str(tmp_path / "x.hardened")])
     assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_the_original_weights_are_kept_when_no_check_stays_accurate(tiny_model, digits, setup, one_thread):
+    import copy
+
+    from harden.graph.trace import trace
+
+    sites, masks = setup
+    gm = copy.deepcopy(trace(tiny_model))
+    before = copy.deepcopy(gm.state_dict())
+    train = (digits.train.x[:TRAIN], digits.train.y[:TRAIN])
+    calibration = (digits.calibration.x[:100], digits.calibration.y[:100])
+    # a learning rate that wrecks the classifier at the first step: no check is within 1 point of the original
+    history, best, _, _ = finetune_ctt(gm, sites, masks, train, calibration, digits.input_range,
+                                       FinetuneConfig(kind="strict", eps=0.01, steps=6, check_every=3, patience=0,
+                                                      lr=10.0, alpha=1e3))
+    with torch.no_grad():
+        original = (tiny_model(calibration[0]).argmax(1) == calibration[1]).float().mean().item()
+    assert max(r.accuracy for r in history) < original - 0.01   # the premise: every check lost accuracy
+    assert best == 0
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())

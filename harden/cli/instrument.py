@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         input_range: str = typer.Option("0,1", "--input-range", help="The model's input range lo,hi."),
         limit: int = typer.Option(None, "--limit", help="Use only this many samples of the data (quick runs)."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (training and bound propagation)."),
-        eps: str = typer.Option("3e-3", "--eps", help="CTT-loose/strict: L-inf radius of the certified box used in fine-tuning, or auto (the paper's grid search: FGSM detection and accuracy on the calibration split; see harden.train.eps_search)."),
+        eps: str = typer.Option("scaled", "--eps", help="CTT-loose/strict: L-inf radius of the certified box used in fine-tuning (input units); scaled (default: 0.02 x the FGSM eps that halves the model's calibration accuracy, the paper's 3e-3 on MNIST, 1e-4 on CIFAR); or auto (the paper's grid search: FGSM detection and accuracy on the calibration split; see harden.train.eps_search)."),
         threshold: float = typer.Option(1e-4, "--threshold", help="CTT-loose/strict: trap threshold T."),
         epochs: int = typer.Option(None, "--epochs", help="CTT-loose/strict: exactly this many fine-tuning epochs, no early stop (instead of --steps)."),
         steps: int = typer.Option(None, "--steps", help="CTT-loose/strict: fine-tuning step budget (default 600); stops earlier once the calibration L_C converges (--patience)."),
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         alpha: float = typer.Option(None, "--alpha", help="CTT: weight of L_C (L_D's is alpha x --detection-weight)."),
         alpha_growth: float = typer.Option(None, "--alpha-growth", help="CTT: alpha is multiplied by this every --alpha-every epochs."),
         alpha_every: int = typer.Option(None, "--alpha-every", help="CTT: epochs between alpha increases."),
-        lr: float = typer.Option(None, "--lr", help="Fine-tuning learning rate (RMSProp, no weight decay; default 1e-4)."),
+        lr: float = typer.Option(None, "--lr", help="Fine-tuning learning rate (RMSProp, no weight decay; default 3e-4)."),
         detection_weight: float = typer.Option(None, "--detection-weight", help="CTT: weight of L_D relative to L_C."),
         fire_margin: float = typer.Option(None, "--fire-margin", help="CTT: L_C asks the certified bound to clear T + this (0: the paper)."),
         trap_rule: str = typer.Option(None, "--trap-rule", help="CTT-loose/strict exported trap thresholds: fixed (T) | natural (max(T, natural maximum on the training split))."),
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         anneal: str = typer.Option(None, "--anneal", help="CTT: what alpha's growth applies to: detection (L_D only, after L_C; default) | both."),
         trap_placement: str = typer.Option(None, "--trap-placement", help="CTT: uniform (keyed traps anywhere; default) | quiet (only positions constant on the training split: catches DeepFool, but alarms on slightly noisy inputs)."),
         code: str = typer.Option(None, "--code", help="SafetyNet: binary | quaternary."),
-        attack: list[str] = typer.Option(None, "--attack", help="Attacks making adversarial training examples (SafetyNet, mismatch), e.g. pgd:eps=0.1; repeatable."),
+        attack: list[str] = typer.Option(None, "--attack", help="Attacks making adversarial training examples (SafetyNet, mismatch), e.g. pgd:eps=0.1 or pgd:eps=auto (eps=auto: the eps at which FGSM halves the classifier's accuracy on the training split); default SafetyNet pgd:eps=auto, mismatch fgsm:eps=auto pgd:eps=auto saltpepper; repeatable."),
         svm_c: float = typer.Option(None, "--svm-c", help="SVM C (default: cross-validated grid)."),
         svm_gamma: float = typer.Option(None, "--svm-gamma", help="RBF gamma (default: cross-validated grid)."),
         max_train: int = typer.Option(None, "--max-train", help="Cap on detector training examples."),
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
 
             eps = parse_eps(eps)
             if eps == "auto" and not {"ctt-loose", "ctt-strict"} & set(method):
-                raise HardenError("--eps auto searches the fine-tuning eps of ctt-loose or ctt-strict; add one of them")
+                raise HardenError(f"--eps {eps} sets the fine-tuning eps of ctt-loose or ctt-strict; add one of them or give a number")
             extra = {"epochs": epochs, "steps": steps, "patience": patience, "alpha": alpha, "alpha_growth": alpha_growth, "alpha_every": alpha_every,
                      "lr": lr, "detection_weight": detection_weight, "fire_margin": fire_margin,
                      "trap_rule": trap_rule, "trap_scale": trap_scale, "anneal": anneal, "trap_placement": trap_placement,
@@ -119,14 +119,17 @@ def _print_finetuning(method: dict) -> None:
                       f"{r['l_d']:.3g}", f"{r['l_c']:.3g}", f"{r['accuracy']:.3f}", f"{r['fpr']:.3f}",
                       f"{r['cal_l_d']:.3g}", f"{r['cal_l_c']:.3g}", f"{r['seconds']:.1f}")
     stdout.print(table)
-    reason = {"converged": f"converged (cal L_C not 1% better for {finetune.get('patience')} checks)",
+    reason = {"converged": f"converged (cal L_C at T not 1% better for {finetune.get('patience')} checks)",
               "step budget": f"step budget ({finetune.get('steps')} steps)",
               "epochs": f"--epochs {finetune.get('epochs')}"}.get(finetune.get("stop_reason"))
     if reason:
         stdout.print(f"stopped after {finetune.get('steps_taken')} steps: {reason}", highlight=False)
+    if best == 0:
+        stdout.print("no check stayed within 1 point of the original model's calibration accuracy: the original "
+                     "weights are kept (the traps keep their natural thresholds)", highlight=False)
     stdout.print(f"* kept check {best} (step {finetune.get('best_step', '-')}): among checks with calibration accuracy within 1 point of the original model, "
                  "the lowest cal L_C of those with cal FPR <= --fpr, else the lowest cal FPR + cal L_C "
-                 "(no check that accurate: the lowest cal FPR + cal L_C overall)", highlight=False)
+                 "(no check that accurate: the most accurate check)", highlight=False)
 
 
 def _print_eps_search(method: dict) -> None:

@@ -37,7 +37,7 @@ class Options:
     quantile: float = 1.0
     fpr: float = 0.02
     fpr_confidence: float = 0.9   # P(true FPR on new data <= fpr); 0 = the plain empirical quantile
-    eps: float = 3e-3
+    eps: float | str = "scaled"  # CTT box: a number, "scaled" or "auto" (harden.train.eps_search)
     threshold: float = 1e-4
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)   # method-specific settings, by option name

@@ -189,14 +189,20 @@ class _CTTFinetuned(_CTTBase):
         o = ctx.options
         # Defaults live in FinetuneConfig alone; only what the user gave overrides them.
         given = {name: o.get(name) for name in FINETUNE_OPTIONS if o.get(name) is not None}
-        o.eps = parse_eps(o.eps)   # a number, or "auto": the grid search of harden.train.eps_search
+        o.eps = parse_eps(o.eps)   # a number, "auto" (the grid search) or "scaled" (harden.train.eps_search)
+        extra: dict[str, Any] = {}
+        if o.eps == "scaled":
+            from harden.train.eps_search import SCALED_FRACTION, scaled_eps
+
+            o.eps, strength = scaled_eps(ctx.gm, ctx.data.calibration.x, ctx.data.calibration.y,
+                                         ctx.data.input_range, ctx.data.num_classes)
+            extra["eps_rule"] = {"rule": "scaled", "fraction": SCALED_FRACTION, "attack": strength.to_json()}
         auto = o.eps == "auto"
         cfg = FinetuneConfig(kind=self.kind, threshold=o.threshold, fpr=o.fpr, seed=o.seed, device=o.device,
                              **({} if auto else {"eps": o.eps}), **given)
         cfg.check()
         train = (ctx.data.train.x, ctx.data.train.y)
         calibration = (ctx.data.calibration.x, ctx.data.calibration.y)
-        extra: dict[str, Any] = {}
         if auto:
             from harden.train.eps_search import search_eps
 
@@ -210,7 +216,7 @@ class _CTTFinetuned(_CTTBase):
         history, best, thresholds, scales = finetune_ctt(ctx.gm, chosen, masks, train, calibration,
                                                          ctx.data.input_range, cfg, ctx.progress)
         extra.update({"threshold": o.threshold, "eps": cfg.eps, "trap_rule": cfg.trap_rule,
-                      "finetune": {**cfg.__dict__, "best_epoch": best, "best_step": history[best - 1].step,
+                      "finetune": {**cfg.__dict__, "best_epoch": best, "best_step": history[best - 1].step if best else 0,
                                    "steps_taken": history[-1].step, "stop_reason": history[-1].stop},
                       "_history": history_json(history)})
         return self.finish(ctx, chosen, masks, sizes, thresholds, extra, scales)
