@@ -24,7 +24,7 @@ def _det(row: dict, attack: str) -> str:
 def method_table(label: str, block: dict) -> str:
     rows, worst = block["rows"], block["worst"]
     attacks = [a for a in ATTACK_NAMES if any(f"{lib}.{a}" in rows[0]["detection"] for lib in LIBRARIES)]
-    head = ["pair", "attack eps", "test accuracy (original)", f"{rows[0]['split']} FPR / target"] + attacks + ["min AUC", "instrument s"]
+    head = ["pair", "attack eps", "accuracy (original)", f"{rows[0]['split']} FPR / target"] + attacks + ["min AUC", "instrument s"]
     lines = [f"**{label}** ({rows[0]['split']} split; {rows[0]['n']} inputs attacked a pair; detection = % of "
              "successful adversarial examples alarmed, ART/foolbox)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -47,6 +47,8 @@ def method_table(label: str, block: dict) -> str:
         worst_cells.append(" / ".join(f"{_pct(p['value'])} ({p['pair']})" for p in parts))
     worst_cells += ["", cell("instrument_seconds", lambda v: f"{v:.0f}")]
     lines.append("| " + " | ".join(worst_cells) + " |")
+    for name, error in block.get("failed", {}).items():
+        lines.append(f"| {name} | failed: {error} |" + " |" * (len(head) - 2))
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ import torch
 from bench.suite.attacks import ATTACK_NAMES, LIBRARIES, craft
 from bench.suite.pairs import CACHE, PAIRS, LoadedPair, load_pair
 from harden.attack_strength import half_accuracy_eps
+from harden.errors import HardenError
 from harden.io.adversarial import AdversarialSet
 
 SUITE_KEY = "harden-suite-key"
@@ -132,7 +133,10 @@ def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
     return {
         "pair": lp.pair.name, "method": method_label, "options": {k: v for k, v in vars(options).items() if k != "key"},
         "split": args.split, "n": len(x), "eps": eps,
-        "accuracy": metrics["test_accuracy"], "original_accuracy": metrics["original_test_accuracy"],
+        # On the calibration split (where defaults are chosen) accuracy is read there too, never on the test split.
+        "accuracy": metrics["test_accuracy"] if args.split == "test" else report.clean_accuracy,
+        "original_accuracy": (metrics["original_test_accuracy"] if args.split == "test"
+                              else _accuracy(lp.model, x, y)),
         "fpr_target": options.fpr, "fpr": split_fpr, "fpr_evaluated": report.clean_fpr,
         "calibration_fpr": metrics["calibration_fpr"],
         "detection": detection,
@@ -143,6 +147,11 @@ def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
         "attacks": crafted,
         "calibration": metrics.get("calibration"),
     }
+
+
+def _accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
 def worst(rows: list[dict]) -> dict:
@@ -233,12 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     results = {"methods": {}, "set": args.set, "split": args.split, "limit": args.limit}
     loaded = {name: load_pair(name) for name in pairs}
     for method_label in args.method:
-        rows = [run_one(loaded[name], method_label, args, say) for name in pairs]
-        results["methods"][method_label] = {"rows": rows, "worst": worst(rows)}
+        rows, failed = [], {}
+        for name in pairs:
+            try:
+                rows.append(run_one(loaded[name], method_label, args, say))
+            except HardenError as exc:  # one pair's failure is a finding to report, not the end of the run
+                failed[name] = str(exc)
+                say(f"{name} {method_label}: FAILED: {exc}")
+        results["methods"][method_label] = {"rows": rows, "worst": worst(rows), "failed": failed}
         if not args.json:
             from rich.console import Console
 
-            Console(width=200).print(render(method_label, rows, results["methods"][method_label]["worst"]))
+            if rows:
+                Console(width=200).print(render(method_label, rows, results["methods"][method_label]["worst"]))
+            for name, error in failed.items():
+                print(f"{method_label} on {name} FAILED: {error}")
     text = json.dumps(results, indent=1, default=float)
     if args.out:
         args.out.write_text(text)

@@ -32,7 +32,7 @@ class TrapHead(nn.Module):
     ``scaled``: raw = max of (activation - T) / s instead, s a per-neuron scale (the neuron's natural spread).
     The calibrated shift t then moves each threshold by t * s rather than by one common t: a trap whose natural
     values never vary keeps its threshold where it is while a noisy one gets the headroom it needs
-    (docs/results/ctt.md, session 3).
+    (docs/results/ctt.md).
     """
 
     def __init__(self, sizes: list[int], counts: list[int], scaled: bool = False):
@@ -85,7 +85,7 @@ def quiet_masks(ctx: FitContext, chosen: list[str], masks: dict[str, torch.Tenso
     """Per site, the same number of traps drawn (seeded by the key) among the positions whose pre-activation is
     constant on the training split (e.g. a conv window that only ever sees background); sites with too few such
     positions fill up with the key's uniform choice.  Such a trap sits exactly at its natural threshold, so any
-    perturbation that moves its window upward fires it (docs/results/ctt.md, session 3)."""
+    perturbation that moves its window upward fires it (docs/results/ctt.md)."""
     from harden.train.finetune import pre_activation
 
     pres = [pre_activation(ctx.gm, s) for s in chosen]
