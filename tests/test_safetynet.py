@@ -18,7 +18,18 @@ FAST = {"max_train": 240, "svm_c": 1.0, "svm_gamma": 0.05, "attacks": ["fgsm:eps
 
 
 def options(**extra) -> Options:
-    return Options(key="sn-test", fpr=FPR, mask_ratio=0.1, extra=extra)
+    # The paper's form (the last site) unless a test says otherwise: most tests check one site's codes by hand.
+    return Options(key="sn-test", fpr=FPR, mask_ratio=0.1, layers=["last:1"], extra=extra)
+
+
+def test_defaults_are_every_site_with_quaternary_codes(tiny_model, digits):
+    from harden.graph.trace import sites
+
+    hardened = instrument(tiny_model, digits, ["safetynet"],
+                          Options(key="sn-test", fpr=FPR, extra={k: v for k, v in FAST.items()}))
+    method = hardened.method("safetynet")
+    assert method.sites == [n.name for n in sites(hardened.classifier)]
+    assert method.config["levels"] == 3
 
 
 @pytest.fixture(scope="module")

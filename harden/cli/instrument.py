@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         trap_scale: str = typer.Option(None, "--trap-scale", help="CTT-loose/strict: std (the calibrated shift moves each trap by its natural spread; default) | none (one shift for all)."),
         anneal: str = typer.Option(None, "--anneal", help="CTT: what alpha's growth applies to: detection (L_D only, after L_C; default) | both."),
         trap_placement: str = typer.Option(None, "--trap-placement", help="CTT: uniform (keyed traps anywhere; default) | quiet (only positions constant on the training split: catches DeepFool, but alarms on slightly noisy inputs)."),
-        code: str = typer.Option(None, "--code", help="SafetyNet: binary | quaternary."),
+        code: str = typer.Option(None, "--code", help="SafetyNet: binary | quaternary (default quaternary)."),
         attack: list[str] = typer.Option(None, "--attack", help="Attacks making adversarial training examples (SafetyNet, mismatch), e.g. pgd:eps=0.1 or pgd:eps=auto (eps=auto: the eps at which FGSM halves the classifier's accuracy on the training split); default SafetyNet pgd:eps=auto, mismatch fgsm:eps=auto pgd:eps=auto saltpepper; repeatable."),
         svm_c: float = typer.Option(None, "--svm-c", help="SVM C (default: cross-validated grid)."),
         svm_gamma: float = typer.Option(None, "--svm-gamma", help="RBF gamma (default: cross-validated grid)."),
