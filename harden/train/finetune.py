@@ -303,11 +303,11 @@ class _Traps:
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, y: torch.Tensor, thresholds: list[torch.Tensor],
-              batch: int = 500) -> tuple[float, float, float, float]:
+              batch: int = 500) -> tuple[float, float, float, float, float]:
         """Accuracy, trap FPR (some masked neuron above its threshold, as the exported head computes it before
         calibration), the paper's L_D at T and the paper's certification loss (no margin) at ``thresholds``,
-        on a held-out split.  The certification loss at T itself (what training lowers) is left in
-        ``self.l_c_at_t``: the convergence rule watches it."""
+        on a held-out split; last, the certification loss at T itself (what training lowers, and what the
+        convergence rule watches)."""
         correct, alarms, l_d_sum, l_c_sum, at_t = 0, 0, 0.0, 0.0, 0.0
         kind = self.cfg.kind
         for start in range(0, len(x), batch):
@@ -326,8 +326,7 @@ class _Traps:
                 l_c_sum += float(torch.relu(t - bound).sum())
                 at_t += float(torch.relu(self.cfg.threshold - bound).sum())
         n = len(x)
-        self.l_c_at_t = at_t / n
-        return correct / n, alarms / n, l_d_sum / n, l_c_sum / n
+        return correct / n, alarms / n, l_d_sum / n, l_c_sum / n, at_t / n
 
 
 def _close(reference, candidate, tol: float = 1e-4) -> bool:
@@ -373,8 +372,7 @@ def finetune_ctt(
     optimizer = torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    baseline_accuracy = traps.score(x_cal, y_cal, traps.thresholds(x_train))[0]
-    reference = traps.l_c_at_t
+    baseline_accuracy, _, _, _, reference = traps.score(x_cal, y_cal, traps.thresholds(x_train))
     history: list[EpochRecord] = []
     original_state = copy.deepcopy(gm.state_dict())
     best, best_state = None, original_state
@@ -409,7 +407,7 @@ def finetune_ctt(
         progress(f"{label} step {step + 1}/{total}", (step + 1) / total)
         if (step + 1) % every and step + 1 < total:
             continue
-        accuracy, fpr, cal_l_d, cal_l_c = traps.score(x_cal, y_cal, traps.thresholds(x_train))
+        accuracy, fpr, cal_l_d, cal_l_c, cal_l_c_at_t = traps.score(x_cal, y_cal, traps.thresholds(x_train))
         ce_m, l_d_m, l_c_m = (float(v) / count for v in sums)
         record = EpochRecord(len(history) + 1, step + 1, alpha, ce_m, l_d_m, l_c_m, accuracy, fpr, cal_l_d, cal_l_c,
                              time.perf_counter() - started)
@@ -425,8 +423,8 @@ def finetune_ctt(
         # (the untrained model's to begin with) by a relative min_improvement for `patience` checks in a row.
         # Not the L_C at the exported thresholds: with trap_rule "natural" those rise with the traps' natural
         # values, so that loss stays flat while the traps still learn, and training stopped after ~3 checks.
-        if traps.l_c_at_t < reference * (1.0 - cfg.min_improvement):
-            reference, stale = traps.l_c_at_t, 0
+        if cal_l_c_at_t < reference * (1.0 - cfg.min_improvement):
+            reference, stale = cal_l_c_at_t, 0
         else:
             stale += 1
         if patience and stale >= patience:
