@@ -9,7 +9,7 @@ from harden.export import export_onnx
 from harden.instrument import instrument
 from harden.io.bundle import load_bundle, save_bundle
 from harden.methods.base import Options
-from harden.methods.safetynet import CodeHead, SafetyNet, positive_quantiles
+from harden.methods.safetynet import VALUE_MERGE, CodeHead, SafetyNet, positive_quantiles
 from harden.runtime import OnnxGraph
 
 FPR = 0.05
@@ -78,6 +78,27 @@ def test_thresholds_never_sit_on_a_value_the_unit_takes():
     assert th.tolist() == [0.375, 0.375, 0.375]  # every observed 0.25 codes 0, 0.5 and 1.0 code 3
 
 
+def test_thresholds_stay_clear_of_values_within_float_rounding_of_each_other():
+    # A blank patch seen through slightly different neighbours: one value, and another 6e-8 above it.  A midpoint
+    # between the two would sit inside the torch / onnxruntime rounding difference.
+    mass, near = 0.923353791, 0.92335385
+    values = torch.tensor([[mass]] * 6 + [[near], [1.5], [2.0]])
+    th = positive_quantiles(values, (0.25, 0.5, 0.75))[:, 0]
+    for t in th.tolist():
+        assert min(abs(t - v) for v in (mass, near, 1.5, 2.0)) > VALUE_MERGE / 4
+    assert th[0].item() == pytest.approx((near + 1.5) / 2)  # both near-equal values code 0
+
+
+def test_a_ramp_moves_a_code_by_a_fraction_near_its_threshold():
+    head = CodeHead([2], 2, ["none"], ramps=[0.1])
+    head.thresholds_0.copy_(torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
+    a = torch.tensor([[1.05, 0.0], [2.5, 0.02], [0.5, float("nan")], [float("inf"), -1.0]])
+    np.testing.assert_allclose(head(a).numpy(), [[0.5, 0.0], [2.0, 0.4], [0.0, 0.0], [2.0, 0.0]], atol=1e-6)
+    step = CodeHead([2], 2, ["none"])  # bundles without ramps keep the paper's step
+    step.thresholds_0.copy_(head.thresholds_0)
+    assert step(a).tolist() == [[1.0, 0.0], [2.0, 2.0], [0.0, 0.0], [2.0, 0.0]]
+
+
 def test_conv_sites_reduce_per_channel_before_coding():
     a = torch.zeros(2, 2, 3, 3)
     a[0, 0, 1, 1] = 5.0   # sample 0, channel 0: max 5, mean 5/9
@@ -128,12 +149,20 @@ def test_codes_on_the_model_match_the_activations(binary, quaternary, tiny_model
     for hardened in (binary, quaternary):
         method = hardened.method("safetynet")
         (site,) = method.sites
-        _, act = feature_extractor(hardened.classifier, [site])(x)
+        with torch.no_grad():
+            _, act = feature_extractor(hardened.classifier, [site])(x)
         th = method.head.thresholds_0
-        expected = (act[:, None, :] > th[None]).sum(1).float()
+        ramp = method.head.ramps[0]
+        assert 0 < ramp < 0.05 * float(act.max())
+        above = act[:, None, :] - th[None]
+        expected = (above / ramp).clamp(0, 1).sum(1)
         got = hardened.torch_outputs(x)["safetynet.features"]
-        assert np.array_equal(got, expected.numpy())
+        np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-6)
         assert got.max() <= th.shape[0]
+        # away from the narrow ramps the codes are the step's whole levels
+        clear = ((above <= 0) | (above >= ramp)).all(1).numpy()
+        assert clear.mean() > 0.9
+        assert np.array_equal(got[clear], (above > 0).sum(1).float().numpy()[clear])
 
 
 # --------------------------------------------------------------------------- contract

@@ -140,7 +140,8 @@ class RbfSvmDetector:
     back from a bundle.  See the module docstring for why this is not skl2onnx.
     """
 
-    def __init__(self, estimator, method_name: str, n_features: int):
+    def __init__(self, estimator, method_name: str, n_features: int, *, exact_int: bool | None = None):
+        """``exact_int`` False: the inputs may be fractions although the support vectors are integers."""
         from sklearn.svm import SVC
 
         self.estimator = estimator
@@ -150,7 +151,7 @@ class RbfSvmDetector:
         if not isinstance(parts.svm, SVC):
             raise HardenError("RbfSvmDetector takes a binary RBF SVC, optionally after one StandardScaler")
         self.scaler, self.svc = parts.scaler, parts.svm
-        self.exact_int = parts.exact_int
+        self.exact_int = parts.exact_int if exact_int is None else bool(exact_int and parts.exact_int)
         self._onnx: bytes | None = None
 
     @property

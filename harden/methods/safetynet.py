@@ -80,13 +80,17 @@ class CodeHead(nn.Module):
     every unit.  The output is float32 ``[N, sum D_i]``.
     """
 
-    def __init__(self, dims: Sequence[int], levels: int, reduce: Sequence[str], kernels: Sequence[int] | None = None):
+    def __init__(self, dims: Sequence[int], levels: int, reduce: Sequence[str], kernels: Sequence[int] | None = None,
+                 ramps: Sequence[float] | None = None):
         super().__init__()
         if len(dims) != len(reduce):
             raise ValueError("one reduction per site")
         self.dims = [int(d) for d in dims]
         self.reduce = [str(r) for r in reduce]
         self.kernels = [int(k) for k in (kernels if kernels is not None else [1] * len(self.dims))]
+        # per site, the width over which a level's count rises from 0 to 1 above its threshold (0: a hard step;
+        # bundles written before ramps existed)
+        self.ramps = [float(w) for w in (ramps if ramps is not None else [0.0] * len(self.dims))]
         for i, d in enumerate(self.dims):
             self.register_buffer(f"thresholds_{i}", torch.zeros(int(levels), d, dtype=torch.float32))
 
@@ -102,9 +106,19 @@ class CodeHead(nn.Module):
         return per_channel.amax(dim=2) if how == "max" else per_channel.mean(dim=2)
 
     def code(self, i: int, activation: torch.Tensor) -> torch.Tensor:
-        thresholds = getattr(self, f"thresholds_{i}")
-        values = self.reduced(i, activation).float()
-        return (values.unsqueeze(1) > thresholds).to(torch.float32).sum(dim=1)
+        return self.code_of(i, self.reduced(i, activation).float())
+
+    def code_of(self, i: int, values: torch.Tensor) -> torch.Tensor:
+        """Levels exceeded by reduced values [N, D_i]: a step at each threshold, or a one-sided ramp of width
+        ``ramps[i]`` above it, so that a value within float rounding of a threshold moves its code by a fraction
+        of that rounding over the width, instead of by a whole level, between torch and onnxruntime."""
+        thresholds = getattr(self, f"thresholds_{i}").to(values.dtype)
+        above = values.unsqueeze(1) - thresholds
+        if self.ramps[i] > 0:
+            ramp = torch.clamp(above / self.ramps[i], 0.0, 1.0)
+            # NaN counts as no level exceeded, as the step's comparison has it
+            return torch.where(torch.isnan(ramp), torch.zeros_like(ramp), ramp).sum(dim=1)
+        return (above > 0).to(values.dtype).sum(dim=1)
 
     def forward(self, *activations: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.code(i, a) for i, a in enumerate(activations)], dim=1)
@@ -131,8 +145,12 @@ def positive_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> torc
     threshold sits on a value the unit really takes: a unit that sees a blank
     patch outputs relu(bias) for a large share of inputs, a quantile lands
     exactly on that value, and float rounding in onnxruntime would flip its
-    code.  Thresholds are non-decreasing across levels, so the code counts the
-    levels exceeded.
+    code.  Values closer than VALUE_MERGE (relative above 1) count as one:
+    the same blank patch seen through slightly different neighbours gives
+    values 1e-7..1e-6 apart, and a midpoint between those sits inside the
+    rounding difference between torch and onnxruntime (2e-6 to 2e-5 on the
+    suite's ReLU6 net).  Thresholds are non-decreasing across levels, so the
+    code counts the levels exceeded.
     """
     values = values.detach().float().cpu()
     q = torch.tensor([float(v) for v in quantiles], dtype=torch.float32)
@@ -145,13 +163,39 @@ def positive_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> torc
         if not column.numel():
             continue
         raw = torch.quantile(column, q)
-        distinct = torch.unique(column)  # sorted
-        above = torch.searchsorted(distinct, raw, right=True)  # first distinct value > threshold
-        for level, (t, k) in enumerate(zip(raw.tolist(), above.tolist())):
-            low = float(distinct[k - 1]) if k > 0 else 0.0
-            high = float(distinct[k]) if k < len(distinct) else low + max(abs(low) * 1e-3, 1e-6)
-            out[level, j] = (low + high) / 2 if low <= t else t
+        lows, highs = _value_clusters(torch.unique(column).double())
+        above = torch.searchsorted(lows, raw.double(), right=True)  # first cluster wholly above the quantile
+        for level, k in enumerate(above.tolist()):
+            low = float(highs[k - 1]) if k > 0 else 0.0
+            high = float(lows[k]) if k < len(lows) else low + max(abs(low) * 1e-3, 1e-6)
+            out[level, j] = (low + high) / 2
     return torch.cummax(out, dim=0).values
+
+
+VALUE_MERGE = 1e-4
+# Ramp width, as a fraction of the site's scale (the 99th percentile of its positive reduced values on the
+# training split).  torch and onnxruntime differ by up to about 3e-6 of that scale (2e-5 at ReLU6's 6), so a code
+# moves by at most ~3e-4 of a level where a step would flip it whole (a flip moved the SVM's score by up to 8e-4
+# and broke export parity with every site of the suite's ReLU6 net).  A ramp multiplies the rounding difference by
+# 1 / width, so it must not be too narrow either: at 1e-4 of the scale a 96-feature SVM's score moved by 1.2e-4.
+RAMP_FRACTION = 1e-2
+
+
+def ramp_width(values: torch.Tensor) -> float:
+    positive = values[values > 0]
+    if not positive.numel():
+        return 0.0
+    sample = positive.flatten()[:: max(1, positive.numel() // 1_000_000)].float()
+    return float(f"{RAMP_FRACTION * float(torch.quantile(sample, 0.99)):.6g}")  # as the config records it
+
+
+def _value_clusters(distinct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lowest, highest) value of each run of sorted distinct values whose neighbours lie within VALUE_MERGE."""
+    gaps = distinct[1:] - distinct[:-1]
+    breaks = torch.nonzero(gaps > VALUE_MERGE * torch.clamp(distinct[1:].abs(), min=1.0)).flatten()
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks + 1])
+    ends = torch.cat([breaks, torch.tensor([len(distinct) - 1])])
+    return distinct[starts], distinct[ends]
 
 
 # --------------------------------------------------------------------------- the SVM
@@ -351,8 +395,9 @@ class SafetyNet(Method):
 
         # Thresholds: binary = 0; quaternary = quantiles of each unit's positive activations on the training split.
         ctx.progress("safetynet: code thresholds", 0.05)
+        values = _site_values(gm, head, chosen, data.train.x)
+        head.ramps = [ramp_width(v) for v in values]
         if code != "binary":
-            values = _site_values(gm, head, chosen, data.train.x)
             for i, v in enumerate(values):
                 getattr(head, f"thresholds_{i}").copy_(positive_quantiles(v, quantiles))
 
@@ -397,7 +442,8 @@ class SafetyNet(Method):
         fitted_sv = support_vectors(pipeline)
         pipeline, used = within_budget(pipeline, x_svm, y_svm, max_sv, seed=key_seed(options.key, "safetynet:budget"))
         total_dim = int(sum(dims))
-        detector = RbfSvmDetector(pipeline, self.name, total_dim)
+        # codes within a ramp are fractions: the SVM's product with them is not exact in float32
+        detector = RbfSvmDetector(pipeline, self.name, total_dim, exact_int=False)
         svc = detector.svc
         config: dict[str, Any] = {
             "sites": chosen,
@@ -405,6 +451,7 @@ class SafetyNet(Method):
             "dims": dims,
             "reduce": site_reduce,
             "kernels": kernels,
+            "ramps": list(head.ramps),
             "code": code,
             "levels": levels,
             "quantiles": list(quantiles),
@@ -424,4 +471,5 @@ class SafetyNet(Method):
 
     @classmethod
     def build_head(cls, config: dict[str, Any]) -> nn.Module:
-        return CodeHead(config["dims"], config["levels"], config["reduce"], config.get("kernels")).eval()
+        return CodeHead(config["dims"], config["levels"], config["reduce"], config.get("kernels"),
+                        config.get("ramps")).eval()

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from harden.adaptive import register_surrogate
 from harden.errors import HardenError
@@ -85,9 +86,16 @@ class SafetyNetSurrogate:
             r = self._reduced(i, a).unsqueeze(1)                          # [N, 1, D]
             if smooth:
                 width = (self.temperature * self.unit_scale[i]).clamp_min(1e-6)
-                parts.append(torch.sigmoid((r - thresholds) / width).sum(1))
+                ramp = self.head.ramps[i]
+                if ramp > 0:
+                    # the head's ramp clamp(z / ramp, 0, 1) with softplus corners; a sigmoid where width >> ramp
+                    z = r - thresholds
+                    soft = width * (F.softplus(z / width) - F.softplus((z - ramp) / width)) / ramp
+                else:
+                    soft = torch.sigmoid((r - thresholds) / width)
+                parts.append(soft.sum(1))
             else:
-                parts.append((r > thresholds).double().sum(1))
+                parts.append(self.head.code_of(i, r.squeeze(1)))
         return torch.cat(parts, dim=1)
 
     def raw(self, acts: list[torch.Tensor], smooth: bool) -> torch.Tensor:
