@@ -311,3 +311,74 @@ def test_bad_recipe_and_attack_are_one_line(tiny, digits):
         instrument(tiny, digits, ["mismatch"], options(second_recipe="magic"))
     with pytest.raises(HardenError, match="attack"):
         instrument(tiny, digits, ["mismatch"], options(attacks=["nosuchattack"]))
+
+
+# --------------------------------------------------------------------------- defaults that transfer
+
+
+def test_a_near_constant_softmax_column_is_not_blown_up_by_the_scaler():
+    from harden.methods.mismatch import SCALE_FLOOR, floored_scaler
+
+    rng = np.random.default_rng(0)
+    x = rng.random((200, 4))
+    x[:, 2] = 0.25 + 1e-6 * rng.random(200)   # a class the second model never predicts
+    scaler = floored_scaler().fit(x)
+    assert scaler.scale_[2] == SCALE_FLOOR
+    np.testing.assert_allclose(scaler.scale_[[0, 1, 3]], x[:, [0, 1, 3]].std(axis=0))
+    # a float32 rounding difference in that column stays a rounding difference after scaling
+    moved = x.copy()
+    moved[:, 2] += 2e-6
+    assert np.abs(scaler.transform(moved) - scaler.transform(x)).max() < 1e-2
+
+
+def test_the_second_models_fgsm_eps_follows_the_classifiers_strength(tiny, digits):
+    from harden.methods.mismatch import SECOND_EPS_FRACTION
+
+    hardened = instrument(tiny, digits, ["mismatch"], options(max_train=200, attacks=["fgsm:eps=auto"], **FIXED_SVM))
+    config = hardened.method("mismatch").config
+    strength = config["attack_strength"]["eps"]
+    assert config["second_training"]["fgsm_eps"] == pytest.approx(SECOND_EPS_FRACTION * strength, rel=1e-5)
+    assert "fell_back" not in config["second_training"]
+    export_onnx(hardened)  # the float64 SVC graph keeps parity
+
+
+def test_a_second_model_that_cannot_learn_under_fgsm_is_retrained_plain(tiny, digits, monkeypatch):
+    import harden.methods.mismatch as mm
+
+    real = mm._train_second
+    recipes = []
+
+    def failing_fgsm(*args, recipe=mm.DEFAULT_SECOND_RECIPE, **kwargs):
+        recipes.append(recipe)
+        model, facts = real(*args, recipe=recipe, **kwargs)
+        if recipe == "fgsm":
+            facts["holdout_accuracy"] = 0.09   # as the 32x32 colour pair's did at a too-large eps
+        return model, facts
+
+    monkeypatch.setattr(mm, "_train_second", failing_fgsm)
+    hardened = instrument(tiny, digits, ["mismatch"], options(max_train=200, **FIXED_SVM))
+    training = hardened.method("mismatch").config["second_training"]
+    assert recipes == ["fgsm", "plain"]
+    assert training["recipe"] == "plain" and training["fell_back"]["holdout_accuracy"] == 0.09
+    assert training["holdout_accuracy"] > 0.5
+
+
+def test_a_second_model_at_chance_is_refused(tiny, digits, monkeypatch):
+    import harden.methods.mismatch as mm
+
+    real = mm._train_second
+
+    def at_chance(*args, **kwargs):
+        model, facts = real(*args, **kwargs)
+        facts["holdout_accuracy"] = 0.1
+        return model, facts
+
+    monkeypatch.setattr(mm, "_train_second", at_chance)
+    with pytest.raises(HardenError, match="chance is 10.0%"):
+        instrument(tiny, digits, ["mismatch"], options(max_train=200, **FIXED_SVM))
+
+
+def test_second_eps_must_be_auto_or_positive(tiny, digits):
+    for bad in ("big", -0.1):
+        with pytest.raises(HardenError, match="second_eps"):
+            instrument(tiny, digits, ["mismatch"], options(max_train=200, second_eps=bad, **FIXED_SVM))
