@@ -321,6 +321,7 @@ def test_user_given_eps_auto_is_resolved_once_and_numeric_eps_kept(tiny_model, d
     ({"svm_c": -1.0}, "--svm-c"),
     ({"attacks": ["nosuch"]}, "nosuch"),
     ({"reduce": "median"}, "reduce"),
+    ({"ramp": 1.5}, "ramp"),
 ])
 def test_bad_options_are_one_line_errors(extra, message, tiny_model, digits):
     with pytest.raises(HardenError, match=message):

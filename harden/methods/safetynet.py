@@ -178,15 +178,15 @@ VALUE_MERGE = 1e-4
 # moves by at most ~3e-4 of a level where a step would flip it whole (a flip moved the SVM's score by up to 8e-4
 # and broke export parity with every site of the suite's ReLU6 net).  A ramp multiplies the rounding difference by
 # 1 / width, so it must not be too narrow either: at 1e-4 of the scale a 96-feature SVM's score moved by 1.2e-4.
-RAMP_FRACTION = 1e-2
+RAMP_FRACTION = 1e-3
 
 
-def ramp_width(values: torch.Tensor) -> float:
+def ramp_width(values: torch.Tensor, fraction: float = RAMP_FRACTION) -> float:
     positive = values[values > 0]
-    if not positive.numel():
+    if not positive.numel() or fraction == 0:
         return 0.0
     sample = positive.flatten()[:: max(1, positive.numel() // 1_000_000)].float()
-    return float(f"{RAMP_FRACTION * float(torch.quantile(sample, 0.99)):.6g}")  # as the config records it
+    return float(f"{fraction * float(torch.quantile(sample, 0.99)):.6g}")  # as the config records it
 
 
 def _value_clusters(distinct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,7 +396,10 @@ class SafetyNet(Method):
         # Thresholds: binary = 0; quaternary = quantiles of each unit's positive activations on the training split.
         ctx.progress("safetynet: code thresholds", 0.05)
         values = _site_values(gm, head, chosen, data.train.x)
-        head.ramps = [ramp_width(v) for v in values]
+        ramp = float(options.get("ramp", RAMP_FRACTION))
+        if not 0.0 <= ramp < 1.0:
+            raise HardenError(f"safetynet ramp must lie in [0, 1) (a fraction of each site's scale); got {ramp:g}")
+        head.ramps = [ramp_width(v, ramp) for v in values]
         if code != "binary":
             for i, v in enumerate(values):
                 getattr(head, f"thresholds_{i}").copy_(positive_quantiles(v, quantiles))
