@@ -3,9 +3,12 @@
 Each chosen site's units are quantised into a code (``--code binary``: the unit
 is active or not; ``--code quaternary``: how many of three per-unit thresholds
 it exceeds, the thresholds being quantiles of that unit's positive activations
-on the training split).  The quantisation is a torch head in the classifier's
-graph (thresholds are buffers; a comparison and a sum, exported with a dynamic
-batch) emitting float32 features ``[N, D]``; several sites are concatenated
+on the training split).  Each level rises over a narrow one-sided ramp above its
+threshold (``ramp``, 0.001 of the site's scale) instead of a step, so that the
+rounding difference between torch and onnxruntime moves a code by a fraction of
+a level, never a whole one (docs/results/safetynet.md).  The quantisation is a
+torch head in the classifier's graph (thresholds are buffers; a subtraction, a
+clip and a sum, exported with a dynamic batch) emitting float32 features ``[N, D]``; several sites are concatenated
 into one code (the paper's "Det ABC" asks whether any layer looks wrong; here
 one SVM over the concatenated code sees every layer at once, so one threshold
 is calibrated instead of one per site).
