@@ -64,13 +64,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option (as bench.suite's --set), e.g. ramp=0; repeatable")
     args = parser.parse_args()
     methods = args.method or ["ctt-lite"]
     torch.set_num_threads(args.threads)
 
     data = load_data("mnist", seed=0, limit=args.limit)
     model = load_lenet(args.checkpoint)
-    hardened = instrument(model, data, methods, Options(key="bench"))
+    from bench.suite.run import build_options
+
+    _, options = build_options("+".join(methods), args.set, Options().fpr, 0, "bench")
+    hardened = instrument(model, data, methods, options)
     hardened_graph = OnnxGraph(export_onnx(hardened).model.SerializeToString(), threads=args.threads)
     plain_proto = export_module(trace(model), (data.test.x[:2],), ["input"], ["logits"])
     plain_graph = OnnxGraph(plain_proto.SerializeToString(), threads=args.threads)

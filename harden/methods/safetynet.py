@@ -449,7 +449,7 @@ class SafetyNet(Method):
         pipeline, used = within_budget(pipeline, x_svm, y_svm, max_sv, seed=key_seed(options.key, "safetynet:budget"))
         total_dim = int(sum(dims))
         # codes within a ramp are fractions: the SVM's product with them is not exact in float32
-        detector = RbfSvmDetector(pipeline, self.name, total_dim, exact_int=False)
+        detector = RbfSvmDetector(pipeline, self.name, total_dim, exact_int=not any(w > 0 for w in head.ramps))
         svc = detector.svc
         config: dict[str, Any] = {
             "sites": chosen,
