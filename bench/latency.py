@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.lenet import LeNet5  # noqa: E402
+from bench.suite.run import build_options  # noqa: E402
 from harden.export import export_onnx  # noqa: E402
 from harden.export.torch_graph import export_module  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
@@ -72,8 +73,6 @@ def main() -> None:
 
     data = load_data("mnist", seed=0, limit=args.limit)
     model = load_lenet(args.checkpoint)
-    from bench.suite.run import build_options
-
     _, options = build_options("+".join(methods), args.set, Options().fpr, 0, "bench")
     hardened = instrument(model, data, methods, options)
     hardened_graph = OnnxGraph(export_onnx(hardened).model.SerializeToString(), threads=args.threads)

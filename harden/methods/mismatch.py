@@ -269,7 +269,7 @@ def _fgsm_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
 
 def _train_second(spec: dict, x: torch.Tensor, y: torch.Tensor, seed: int, device: str, progress, *,
                   recipe: str = DEFAULT_SECOND_RECIPE, input_range: tuple[float, float] = (0.0, 1.0),
-                  classifier: nn.Module | None = None, eps: float = 0.1) -> tuple[nn.Module, dict]:
+                  classifier: nn.Module | None = None, eps: float | None = None) -> tuple[nn.Module, dict]:
     """Adam on the training split minus a held-out tenth; the epoch with the best held-out accuracy is kept.
 
     ``recipe`` "fgsm": every batch is doubled with its FGSM examples against the model itself (``eps`` in input
@@ -283,6 +283,8 @@ def _train_second(spec: dict, x: torch.Tensor, y: torch.Tensor, seed: int, devic
         raise HardenError(f"second_recipe {recipe!r} is not one of {', '.join(SECOND_RECIPES)}")
     if recipe == "transfer" and classifier is None:
         raise HardenError("second_recipe 'transfer' needs the classifier")
+    if recipe != "plain" and eps is None:
+        raise ValueError(f"second_recipe {recipe!r} needs an FGSM eps")
     lo, hi = float(input_range[0]), float(input_range[1])
     if recipe == "transfer" and device != "cpu":
         classifier = copy.deepcopy(classifier).to(device)

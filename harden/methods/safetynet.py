@@ -385,6 +385,9 @@ class SafetyNet(Method):
         quantiles = tuple(float(q) for q in options.get("code_quantiles", CODES[code])) if code != "binary" else ()
         if code != "binary" and (len(quantiles) != 3 or not all(0.0 <= q < 1.0 for q in quantiles)):
             raise HardenError(f"safetynet quaternary codes need three quantiles in [0, 1); got {list(quantiles)}")
+        ramp = float(options.get("ramp", RAMP_FRACTION))
+        if not 0.0 <= ramp < 1.0:
+            raise HardenError(f"safetynet ramp must lie in [0, 1) (a fraction of each site's scale); got {ramp:g}")
 
         site_nodes = graph_sites(gm)
         paths = {n.name: module_path(n) for n in site_nodes}
@@ -399,9 +402,6 @@ class SafetyNet(Method):
         # Thresholds: binary = 0; quaternary = quantiles of each unit's positive activations on the training split.
         ctx.progress("safetynet: code thresholds", 0.05)
         values = _site_values(gm, head, chosen, data.train.x)
-        ramp = float(options.get("ramp", RAMP_FRACTION))
-        if not 0.0 <= ramp < 1.0:
-            raise HardenError(f"safetynet ramp must lie in [0, 1) (a fraction of each site's scale); got {ramp:g}")
         head.ramps = [ramp_width(v, ramp) for v in values]
         if code != "binary":
             for i, v in enumerate(values):
