@@ -103,17 +103,31 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
 
 
 
-def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0.1, onnx_path: Path | None = None,
-                      data: str | None = None, split: str = "test", limit: int | None = 500,
+def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0.1, norm: str = "linf",
+                      steps: int = 100, onnx_path: Path | None = None, data: str | None = None, split: str = "test",
+                      limit: int | None = 500, attackers: tuple[str, ...] | None = None, proxy: Path | None = None,
                       progress: Callable[[str], None] | None = None) -> dict:
-    """Type II attack (it knows the detectors, through smoothed surrogates) beside its detector-blind baseline."""
+    """Type II attacks (key known: smoothed surrogates of the detectors as shipped; key unknown: the attacker's
+    own model of the keyed parts, or a proxy bundle hardened with another key) beside the detector-blind
+    baseline, every final input judged by the exported graph."""
     from harden.adaptive import AdaptiveSettings
     from harden.evaluation import evaluate_adaptive as _evaluate_adaptive
+    from harden.io.bundle import load_bundle
 
-    part = split_of(bundle_data(manifest, data), split)
+    dataset = bundle_data(manifest, data)
+    part = split_of(dataset, split)
+    proxy_model = None
+    if proxy is not None:
+        proxy_model, proxy_manifest = load_bundle(proxy)
+        if list(proxy_manifest["input"]["shape"]) != list(manifest["input"]["shape"]) or \
+                proxy_manifest["num_classes"] != manifest["num_classes"]:
+            raise HardenError(f"--adaptive-proxy {proxy}: its input shape or class count differs from the bundle's")
     return _evaluate_adaptive(hardened, scorer_for(hardened, onnx_path).run, part.x.numpy(), part.y.numpy(),
-                              AdaptiveSettings(eps=eps), input_range=tuple(manifest["input"]["range"]),
-                              num_classes=manifest["num_classes"], limit=limit, progress=progress)
+                              AdaptiveSettings(eps=eps, norm=norm, steps=steps),
+                              input_range=tuple(manifest["input"]["range"]), num_classes=manifest["num_classes"],
+                              limit=limit, progress=progress, reference=dataset.train.x, proxy=proxy_model,
+                              attackers=attackers)
+
 
 def ctt_traps(hardened: HardenedModel):
     """The CTT traps as the exported alarm sees them: each neuron's T shifted by its method's calibrated threshold.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -308,37 +308,72 @@ def render_table(report: EvaluationReport):
 
 def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, settings, *,
                       input_range: tuple[float, float], num_classes: int, limit: int | None = None,
-                      progress: Progress | None = None) -> dict[str, Any]:
+                      progress: Progress | None = None, reference=None, proxy=None,
+                      attackers: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The type II attack of :mod:`harden.adaptive` beside its detector-blind baseline (lam = 0), scored by ``scorer``.
 
-    Rates are over the inputs the scorer classifies correctly: ``fooled``
-    (misclassified after the attack), ``evaded`` (no combined ``alarm``),
-    ``success`` (both), and per method the fraction that evades that
-    method's own alarm.
+    Rows: ``type_i`` (lam 0: its ``fooled`` is the undefended classifier's success at this budget),
+    ``type_ii`` (the key-known attacker, judged in the loop by ``scorer`` itself) and ``key_unknown`` (its own
+    model of the detector in the loop: the key-unknown surrogates, or ``proxy``'s).  Rates are over the inputs
+    the scorer classifies correctly: ``fooled`` (misclassified after the attack), ``evaded`` (no combined
+    ``alarm``), ``success`` (both), and per method the fraction that evades that method's own alarm.  With
+    ``attackers`` None both type II rows are made, and a key-unknown attacker this bundle cannot have (e.g.
+    mismatch without a proxy) is recorded as skipped with the reason; named explicitly, it is an error.
     """
-    from harden.adaptive import adaptive_attack
+    from harden.adaptive import ATTACKERS, KEY_KNOWN, KEY_UNKNOWN, adaptive_attack
 
     x, y = _first(np.asarray(x, dtype=np.float32), np.asarray(y).astype(np.int64), limit)
     say = progress or (lambda message: None)
     clean = _score(scorer, x, num_classes, "the clean inputs")
     correct = clean["logits"].argmax(axis=1) == y
-    result: dict[str, Any] = {"n": len(x), "n_correct": int(correct.sum()), "eps": settings.eps,
+    explicit = attackers is not None
+    attackers = tuple(attackers) if explicit else ATTACKERS
+    unknown = [a for a in attackers if a not in ATTACKERS]
+    if unknown or not attackers:
+        raise HardenError(f"--adaptive-attacker {', '.join(unknown) or '(none)'} is not one of {', '.join(ATTACKERS)}")
+    if proxy is not None and KEY_UNKNOWN not in attackers:
+        raise HardenError("--adaptive-proxy models a key-unknown attacker; add --adaptive-attacker key-unknown")
+
+    def judge(batch: np.ndarray):
+        out = _score(scorer, batch, num_classes, "the adaptive examples")
+        return out["logits"].argmax(axis=1), out["alarm"]
+
+    result: dict[str, Any] = {"n": len(x), "n_correct": int(correct.sum()), "eps": settings.eps, "norm": settings.norm,
                               "steps": settings.steps, "lams": list(settings.lams), "supports": list(settings.supports),
-                              "kappa": settings.kappa, "surrogate": dict(settings.surrogate)}
-    for label, lams, supports in (("type_i", (0.0,), ("all",)), ("type_ii", settings.lams, settings.supports)):
+                              "step_rules": list(settings.step_rules), "step_factors": list(settings.step_factors),
+                              "kappa": settings.kappa, "surrogate": dict(settings.surrogate), "proxy": proxy is not None}
+    rows = [("type_i", KEY_KNOWN, (0.0,), ("all",))]
+    rows += [("type_ii", KEY_KNOWN, settings.lams, settings.supports)] if KEY_KNOWN in attackers else []
+    rows += [("key_unknown", KEY_UNKNOWN, settings.lams, settings.supports)] if KEY_UNKNOWN in attackers else []
+    for label, attacker, lams, supports in rows:
         say(f"adaptive attack ({label}) on {len(x)} inputs")
         start = time.perf_counter()
-        attack = adaptive_attack(hardened, x, y, settings, input_range=input_range, lams=lams, supports=supports)
+        try:
+            attack = adaptive_attack(hardened, x, y, replace(settings, attacker=attacker), input_range=input_range,
+                                     lams=lams, supports=supports, judge=judge, reference=reference,
+                                     proxy=proxy if attacker == KEY_UNKNOWN else None)
+        except HardenError as exc:
+            if explicit or attacker != KEY_UNKNOWN:
+                raise
+            result[label] = {"skipped": str(exc)}
+            continue
         adv = _score(scorer, attack["x_adv"], num_classes, f"the {label} examples")
         fooled = adv["logits"].argmax(axis=1) != y
         quiet = ~adv["alarm"]
-        result["methods"] = attack["methods"]
+        result["methods"] = attack["methods"] if label != "key_unknown" or proxy is None else result.get("methods", attack["methods"])
         result[label] = {
             "fooled": _rate(fooled[correct]),
             "evaded": _rate(quiet[correct]),
             "success": _rate((fooled & quiet)[correct]),
             "evaded_per_method": {m: _rate(~adv[m + ALARM_SUFFIX][correct]) for m in method_names(adv)},
             "mean_linf": _mean(np.abs(attack["x_adv"] - x).reshape(len(x), -1).max(axis=1)[correct]) if len(x) else None,
+            "mean_l2": _mean(np.linalg.norm((attack["x_adv"] - x).reshape(len(x), -1), axis=1)[correct]) if len(x) else None,
             "seconds": time.perf_counter() - start,
         }
+    if "type_i" in result and result["type_i"].get("fooled") is not None:
+        base = result["type_i"]["fooled"]
+        for label in ("type_ii", "key_unknown"):
+            row = result.get(label)
+            if row and row.get("success") is not None:
+                row["gain"] = base - row["success"]   # what the detector removes against this attacker
     return _jsonable(result)

@@ -90,7 +90,16 @@ def test_ink_support_leaves_the_background_alone(loaded, digits):
         adaptive_attack(loaded, x, y, AdaptiveSettings(), input_range=digits.input_range, supports=("edges",))
 
 
-def test_a_bundle_without_a_surrogate_is_refused(tiny_hardened):
+@pytest.fixture
+def no_ctt_surrogate(monkeypatch):
+    """As if ctt-lite had no adaptive surrogate (every built-in method has one)."""
+    from harden.adaptive import SURROGATES
+    from harden.methods import load_all  # noqa: F401
+
+    monkeypatch.delitem(SURROGATES._entries, "ctt-lite")
+
+
+def test_a_bundle_without_a_surrogate_is_refused(tiny_hardened, no_ctt_surrogate):
     with pytest.raises(HardenError, match="no adaptive attack.*ctt-lite.*safetynet"):
         surrogates_for(tiny_hardened)
 
@@ -115,14 +124,14 @@ def test_cli_instrument_export_evaluate_adaptive(tiny_model, tmp_path):
     result = invoke("evaluate", onnx_file, "--adaptive", "--adaptive-eps", "0.2", "--limit", "10", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["adaptive"]
-    assert report["methods"] == ["safetynet"] and report["n"] == 10 and report["eps"] == 0.2
-    for key in ("type_i", "type_ii"):
+    assert report["methods"] == ["ctt-lite", "safetynet"] and report["n"] == 10 and report["eps"] == 0.2
+    for key in ("type_i", "type_ii", "key_unknown"):
         row = report[key]
         assert 0 <= row["success"] <= min(row["fooled"], row["evaded"]) <= 1
         assert set(row["evaded_per_method"]) == {"ctt-lite", "safetynet"}
 
 
-def test_cli_adaptive_on_a_bundle_without_surrogate_is_one_line(tiny_hardened, tmp_path):
+def test_cli_adaptive_on_a_bundle_without_surrogate_is_one_line(tiny_hardened, tmp_path, no_ctt_surrogate):
     path = tmp_path / "ctt.hardened"
     save_bundle(tiny_hardened, path)
     result = invoke("evaluate", path, "--adaptive", "--limit", "5")

@@ -40,7 +40,11 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(500, "--limit", help="Attack at most this many inputs of the split."),
         seed: int = typer.Option(0, "--seed"),
         adaptive: bool = typer.Option(False, "--adaptive", help="Type II attack that knows the detectors (smoothed surrogates); alone unless --attack is given too."),
-        adaptive_eps: float = typer.Option(0.1, "--adaptive-eps", help="L-inf budget of the --adaptive attack."),
+        adaptive_eps: float = typer.Option(0.1, "--adaptive-eps", help="Budget of the --adaptive attack, in the --adaptive-norm."),
+        adaptive_norm: str = typer.Option("linf", "--adaptive-norm", help="linf or l2."),
+        adaptive_steps: int = typer.Option(100, "--adaptive-steps", help="PGD steps per restart."),
+        adaptive_attacker: list[str] = typer.Option(None, "--adaptive-attacker", help="key-known and/or key-unknown, repeatable (default: both; a key-unknown row this bundle cannot have is reported as skipped)."),
+        adaptive_proxy: Path = typer.Option(None, "--adaptive-proxy", help="The same classifier hardened with another key: the key-unknown attacker attacks its detectors."),
         adversarial: list[Path] = typer.Option(None, "--adversarial", help="An .npz of adversarial inputs crafted elsewhere (x, y, optional x_clean), scored as given; repeatable; alone unless --attack is given too."),
         json_out: bool = JSON_OPTION,
     ):
@@ -60,9 +64,11 @@ def register(app: typer.Typer) -> None:
                                           split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5),
                                           adversarial=adversarial or [])
                 if adaptive:
-                    adaptive_report = evaluate_adaptive(hardened, manifest, eps=adaptive_eps, onnx_path=onnx_path,
-                                                        data=data, split=split, limit=limit,
-                                                        progress=lambda m: progress(m, 0.5))
+                    adaptive_report = evaluate_adaptive(
+                        hardened, manifest, eps=adaptive_eps, norm=adaptive_norm, steps=adaptive_steps,
+                        onnx_path=onnx_path, data=data, split=split, limit=limit,
+                        attackers=tuple(adaptive_attacker) if adaptive_attacker else None, proxy=adaptive_proxy,
+                        progress=lambda m: progress(m, 0.5))
             if json_out:
                 extra = {"adaptive": adaptive_report} if adaptive_report is not None else {}
                 emit_json({"target": str(target), "bundle": str(bundle_path), **(report.to_json() if report else {}), **extra})

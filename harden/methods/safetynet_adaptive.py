@@ -17,13 +17,12 @@ keeps far-away support vectors in reach of the gradient.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harden.adaptive import register_surrogate
+from harden.adaptive import Knowledge, register_surrogate
 from harden.errors import HardenError
 from harden.graph.ops import canonical_op
 from harden.methods.safetynet import NAME
@@ -49,7 +48,8 @@ def svm_parameters(detector) -> dict[str, torch.Tensor]:
 
 @register_surrogate(NAME)
 class SafetyNetSurrogate:
-    def __init__(self, hardened, method, settings: dict[str, Any]):
+    def __init__(self, hardened, method, knowledge: Knowledge):
+        settings = knowledge.settings   # SafetyNet's key only seeds sample subsets: both attackers know the detector
         self.head = method.head
         self.temperature = float(settings.get("temperature", DEFAULT_TEMPERATURE))
         self.widen = float(settings.get("widen", DEFAULT_WIDEN))
