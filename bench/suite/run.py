@@ -11,6 +11,10 @@ Per pair and method: test accuracy (and the original's), the alarm's false-posit
 split against the target, and per attack of each library the detection rate among successful adversarial
 examples of originally correct inputs, with the ROC-AUC of the combined score; instrument seconds.
 Adversarial examples of a classifier the method left unchanged are cached (cache/adv/), keyed by the weights.
+
+``--adaptive`` adds, per pair, ``harden evaluate --adaptive`` at the pair's eps (L-inf) on the first
+``--adaptive-limit`` inputs: the undefended classifier's success (lam 0), the key-known attacker's and the
+key-unknown attacker's (fooled and no alarm in the exported graph).  ``--attacks ""`` skips the plain attacks.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
             sets.append(AdversarialSet(f"{library}.{attack}", x_adv, y, x_clean=x))
     report = evaluate(hardened.classifier, graph.run, x, y, [], input_range=lp.data.input_range,
                       num_classes=lp.data.num_classes, seed=args.seed, given=sets)
+    adaptive = _adaptive(hardened, graph, x, y, eps, lp, args, say, method_label) if args.adaptive else None
     metrics = hardened.facts["metrics"]
     split_fpr = metrics["test_fpr"] if args.split == "test" else metrics["calibration_fpr"]
     detection = {r.attack: r.detection_rate_successful for r in report.rows}
@@ -146,7 +151,24 @@ def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
         "parity": max(exported.parity.max_abs_diff.values(), default=0.0),
         "attacks": crafted,
         "calibration": metrics.get("calibration"),
+        **({"adaptive": adaptive} if adaptive is not None else {}),
     }
+
+
+def _adaptive(hardened, graph, x, y, eps: float, lp: LoadedPair, args, say, method_label: str) -> dict:
+    from harden.adaptive import AdaptiveSettings
+    from harden.evaluation import evaluate_adaptive
+
+    say(f"{lp.pair.name} {method_label}: adaptive attack at L-inf {eps:g}")
+    started = time.perf_counter()
+    report = evaluate_adaptive(hardened, graph.run, x[: args.adaptive_limit], y[: args.adaptive_limit],
+                               AdaptiveSettings(eps=eps, steps=args.adaptive_steps), input_range=lp.data.input_range,
+                               num_classes=lp.data.num_classes, reference=lp.data.train.x)
+    unknown = report.get("key_unknown", {})
+    return {"eps": eps, "n": report["n"], "n_correct": report["n_correct"], "steps": args.adaptive_steps,
+            "undefended": report["type_i"]["fooled"], "plain_undetected": report["type_i"]["success"],
+            "key_known": report["type_ii"]["success"], "key_unknown": unknown.get("success"),
+            "key_unknown_note": unknown.get("skipped"), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
@@ -168,6 +190,8 @@ def worst(rows: list[dict]) -> dict:
     pick("accuracy_drop", lambda r: r["original_accuracy"] - r["accuracy"], lowest=False)
     pick("fpr_excess", lambda r: r["fpr"] - r["fpr_target"], lowest=False)
     pick("instrument_seconds", lambda r: r["instrument_seconds"], lowest=False)
+    for attacker in ("key_known", "key_unknown"):   # the attacker's success: highest is worst
+        pick(f"adaptive:{attacker}", lambda r, a=attacker: (r.get("adaptive") or {}).get(a), lowest=False)
     for attack in rows[0]["detection"] if rows else ():
         pick(f"detection:{attack}", lambda r, a=attack: r["detection"].get(a))
         pick(f"auc:{attack}", lambda r, a=attack: r["auc"].get(a))
@@ -191,6 +215,9 @@ def render(method_label: str, rows: list[dict], worst_cols: dict):
         table.add_column(attack, justify="right", no_wrap=True)
     table.add_column("min AUC", justify="right")
     table.add_column("inst s", justify="right")
+    adaptive = any("adaptive" in r for r in rows)
+    if adaptive:
+        table.add_column("adaptive undef/known/unknown", justify="right", no_wrap=True)
 
     def det(r, attack):
         return "/".join(_pct(r["detection"].get(f"{lib}.{attack}")) for lib in LIBRARIES
@@ -200,7 +227,8 @@ def render(method_label: str, rows: list[dict], worst_cols: dict):
         aucs = [v for v in r["auc"].values() if v is not None]
         table.add_row(r["pair"], f"{r['eps']:.3g}", f"{r['accuracy']:.3f} ({r['original_accuracy']:.3f})",
                       f"{100 * r['fpr']:.1f} / {100 * r['fpr_target']:.0f}", *[det(r, a) for a in attacks],
-                      f"{min(aucs):.3f}" if aucs else "-", f"{r['instrument_seconds']:.0f}")
+                      f"{min(aucs):.3f}" if aucs else "-", f"{r['instrument_seconds']:.0f}",
+                      *([_adaptive_cell(r.get("adaptive"))] if adaptive else []))
     cells = []
     for attack in attacks:
         parts = [worst_cols.get(f"detection:{lib}.{attack}") for lib in LIBRARIES]
@@ -208,8 +236,16 @@ def render(method_label: str, rows: list[dict], worst_cols: dict):
     fpr_w = worst_cols.get("fpr_excess")
     table.add_row("worst", "", f"{-worst_cols['accuracy_drop']['value']:+.3f}" if "accuracy_drop" in worst_cols else "",
                   f"{100 * fpr_w['value']:+.1f} ({fpr_w['pair']})" if fpr_w else "", *cells, "",
-                  f"{worst_cols['instrument_seconds']['value']:.0f}" if "instrument_seconds" in worst_cols else "")
+                  f"{worst_cols['instrument_seconds']['value']:.0f}" if "instrument_seconds" in worst_cols else "",
+                  *(["/".join(["", *(_pct(worst_cols[f"adaptive:{k}"]["value"]) if f"adaptive:{k}" in worst_cols
+                                          else "-" for k in ("key_known", "key_unknown"))])] if adaptive else []))
     return table
+
+
+def _adaptive_cell(a: dict | None) -> str:
+    if not a:
+        return "-"
+    return "/".join(_pct(a.get(k)) for k in ("undefended", "key_known", "key_unknown"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default=",".join(ATTACK_NAMES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--key", default=SUITE_KEY)
+    parser.add_argument("--adaptive", action="store_true", help="also run the adaptive attack per pair")
+    parser.add_argument("--adaptive-limit", type=int, default=100)
+    parser.add_argument("--adaptive-steps", type=int, default=100)
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
