@@ -384,6 +384,8 @@ def render_adaptive(report: dict):
         linf = "-" if row["mean_linf"] is None else f"{row['mean_linf']:.3f}"
         table.add_row(label, pct(row["fooled"]), pct(row["evaded"]), pct(row["success"]),
                       "-" if gain is None else f"{100 * gain:+.1f}", linf, f"{row['seconds']:.1f}")
+    if report.get("key_unknown", {}).get("same_as"):
+        table.caption += f". {KEY_UNKNOWN}: these methods have no keyed part, the same attacker as {KEY_KNOWN}"
     for key in ("type_ii", "key_unknown"):
         if "skipped" in report.get(key, {}):
             table.caption += f". {labels[key]}: {report[key]['skipped']}"

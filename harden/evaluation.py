@@ -306,6 +306,13 @@ def render_table(report: EvaluationReport):
 # --------------------------------------------------------------------------- adaptive (type II)
 
 
+def _keyed(hardened) -> bool:
+    """Whether any modelled method has a part the key decides (a surrogate says ``keyed = False`` otherwise)."""
+    from harden.adaptive import surrogates_for
+
+    return any(getattr(s, "keyed", True) for s in surrogates_for(hardened).values())
+
+
 def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, settings, *,
                       input_range: tuple[float, float], num_classes: int, limit: int | None = None,
                       progress: Progress | None = None, reference=None, proxy=None,
@@ -345,6 +352,11 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
     rows = [("type_i", KEY_KNOWN, (0.0,), ("all",))]
     rows += [("type_ii", KEY_KNOWN, settings.lams, settings.supports)] if KEY_KNOWN in attackers else []
     rows += [("key_unknown", KEY_UNKNOWN, settings.lams, settings.supports)] if KEY_UNKNOWN in attackers else []
+    if proxy is None and KEY_UNKNOWN in attackers and KEY_KNOWN in attackers and not _keyed(hardened):
+        rows = [r for r in rows if r[0] != "key_unknown"]   # nothing keyed: the same attacker twice
+        same_as_known = True
+    else:
+        same_as_known = False
     for label, attacker, lams, supports in rows:
         say(f"adaptive attack ({label}) on {len(x)} inputs")
         start = time.perf_counter()
@@ -370,6 +382,8 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
             "mean_l2": _mean(np.linalg.norm((attack["x_adv"] - x).reshape(len(x), -1), axis=1)[correct]) if len(x) else None,
             "seconds": time.perf_counter() - start,
         }
+    if same_as_known:
+        result["key_unknown"] = {**result["type_ii"], "same_as": "type_ii"}
     if "type_i" in result and result["type_i"].get("fooled") is not None:
         base = result["type_i"]["fooled"]
         for label in ("type_ii", "key_unknown"):

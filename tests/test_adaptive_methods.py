@@ -24,12 +24,7 @@ from harden.policy import AlarmPolicy
 MM = {"attacks": ["fgsm:eps=0.2"], "max_train": 300, "svm_c": 10.0, "svm_gamma": 0.05}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest's: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

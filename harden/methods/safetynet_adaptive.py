@@ -48,6 +48,7 @@ def svm_parameters(detector) -> dict[str, torch.Tensor]:
 
 @register_surrogate(NAME)
 class SafetyNetSurrogate:
+    keyed = False   # the key only seeds sample subsets: the key-unknown attacker has the same model
     def __init__(self, hardened, method, knowledge: Knowledge):
         settings = knowledge.settings   # SafetyNet's key only seeds sample subsets: both attackers know the detector
         self.head = method.head
