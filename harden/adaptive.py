@@ -370,7 +370,7 @@ def render_adaptive(report: dict):
     for name in ("fooled", "evaded", "success", "gain", "linf", "s"):
         table.add_column(name, justify="right", no_wrap=True)
     lams = ", ".join(f"{v:g}" for v in report["lams"])
-    labels = {"type_i": "undefended (lam 0)", "type_ii": f"{KEY_KNOWN} (lam {lams})",
+    labels = {"original": "original weights (lam 0)", "type_i": "undefended (lam 0)", "type_ii": f"{KEY_KNOWN} (lam {lams})",
               "key_unknown": f"{KEY_UNKNOWN}" + (" (proxy)" if report.get("proxy") else "")}
     base = report["type_i"]["fooled"]
     for key, label in labels.items():
@@ -379,6 +379,10 @@ def render_adaptive(report: dict):
         row = report[key]
         if "skipped" in row:
             table.add_row(label, "-", "-", "-", "-", "-", "-")
+            continue
+        if key == "original":
+            linf = "-" if row["mean_linf"] is None else f"{row['mean_linf']:.3f}"
+            table.add_row(label, pct(row["fooled"]), "-", "-", "-", linf, f"{row['seconds']:.1f}")
             continue
         gain = None if key == "type_i" or base is None or row["success"] is None else base - row["success"]
         linf = "-" if row["mean_linf"] is None else f"{row['mean_linf']:.3f}"

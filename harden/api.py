@@ -126,7 +126,8 @@ def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0
                               AdaptiveSettings(eps=eps, norm=norm, steps=steps),
                               input_range=tuple(manifest["input"]["range"]), num_classes=manifest["num_classes"],
                               limit=limit, progress=progress, reference=dataset.train.x, proxy=proxy_model,
-                              attackers=attackers)
+                              attackers=attackers,
+                              original=original_classifier(hardened) if hardened.original_state is not None else None)
 
 
 def ctt_traps(hardened: HardenedModel):

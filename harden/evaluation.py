@@ -306,6 +306,20 @@ def render_table(report: EvaluationReport):
 # --------------------------------------------------------------------------- adaptive (type II)
 
 
+def _original_row(hardened, original, x: np.ndarray, y: np.ndarray, settings, input_range) -> dict[str, Any]:
+    from harden.adaptive import KEY_KNOWN, adaptive_attack
+
+    before = replace(hardened, classifier=original)
+    with torch.no_grad():
+        correct = original(torch.from_numpy(x)).argmax(1).numpy() == y
+    attack = adaptive_attack(before, x, y, replace(settings, attacker=KEY_KNOWN), input_range=input_range,
+                             lams=(0.0,), supports=("all",))
+    with torch.no_grad():
+        fooled = original(torch.from_numpy(attack["x_adv"])).argmax(1).numpy() != y
+    return {"fooled": _rate(fooled[correct]), "n_correct": int(correct.sum()),
+            "mean_linf": _mean(np.abs(attack["x_adv"] - x).reshape(len(x), -1).max(axis=1)[correct]) if len(x) else None}
+
+
 def _keyed(hardened) -> bool:
     """Whether any modelled method has a part the key decides (a surrogate says ``keyed = False`` otherwise)."""
     from harden.adaptive import surrogates_for
@@ -316,7 +330,7 @@ def _keyed(hardened) -> bool:
 def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, settings, *,
                       input_range: tuple[float, float], num_classes: int, limit: int | None = None,
                       progress: Progress | None = None, reference=None, proxy=None,
-                      attackers: tuple[str, ...] | None = None) -> dict[str, Any]:
+                      attackers: tuple[str, ...] | None = None, original=None) -> dict[str, Any]:
     """The type II attack of :mod:`harden.adaptive` beside its detector-blind baseline (lam = 0), scored by ``scorer``.
 
     Rows: ``type_i`` (lam 0: its ``fooled`` is the undefended classifier's success at this budget),
@@ -326,6 +340,8 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
     ``alarm``), ``success`` (both), and per method the fraction that evades that method's own alarm.  With
     ``attackers`` None both type II rows are made, and a key-unknown attacker this bundle cannot have (e.g.
     mismatch without a proxy) is recorded as skipped with the reason; named explicitly, it is an error.
+    ``original``: the user's classifier before a method fine-tuned it; the same lam 0 attack on it gives row
+    ``original`` (its ``fooled``, over the inputs it classifies correctly), the robustness the user started from.
     """
     from harden.adaptive import ATTACKERS, KEY_KNOWN, KEY_UNKNOWN, adaptive_attack
 
@@ -382,6 +398,11 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
             "mean_l2": _mean(np.linalg.norm((attack["x_adv"] - x).reshape(len(x), -1), axis=1)[correct]) if len(x) else None,
             "seconds": time.perf_counter() - start,
         }
+    if original is not None:
+        say(f"adaptive attack (undefended original) on {len(x)} inputs")
+        start = time.perf_counter()
+        result["original"] = _original_row(hardened, original, x, y, settings, input_range)
+        result["original"]["seconds"] = time.perf_counter() - start
     if same_as_known:
         result["key_unknown"] = {**result["type_ii"], "same_as": "type_ii"}
     if "type_i" in result and result["type_i"].get("fooled") is not None:

@@ -263,3 +263,24 @@ def test_cli_mismatch_key_unknown_is_skipped_unless_asked(bundles, tmp_path):
     assert asked.exit_code == 2 and "adaptive-proxy" in asked.output and "Traceback" not in asked.output
     wrong = invoke("evaluate", path, "--adaptive", "--adaptive-attacker", "oracle", "--limit", "8")
     assert wrong.exit_code == 2 and "key-known" in wrong.output
+
+
+def test_original_weights_get_their_own_undefended_row(bundles, digits):
+    import copy
+
+    from harden.evaluation import evaluate_adaptive
+
+    hardened = bundles["ctt-lite"]
+    original = copy.deepcopy(hardened.classifier)
+    with torch.no_grad():
+        for p in original.parameters():
+            p.mul_(0.9)
+    x, y = digits.test.x[:30].numpy(), digits.test.y[:30].numpy()
+    report = evaluate_adaptive(hardened, hardened.run, x, y, AdaptiveSettings(eps=0.2, steps=10),
+                               input_range=digits.input_range, num_classes=10, original=original,
+                               attackers=("key-known",))
+    with torch.no_grad():
+        correct = original(torch.from_numpy(x)).argmax(1).numpy() == y
+    assert report["original"]["n_correct"] == int(correct.sum())
+    assert 0.0 < report["original"]["fooled"] <= 1.0
+    assert "key_unknown" not in report and report["type_ii"]["gain"] is not None
