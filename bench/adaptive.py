@@ -8,7 +8,8 @@ evaluation in the issue that asked for this table).  Per budget it reports the u
 (type I, lam 0: "fooled"), the key-known attacker's success (fooled and no alarm in the exported graph) and the
 key-unknown attacker's: the built-in one (CTT: every neuron of the trap sites held below its natural maximum;
 NIC: its own transforms) and, for the keyed methods, transfer from a proxy bundle instrumented with another key.
-Prints one JSON document; ``--out`` also writes it.
+Prints one JSON document; ``--out`` also writes it.  ``--markdown FILE.json`` prints that document's table as
+docs/results/adaptive.md shows it.
 """
 
 from __future__ import annotations
@@ -51,13 +52,36 @@ def bundle(folder: Path, name: str, flags: list[str], key: str) -> tuple[Path, P
     return path, graph
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def markdown(results: dict) -> str:
+    budgets = results["budgets"]
+    lines = ["| method | " + " | ".join(f"{b}: undefended / key known / key unknown / proxy" for b in budgets) + " |",
+             "|" + "---|" * (len(budgets) + 1)]
+    for name, rows in results["configs"].items():
+        cells = []
+        for b in budgets:
+            r = rows[b]
+            cells.append(" / ".join([_pct(r["undefended"]), _pct(r["key_known"]),
+                                     _pct(r["key_unknown"]) if r["key_unknown"] is not None else "-",
+                                     _pct(r.get("proxy_transfer")) if "proxy_transfer" in r else "-"]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/adaptive.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--folder", type=Path, default=ROOT / "out" / "adaptive")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None, help="print the table of a saved JSON and stop")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     args.folder.mkdir(parents=True, exist_ok=True)
     results: dict = {"limit": args.limit, "budgets": [f"{n} {e:g}" for n, e in BUDGETS], "configs": {}}
     for name in args.configs.split(","):

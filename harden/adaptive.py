@@ -33,8 +33,11 @@ first perturbation that fools the classifier and raises no judged alarm is
 kept.  Every (support, step rule, step size, lam) is a restart on the inputs
 not yet won.  ``all`` moves every input value, ``ink`` only those where the
 clean input is above the lower end of the input range (a digit's strokes on
-MNIST), a constraint an attacker picks once it knows that detectors reading
-early layers see any change of a blank background.  ``lam = 0`` is the type I
+MNIST), ``halo1``..``halo3`` the ink and 1-3 pixels around it: constraints an
+attacker picks once it knows that detectors reading early layers see any
+change of a blank background (against SafetyNet on LeNet-5 / MNIST at L2 2.0,
+ink alone reaches 48% of the digits, the 3-pixel halo 75%, every pixel 2%).
+``lam = 0`` is the type I
 baseline, blind to the detector: its "fooled" rate is the undefended
 classifier's at the same budget.
 """
@@ -53,7 +56,7 @@ from harden.registry import Registry
 KEY_KNOWN, KEY_UNKNOWN = "key-known", "key-unknown"
 ATTACKERS = (KEY_KNOWN, KEY_UNKNOWN)
 NORMS = ("linf", "l2")
-SUPPORTS = ("all", "ink")
+SUPPORTS = ("all", "ink", "halo1", "halo2", "halo3")
 STEP_RULES = ("sign", "l2")   # for L-inf: sign steps, or L2-normalised steps of the same L2 length
 
 
@@ -244,6 +247,20 @@ def _project(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, lo: floa
     return adv.clamp(lo, hi)
 
 
+def _movable(x: torch.Tensor, lo: float, support: str) -> torch.Tensor:
+    """1 where the attack may change a value: everywhere (``all``), the ink (values above the range's lower
+    end), or the ink with an r-pixel halo (``halo<r>``: the ink dilated by a (2r+1)^2 window over every channel,
+    i.e. thicker strokes; a detector that sees any change of a blank background sees few of these)."""
+    if support == "all":
+        return torch.ones_like(x)
+    ink = (x > lo).to(x.dtype)
+    if support == "ink" or x.dim() != 4:
+        return ink
+    r = int(support[len("halo"):])
+    return torch.nn.functional.max_pool2d(ink.amax(1, keepdim=True), 2 * r + 1, stride=1,
+                                          padding=r).expand_as(x).contiguous()
+
+
 def _direction(grad: torch.Tensor, rule: str) -> torch.Tensor:
     """Sign steps, or L2-normalised steps scaled to a sign step's L2 length (sqrt of the input size)."""
     if rule == "sign":
@@ -299,7 +316,7 @@ def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSe
             if len(rows) == 0:
                 break
             xr, yr = xb[rows], yb[rows]
-            movable = (xr > lo).to(xr.dtype) if support == "ink" else torch.ones_like(xr)
+            movable = _movable(xr, lo, support)
             step = settings.step() * factor
             adv, hit = xr.clone(), torch.zeros(len(rows), dtype=torch.bool)
             if lam:
@@ -317,8 +334,9 @@ def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSe
                 objective = _margin(logits, yr, settings.kappa).double() - lam * term
                 grad, = torch.autograd.grad(objective.sum(), adv)
                 with torch.no_grad():
-                    direction = _direction(grad, rule if settings.norm == "linf" else "l2")
-                    adv = _project(adv + step * direction * movable, xr, eps, settings.norm, lo, hi)
+                    # masked before normalising: an L2 step's whole length goes to the values that may move
+                    direction = _direction(grad * movable, rule if settings.norm == "linf" else "l2")
+                    adv = _project(adv + step * direction, xr, eps, settings.norm, lo, hi)
                     if not lam:   # blind to the detector: its first misclassified iterate counts, alarm or not
                         fooled = classifier(adv, smooth=False)[0].argmax(1) != yr
                         success = fooled & ~hit

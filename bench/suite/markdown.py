@@ -1,6 +1,8 @@
 """Markdown tables of suite results (the JSON of ``python -m bench.suite --out``), as docs/RESULTS.md shows them.
 
     python -m bench.suite.markdown out/suite/ctt-strict.json [more.json ...]
+
+A run with ``--adaptive`` also gives one table of the adaptive attack's success, methods by pairs.
 """
 
 from __future__ import annotations
@@ -52,12 +54,42 @@ def method_table(label: str, block: dict) -> str:
     return "\n".join(lines)
 
 
+def adaptive_table(data: dict) -> str | None:
+    """Per method and pair: the undefended classifier's success / the key-known / the key-unknown attacker's."""
+    blocks = {label: {r["pair"]: r["adaptive"] for r in block["rows"] if "adaptive" in r}
+              for label, block in data["methods"].items()}
+    blocks = {label: rows for label, rows in blocks.items() if rows}
+    if not blocks:
+        return None
+    pairs = list(dict.fromkeys(p for rows in blocks.values() for p in rows))
+    any_row = next(iter(next(iter(blocks.values())).values()))
+    lines = [f"**Adaptive attack** (L-inf at each pair's eps, {any_row['steps']} steps a restart, the first "
+             f"{any_row['n']} test inputs; % of correctly classified inputs fooled with no alarm in the exported "
+             "graph: undefended classifier / key-known attacker / key-unknown attacker)", "",
+             "| method | " + " | ".join(pairs) + " | worst |", "|" + "---|" * (len(pairs) + 2)]
+    for label, rows in blocks.items():
+        cells = []
+        for p in pairs:
+            a = rows.get(p)
+            cells.append("-" if a is None else "/".join(_pct(a.get(k)) for k in ("undefended", "key_known", "key_unknown")))
+        known = [(a["key_known"], p) for p, a in rows.items() if a.get("key_known") is not None]
+        worst = max(known) if known else None
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_pct(worst[0]) + ' (' + worst[1] + ')' if worst else '-'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     for path in argv if argv is not None else sys.argv[1:]:
         data = json.loads(Path(path).read_text())
         for label, block in data["methods"].items():
+            if not block["rows"] or not block["rows"][0]["detection"]:
+                continue   # a run with --attacks "" has no detection columns
             settings = f" with {', '.join(data['set'])}" if data.get("set") else ""
             print(method_table(label + settings, block))
+            print()
+        adaptive = adaptive_table(data)
+        if adaptive:
+            print(adaptive)
             print()
     return 0
 

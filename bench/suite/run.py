@@ -10,7 +10,9 @@ on the calibration split (where defaults are chosen); the default ``test`` split
 Per pair and method: test accuracy (and the original's), the alarm's false-positive rate on the whole test
 split against the target, and per attack of each library the detection rate among successful adversarial
 examples of originally correct inputs, with the ROC-AUC of the combined score; instrument seconds.
-Adversarial examples of a classifier the method left unchanged are cached (cache/adv/), keyed by the weights.
+Adversarial examples of a classifier the method left unchanged are cached (cache/adv/), keyed by the weights;
+bundles are cached in cache/bundles/, keyed by the pair's weights, the methods and every option (``--fresh``
+instruments again; instrument seconds are those of the run that made the bundle).
 
 ``--adaptive`` adds, per pair, ``harden evaluate --adaptive`` at the pair's eps (L-inf) on the first
 ``--adaptive-limit`` inputs: the undefended classifier's success (lam 0), the key-known attacker's and the
@@ -105,17 +107,35 @@ def adversarial(model, library: str, attack: str, x, y, *, eps: float, lp: Loade
     return x_adv, False
 
 
+def _instrumented(lp: LoadedPair, names: list[str], options, args):
+    """The bundle of this pair, methods and options, and the seconds instrument took: made once, then read
+    from cache/bundles/ (``--fresh`` makes it again)."""
+    from harden.api import instrument
+    from harden.io.bundle import load_bundle, save_bundle
+
+    recipe = json.dumps({"names": names, "options": vars(options), "policy": args.policy}, sort_keys=True, default=str)
+    tag = hashlib.sha256(f"{lp.pair.name}-{lp.pair.digest()}-{_state_hash(lp.model)}-{recipe}".encode()).hexdigest()[:20]
+    path, seconds_path = CACHE / "bundles" / f"{tag}.hardened", CACHE / "bundles" / f"{tag}.json"
+    if path.exists() and seconds_path.exists() and not args.fresh:
+        return load_bundle(path)[0], json.loads(seconds_path.read_text())["instrument_seconds"]
+    started = time.perf_counter()
+    hardened = instrument(lp.model, lp.data, names, options, policy=args.policy)
+    seconds = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_bundle(hardened, path)
+    seconds_path.write_text(json.dumps({"instrument_seconds": seconds, "recipe": json.loads(recipe)}))
+    return hardened, seconds
+
+
 def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
-    from harden.api import export_onnx, instrument
+    from harden.api import export_onnx
     from harden.evaluation import evaluate
     from harden.runtime import OnnxGraph
 
     names, options = build_options(method_label, args.set, args.fpr, args.seed, args.key)
     strength = pair_eps(lp)
     eps = float(strength["eps"])
-    started = time.perf_counter()
-    hardened = instrument(lp.model, lp.data, names, options, policy=args.policy)
-    instrument_s = time.perf_counter() - started
+    hardened, instrument_s = _instrumented(lp, names, options, args)
     exported = export_onnx(hardened)
     graph = OnnxGraph(exported.model.SerializeToString())
     part = getattr(lp.data, args.split)
@@ -261,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default=",".join(ATTACK_NAMES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--key", default=SUITE_KEY)
+    parser.add_argument("--fresh", action="store_true", help="instrument again instead of reading cache/bundles/")
     parser.add_argument("--adaptive", action="store_true", help="also run the adaptive attack per pair")
     parser.add_argument("--adaptive-limit", type=int, default=100)
     parser.add_argument("--adaptive-steps", type=int, default=100)
