@@ -31,6 +31,7 @@ demo: $(BIN)/harden $(CHECKPOINT)
 	$(BIN)/harden certify $(OUT)/lenet.hardened --eps 0.003 --eps 0.01 --bounds crown --limit 200 --check 100
 	$(BIN)/harden evaluate $(OUT)/lenet.onnx --limit 500 \
 		--attack fgsm:eps=0.1 --attack fgsm:eps=0.2 --attack bim:eps=0.1 --attack pgd:eps=0.1 --attack deepfool --attack cw
+	$(BIN)/harden evaluate $(OUT)/lenet.onnx --adaptive --limit 100
 
 test: $(BIN)/harden
 	$(BIN)/python -m pytest

@@ -5,7 +5,7 @@
 Each configuration is instrumented through the CLI (cached in out/adaptive/ once made), exported, and attacked
 with ``harden evaluate --adaptive`` at L-inf 0.1, L-inf 0.3 and L2 2.0 (the budgets of the independent
 evaluation in the issue that asked for this table).  Per budget it reports the undefended classifier's success
-(type I, lam 0: "fooled"), the key-known attacker's success (fooled and no alarm in the exported graph) and the
+(type I, lam 0: "fooled"; for a fine-tuned classifier also the original weights'), the key-known attacker's success (fooled and no alarm in the exported graph) and the
 key-unknown attacker's: the built-in one (CTT: every neuron of the trap sites held below its natural maximum;
 NIC: its own transforms) and, for the keyed methods, transfer from a proxy bundle instrumented with another key.
 Prints one JSON document; ``--out`` also writes it.  ``--markdown FILE.json`` prints that document's table as
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             report = json.loads(run(common))["adaptive"]
             seconds = time.perf_counter() - started
-            row = {"undefended": report["type_i"]["fooled"], "plain_undetected": report["type_i"]["success"],
+            row = {"original": report.get("original", {}).get("fooled"), "undefended": report["type_i"]["fooled"], "plain_undetected": report["type_i"]["success"],
                    "key_known": report["type_ii"]["success"],
                    "key_unknown": report["key_unknown"].get("success"),
                    "key_unknown_note": report["key_unknown"].get("skipped"),

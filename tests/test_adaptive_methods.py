@@ -284,3 +284,17 @@ def test_original_weights_get_their_own_undefended_row(bundles, digits):
     assert report["original"]["n_correct"] == int(correct.sum())
     assert 0.0 < report["original"]["fooled"] <= 1.0
     assert "key_unknown" not in report and report["type_ii"]["gain"] is not None
+
+
+def test_halo_supports_dilate_the_ink():
+    from harden.adaptive import _movable
+
+    x = torch.zeros(1, 2, 9, 9)
+    x[0, 1, 4, 4] = 0.7                       # one ink value, in the second channel
+    assert torch.equal(_movable(x, 0.0, "ink"), (x > 0).float())
+    for r in (1, 2, 3):
+        halo = _movable(x, 0.0, f"halo{r}")
+        window = torch.zeros(9, 9)
+        window[4 - r : 5 + r, 4 - r : 5 + r] = 1.0
+        assert torch.equal(halo[0, 0], window) and torch.equal(halo[0, 1], window)   # every channel
+    assert torch.equal(_movable(x, 0.0, "all"), torch.ones_like(x))
