@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 OUT := out
-CHECKPOINT := examples/lenet5_mnist.pt
+CHECKPOINT := out/lenet5_mnist.pt
 METHOD ?= ctt-strict
 KEY ?= readme-demo-key
 
@@ -19,13 +19,14 @@ $(BIN)/harden: pyproject.toml constraints.txt
 venv: $(BIN)/harden
 
 $(CHECKPOINT): | $(BIN)/harden
-	$(BIN)/python -m examples.train_lenet --out $(CHECKPOINT)
+	mkdir -p $(OUT)
+	$(BIN)/python -m harden.examples.train_lenet --out $(CHECKPOINT)
 
 # The main job: harden the example LeNet-5 on the bundled MNIST, export one ONNX graph, certify, evaluate.
 demo: $(BIN)/harden $(CHECKPOINT)
 	mkdir -p $(OUT)
-	$(BIN)/harden layers $(CHECKPOINT) --arch examples.lenet:LeNet5 --data mnist
-	$(BIN)/harden instrument $(CHECKPOINT) --arch examples.lenet:LeNet5 --data mnist --method $(METHOD) --key $(KEY) -o $(OUT)/lenet.hardened
+	$(BIN)/harden layers $(CHECKPOINT) --arch harden.examples.lenet:LeNet5 --data mnist
+	$(BIN)/harden instrument $(CHECKPOINT) --arch harden.examples.lenet:LeNet5 --data mnist --method $(METHOD) --key $(KEY) -o $(OUT)/lenet.hardened
 	$(BIN)/harden export $(OUT)/lenet.hardened -o $(OUT)/lenet.onnx
 	$(BIN)/harden inspect $(OUT)/lenet.onnx
 	$(BIN)/harden certify $(OUT)/lenet.hardened --eps 0.003 --eps 0.01 --bounds crown --limit 200 --check 100

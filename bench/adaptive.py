@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HARDEN = [sys.executable, "-m", "harden.cli.app"]
-BASE = ["examples/lenet5_mnist.pt", "--arch", "examples.lenet:LeNet5", "--data", "mnist"]
+BASE = ["out/lenet5_mnist.pt", "--arch", "harden.examples.lenet:LeNet5", "--data", "mnist"]
 KEY, PROXY_KEY = "readme-demo-key", "adaptive-proxy-key"
 SN = ["--method", "safetynet", "--layers", "all", "--code", "quaternary"]
 CONFIGS = {   # the main job's method and the four others

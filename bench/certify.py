@@ -27,13 +27,13 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harden.bounds import Interval, propagate  # noqa: E402
-from harden.certification import Trap, certify_samples  # noqa: E402
+from harden.certification.certify import Trap, certify_samples  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 
 
 def lenet() -> nn.Module:
     try:
-        from examples.lenet import LeNet5
+        from harden.examples.lenet import LeNet5
 
         return LeNet5()
     except ImportError:  # the example is optional: the same architecture, built here
@@ -72,7 +72,7 @@ def example_lenet():
         from harden.io.data import load_data
         from harden.io.model import load_model
 
-        model = load_model(root / "examples" / "lenet5_mnist.pt", arch="examples.lenet:LeNet5").eval()
+        model = load_model(root / "examples" / "lenet5_mnist.pt", arch="harden.examples.lenet:LeNet5").eval()
         test = load_data("mnist").test
     except Exception as exc:  # no checkpoint or no data: say so, time nothing
         return None, f"{type(exc).__name__}: {exc}"
@@ -110,7 +110,7 @@ def bound_methods(args) -> dict:
             robust[method] = int(r["robust"].sum())
     n = x.shape[0]
     return {
-        "model": "examples/lenet5_mnist.pt (LeNet-5), MNIST test split",
+        "model": "out/lenet5_mnist.pt (LeNet-5), MNIST test split",
         "samples": n, "eps": args.method_eps, "batch": args.method_batch, "threads": torch.get_num_threads(),
         "rounds": args.method_rounds,
         "ms_per_image": {m: round(1000 * statistics.median(t) / n, 2) for m, t in times.items()},

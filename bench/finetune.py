@@ -29,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.lenet import LeNet5  # noqa: E402
+from harden.examples.lenet import LeNet5  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
 from harden.methods.base import FitContext, Options  # noqa: E402
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
 
     data = load_data("mnist")
     model = LeNet5()
-    model.load_state_dict(torch.load(ROOT / "examples/lenet5_mnist.pt", weights_only=True))
+    model.load_state_dict(torch.load(ROOT / "out/lenet5_mnist.pt", weights_only=True))
     gm = trace(model)
     sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=data, options=Options(key="bench")))
     cfg = FinetuneConfig(kind=args.kind)
@@ -95,8 +95,8 @@ def main(argv=None) -> None:
     }
     if args.instrument:
         out = Path("/tmp") / f"bench_finetune_{os.getpid()}.hardened"
-        command = [str(ROOT / ".venv/bin/harden"), "instrument", "examples/lenet5_mnist.pt", "--arch",
-                   "examples.lenet:LeNet5", "--data", "mnist", "--method", f"ctt-{args.kind}", "--key", "bench",
+        command = [str(ROOT / ".venv/bin/harden"), "instrument", "out/lenet5_mnist.pt", "--arch",
+                   "harden.examples.lenet:LeNet5", "--data", "mnist", "--method", f"ctt-{args.kind}", "--key", "bench",
                    "-o", str(out), "--json"]
         start = time.perf_counter()
         subprocess.run(command, cwd=ROOT, check=True, capture_output=True)

@@ -20,15 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.lenet import LeNet5  # noqa: E402
+from harden.examples.lenet import LeNet5  # noqa: E402
 from bench.suite.run import build_options  # noqa: E402
 from harden.export import export_onnx  # noqa: E402
 from harden.export.torch_graph import export_module  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
-from harden.instrument import instrument  # noqa: E402
+from harden.instrumentation.pipeline import instrument  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
 from harden.methods.base import Options  # noqa: E402
-from harden.runtime import OnnxGraph  # noqa: E402
+from harden.export.runtime import OnnxGraph  # noqa: E402
 
 
 def load_lenet(checkpoint: Path | None) -> torch.nn.Module:
@@ -60,7 +60,7 @@ def time_pair(plain: OnnxGraph, hardened: OnnxGraph, x: np.ndarray, rounds: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", action="append", default=None)
-    parser.add_argument("--checkpoint", type=Path, default=Path("examples/lenet5_mnist.pt"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("out/lenet5_mnist.pt"))
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=2000)

@@ -3,7 +3,7 @@
 The Python API mirrors the CLI::
 
     import harden
-    model = harden.load_model("lenet.pt", arch="examples.lenet:LeNet5")
+    model = harden.load_model("lenet.pt", arch="harden.examples.lenet:LeNet5")
     data = harden.load_data("mnist")
     hardened = harden.instrument(model, data, ["ctt-lite"])
     harden.save_bundle(hardened, "lenet.hardened")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from harden.errors import HardenError
-from harden.hardened import HardenedModel
+from harden.instrumentation.hardened import HardenedModel
 from harden.io.data import Dataset, load_data as _load_data
 
 
@@ -22,19 +22,19 @@ def load_data(spec: str, **kwargs) -> Dataset:
 
 def instrument(model, data: Dataset, methods: list[str], options=None, *, policy: str = "any",
                progress: Callable[[str, float], None] = lambda m, f: None) -> HardenedModel:
-    from harden.instrument import instrument as _instrument
+    from harden.instrumentation.pipeline import instrument as _instrument
 
     return _instrument(model, data, methods, options, policy=policy, progress=progress)
 
 
 def save_bundle(hardened: HardenedModel, path) -> dict:
-    from harden.io.bundle import save_bundle as _save
+    from harden.bundle.archive import save_bundle as _save
 
     return _save(hardened, path)
 
 
 def load_bundle(path) -> tuple[HardenedModel, dict]:
-    from harden.io.bundle import load_bundle as _load
+    from harden.bundle.archive import load_bundle as _load
 
     return _load(path)
 
@@ -70,7 +70,7 @@ def split_of(dataset: Dataset, name: str):
 
 def scorer_for(hardened: HardenedModel, onnx_path: Path | None, source=None):
     """An onnxruntime session of the exported graph: the given file, or a fresh parity-checked export."""
-    from harden.runtime import OnnxGraph
+    from harden.export.runtime import OnnxGraph
 
     if onnx_path is not None:
         graph = OnnxGraph(onnx_path)
@@ -87,8 +87,8 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
              progress: Callable[[str], None] | None = None, adversarial: list[Path] = ()):
     """Attacks (ART) against the classifier, and adversarial sets crafted elsewhere (``adversarial``: .npz
     files, :mod:`harden.io.adversarial`); alarms and scores read from the ONNX graph in onnxruntime."""
-    from harden.attacks import parse_attack
-    from harden.evaluation import evaluate as _evaluate
+    from harden.attacks.catalog import parse_attack
+    from harden.evaluation.evaluate import evaluate as _evaluate
     from harden.io.adversarial import load_adversarial
 
     specs = [parse_attack(a) for a in attacks]
@@ -110,9 +110,9 @@ def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0
     """Type II attacks (key known: smoothed surrogates of the detectors as shipped; key unknown: the attacker's
     own model of the keyed parts, or a proxy bundle hardened with another key) beside the detector-blind
     baseline, every final input judged by the exported graph."""
-    from harden.adaptive import AdaptiveSettings
-    from harden.evaluation import evaluate_adaptive as _evaluate_adaptive
-    from harden.io.bundle import load_bundle
+    from harden.evaluation.adaptive import AdaptiveSettings
+    from harden.evaluation.evaluate import evaluate_adaptive as _evaluate_adaptive
+    from harden.bundle.archive import load_bundle
 
     dataset = bundle_data(manifest, data)
     part = split_of(dataset, split)
@@ -136,7 +136,7 @@ def ctt_traps(hardened: HardenedModel):
     A CTT method alarms when max_i (x_i - T_i) / s_i > t (s_i = 1 unless the head is scaled), i.e. when some
     x_i > T_i + t s_i.
     """
-    from harden.certification import Trap
+    from harden.certification.certify import Trap
 
     traps = []
     for method in hardened.methods:
@@ -169,7 +169,7 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     or ``crown`` (backward linear relaxation throughout; tightest, slowest).
     """
     from harden.bounds.crown import check_method
-    from harden.certification import BOUND_LABELS, certify_samples, check_certificates
+    from harden.certification.certify import BOUND_LABELS, certify_samples, check_certificates
 
     check_method(bounds)
     eps_list = list(eps) if eps else [float(manifest.get("eps") or 3e-3)]

@@ -86,7 +86,7 @@ def tiny_model(digits):
 
 @pytest.fixture(scope="session")
 def tiny_hardened(tiny_model, digits):
-    from harden.instrument import instrument
+    from harden.instrumentation.pipeline import instrument
     from harden.methods.base import Options
 
     return instrument(tiny_model, digits, ["ctt-lite"], Options(key="test-key", mask_ratio=0.05))

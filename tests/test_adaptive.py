@@ -7,11 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from harden.adaptive import AdaptiveSettings, adaptive_attack, surrogates_for
+from harden.evaluation.adaptive import AdaptiveSettings, adaptive_attack
+from harden.methods.surrogates import surrogates_for
 from harden.cli.app import app
 from harden.errors import HardenError
-from harden.instrument import instrument
-from harden.io.bundle import load_bundle, save_bundle
+from harden.instrumentation.pipeline import instrument
+from harden.bundle.archive import load_bundle, save_bundle
 from harden.methods.base import Options
 
 FAST = {"max_train": 200, "svm_c": 1.0, "svm_gamma": 0.05, "attacks": ["fgsm:eps=0.2"]}
@@ -93,7 +94,7 @@ def test_ink_support_leaves_the_background_alone(loaded, digits):
 @pytest.fixture
 def no_ctt_surrogate(monkeypatch):
     """As if ctt-lite had no adaptive surrogate (every built-in method has one)."""
-    from harden.adaptive import SURROGATES
+    from harden.methods.surrogates import SURROGATES
     from harden.methods import load_all  # noqa: F401
 
     monkeypatch.delitem(SURROGATES._entries, "ctt-lite")

@@ -9,17 +9,18 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from harden.adaptive import SURROGATES, AdaptiveSettings, adaptive_attack, surrogates_for
+from harden.evaluation.adaptive import AdaptiveSettings, adaptive_attack
+from harden.methods.surrogates import SURROGATES, surrogates_for
 from harden.cli.app import app
 from harden.detectors.torch_eval import TorchOnnx
 from harden.errors import HardenError
 from harden.graph.trace import trace
-from harden.hardened import HardenedModel
-from harden.instrument import instrument
-from harden.io.bundle import load_bundle, save_bundle
+from harden.instrumentation.hardened import HardenedModel
+from harden.instrumentation.pipeline import instrument
+from harden.bundle.archive import load_bundle, save_bundle
 from harden.methods.base import METHODS, FittedMethod, Options
 from harden.methods.ctt import TrapHead
-from harden.policy import AlarmPolicy
+from harden.detectors.policy import AlarmPolicy
 
 MM = {"attacks": ["fgsm:eps=0.2"], "max_train": 300, "svm_c": 10.0, "svm_gamma": 0.05}
 
@@ -51,7 +52,7 @@ def test_every_method_has_a_surrogate():
 
 def _raw(hardened, x, smooth, **knowledge):
     (surrogate,) = surrogates_for(hardened, knowledge.pop("knowledge", None)).values()
-    from harden.adaptive import _Target
+    from harden.evaluation.adaptive import _Target
 
     target = _Target(hardened.classifier, {"m": surrogate})
     target.prepare(x)
@@ -189,7 +190,7 @@ def test_bad_settings_are_one_line(bundles, digits):
 
 def test_key_unknown_ctt_holds_every_neuron_of_the_trap_sites(bundles, digits):
     hardened = bundles["ctt-lite"]
-    from harden.adaptive import KEY_UNKNOWN, Knowledge
+    from harden.methods.surrogates import KEY_UNKNOWN, Knowledge
 
     knowledge = Knowledge(KEY_UNKNOWN, digits.train.x)
     (surrogate,) = surrogates_for(hardened, knowledge).values()
@@ -202,7 +203,7 @@ def test_key_unknown_ctt_holds_every_neuron_of_the_trap_sites(bundles, digits):
 
 
 def test_key_unknown_nic_redraws_the_transforms(bundles, digits):
-    from harden.adaptive import KEY_UNKNOWN, Knowledge
+    from harden.methods.surrogates import KEY_UNKNOWN, Knowledge
 
     hardened = bundles["nic"]
     (known,) = surrogates_for(hardened, Knowledge()).values()
@@ -212,7 +213,7 @@ def test_key_unknown_nic_redraws_the_transforms(bundles, digits):
 
 
 def test_key_unknown_mismatch_needs_a_proxy(bundles, digits):
-    from harden.adaptive import KEY_UNKNOWN, Knowledge
+    from harden.methods.surrogates import KEY_UNKNOWN, Knowledge
 
     with pytest.raises(HardenError, match="adaptive-proxy"):
         surrogates_for(bundles["mismatch"], Knowledge(KEY_UNKNOWN, digits.train.x))
@@ -268,7 +269,7 @@ def test_cli_mismatch_key_unknown_is_skipped_unless_asked(bundles, tmp_path):
 def test_original_weights_get_their_own_undefended_row(bundles, digits):
     import copy
 
-    from harden.evaluation import evaluate_adaptive
+    from harden.evaluation.evaluate import evaluate_adaptive
 
     hardened = bundles["ctt-lite"]
     original = copy.deepcopy(hardened.classifier)
@@ -287,7 +288,7 @@ def test_original_weights_get_their_own_undefended_row(bundles, digits):
 
 
 def test_halo_supports_dilate_the_ink():
-    from harden.adaptive import _movable
+    from harden.evaluation.adaptive import _movable
 
     x = torch.zeros(1, 2, 9, 9)
     x[0, 1, 4, 4] = 0.7                       # one ink value, in the second channel

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import harden.attack_strength as strength_module
-from harden.attack_strength import AUTO_MAX_INPUTS, EPS_GRID, auto_eps_facts, resolve_auto_eps
-from harden.attacks import parse_attack
+import harden.attacks.strength as strength_module
+from harden.attacks.strength import AUTO_MAX_INPUTS, EPS_GRID, auto_eps_facts, resolve_auto_eps
+from harden.attacks.catalog import parse_attack
 
 
 class Threshold(nn.Module):

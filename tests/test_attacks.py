@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import digits_arrays, train_tiny
-from harden.attacks import ATTACKS, AttackSpec, parse_attack, run_attack
+from harden.attacks.catalog import ATTACKS, AttackSpec, parse_attack, run_attack
 from harden.errors import HardenError
 
 RANGE = (0.0, 1.0)
@@ -258,7 +258,7 @@ def test_black_box_attack_queries_target_model(tiny, batch):
 def test_fast_class_gradient_matches_art(tiny, batch):
     from art.estimators.classification import PyTorchClassifier
 
-    from harden.attacks import _torch_estimator
+    from harden.attacks.catalog import _torch_estimator
 
     x, _ = batch
     labels = np.random.default_rng(0).integers(0, 10, len(x))
@@ -274,7 +274,7 @@ def test_fast_class_gradient_matches_art(tiny, batch):
 @pytest.mark.parametrize("kind", ["noise", "blur", "saltpepper"])
 def test_degradation_is_the_weakest_level_that_flips(kind, tiny, batch):
     """Through the attack registry a degradation is seeded and equals degrade() with the same seed stream."""
-    from harden.degradations import degrade
+    from harden.attacks.degradations import degrade
 
     x, y = batch
     a = run_attack(tiny, parse_attack(kind), x, y, input_range=RANGE, num_classes=10, seed=3)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from harden.bounds import BOUND_RULES, Interval, check_supported, propagate, run_recorded, supported
 from harden.errors import HardenError, UnsupportedOpsError
 from harden.graph.trace import trace
-from harden.registry import Registry
+from harden.core.registry import Registry
 
 aten = torch.ops.aten
 

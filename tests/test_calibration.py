@@ -7,7 +7,7 @@ from scipy.stats import binom
 
 from harden.detectors.calibration import calibrate, kth_largest_alarm, needed_samples, threshold_for_count
 from harden.errors import HardenError
-from harden.policy import AlarmPolicy, policy_k
+from harden.detectors.policy import AlarmPolicy, policy_k
 
 
 def test_threshold_allows_exactly_the_count_and_sits_between_scores():

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harden.bounds import BOUND_RULES, Interval
-from harden.certification import Trap, certify_samples, check_certificates, placement
+from harden.certification.certify import Trap, certify_samples, check_certificates, placement
 from harden.errors import HardenError
 from harden.graph.trace import trace
 

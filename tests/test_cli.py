@@ -167,7 +167,7 @@ def test_safetynet_support_vector_budget_from_the_cli(files, tmp_path):
 
 
 def test_evaluate_scores_adversarial_sets_made_elsewhere(bundle, tmp_path):
-    from harden.io.bundle import load_bundle
+    from harden.bundle.archive import load_bundle
 
     hardened, manifest = load_bundle(bundle)
     from harden.api import bundle_data

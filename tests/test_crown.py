@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from harden.bounds import Interval, propagate
 from harden.bounds.backward import BACKWARD_RULES
 from harden.bounds.crown import LinearBounds, check_method
-from harden.certification import _final_linear, margin_lower_bound
+from harden.certification.certify import _final_linear, margin_lower_bound
 from harden.errors import HardenError, UnsupportedOpsError
 from harden.graph.trace import trace
 

@@ -172,7 +172,7 @@ def test_cli_eps_auto_writes_the_chosen_float_eps(tiny_model, tmp_path, one_thre
     assert all(c["steps"] <= 2 and 0.0 <= c["detection"] <= 1.0 for c in candidates)
     assert config["finetune"]["steps_taken"] <= 8 and config["finetune"]["stop_reason"] in ("converged", "step budget")
     # the certify default reads the manifest's eps as a number
-    from harden.io.bundle import load_bundle
+    from harden.bundle.archive import load_bundle
 
     assert float(load_bundle(out)[1]["eps"]) == manifest["eps"]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from harden.bounds.interval import Interval
-from harden.instrument import instrument
+from harden.instrumentation.pipeline import instrument
 from harden.methods.base import Options
 from harden.train.ctt_losses import certification_loss, detection_loss
 
@@ -61,7 +61,7 @@ def test_finetune_lowers_the_ctt_losses_and_keeps_logits_finite(strict_pair, tin
     from harden.graph.trace import trace
 
     before = trace(tiny_model)
-    from harden.hardened import HardenedModel
+    from harden.instrumentation.hardened import HardenedModel
     from harden.methods.ctt import CTTStrict
 
     # the same masks on the user's weights give the starting losses
@@ -81,7 +81,7 @@ def test_finetune_is_deterministic_for_a_key_and_seed(strict_pair):
 
 
 def test_finetuned_bundle_round_trip(strict_pair, tmp_path, digits):
-    from harden.io.bundle import load_bundle, save_bundle
+    from harden.bundle.archive import load_bundle, save_bundle
 
     hardened, _ = strict_pair
     save_bundle(hardened, tmp_path / "s.hardened")

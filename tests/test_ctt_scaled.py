@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from harden.instrument import instrument
+from harden.instrumentation.pipeline import instrument
 from harden.methods.base import Options
 from harden.methods.ctt import TrapHead
 
@@ -55,7 +55,7 @@ def test_exported_scales_are_the_natural_spread_of_each_trap(scaled, digits):
 
 def test_scaled_score_is_the_largest_scaled_excess_and_survives_the_bundle(scaled, digits, tmp_path):
     from harden.graph.analyse import feature_extractor
-    from harden.io.bundle import load_bundle, save_bundle
+    from harden.bundle.archive import load_bundle, save_bundle
 
     method = scaled.methods[0]
     _, *acts = feature_extractor(scaled.classifier, method.sites)(digits.test.x)

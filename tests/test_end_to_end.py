@@ -16,17 +16,17 @@ def run(*args):
 
 
 def test_main_job_on_small_mnist(tmp_path):
-    from examples.train_lenet import train
+    from harden.examples.train_lenet import train
 
     checkpoint = tmp_path / "lenet.pt"
     trained = train(checkpoint, epochs=3, limit=1500)   # 900 training digits (the train split only)
     assert trained["test_accuracy"] > 0.7
 
-    layers = json.loads(run("layers", checkpoint, "--arch", "examples.lenet:LeNet5", "--data", "mnist", "--json").stdout)
+    layers = json.loads(run("layers", checkpoint, "--arch", "harden.examples.lenet:LeNet5", "--data", "mnist", "--json").stdout)
     assert layers["sites"] == ["relu1", "relu2", "relu3", "relu4"]
 
     bundle = tmp_path / "lenet.hardened"
-    run("instrument", checkpoint, "--arch", "examples.lenet:LeNet5", "--data", "mnist", "--limit", "1500",
+    run("instrument", checkpoint, "--arch", "harden.examples.lenet:LeNet5", "--data", "mnist", "--limit", "1500",
         "--method", "ctt-strict", "--key", "e2e", "--steps", "100", "-o", bundle)   # a small budget: the default is slow here
     onnx_path = tmp_path / "lenet.onnx"
     exported = json.loads(run("export", bundle, "-o", onnx_path, "--json").stdout)
@@ -64,11 +64,11 @@ def _certified_inputs_resist_the_adaptive_attack(bundle, onnx_path):
     as judged by the exported graph (a success would be a soundness bug, of the bounds or of the export)."""
     import numpy as np
 
-    from harden.adaptive import AdaptiveSettings, adaptive_attack
+    from harden.evaluation.adaptive import AdaptiveSettings, adaptive_attack
     from harden.api import bundle_data, ctt_traps
-    from harden.certification import certify_samples
-    from harden.io.bundle import load_bundle
-    from harden.runtime import OnnxGraph
+    from harden.certification.certify import certify_samples
+    from harden.bundle.archive import load_bundle
+    from harden.export.runtime import OnnxGraph
 
     hardened, manifest = load_bundle(bundle)
     data = bundle_data(manifest)

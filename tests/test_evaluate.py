@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import digits_arrays, train_tiny
-from harden.attacks import parse_attack, run_attack
+from harden.attacks.catalog import parse_attack, run_attack
 from harden.errors import HardenError
-from harden.evaluation import AttackRow, EvaluationReport, evaluate, render_table, roc_auc
+from harden.evaluation.evaluate import AttackRow, EvaluationReport, evaluate, render_table, roc_auc
 
 RANGE = (0.0, 1.0)
 N = 40

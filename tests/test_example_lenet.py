@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.fx
 
-from examples.lenet import LeNet5
-from examples.train_lenet import main, train
+from harden.examples.lenet import LeNet5
+from harden.examples.train_lenet import main, train
 from harden.errors import HardenError
 
 LAYERS = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten", "fc1", "relu3", "fc2", "relu4", "fc3"]

@@ -10,8 +10,8 @@ import torch
 
 from harden.errors import HardenError
 from harden.export import export_onnx
-from harden.io.bundle import load_bundle, save_bundle
-from harden.runtime import OnnxGraph
+from harden.bundle.archive import load_bundle, save_bundle
+from harden.export.runtime import OnnxGraph
 
 
 @pytest.fixture(scope="module")

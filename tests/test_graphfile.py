@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from harden.errors import HardenError
 from harden.graph.trace import trace
-from harden.io.graphfile import (
+from harden.graph.graphfile import (
     FORMAT,
     _decode,
     _encode,
@@ -304,9 +304,9 @@ def test_nan_round_trips():
 
 def test_every_allowlisted_function_resolves_to_itself():
     from harden.graph.ops import FUNCTION_SPELLINGS, OUT_OF_PLACE_FUNCTIONS
-    from harden.io.graphfile import _function_name, _resolve_function
+    from harden.graph.graphfile import _function_name, _resolve_function
 
-    from harden.io.graphfile import PURE_FUNCTIONS
+    from harden.graph.graphfile import PURE_FUNCTIONS
 
     table = allowed_functions()
     for fn in [*FUNCTION_SPELLINGS, *OUT_OF_PLACE_FUNCTIONS, *OUT_OF_PLACE_FUNCTIONS.values(), *PURE_FUNCTIONS,

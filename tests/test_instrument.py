@@ -9,7 +9,7 @@ from scipy.stats import binom
 
 from harden.errors import HardenError
 from harden.graph.trace import trace
-from harden.instrument import instrument
+from harden.instrumentation.pipeline import instrument
 from harden.methods.base import Options, select_sites
 from harden.methods.ctt import TrapHead, make_masks
 
@@ -133,7 +133,7 @@ def test_unknown_method_lists_supported(tiny_model, digits):
 
 
 def test_wrong_input_shape_is_one_clear_error(digits):
-    from examples.lenet import LeNet5
+    from harden.examples.lenet import LeNet5
 
     with pytest.raises(HardenError, match="input shape"):
         instrument(LeNet5(), digits, ["ctt-lite"])

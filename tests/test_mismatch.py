@@ -10,11 +10,11 @@ import torch.nn as nn
 from conftest import TinyCNN, train_tiny
 from harden.errors import HardenError
 from harden.export import export_onnx
-from harden.instrument import instrument
-from harden.io.bundle import load_bundle, save_bundle
+from harden.instrumentation.pipeline import instrument
+from harden.bundle.archive import load_bundle, save_bundle
 from harden.methods.base import Options
 from harden.methods.mismatch import Mismatch, MismatchHead, graph_spec, layer_sequence
-from harden.runtime import OnnxGraph
+from harden.export.runtime import OnnxGraph
 
 ATTACKS = ["fgsm:eps=0.2", "pgd:eps=0.2,steps=5"]
 FIXED_SVM = {"svm_c": 10.0, "svm_gamma": 0.05}
@@ -141,7 +141,7 @@ def test_calibration_reaches_the_requested_fpr(mm, digits):
 
 
 def test_detects_attacks_on_the_classifier(mm, tiny, digits):
-    from harden.attacks import parse_attack, run_attack
+    from harden.attacks.catalog import parse_attack, run_attack
 
     x, y = digits.test.x[:200].numpy(), digits.test.y[:200].numpy()
     adv = run_attack(tiny, parse_attack("pgd:eps=0.2"), x, y, input_range=digits.input_range, num_classes=10)
@@ -206,7 +206,7 @@ def test_user_second_model_round_trips_through_the_bundle(tiny, digits, user_sec
 
 
 def test_default_attacks_resolve_eps_auto_on_the_classifier(tiny, digits, user_second, tmp_path):
-    from harden.attack_strength import EPS_GRID, resolve_auto_eps
+    from harden.attacks.strength import EPS_GRID, resolve_auto_eps
     from harden.methods.base import key_seed
     from harden.methods.mismatch import DEFAULT_ATTACKS
 
@@ -239,13 +239,13 @@ def test_default_attacks_resolve_eps_auto_on_the_classifier(tiny, digits, user_s
 
 
 def test_wrong_input_shape_is_one_line(tiny, digits, tmp_path):
-    from examples.lenet import LeNet5
+    from harden.examples.lenet import LeNet5
 
     path = tmp_path / "lenet.pt"
     torch.save(LeNet5().state_dict(), path)  # 28x28 inputs; digits are 8x8
     with pytest.raises(HardenError, match="input shape") as info:
         instrument(tiny, digits, ["mismatch"],
-                   options(second_model=str(path), second_arch="examples.lenet:LeNet5"))
+                   options(second_model=str(path), second_arch="harden.examples.lenet:LeNet5"))
     assert "\n" not in str(info.value)
 
 
@@ -260,7 +260,7 @@ def test_conflicting_options_are_refused(tiny, digits, user_second):
     with pytest.raises(HardenError, match="not both"):
         instrument(tiny, digits, ["mismatch"], options(second_model=user_second, train_second=True))
     with pytest.raises(HardenError, match="--second-model too"):
-        instrument(tiny, digits, ["mismatch"], options(second_arch="examples.lenet:LeNet5"))
+        instrument(tiny, digits, ["mismatch"], options(second_arch="harden.examples.lenet:LeNet5"))
 
 
 def test_non_finite_rows_give_finite_features(mm):

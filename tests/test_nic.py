@@ -8,11 +8,11 @@ import torch
 
 from harden.errors import HardenError
 from harden.export import export_onnx
-from harden.instrument import instrument
-from harden.io.bundle import load_bundle, save_bundle
+from harden.instrumentation.pipeline import instrument
+from harden.bundle.archive import load_bundle, save_bundle
 from harden.methods.base import Options
 from harden.methods.nic import layout
-from harden.runtime import OnnxGraph
+from harden.export.runtime import OnnxGraph
 
 
 def rel_diff(a, b) -> float:

@@ -6,11 +6,11 @@ import torch
 
 from harden.errors import HardenError
 from harden.export import export_onnx
-from harden.instrument import instrument
-from harden.io.bundle import load_bundle, save_bundle
+from harden.instrumentation.pipeline import instrument
+from harden.bundle.archive import load_bundle, save_bundle
 from harden.methods.base import Options
 from harden.methods.safetynet import VALUE_MERGE, CodeHead, SafetyNet, positive_quantiles
-from harden.runtime import OnnxGraph
+from harden.export.runtime import OnnxGraph
 
 FPR = 0.05
 # Small and fixed where the default path (PGD, cross-validated grid) is not under test: FGSM is one gradient step.
@@ -211,7 +211,7 @@ def test_calibration_reaches_the_requested_fpr(binary, quaternary, digits):
 def test_detector_separates_fresh_adversarial_examples(quaternary, tiny_model, digits):
     from sklearn.metrics import roc_auc_score
 
-    from harden.attacks import parse_attack, run_attack
+    from harden.attacks.catalog import parse_attack, run_attack
 
     # Test inputs the detector never saw, attacked as in training (the default PGD at eps=auto, about 0.1 here).
     # The tiny 8x8 model's last site (32 units) is a weak place for SafetyNet (AUC ~0.79 here; LeNet-5 numbers in
@@ -229,8 +229,8 @@ def test_detector_separates_fresh_adversarial_examples(quaternary, tiny_model, d
 
 
 def test_manifest_facts(binary, quaternary, digits):
-    from harden.attack_strength import EPS_GRID
-    from harden.attacks import parse_attack
+    from harden.attacks.strength import EPS_GRID
+    from harden.attacks.catalog import parse_attack
 
     assert binary.method("safetynet").config["attacks"] == ["fgsm:eps=0.2"]
     assert binary.method("safetynet").config["attack_strength"] is None   # a numeric eps was given

@@ -11,12 +11,12 @@ from bench.latency import load_lenet
 from pathlib import Path
 from harden.graph.trace import trace
 from harden.io.data import load_data
-from harden.certification import certify_samples
+from harden.certification.certify import certify_samples
 from art.estimators.classification import PyTorchClassifier
 from art.attacks.evasion import ProjectedGradientDescent
 eps = float(sys.argv[1]) if len(sys.argv) > 1 else 0.01
 data = load_data("mnist", seed=0)
-model = load_lenet(Path("examples/lenet5_mnist.pt"))
+model = load_lenet(Path("out/lenet5_mnist.pt"))
 gm = trace(model)
 x, y = data.test.x[:200], data.test.y[:200]
 cert = certify_samples(gm, [], x, y, eps, (0.0, 1.0), bounds="crown")

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from harden.io.bundle import load_bundle  # noqa: E402
+from harden.bundle.archive import load_bundle  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.lenet import LeNet5  # noqa: E402
+from harden.examples.lenet import LeNet5  # noqa: E402
 from harden.detectors.calibration import calibrate  # noqa: E402
 from harden.graph.analyse import feature_extractor  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
@@ -99,7 +99,7 @@ def measure(gm, sites, masks, data, cfg, n_test, full=False):
     out["scaled"] = {"threshold": sc_thr, "test_fpr": float((sc_raw > sc_thr).mean())}
     attacks = {"fgsm0.1": lambda: fgsm(gm, x, y, 0.1), "pgd0.1": lambda: pgd(gm, x, y, 0.1)}
     if full:
-        from harden.attacks import parse_attack, run_attack
+        from harden.attacks.catalog import parse_attack, run_attack
 
         for spec in ("fgsm:eps=0.2", "bim:eps=0.1", "pgd:eps=0.2", "deepfool", "cw"):
             attacks[spec] = (lambda s=spec: torch.from_numpy(run_attack(
@@ -124,7 +124,7 @@ def measure(gm, sites, masks, data, cfg, n_test, full=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default="examples/lenet5_mnist.pt")
+    ap.add_argument("--checkpoint", default="out/lenet5_mnist.pt")
     ap.add_argument("--kind", default="loose")
     ap.add_argument("--key", default="0")
     ap.add_argument("--mask-ratio", type=float, default=0.002)

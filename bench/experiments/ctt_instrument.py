@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.experiments.ctt_instrument --method ctt-strict --key readme-demo-key \
         -o out/x.hardened --set anneal=detection --set alpha=1.0 --set trap_scale=std
 
-Same path as the CLI (harden.instrument.instrument + save_bundle) on the example LeNet-5 / bundled MNIST; the
+Same path as the CLI (harden.instrumentation.pipeline.instrument + save_bundle) on the example LeNet-5 / bundled MNIST; the
 bundle then goes through the ordinary `harden export` / `harden evaluate` / `harden certify`.
 """
 
@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from harden.instrument import instrument  # noqa: E402
-from harden.io.bundle import save_bundle  # noqa: E402
+from harden.instrumentation.pipeline import instrument  # noqa: E402
+from harden.bundle.archive import save_bundle  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
 from harden.io.model import load_model  # noqa: E402
 from harden.methods.base import Options  # noqa: E402
@@ -46,7 +46,7 @@ def main(argv=None):
         extra[name] = value if isinstance(current, str) else type(current or 0.0)(value) if current is not None \
             else float(value) if "." in value or "e" in value else int(value)
     options = Options(key=args.key, mask_ratio=args.mask_ratio, extra=extra)
-    net = load_model(Path("examples/lenet5_mnist.pt"), "examples.lenet:LeNet5", False)
+    net = load_model(Path("out/lenet5_mnist.pt"), "harden.examples.lenet:LeNet5", False)
     hardened = instrument(net, load_data("mnist"), [args.method], options)
     manifest = save_bundle(hardened, Path(args.output))
     method = next(m for m in manifest["methods"] if m["name"] == args.method)

@@ -10,12 +10,12 @@ from bench.latency import load_lenet, time_pair
 from harden.export import export_onnx
 from harden.export.torch_graph import export_module
 from harden.graph.trace import trace
-from harden.instrument import instrument
+from harden.instrumentation.pipeline import instrument
 from harden.io.data import load_data
 from harden.methods.base import Options
-from harden.runtime import OnnxGraph
+from harden.export.runtime import OnnxGraph
 data = load_data("mnist", seed=0, limit=2000)
-model = load_lenet(Path("examples/lenet5_mnist.pt"))
+model = load_lenet(Path("out/lenet5_mnist.pt"))
 plain = OnnxGraph(export_module(trace(model), (data.test.x[:2],), ["input"], ["logits"]).SerializeToString(), threads=1)
 x = np.ascontiguousarray(np.resize(data.test.x.numpy(), (256, 1, 28, 28)), dtype=np.float32)
 for layers in (["all"], ["relu1,relu3,relu4"], ["relu3,relu4"], ["relu2,relu3,relu4"]):

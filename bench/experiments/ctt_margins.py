@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.experiments.ctt_explore import fgsm, pgd  # noqa: E402
-from examples.lenet import LeNet5  # noqa: E402
+from harden.examples.lenet import LeNet5  # noqa: E402
 from harden.detectors.calibration import calibrate  # noqa: E402
 from harden.graph.analyse import feature_extractor  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
@@ -73,7 +73,7 @@ def relu1_window_share(delta, mask, size=28, pad=2, k=5):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default="examples/lenet5_mnist.pt")
+    ap.add_argument("--checkpoint", default="out/lenet5_mnist.pt")
     ap.add_argument("--load", default=None, help="fine-tuned state_dict (ctt_explore --save); none: the original")
     ap.add_argument("--bundle", default=None, help="take the fine-tuned weights from a .hardened bundle instead")
     ap.add_argument("--key", default="readme-demo-key")
@@ -106,7 +106,7 @@ def main(argv=None):
     if args.load:
         gm.load_state_dict(torch.load(args.load, weights_only=True))
     if args.bundle:
-        from harden.io.bundle import load_bundle
+        from harden.bundle.archive import load_bundle
 
         gm.load_state_dict(load_bundle(args.bundle)[0].classifier.state_dict())
     for p in gm.parameters():
@@ -148,7 +148,7 @@ def main(argv=None):
                       "T_j_minus_T_median": {s: round(float(np.median(t - args.threshold)), 4)
                                              for s, t in zip(sites, tj)}}), flush=True)
 
-    from harden.attacks import parse_attack, run_attack
+    from harden.attacks.catalog import parse_attack, run_attack
 
     makers = {"fgsm0.1": lambda: fgsm(gm, x, y, 0.1), "pgd0.1": lambda: pgd(gm, x, y, 0.1),
               "fgsm0.2": lambda: fgsm(gm, x, y, 0.2)}

@@ -9,7 +9,7 @@ import torch
 
 def load_lenet(checkpoint: str) -> torch.nn.Module:
     """The example LeNet-5 with the state_dict at ``checkpoint`` (weights only), in eval mode."""
-    from examples.lenet import LeNet5
+    from harden.examples.lenet import LeNet5
 
     model = LeNet5()
     model.load_state_dict(torch.load(checkpoint, weights_only=True))

@@ -32,6 +32,6 @@ def make_adversarial(model: torch.nn.Module, label: str, x: np.ndarray, y: np.nd
     """A gradient attack (harden's ART wrappers) or a quality degradation, against ``model``."""
     if label in DEGRADATIONS:
         return degrade(model, label, x, y, seed=seed, input_range=input_range)[0]
-    from harden.attacks import parse_attack, run_attack
+    from harden.attacks.catalog import parse_attack, run_attack
 
     return run_attack(model, parse_attack(label), x, y, input_range=input_range, num_classes=num_classes, seed=seed)

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.experiments.mismatch_eval /tmp/mm/mm.hardened --limit 300 \
         [--attack fgsm:eps=0.1 ...] [--pool /tmp/mm/pool] [--json]
 
-Gradient attacks go through ``harden.evaluation.evaluate`` (the same code as ``harden evaluate``): crafted on the
+Gradient attacks go through ``harden.evaluation.evaluate.evaluate`` (the same code as ``harden evaluate``): crafted on the
 classifier, scored by onnxruntime on a fresh parity-checked export of the bundle.  Quality degradations (Gaussian
 noise, Gaussian blur, salt and pepper; line search for the smallest level that flips the classifier, see
 :mod:`bench.experiments.mismatch_common`) are scored the same way; with ``--pool`` the cached test-split
@@ -39,11 +39,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from harden.api import bundle_data
-    from harden.attacks import parse_attack
-    from harden.evaluation import evaluate, roc_auc
+    from harden.attacks.catalog import parse_attack
+    from harden.evaluation.evaluate import evaluate, roc_auc
     from harden.export import export_onnx
-    from harden.io.bundle import load_bundle
-    from harden.runtime import OnnxGraph
+    from harden.bundle.archive import load_bundle
+    from harden.export.runtime import OnnxGraph
 
     hardened, manifest = load_bundle(args.bundle)
     data = bundle_data(manifest)

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from harden.api import bundle_data
-    from harden.io.bundle import load_bundle
+    from harden.bundle.archive import load_bundle
 
     hardened, manifest = load_bundle(args.bundle)
     classifier = hardened.classifier.eval()

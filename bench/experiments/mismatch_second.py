@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from harden.api import bundle_data
-    from harden.io.bundle import load_bundle
+    from harden.bundle.archive import load_bundle
     from harden.methods.mismatch import _candidate_specs
 
     hardened, manifest = load_bundle(args.bundle)

@@ -66,7 +66,7 @@ def main(argv=None) -> None:
 
     from harden.api import bundle_data
     from harden.detectors.calibration import threshold_for_count
-    from harden.io.bundle import load_bundle
+    from harden.bundle.archive import load_bundle
     from harden.methods.mismatch import _features, fit_svm
 
     hardened, manifest = load_bundle(args.bundle)

@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from harden.attacks import parse_attack, run_attack
+    from harden.attacks.catalog import parse_attack, run_attack
     from harden.io.data import load_data
 
     model = load_lenet(args.checkpoint)

@@ -4,7 +4,7 @@
 
 For each (split seed, key) NIC is instrumented exactly as ``harden instrument --method nic`` does and both splits
 are scored by the torch + scikit-learn path.  The example LeNet-5 was trained on the train + calibration splits of
-seed 0 (examples/train_lenet.py), so under seed 0 the calibration digits were seen by the classifier and the test
+seed 0 (harden/examples/train_lenet.py), so under seed 0 the calibration digits were seen by the classifier and the test
 digits were not; under any other seed the three splits mix seen and unseen digits alike.  Printed per run, besides
 both FPRs: the test FPR split by whether the classifier got the digit right, and the test FPR on the digits the
 classifier was / was not trained on (its training set: seed-0 train + calibration).
@@ -23,17 +23,17 @@ from bench.experiments.example import load_lenet, parse_sets
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="examples/lenet5_mnist.pt")
+    parser.add_argument("--checkpoint", default="out/lenet5_mnist.pt")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--keys", nargs="+", default=["nic-drift-a", "nic-drift-b"])
     parser.add_argument("--fpr", type=float, default=0.05)
     parser.add_argument("--seen", default="train,calibration",
-                        help="the seed-0 splits the classifier was trained on (examples/train_lenet.py: train,calibration)")
+                        help="the seed-0 splits the classifier was trained on (harden/examples/train_lenet.py: train,calibration)")
     parser.add_argument("--set", action="append", default=[], help="extra option, name=json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from harden.instrument import instrument
+    from harden.instrumentation.pipeline import instrument
     from harden.io.data import load_data
     from harden.methods.base import Options
 

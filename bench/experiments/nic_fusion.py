@@ -54,7 +54,7 @@ def threshold(clean: np.ndarray, fpr: float) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="examples/lenet5_mnist.pt")
+    parser.add_argument("--checkpoint", default="out/lenet5_mnist.pt")
     parser.add_argument("--adv", required=True)
     parser.add_argument("--fpr", type=float, default=0.05)
     parser.add_argument("--key", default="nic-select")
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from harden.instrument import instrument
+    from harden.instrumentation.pipeline import instrument
     from harden.io.data import load_data
     from harden.methods.base import Options, key_seed
 

@@ -1,7 +1,7 @@
 """NIC fitted on digits the classifier did not train on: does the benign support then match new inputs?
 
     export OMP_NUM_THREADS=1
-    .venv/bin/python -m bench.experiments.nic_attacks --checkpoint examples/lenet5_mnist.pt --split test \
+    .venv/bin/python -m bench.experiments.nic_attacks --checkpoint out/lenet5_mnist.pt --split test \
         --limit 200 --threads 1 --out /tmp/nic3/adv_test.npz
     .venv/bin/python -m bench.experiments.nic_heldout_fit --adv /tmp/nic3/adv_test.npz \
         --key nic-results --key nic-drift-b --key nic-key-3
@@ -94,14 +94,14 @@ def _regimes(data):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adv", required=True, help="npz of bench.experiments.nic_attacks on the test split")
-    parser.add_argument("--checkpoint", default="examples/lenet5_mnist.pt")
+    parser.add_argument("--checkpoint", default="out/lenet5_mnist.pt")
     parser.add_argument("--key", action="append", default=None)
     parser.add_argument("--fpr", type=float, default=0.05)
     parser.add_argument("--regime", action="append", default=None, help="letters to run (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from harden.instrument import instrument
+    from harden.instrumentation.pipeline import instrument
     from harden.io.data import load_data
     from harden.methods.base import Options
 

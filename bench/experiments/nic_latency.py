@@ -50,10 +50,10 @@ def main(argv=None) -> None:
     from harden.export import export_onnx
     from harden.export.torch_graph import export_module
     from harden.graph.trace import trace
-    from harden.instrument import instrument
+    from harden.instrumentation.pipeline import instrument
     from harden.io.data import load_data
     from harden.methods.base import Options
-    from harden.runtime import OnnxGraph
+    from harden.export.runtime import OnnxGraph
 
     latency = _latency_module()
     data = load_data("mnist", seed=0, limit=args.limit)

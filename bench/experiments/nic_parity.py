@@ -1,6 +1,6 @@
 """Where NIC's export parity error comes from: the head (torch vs onnxruntime, amplified by g's ramps) or the SVMs.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.experiments.nic_parity --checkpoint examples/lenet5_mnist.pt \
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.experiments.nic_parity --checkpoint out/lenet5_mnist.pt \
         --key nic-results --fpr 0.05 --variant both --variant value --variant provenance --variant both-no-output
 
 Each variant is instrumented as ``harden instrument --method nic`` does, then on the bundle's held-out inputs (the
@@ -55,11 +55,11 @@ def main(argv=None) -> None:
     from harden.detectors.nic_onnx import build_composite
     from harden.export import INPUT_NAME
     from harden.export.torch_graph import export_module
-    from harden.instrument import instrument
+    from harden.instrumentation.pipeline import instrument
     from harden.io.data import load_data
     from harden.methods.base import Options
     from harden.methods.nic import layout
-    from harden.runtime import OnnxGraph
+    from harden.export.runtime import OnnxGraph
 
     model = load_lenet(args.checkpoint)
     data = load_data("mnist", seed=0)

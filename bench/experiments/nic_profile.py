@@ -60,12 +60,12 @@ def main(argv=None) -> None:
     from harden.export import export_onnx
     from harden.export.torch_graph import export_module
     from harden.graph.trace import trace
-    from harden.instrument import instrument
+    from harden.instrumentation.pipeline import instrument
     from harden.io.data import load_data
     from harden.methods.base import Options
 
     data = load_data("mnist", seed=0, limit=args.limit)
-    model = load_lenet("examples/lenet5_mnist.pt")
+    model = load_lenet("out/lenet5_mnist.pt")
     hardened = instrument(model, data, ["nic"], Options(key="bench", extra=json.loads(args.set)))
     graph = export_onnx(hardened).model.SerializeToString()
     plain = export_module(trace(model), (data.test.x[:2],), ["input"], ["logits"]).SerializeToString()

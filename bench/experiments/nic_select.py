@@ -49,8 +49,8 @@ GRIDS = {
 
 
 def measure(model, data, adv: list[dict], extra: dict, base: dict, fpr: float, key: str) -> dict:
-    from harden.evaluation import roc_auc as auc
-    from harden.instrument import instrument
+    from harden.evaluation.evaluate import roc_auc as auc
+    from harden.instrumentation.pipeline import instrument
     from harden.methods.base import Options
 
     options = Options(key=key, fpr=fpr, extra={**base, **extra})

@@ -46,12 +46,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from harden.errors import HardenError
-    from harden.evaluation import roc_auc
+    from harden.evaluation.evaluate import roc_auc
     from harden.export import export_onnx
-    from harden.instrument import instrument
+    from harden.instrumentation.pipeline import instrument
     from harden.io.data import load_data
     from harden.methods.base import Options
-    from harden.runtime import OnnxGraph
+    from harden.export.runtime import OnnxGraph
 
     base = parse_sets(args.set)
     model = load_lenet(args.checkpoint)

@@ -3,10 +3,10 @@ both unseen by the classifier.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.experiments.nic_train_only --out /tmp/nicd/lenet_train_only.pt
 
-The example checkpoint (examples/train_lenet.py) is trained on the train + calibration splits of seed 0, so its
+The example checkpoint (harden/examples/train_lenet.py) is trained on the train + calibration splits of seed 0, so its
 calibration digits are training digits of the classifier and its test digits are not: a detector calibrated on
 the former sees the latter as a different population (docs/results/nic.md, "FPR drift").  This trains the same
-network with the same recipe (examples.train_lenet's epochs, batch, learning rate, seed) on the 3,000 training
+network with the same recipe (harden.examples.train_lenet's epochs, batch, learning rate, seed) on the 3,000 training
 digits alone; prints JSON with its test accuracy.
 """
 
@@ -27,8 +27,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
 
-    from examples.lenet import LeNet5
-    from examples.train_lenet import BATCH, EPOCHS, LR, accuracy
+    from harden.examples.lenet import LeNet5
+    from harden.examples.train_lenet import BATCH, EPOCHS, LR, accuracy
     from harden.io.data import load_data
 
     torch.manual_seed(args.seed)

@@ -3,7 +3,7 @@
     python bench/experiments/safetynet_adaptive.py BUNDLE.hardened [--limit 200] [--eps 0.1] \
         [--lam 1 --lam 10] [--temperature 0.1 --temperature 0.3] [--widen 10]
 
-Runs ``harden.evaluation.evaluate_adaptive`` (what ``harden evaluate --adaptive`` runs) on the first --limit test
+Runs ``harden.evaluation.evaluate.evaluate_adaptive`` (what ``harden evaluate --adaptive`` runs) on the first --limit test
 inputs of the split the bundle recorded, for every (temperature, widen) and each lam alone, then all lams as
 restarts; scored through a fresh ONNX export of the bundle. The type I row (lam 0, detector-blind) comes with
 each report. One JSON line per setting.
@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from harden.adaptive import AdaptiveSettings  # noqa: E402
+from harden.evaluation.adaptive import AdaptiveSettings  # noqa: E402
 from harden.api import bundle_data, scorer_for  # noqa: E402
-from harden.evaluation import evaluate_adaptive  # noqa: E402
-from harden.io.bundle import load_bundle  # noqa: E402
+from harden.evaluation.evaluate import evaluate_adaptive  # noqa: E402
+from harden.bundle.archive import load_bundle  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 Train split: the first --train inputs (those SafetyNet's fit would use); test split: the first --test inputs
 (what ``harden evaluate --limit`` attacks). Every attack runs against the plain classifier with
-``harden.attacks.run_attack`` (seed 0).
+``harden.attacks.catalog.run_attack`` (seed 0).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from harden.attacks import parse_attack, run_attack  # noqa: E402
+from harden.attacks.catalog import parse_attack, run_attack  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
 from bench.experiments.example import load_lenet
 

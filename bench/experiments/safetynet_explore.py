@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.lenet import LeNet5  # noqa: E402
+from harden.examples.lenet import LeNet5  # noqa: E402
 from harden.detectors.calibration import calibrate  # noqa: E402
 from harden.graph.analyse import feature_extractor  # noqa: E402
 from harden.graph.trace import sites as graph_sites, trace  # noqa: E402
@@ -71,7 +71,7 @@ def latency(est, feats, model, rounds=30, threads=1):
     from harden.detectors.sklearn_onnx import SklearnDetector
     from harden.export.torch_graph import export_module
     from harden.methods.safetynet import RbfSvmDetector
-    from harden.runtime import OnnxGraph
+    from harden.export.runtime import OnnxGraph
 
     x = torch.rand(256, 1, 28, 28)
     plain = OnnxGraph(export_module(trace(model), (x[:2],), ["input"], ["logits"]).SerializeToString(), threads=threads)

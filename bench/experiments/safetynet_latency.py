@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.lenet import LeNet5  # noqa: E402
+from harden.examples.lenet import LeNet5  # noqa: E402
 from harden.detectors.sklearn_onnx import SklearnDetector  # noqa: E402
 from harden.export.torch_graph import export_module  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 from harden.methods.safetynet import RbfSvmDetector  # noqa: E402
-from harden.runtime import OnnxGraph  # noqa: E402
+from harden.export.runtime import OnnxGraph  # noqa: E402
 from bench.experiments.example import load_lenet
 
 
@@ -99,7 +99,7 @@ def by_size(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--onnx", type=Path)
-    p.add_argument("--checkpoint", type=Path, default=Path("examples/lenet5_mnist.pt"))
+    p.add_argument("--checkpoint", type=Path, default=Path("out/lenet5_mnist.pt"))
     p.add_argument("--sizes", default="100,200,400,800")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)

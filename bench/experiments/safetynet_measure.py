@@ -3,7 +3,7 @@
     python bench/experiments/safetynet_measure.py /tmp/sn/*.hardened --limit 300 [--attack ...] > results.jsonl
 
 Each bundle is scored through its exported ONNX graph (``X.onnx`` beside ``X.hardened``) by
-``harden.api.evaluate`` -- the function behind ``harden evaluate --json`` -- with ``harden.evaluation.run_attack``
+``harden.api.evaluate`` -- the function behind ``harden evaluate --json`` -- with ``harden.evaluation.evaluate.run_attack``
 memoised: the attacks are crafted on the classifier alone (seeded), so every bundle of the same classifier gets
 identical adversarial examples, and DeepFool / C&W run once instead of once per bundle. One JSON line per bundle:
 the SafetyNet configuration from the manifest (sites, code, support vectors), the test-split FPR of the whole
@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import harden.evaluation as evaluation  # noqa: E402
+import harden.evaluation.evaluate as evaluation  # noqa: E402
 from harden.api import evaluate  # noqa: E402
-from harden.io.bundle import load_bundle  # noqa: E402
+from harden.bundle.archive import load_bundle  # noqa: E402
 
 ATTACKS = ["fgsm:eps=0.1", "bim:eps=0.1", "pgd:eps=0.1", "deepfool", "cw"]
 

@@ -1,8 +1,8 @@
-"""The suite's attacks from two independent implementations: ART (through harden.attacks) and foolbox 3.
+"""The suite's attacks from two independent implementations: ART (through harden.attacks.catalog) and foolbox 3.
 
 Both libraries attack the classifier that ships (the fine-tuned one for CTT); detection is then read from the
-exported ONNX graph by harden.evaluation.  Each attack is named ``<library>.<attack>``; L-inf attacks run at
-the pair's own eps (:func:`harden.attack_strength.half_accuracy_eps`, chosen on the calibration split).
+exported ONNX graph by harden.evaluation.evaluate.  Each attack is named ``<library>.<attack>``; L-inf attacks run at
+the pair's own eps (:func:`harden.attacks.strength.half_accuracy_eps`, chosen on the calibration split).
 
 Settings follow each library's usual ones, not each other's, so a default cannot be tuned to one
 implementation's step rule: ART BIM takes 10 steps of eps/10 and PGD 10 steps of 2.5 eps/10 from a random
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harden.attacks import AttackSpec, run_attack
+from harden.attacks.catalog import AttackSpec, run_attack
 
 LIBRARIES = ("art", "foolbox")
 ATTACK_NAMES = ("fgsm", "bim", "pgd", "deepfool", "cw")
@@ -57,7 +57,7 @@ def foolbox_adversarial(model: torch.nn.Module, name: str, x: np.ndarray, y: np.
         _, clipped, _ = attack(fmodel, xb, yb, epsilons=float(eps) if name in LINF else None)
         out.append(clipped.detach().numpy())
     x_adv = np.concatenate(out).astype(np.float32)
-    if name in LINF:  # exactly inside the ball in float32, as harden.attacks does for ART
+    if name in LINF:  # exactly inside the ball in float32, as harden.attacks.catalog does for ART
         x_adv = np.clip(x_adv, x - np.float32(eps), x + np.float32(eps))
     return np.clip(x_adv, np.float32(input_range[0]), np.float32(input_range[1]))
 

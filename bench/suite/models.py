@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from examples.lenet import LeNet5
+from harden.examples.lenet import LeNet5
 
 
 def lenet5(shape, classes: int) -> nn.Module:

@@ -34,7 +34,7 @@ import torch
 
 from bench.suite.attacks import ATTACK_NAMES, LIBRARIES, craft
 from bench.suite.pairs import CACHE, PAIRS, LoadedPair, load_pair
-from harden.attack_strength import half_accuracy_eps
+from harden.attacks.strength import half_accuracy_eps
 from harden.errors import HardenError
 from harden.io.adversarial import AdversarialSet
 
@@ -111,7 +111,7 @@ def _instrumented(lp: LoadedPair, names: list[str], options, args):
     """The bundle of this pair, methods and options, and the seconds instrument took: made once, then read
     from cache/bundles/ (``--fresh`` makes it again)."""
     from harden.api import instrument
-    from harden.io.bundle import load_bundle, save_bundle
+    from harden.bundle.archive import load_bundle, save_bundle
 
     recipe = json.dumps({"names": names, "options": vars(options), "policy": args.policy}, sort_keys=True, default=str)
     tag = hashlib.sha256(f"{lp.pair.name}-{lp.pair.digest()}-{_state_hash(lp.model)}-{recipe}".encode()).hexdigest()[:20]
@@ -129,8 +129,8 @@ def _instrumented(lp: LoadedPair, names: list[str], options, args):
 
 def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
     from harden.api import export_onnx
-    from harden.evaluation import evaluate
-    from harden.runtime import OnnxGraph
+    from harden.evaluation.evaluate import evaluate
+    from harden.export.runtime import OnnxGraph
 
     names, options = build_options(method_label, args.set, args.fpr, args.seed, args.key)
     strength = pair_eps(lp)
@@ -176,8 +176,8 @@ def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
 
 
 def _adaptive(hardened, graph, x, y, eps: float, lp: LoadedPair, args, say, method_label: str) -> dict:
-    from harden.adaptive import AdaptiveSettings
-    from harden.evaluation import evaluate_adaptive
+    from harden.evaluation.adaptive import AdaptiveSettings
+    from harden.evaluation.evaluate import evaluate_adaptive
 
     say(f"{lp.pair.name} {method_label}: adaptive attack at L-inf {eps:g}")
     started = time.perf_counter()

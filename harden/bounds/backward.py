@@ -23,7 +23,7 @@ import torch
 
 from harden.bounds.interval import Interval
 from harden.bounds.rules import Call
-from harden.registry import Registry
+from harden.core.registry import Registry
 
 
 @dataclass

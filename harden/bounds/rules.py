@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from harden.bounds.interval import Interval
 from harden.errors import HardenError
-from harden.registry import Registry
+from harden.core.registry import Registry
 
 BoundRule = Callable[["Call"], Any]
 

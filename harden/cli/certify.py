@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         with errors_to_exit():
             from harden.api import certify as certificates
             from harden.bounds.crown import check_method
-            from harden.io.bundle import load_bundle
+            from harden.bundle.archive import load_bundle
 
             check_method(bounds)  # before the bundle loads: a typo fails at once
             hardened, manifest = load_bundle(bundle)

@@ -19,7 +19,7 @@ def resolve_target(target: Path, bundle: Path | None) -> tuple[Path, Path | None
     if target.suffix != ".onnx":
         return target, None
     if bundle is None:
-        from harden.runtime import OnnxGraph
+        from harden.export.runtime import OnnxGraph
 
         name = OnnxGraph(target).metadata.get("harden.bundle")
         candidate = target.parent / name if name else None
@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
         """Accuracy under attack, detection rate, perturbation size, clean FPR and ROC-AUC per detector."""
         with errors_to_exit():
             from harden.api import evaluate as run_evaluate, evaluate_adaptive
-            from harden.evaluation import render_table
-            from harden.io.bundle import load_bundle
+            from harden.evaluation.evaluate import render_table
+            from harden.bundle.archive import load_bundle
 
             bundle_path, onnx_path = resolve_target(target, bundle)
             hardened, manifest = load_bundle(bundle_path)
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
             if report is not None:
                 stdout.print(render_table(report))
             if adaptive_report is not None:
-                from harden.adaptive import render_adaptive
+                from harden.evaluation.adaptive import render_adaptive
 
                 stdout.print(render_adaptive(adaptive_report))
             if onnx_path is None:

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         with errors_to_exit():
             from harden.export import export_onnx
             from harden.io.atomic import check_output_path
-            from harden.io.bundle import load_bundle
+            from harden.bundle.archive import load_bundle
 
             out = check_output_path(output or bundle.with_suffix(".onnx"))
             with progress_reporter(not json_out) as progress:

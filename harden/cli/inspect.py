@@ -12,12 +12,12 @@ from harden.errors import HardenError
 
 
 def _describe_onnx(path: Path) -> dict:
-    from harden.runtime import OnnxGraph
+    from harden.export.runtime import OnnxGraph
 
     graph = OnnxGraph(path)
     manifest = graph.manifest
     if not manifest:
-        raise HardenError(f"{path} is an ONNX file but not one exported by harden (no harden.manifest metadata)")
+        raise HardenError(f"{path} is an ONNX file but not one exported by harden (no harden.bundle.manifest metadata)")
     session = graph.session
     return {
         "kind": "onnx",
@@ -30,7 +30,7 @@ def _describe_onnx(path: Path) -> dict:
 
 
 def _describe_bundle(path: Path) -> dict:
-    from harden.io.bundle import read_manifest
+    from harden.bundle.archive import read_manifest
 
     manifest = read_manifest(path)
     return {"kind": "bundle", "file": str(path), "outputs": [{"name": n} for n in manifest["outputs"]],

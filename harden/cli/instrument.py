@@ -62,10 +62,10 @@ def register(app: typer.Typer) -> None:
         """Instrument MODEL with the chosen methods and write a .hardened bundle."""
         with errors_to_exit():
             from harden.io.atomic import check_output_path
-            from harden.io.bundle import save_bundle
+            from harden.bundle.archive import save_bundle
             from harden.io.data import load_data, parse_input_range
             from harden.io.model import load_model
-            from harden.instrument import instrument as run_instrument
+            from harden.instrumentation.pipeline import instrument as run_instrument
             from harden.methods.base import Options
 
             out = check_output_path(output or Path(model.name).with_suffix(".hardened"))

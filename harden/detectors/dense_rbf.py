@@ -170,7 +170,7 @@ class RbfSvmDetector:
     def _build(self):
         import onnx
 
-        from harden.opsets import IR_VERSION, OPSET
+        from harden.core.opsets import IR_VERSION, OPSET
 
         features, raw = f"{self.method_name}.features", f"{self.method_name}.raw"
         nodes, inits = rbf_decision_graph(self.estimator, features, raw, "svm_", exact_int=self.exact_int)

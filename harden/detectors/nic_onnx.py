@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from harden.detectors.dense_rbf import rbf_decisions_graph
 from harden.detectors.sklearn_onnx import convert
-from harden.opsets import IR_VERSION, OPSET
+from harden.core.opsets import IR_VERSION, OPSET
 
 
 @dataclass

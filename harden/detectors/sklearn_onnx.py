@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from harden.onnx_edit import rename_edge
-from harden.opsets import IR_VERSION, ML_OPSET, OPSET
+from harden.core.onnx_edit import rename_edge
+from harden.core.opsets import IR_VERSION, ML_OPSET, OPSET
 
 
 class SklearnDetector:

@@ -13,11 +13,11 @@ from harden.errors import HardenError
 from harden.export.merge import connect, prefixed
 from harden.export.parity import ParityReport, compare
 from harden.export.torch_graph import export_module
-from harden.opsets import OPSET
-from harden.hardened import FINITE_OUTPUT, LOGITS_OUTPUT, HardenedModel
+from harden.core.opsets import OPSET
+from harden.instrumentation.hardened import FINITE_OUTPUT, LOGITS_OUTPUT, HardenedModel
 from harden.io.atomic import atomic_write_bytes
-from harden.manifest import public_manifest
-from harden.runtime import OnnxGraph
+from harden.bundle.manifest import public_manifest
+from harden.export.runtime import OnnxGraph
 
 INPUT_NAME = "input"
 

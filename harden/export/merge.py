@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnx
 import onnx.compose
 
-from harden.onnx_edit import rename_edge
-from harden.opsets import IR_VERSION
+from harden.core.onnx_edit import rename_edge
+from harden.core.opsets import IR_VERSION
 
 
 def prefixed(model: onnx.ModelProto, prefix: str) -> onnx.ModelProto:

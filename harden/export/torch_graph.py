@@ -12,7 +12,7 @@ import torch
 
 from harden.errors import HardenError
 
-from harden.opsets import IR_VERSION, OPSET
+from harden.core.opsets import IR_VERSION, OPSET
 
 
 @contextlib.contextmanager

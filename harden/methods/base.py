@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from harden.errors import HardenError
 from harden.io.data import Dataset
-from harden.registry import Registry
+from harden.core.registry import Registry
 
 INPUT = "@input"    # head argument: the model's input tensor
 LOGITS = "@logits"  # head argument: the classifier's logits

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from harden.adaptive import KEY_UNKNOWN, Knowledge, register_surrogate
+from harden.methods.surrogates import KEY_UNKNOWN, Knowledge, register_surrogate
 from harden.errors import HardenError
 
 REFERENCE_ROWS = 10_000   # training inputs the key-unknown attacker takes its natural maxima from

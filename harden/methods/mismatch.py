@@ -12,14 +12,14 @@ chosen at random (seeded by the key), as in the paper.  The default attacks
 are ``fgsm:eps=auto``, ``pgd:eps=auto`` and the ``saltpepper`` degradation;
 ``eps=auto`` is the eps at which FGSM halves the CLASSIFIER's accuracy,
 measured once per fit on a seeded subset of at most 500 training inputs
-(:func:`harden.attack_strength.resolve_auto_eps`); the resolved attacks and
+(:func:`harden.attacks.strength.resolve_auto_eps`); the resolved attacks and
 those strength facts are in the config.
 
 The second model is either
 
 * ``second_model`` (``--second-model PATH`` [``--second-arch``]): loaded with
   :func:`harden.io.model.load_model`, traced, and stored in the method config as
-  a harden graph document (:func:`harden.io.graphfile.graph_to_json`, JSON,
+  a harden graph document (:func:`harden.graph.graphfile.graph_to_json`, JSON,
   nothing pickled); its weights travel in the head's state_dict; or
 * ``train_second`` (``--train-second``), the default when no second model is
   given: harden trains one on the training split, seeded by the key. An MLP
@@ -48,7 +48,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harden.degradations import DEGRADATIONS, degrade  # noqa: F401  (re-exported: the method trains on them)
+from harden.attacks.degradations import DEGRADATIONS, degrade  # noqa: F401  (re-exported: the method trains on them)
 from harden.errors import HardenError
 from harden.methods.base import (
     INPUT,
@@ -78,7 +78,7 @@ SECOND_BATCH = 64
 # clean disagreement from 5.5% to 4.1%.
 SECOND_RECIPES = ("fgsm", "plain", "transfer")
 DEFAULT_SECOND_RECIPE = "fgsm"
-# ``second_eps``: "auto" is SECOND_EPS_FRACTION x the classifier's half-accuracy eps (harden.attack_strength), the
+# ``second_eps``: "auto" is SECOND_EPS_FRACTION x the classifier's half-accuracy eps (harden.attacks.strength), the
 # scale of the default training attacks.  It was a fixed 0.1 of the input range (the MNIST measurement above, where
 # the half-accuracy eps is 0.15): on the suite's 32x32 colour pair (half-accuracy eps 0.0075-0.01) training at 0.1,
 # and at the full 0.01, left the second model at chance (8.6-9.5% held-out accuracy), and its near-constant softmax
@@ -100,7 +100,7 @@ SCALE_FLOOR = 1e-3
 # candidates' adversarial examples made on the CALIBRATION split (never the test split results are reported on);
 # see docs/results/mismatch.md and bench/experiments/mismatch_select.py.
 # Those measurements trained at eps = 0.1 of the input range, a budget chosen on MNIST; the default budget is now
-# eps=auto, the eps at which FGSM halves THIS classifier's accuracy (harden.attack_strength), found per fit on the
+# eps=auto, the eps at which FGSM halves THIS classifier's accuracy (harden.attacks.strength), found per fit on the
 # training split, since one fixed fraction is far too large for some models (32x32 colour) and small for others.  "saltpepper" is a
 # quality degradation (see degrade()), not an ART attack: training on it made the detector generalise to noise and
 # blur too.
@@ -186,7 +186,7 @@ def build_second(spec: dict) -> nn.Module:
     if kind == "cnn":
         return _cnn(spec)
     if kind == "graph":
-        from harden.io.graphfile import graph_from_json
+        from harden.graph.graphfile import graph_from_json
 
         arrays = _placeholder_arrays(spec["graph"])
         # Tensors outside the state_dict (non-persistent buffers, plain tensor attributes) travel in the config.
@@ -331,7 +331,7 @@ def _train_second(spec: dict, x: torch.Tensor, y: torch.Tensor, seed: int, devic
 
 def _second_eps(ctx: FitContext, strength) -> tuple[float, Any]:
     """(FGSM eps of the second model's training, in input units; the AttackStrength, computed if needed)."""
-    from harden.attack_strength import resolve_auto_eps
+    from harden.attacks.strength import resolve_auto_eps
 
     value = ctx.options.get("second_eps", DEFAULT_SECOND_EPS)
     if str(value).strip().lower() != "auto":
@@ -387,7 +387,7 @@ def _user_second(path: str, arch: str | None, trust_pickle: bool) -> tuple[nn.Mo
 
 def graph_spec(gm: fx.GraphModule) -> dict:
     """A traced second model as JSON: its graph document, plus the tensors its state_dict does not carry."""
-    from harden.io.graphfile import graph_to_json
+    from harden.graph.graphfile import graph_to_json
 
     doc, arrays = graph_to_json(gm)
     in_state = set(gm.state_dict())
@@ -439,8 +439,8 @@ class Degradation:
 def _parse_attacks(ctx: FitContext):
     """(attack specs and degradations, AttackStrength or None): ``eps=auto`` resolved on the classifier, once, on a
     seeded subset of the training split."""
-    from harden.attack_strength import resolve_auto_eps
-    from harden.attacks import parse_attack
+    from harden.attacks.strength import resolve_auto_eps
+    from harden.attacks.catalog import parse_attack
 
     options, data = ctx.options, ctx.data
     attacks = options.get("attacks", list(DEFAULT_ATTACKS))
@@ -481,7 +481,7 @@ def adversarial_training_set(ctx: FitContext, primary: nn.Module, second: nn.Mod
     kept only when the attacked model classified the image correctly and the attack changed its decision
     (the paper puts the natural image back instead: here it is in the natural half already).
     """
-    from harden.attacks import run_attack
+    from harden.attacks.catalog import run_attack
 
     train = ctx.data.train
     rng = np.random.default_rng(key_seed(ctx.options.key, "mismatch:training-set") % 2**63)
@@ -586,7 +586,7 @@ class Mismatch(Method):
     name = "mismatch"
 
     def fit(self, ctx: FitContext) -> FittedMethod:
-        from harden.attack_strength import auto_eps_facts
+        from harden.attacks.strength import auto_eps_facts
         from harden.detectors.dense_rbf import RbfSvmDetector
 
         started = time.perf_counter()

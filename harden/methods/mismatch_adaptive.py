@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from harden.adaptive import KEY_UNKNOWN, Knowledge, register_surrogate
+from harden.methods.surrogates import KEY_UNKNOWN, Knowledge, register_surrogate
 from harden.detectors.torch_eval import TorchOnnx
 from harden.errors import HardenError
 from harden.methods.mismatch import Mismatch

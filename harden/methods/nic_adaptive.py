@@ -19,7 +19,7 @@ import secrets
 
 import torch
 
-from harden.adaptive import KEY_UNKNOWN, Knowledge, register_surrogate
+from harden.methods.surrogates import KEY_UNKNOWN, Knowledge, register_surrogate
 from harden.detectors.torch_eval import TorchOnnx
 from harden.methods.nic import NIC, _draw_transform
 

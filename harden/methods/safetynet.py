@@ -17,7 +17,7 @@ The detector is an RBF SVC (after a StandardScaler) trained on natural (0) and
 adversarial (1) codes of a capped, seeded subset of the training split; the
 adversarial examples are made by ``--attack`` against the classifier.  The
 default is ``pgd:eps=auto``: L-inf PGD at the eps where FGSM halves this
-classifier's accuracy (:func:`harden.attack_strength.resolve_auto_eps`, on a
+classifier's accuracy (:func:`harden.attacks.strength.resolve_auto_eps`, on a
 seeded subset of at most 500 training inputs), so the detector trains on
 perturbations of the size that hurts this model, not one number for every
 dataset.  The resolved attacks and those strength facts are in the config.
@@ -55,7 +55,7 @@ NAME = "safetynet"
 # site with binary codes detected 2-24%.
 DEFAULT_LAYERS = "all"
 DEFAULT_CODE = "quaternary"
-DEFAULT_ATTACKS = ("pgd:eps=auto",)   # eps=auto: resolved per fit on the training split (harden.attack_strength)
+DEFAULT_ATTACKS = ("pgd:eps=auto",)   # eps=auto: resolved per fit on the training split (harden.attacks.strength)
 CODES = {"binary": (), "quaternary": (0.25, 0.5, 0.75)}
 REDUCTIONS = ("grid", "none", "max", "mean")
 DEFAULT_REDUCE = "grid"   # conv sites: max-pool to about GRID x GRID cells per channel
@@ -360,8 +360,8 @@ class SafetyNet(Method):
     name = NAME
 
     def fit(self, ctx: FitContext) -> FittedMethod:
-        from harden.attack_strength import auto_eps_facts, resolve_auto_eps
-        from harden.attacks import parse_attack, run_attack
+        from harden.attacks.strength import auto_eps_facts, resolve_auto_eps
+        from harden.attacks.catalog import parse_attack, run_attack
 
         options, data, gm = ctx.options, ctx.data, ctx.gm
         code = _code_name(ctx)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harden.adaptive import Knowledge, register_surrogate
+from harden.methods.surrogates import Knowledge, register_surrogate
 from harden.errors import HardenError
 from harden.graph.ops import canonical_op
 from harden.methods.safetynet import NAME

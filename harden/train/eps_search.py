@@ -5,7 +5,7 @@ Paper 000, section 4 / appendix B: "a grid search spanning values from 1e-5 to
 detection ratio under a simple FGSM attack".  Here, on the calibration split
 only (never the test split), split into halves A and B:
 
-1. The attack eps: :func:`harden.attack_strength.half_accuracy_eps` of the
+1. The attack eps: :func:`harden.attacks.strength.half_accuracy_eps` of the
    ORIGINAL model on B (FGSM that halves its accuracy), computed once.
 2. For each eps of the grid (fractions of the input range's width): fine-tune
    a copy of the original model at that eps with a quarter of the real step
@@ -69,7 +69,7 @@ def parse_eps(value: float | str) -> float | str:
 
 def scaled_eps(model, x: torch.Tensor, y: torch.Tensor, input_range, num_classes: int):
     """SCALED_FRACTION x the FGSM eps that halves ``model``'s accuracy on (x, y) (the calibration split)."""
-    from harden.attack_strength import half_accuracy_eps
+    from harden.attacks.strength import half_accuracy_eps
 
     strength = half_accuracy_eps(model, x[:500].numpy(), y[:500].numpy(), input_range=input_range,
                                  num_classes=num_classes)
@@ -125,8 +125,8 @@ def fgsm_detection(fitted: FittedMethod, gm: fx.GraphModule, half_a: tuple[torch
                    input_range: tuple[float, float], num_classes: int, seed: int = 0) -> tuple[float, int, float]:
     """(detection rate, successful adversarial examples, alarm rate on A) of ``fitted`` on ``gm``: the alarm
     calibrated on A's clean inputs, FGSM at ``attack_eps`` on B against ``gm``."""
-    from harden.attacks import AttackSpec, run_attack
-    from harden.hardened import LOGITS_OUTPUT, HardenedModel
+    from harden.attacks.catalog import AttackSpec, run_attack
+    from harden.instrumentation.hardened import LOGITS_OUTPUT, HardenedModel
 
     hardened = HardenedModel(gm, [fitted])
 
@@ -184,7 +184,7 @@ def search_eps(
     """The grid search of the module docstring; ``gm`` is left untouched.  ``cfg`` is the real run's
     configuration (its eps is replaced per candidate, its budget cut to a quarter); ``make_method(thresholds,
     scales)`` builds the method's head the way the real fit does."""
-    from harden.attack_strength import half_accuracy_eps
+    from harden.attacks.strength import half_accuracy_eps
 
     x_cal, y_cal = calibration
     if len(x_cal) < 4:

@@ -15,11 +15,11 @@ from harden.detectors.calibration import calibrate, check_split
 from harden.errors import HardenError
 from harden.graph.analyse import check_input_shape
 from harden.graph.trace import trace
-from harden.hardened import LOGITS_OUTPUT, HardenedModel
+from harden.instrumentation.hardened import LOGITS_OUTPUT, HardenedModel
 from harden.io.data import Dataset
 from harden.methods import load_all  # noqa: F401  (registers every method)
 from harden.methods.base import METHODS, FitContext, Options, key_fingerprint
-from harden.policy import AlarmPolicy, policy_k
+from harden.detectors.policy import AlarmPolicy, policy_k
 
 GOLDEN_SAMPLES = 256
 

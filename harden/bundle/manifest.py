@@ -6,7 +6,7 @@ import datetime as _dt
 from importlib import metadata
 
 import harden
-from harden.hardened import HardenedModel
+from harden.instrumentation.hardened import HardenedModel
 
 FORMAT = 1
 _PACKAGES = ["torch", "onnx", "onnxruntime", "onnxscript", "scikit-learn", "skl2onnx", "numpy",

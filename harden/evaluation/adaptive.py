@@ -45,52 +45,17 @@ classifier's at the same budget.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from harden.errors import HardenError
-from harden.registry import Registry
+from harden.methods.surrogates import ATTACKERS, KEY_KNOWN, KEY_UNKNOWN, Knowledge, Surrogate, surrogates_for
 
-KEY_KNOWN, KEY_UNKNOWN = "key-known", "key-unknown"
-ATTACKERS = (KEY_KNOWN, KEY_UNKNOWN)
 NORMS = ("linf", "l2")
 SUPPORTS = ("all", "ink", "halo1", "halo2", "halo3")
 STEP_RULES = ("sign", "l2")   # for L-inf: sign steps, or L2-normalised steps of the same L2 length
-
-
-@dataclass
-class Knowledge:
-    """What a surrogate may use besides the bundle: who attacks, the training split, per-surrogate settings."""
-
-    attacker: str = KEY_KNOWN
-    reference: torch.Tensor | None = None      # training inputs (for statistics the key-unknown attacker computes)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-class Surrogate(Protocol):
-    """A differentiable stand-in for one fitted method's raw score (higher = more suspicious)."""
-
-    nodes: list[str]   # classifier graph nodes it reads (or INPUT / LOGITS), in the order ``raw`` receives them
-
-    def prepare(self, acts: list[torch.Tensor]) -> None:
-        """Statistics from clean inputs (e.g. sigmoid widths); called once before the attack."""
-
-    def raw(self, acts: list[torch.Tensor], smooth: bool) -> torch.Tensor:
-        """[N] raw score: smoothed (differentiable) or exact (the attacker's model of the shipped detector)."""
-
-
-SurrogateFactory = Callable[[Any, Any, Knowledge], Surrogate]   # (hardened model, fitted method, knowledge)
-SURROGATES: Registry[SurrogateFactory] = Registry("adaptive surrogate")
-
-
-def register_surrogate(*method_names: str) -> Callable[[SurrogateFactory], SurrogateFactory]:
-    def decorate(factory: SurrogateFactory) -> SurrogateFactory:
-        for name in method_names:
-            SURROGATES.register(name)(factory)
-        return factory
-    return decorate
 
 
 @dataclass
@@ -129,20 +94,6 @@ class AdaptiveSettings:
             raise HardenError(f"adaptive attack: lams must be finite and >= 0; got {list(self.lams)}")
         if not self.step_factors or any(not (np.isfinite(v) and v > 0) for v in self.step_factors):
             raise HardenError(f"adaptive attack: step factors must be positive; got {list(self.step_factors)}")
-
-
-def surrogates_for(hardened, knowledge: Knowledge | dict | None = None) -> dict[str, Surrogate]:
-    """A surrogate for every method of the bundle that has one; an error if none has."""
-    from harden.methods import load_all  # noqa: F401  (method modules register their surrogates)
-
-    if not isinstance(knowledge, Knowledge):
-        knowledge = Knowledge(settings=dict(knowledge or {}))
-    found = {m.name: SURROGATES.get(m.name)(hardened, m, knowledge) for m in hardened.methods if m.name in SURROGATES}
-    if not found:
-        names = ", ".join(m.name for m in hardened.methods)
-        raise HardenError(f"no adaptive attack for this bundle's methods ({names}); methods with an adaptive "
-                          f"surrogate: {', '.join(SURROGATES.names()) or 'none'}")
-    return found
 
 
 class _Target(torch.nn.Module):
@@ -373,7 +324,7 @@ def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSe
 
 
 def render_adaptive(report: dict):
-    """A rich table of ``harden.evaluation.evaluate_adaptive``'s report: the undefended baseline and the type II rows."""
+    """A rich table of ``harden.evaluation.evaluate.evaluate_adaptive``'s report: the undefended baseline and the type II rows."""
     from rich.table import Table
 
     def pct(value):

@@ -1,6 +1,6 @@
 """Evaluation: real attacks against the classifier, detectors scored through whatever ships.
 
-The attacks (:mod:`harden.attacks`) are crafted against the plain torch
+The attacks (:mod:`harden.attacks.catalog`) are crafted against the plain torch
 classifier; the detectors are read by calling a *scorer*, a function from a
 float32 NCHW batch to the ONNX contract's outputs (in harden, an onnxruntime
 session of the exported graph), so what is measured is what ships.
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from harden.attacks import AttackSpec, run_attack
+from harden.attacks.catalog import AttackSpec, run_attack
 from harden.errors import HardenError
 
 Scorer = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -307,7 +307,7 @@ def render_table(report: EvaluationReport):
 
 
 def _original_row(hardened, original, x: np.ndarray, y: np.ndarray, settings, input_range) -> dict[str, Any]:
-    from harden.adaptive import KEY_KNOWN, adaptive_attack
+    from harden.evaluation.adaptive import KEY_KNOWN, adaptive_attack
 
     before = replace(hardened, classifier=original)
     with torch.no_grad():
@@ -322,7 +322,7 @@ def _original_row(hardened, original, x: np.ndarray, y: np.ndarray, settings, in
 
 def _keyed(hardened) -> bool:
     """Whether any modelled method has a part the key decides (a surrogate says ``keyed = False`` otherwise)."""
-    from harden.adaptive import surrogates_for
+    from harden.methods.surrogates import surrogates_for
 
     return any(getattr(s, "keyed", True) for s in surrogates_for(hardened).values())
 
@@ -331,7 +331,7 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
                       input_range: tuple[float, float], num_classes: int, limit: int | None = None,
                       progress: Progress | None = None, reference=None, proxy=None,
                       attackers: tuple[str, ...] | None = None, original=None) -> dict[str, Any]:
-    """The type II attack of :mod:`harden.adaptive` beside its detector-blind baseline (lam = 0), scored by ``scorer``.
+    """The type II attack of :mod:`harden.evaluation.adaptive` beside its detector-blind baseline (lam = 0), scored by ``scorer``.
 
     Rows: ``type_i`` (lam 0: its ``fooled`` is the undefended classifier's success at this budget),
     ``type_ii`` (the key-known attacker, judged in the loop by ``scorer`` itself) and ``key_unknown`` (its own
@@ -343,7 +343,7 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
     ``original``: the user's classifier before a method fine-tuned it; the same lam 0 attack on it gives row
     ``original`` (its ``fooled``, over the inputs it classifies correctly), the robustness the user started from.
     """
-    from harden.adaptive import ATTACKERS, KEY_KNOWN, KEY_UNKNOWN, adaptive_attack
+    from harden.evaluation.adaptive import ATTACKERS, KEY_KNOWN, KEY_UNKNOWN, adaptive_attack
 
     x, y = _first(np.asarray(x, dtype=np.float32), np.asarray(y).astype(np.int64), limit)
     say = progress or (lambda message: None)

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from harden.graph.trace import input_node, output_node
 from harden.methods.base import INPUT, LOGITS, FittedMethod
-from harden.policy import AlarmPolicy, FiniteRows
+from harden.detectors.policy import AlarmPolicy, FiniteRows
 
 LOGITS_OUTPUT = "logits"
 FINITE_OUTPUT = "input_finite"

@@ -1,7 +1,7 @@
 """The ``*.hardened`` bundle: one zip file, loadable without unpickling anything.
 
 Members: ``manifest.json``; the classifier graph as JSON + ``.npz`` tensors
-(see ``harden.io.graphfile``); ``original.npz`` (the user's weights, when a
+(see ``harden.graph.graphfile``); ``original.npz`` (the user's weights, when a
 method fine-tuned them); ``heads/<method>.npz``; ``detectors/<method>.onnx``;
 ``golden.npz`` (held-out inputs and the reference outputs export checks against).
 """
@@ -18,13 +18,13 @@ import torch
 
 from harden.detectors.onnx_detector import OnnxDetector
 from harden.errors import HardenError
-from harden.hardened import HardenedModel
+from harden.instrumentation.hardened import HardenedModel
 from harden.io.atomic import atomic_path
-from harden.io.graphfile import graph_from_json, graph_to_json
-from harden.manifest import FORMAT, build_manifest
+from harden.graph.graphfile import graph_from_json, graph_to_json
+from harden.bundle.manifest import FORMAT, build_manifest
 from harden.methods import load_all  # noqa: F401
 from harden.methods.base import METHODS, FittedMethod, load_arrays, tensor_arrays
-from harden.policy import AlarmPolicy
+from harden.detectors.policy import AlarmPolicy
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -43,7 +43,7 @@ def half_accuracy_eps(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, i
                       num_classes: int, grid: tuple[float, ...] = EPS_GRID, seed: int = 0) -> AttackStrength:
     """The grid eps (as a fraction of the input range, returned in input units) whose FGSM accuracy on (x, y) is
     closest to half the clean accuracy; the search stops at the first eps below half.  Ties take the smaller eps."""
-    from harden.attacks import AttackSpec, run_attack
+    from harden.attacks.catalog import AttackSpec, run_attack
 
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y).astype(np.int64)

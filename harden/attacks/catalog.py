@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from harden.errors import HardenError
-from harden.registry import Registry
+from harden.core.registry import Registry
 
 Value = Union[float, int, str]
 Default = Union[Value, Callable[[dict], Value]]
@@ -401,13 +401,13 @@ def _boundary(estimator, p, batch_size):
 
 
 class _DegradationAttack:
-    """ART-like ``generate`` over :func:`harden.degradations.degrade`, querying only the estimator's predictions."""
+    """ART-like ``generate`` over :func:`harden.attacks.degradations.degrade`, querying only the estimator's predictions."""
 
     def __init__(self, estimator, kind: str, batch_size: int):
         self.estimator, self.kind, self.batch_size = estimator, kind, batch_size
 
     def generate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        from harden.degradations import degrade
+        from harden.attacks.degradations import degrade
 
         lo, hi = (float(v) for v in self.estimator.clip_values)
         labels = np.asarray(y).argmax(axis=1)

@@ -1,6 +1,6 @@
 """LeNet-5 for 1x28x28 inputs, written with nn.Module layers so torch.fx traces it with readable names.
 
-Use it as ``--arch examples.lenet:LeNet5``: the class itself is the factory (``LeNet5()``).
+Use it as ``--arch harden.examples.lenet:LeNet5``: the class itself is the factory (``LeNet5()``).
 """
 
 from __future__ import annotations
