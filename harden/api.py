@@ -84,7 +84,7 @@ def scorer_for(hardened: HardenedModel, onnx_path: Path | None, source=None):
 
 def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onnx_path: Path | None = None,
              data: str | None = None, split: str = "test", limit: int | None = 500, seed: int = 0,
-             progress: Callable[[str], None] | None = None, adversarial: list[Path] = ()):
+             progress: Callable[[str], None] | None = None, adversarial: list[Path] = (), batch_size: int | None = None):
     """Attacks (ART) against the classifier, and adversarial sets crafted elsewhere (``adversarial``: .npz
     files, :mod:`harden.io.adversarial`); alarms and scores read from the ONNX graph in onnxruntime."""
     from harden.attacks.catalog import parse_attack
@@ -99,7 +99,8 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
     graph = scorer_for(hardened, onnx_path)
     return _evaluate(hardened.classifier, graph.run, part.x.numpy(), part.y.numpy(), specs,
                      input_range=tuple(manifest["input"]["range"]), num_classes=manifest["num_classes"],
-                     seed=seed, limit=limit, progress=progress, given=given)
+                     seed=seed, limit=limit, progress=progress, given=given,
+                     **({"batch_size": batch_size} if batch_size else {}))
 
 
 
@@ -149,6 +150,12 @@ def ctt_traps(hardened: HardenedModel):
     return traps
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def original_classifier(hardened: HardenedModel):
     """The user's model before any fine-tuning (same graph, original weights)."""
     import copy
@@ -162,11 +169,15 @@ def original_classifier(hardened: HardenedModel):
 
 def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = None, *, data: str | None = None,
             split: str = "test", limit: int | None = None, check: int = 0, seed: int = 0, bounds: str = "ibp",
-            progress: Callable[[str, float], None] = lambda m, f: None) -> dict:
+            progress: Callable[[str, float], None] = lambda m, f: None, device: str = "cpu",
+            batch_size: int = 256) -> dict:
     """Placement, robust and detect-or-robust certificates (hardened vs original), and the sampling check.
 
     ``bounds``: ``ibp`` (interval), ``crown-ibp`` (backward linear-relaxation margin on interval intermediates)
-    or ``crown`` (backward linear relaxation throughout; tightest, slowest).
+    or ``crown`` (backward linear relaxation throughout; tightest, slowest).  ``device``: where bounds and the
+    check's points are computed (``cuda``: the models are copied there; the bundle's stay on the CPU).
+    ``batch_size``: samples bounded at once.  Under torchrun the batches are split across the ranks, and every
+    rank returns the same merged report.
     """
     from harden.bounds.crown import check_method
     from harden.certification.certify import BOUND_LABELS, certify_samples, check_certificates
@@ -178,6 +189,8 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
             raise HardenError(f"--eps must be >= 0; got {value}")
     if check < 0:
         raise HardenError("--check must be >= 0")
+    if batch_size < 1:
+        raise HardenError(f"--batch-size must be at least 1; got {batch_size}")
     part = split_of(bundle_data(manifest, data), split)
     x, y = part.x, part.y
     if limit is not None:
@@ -185,6 +198,15 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     input_range = tuple(manifest["input"]["range"])
     traps = ctt_traps(hardened)
     gm, original = hardened.classifier, original_classifier(hardened)
+    if str(device) != "cpu":
+        import copy
+
+        if str(device).startswith("cuda") and not torch_cuda_available():
+            raise HardenError("--device cuda: no CUDA device is available")
+        same = original is gm
+        gm = copy.deepcopy(gm).to(device)
+        original = gm if same else copy.deepcopy(original).to(device)
+        x, y = x.to(device), y.to(device)
     k = manifest["policy"]["k"]
     report = {
         "samples": len(x), "split": split, "bounds": BOUND_LABELS[bounds], "bound_method": bounds,
@@ -202,11 +224,11 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
         text = f"{value:g}"
         progress(f"eps {text}: bounds of the hardened model", done / steps)
         hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds,
-                                        with_placement=bool(traps))
+                                        with_placement=bool(traps), batch_size=batch_size)
         place = hardened_cert.get("placement", [])
         done += 1
         progress(f"eps {text}: bounds of the original model", done / steps)
-        original_cert = certify_samples(original, [], x, y, value, input_range, bounds=bounds)
+        original_cert = certify_samples(original, [], x, y, value, input_range, bounds=bounds, batch_size=batch_size)
         report["interval_only"] = sorted(set(report["interval_only"]) | set(hardened_cert["interval_only"])
                                          | set(original_cert["interval_only"]))
         done += 1
@@ -218,9 +240,12 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
         }
         if check:
             progress(f"eps {text}: {check} points per box through the real model", done / steps)
-            results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds)]
+            points = min(2048, batch_size * check)   # points through the model at once: at most a batch's boxes
+            results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds,
+                                          batch_points=points)]
             if original is not gm:
-                results.append(check_certificates(original, [], x, y, value, input_range, check, seed, bounds=bounds))
+                results.append(check_certificates(original, [], x, y, value, input_range, check, seed, bounds=bounds,
+                                                  batch_points=points))
             merged = {"points": sum(r.points for r in results), "violations": sum(r.violations for r in results),
                       "examples": [e for r in results for e in r.to_dict()["examples"]]}
             report["check"][text] = merged

@@ -25,6 +25,7 @@ from harden.bounds.crown import LinearBounds, check_method
 from harden.bounds.linear import linear_parts
 from harden.bounds.propagate import BoundResult, input_dependent
 from harden.bounds.rules import Call
+from harden.core.distributed import chunk_seed, gather, map_chunks
 from harden.errors import HardenError
 from harden.graph.ops import canonical_op
 from harden.graph.trace import output_node
@@ -234,6 +235,10 @@ class _PlacementTally:
             count[2] += int((lower >= thresholds).sum())
             count[3] += int((lower > thresholds).sum())
 
+    def merge(self, other: "_PlacementTally") -> None:
+        self.samples += other.samples
+        self.counts = [[a + b for a, b in zip(mine, theirs)] for mine, theirs in zip(self.counts, other.counts)]
+
     def rows(self) -> list[dict]:
         out = []
         for trap, (below, upper, lower, exceeds) in zip(self.traps, self.counts):
@@ -333,22 +338,30 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     pass (with crown that pass is the costly part, so it is not run twice).
     """
     _check_inputs(gm, traps, x, eps, y)
-    tally = _PlacementTally(traps) if with_placement else None
     trap_nodes = {t.node for t in traps} if with_placement else set()
     engine = _engine(gm, bounds)
     fold = _final_linear(gm)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                            ("robust", "detect_or_robust", "always_alarm", "margin", "margin_detect")}
+    keys = ("robust", "detect_or_robust", "always_alarm", "margin", "margin_detect")
     y = y.to(device=x.device, dtype=torch.int64)
-    with torch.no_grad():
-        for rows in _chunks(x.shape[0], batch_size):
+
+    def one_chunk(rows: slice):
+        """Certificates of one batch; under torchrun each rank takes its own batches (harden.core.distributed)."""
+        with torch.no_grad():
             xb = x[rows]
             b = _bound_batch(gm, traps, xb, y[rows], _eps_for(eps, rows, x), input_range, fold, trap_nodes,
                              engine, bounds)
-            if tally is not None:
+            tally = None
+            if with_placement:
+                tally = _PlacementTally(traps)
                 tally.add(run_recorded(gm, xb, trap_nodes)[1], b.plain, xb)
-            for key in parts:
-                parts[key].append(getattr(b, key))
+            return {key: getattr(b, key).cpu() for key in keys}, tally
+
+    results = map_chunks(x.shape[0], batch_size, one_chunk)
+    parts: dict[str, list[torch.Tensor]] = {k: [r[0][k] for r in results] for k in keys}
+    tally = _PlacementTally(traps) if with_placement else None
+    for _, part in results:
+        if tally is not None:
+            tally.merge(part)
     out = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for k, v in parts.items()}
     n = x.shape[0]
     out["fractions"] = {k: float(out[k].float().mean()) if n else 0.0
@@ -356,7 +369,7 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     out["samples"] = n
     out["margin_method"] = "folded into the last linear layer" if fold is not None else "interval subtraction"
     out["bounds"] = bounds
-    out["interval_only"] = sorted(engine.interval_only) if engine is not None else []
+    out["interval_only"] = sorted(set().union(*gather(set(engine.interval_only)))) if engine is not None else []
     if tally is not None:
         out["placement"] = tally.rows()
     return out
@@ -438,7 +451,6 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
     _check_inputs(gm, traps, x, eps, y)
     if n_points < 1:
         raise HardenError(f"--check needs at least one point per box; got {n_points}")
-    generator = torch.Generator().manual_seed(int(seed))
     method = bounds  # (``bounds`` names each node-bound table in the loop below)
     engine = _engine(gm, method)
     fold = _final_linear(gm)
@@ -446,58 +458,73 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
     checked = [n.name for n in gm.graph.nodes if n in dependent and n.op != "output"]
     logits_name = output_node(gm).args[0].name
     y = y.to(device=x.device, dtype=torch.int64)
+
+    def one_chunk(rows: slice) -> CheckResult:
+        """The check on one batch of boxes; its points are drawn from the batch's own seed, so one process and
+        any split across ranks draw the same points."""
+        part = CheckResult(boxes=rows.stop - rows.start, points=0, nodes_checked=len(checked))
+
+        def report(sample: int, point: int, node: str, kind: str, excess: float) -> None:
+            part.violations += 1
+            part.counts[kind] = part.counts.get(kind, 0) + 1
+            if part.counts[kind] <= max_details:
+                part.details.append(Violation(sample, point, node, kind, excess))
+
+        generator = torch.Generator().manual_seed(chunk_seed(seed, rows, "check"))
+        xb, yb = x[rows], y[rows]
+        eps_b = _eps_for(eps, rows, x)
+        b = _bound_batch(gm, traps, xb, yb, eps_b, input_range, fold, set(checked), engine, method)
+        box = Interval.from_box(xb, eps_b, input_range)
+        points = draw_points(box, n_points, generator, anchor=xb)
+        nb = xb.shape[0]
+        flat = points.reshape((nb * n_points,) + tuple(xb.shape[1:]))
+        logits, values = run_recorded(gm, flat, checked)
+        part.points += flat.shape[0]
+        alarm = _alarm(values, traps, flat.shape[0], flat.device).reshape(nb, n_points)
+
+        for name in checked:
+            value = values.get(name)
+            for kind, bounds, only in (("bound", b.plain, None), ("clamped-bound", b.clamped, ~alarm)):
+                if kind == "clamped-bound" and (not traps or bounds is b.plain):
+                    continue
+                iv = bounds.nodes.get(name)
+                if not isinstance(iv, Interval) or not isinstance(value, torch.Tensor):
+                    continue
+                if value.shape[0] != flat.shape[0] or iv.shape[0] != nb or value.shape[1:] != iv.shape[1:]:
+                    continue  # not a per-sample value (e.g. mixes the batch): nothing to compare
+                v = value.reshape((nb, n_points) + tuple(value.shape[1:]))
+                tol = _tolerance(iv, rtol).unsqueeze(1)
+                excess = torch.maximum(iv.lo.unsqueeze(1) - tol - v, v - iv.hi.unsqueeze(1) - tol)
+                excess = excess.flatten(2).amax(dim=2)                     # [nb, P]
+                bad = excess > 0
+                if only is not None:
+                    bad &= only
+                for s, p in bad.nonzero().tolist():
+                    report(rows.start + s, p, name, kind, float(excess[s, p]))
+
+        logits = logits.reshape(nb, n_points, -1)
+        k = logits.shape[-1]
+        true = logits.gather(2, yb.view(nb, 1, 1).expand(nb, n_points, 1)).squeeze(2)
+        others = logits.masked_fill(torch.nn.functional.one_hot(yb, k).bool().unsqueeze(1), float("-inf"))
+        margin = true - others.amax(dim=2)                                  # [nb, P]
+        tol = rtol * logits.abs().flatten(1).amax(dim=1).clamp_min(1.0).unsqueeze(1)
+        flipped = margin < -tol
+        for kind, cert, bad in (("robust", b.robust, flipped),
+                                ("detect_or_robust", b.detect_or_robust, flipped & ~alarm)):
+            for s, p in (bad & cert.unsqueeze(1)).nonzero().tolist():
+                report(rows.start + s, p, logits_name, kind, float(-margin[s, p]))
+        return part
+
     result = CheckResult(boxes=x.shape[0], points=0, nodes_checked=len(checked))
-
-    def report(sample: int, point: int, node: str, kind: str, excess: float) -> None:
-        result.violations += 1
-        result.counts[kind] = result.counts.get(kind, 0) + 1
-        if result.counts[kind] <= max_details:
-            result.details.append(Violation(sample, point, node, kind, excess))
-
     with torch.no_grad():
-        for rows in _chunks(x.shape[0], max(1, batch_points // n_points)):
-            xb, yb = x[rows], y[rows]
-            eps_b = _eps_for(eps, rows, x)
-            b = _bound_batch(gm, traps, xb, yb, eps_b, input_range, fold, set(checked), engine, method)
-            box = Interval.from_box(xb, eps_b, input_range)
-            points = draw_points(box, n_points, generator, anchor=xb)
-            nb = xb.shape[0]
-            flat = points.reshape((nb * n_points,) + tuple(xb.shape[1:]))
-            logits, values = run_recorded(gm, flat, checked)
-            result.points += flat.shape[0]
-            alarm = _alarm(values, traps, flat.shape[0], flat.device).reshape(nb, n_points)
-
-            for name in checked:
-                value = values.get(name)
-                for kind, bounds, only in (("bound", b.plain, None), ("clamped-bound", b.clamped, ~alarm)):
-                    if kind == "clamped-bound" and (not traps or bounds is b.plain):
-                        continue
-                    iv = bounds.nodes.get(name)
-                    if not isinstance(iv, Interval) or not isinstance(value, torch.Tensor):
-                        continue
-                    if value.shape[0] != flat.shape[0] or iv.shape[0] != nb or value.shape[1:] != iv.shape[1:]:
-                        continue  # not a per-sample value (e.g. mixes the batch): nothing to compare
-                    v = value.reshape((nb, n_points) + tuple(value.shape[1:]))
-                    tol = _tolerance(iv, rtol).unsqueeze(1)
-                    excess = torch.maximum(iv.lo.unsqueeze(1) - tol - v, v - iv.hi.unsqueeze(1) - tol)
-                    excess = excess.flatten(2).amax(dim=2)                     # [nb, P]
-                    bad = excess > 0
-                    if only is not None:
-                        bad &= only
-                    for s, p in bad.nonzero().tolist():
-                        report(rows.start + s, p, name, kind, float(excess[s, p]))
-
-            logits = logits.reshape(nb, n_points, -1)
-            k = logits.shape[-1]
-            true = logits.gather(2, yb.view(nb, 1, 1).expand(nb, n_points, 1)).squeeze(2)
-            others = logits.masked_fill(torch.nn.functional.one_hot(yb, k).bool().unsqueeze(1), float("-inf"))
-            margin = true - others.amax(dim=2)                                  # [nb, P]
-            tol = rtol * logits.abs().flatten(1).amax(dim=1).clamp_min(1.0).unsqueeze(1)
-            flipped = margin < -tol
-            for kind, cert, bad in (("robust", b.robust, flipped),
-                                    ("detect_or_robust", b.detect_or_robust, flipped & ~alarm)):
-                for s, p in (bad & cert.unsqueeze(1)).nonzero().tolist():
-                    report(rows.start + s, p, logits_name, kind, float(-margin[s, p]))
+        parts = map_chunks(x.shape[0], max(1, batch_points // n_points), one_chunk)
+    for part in parts:   # in sample order: the first max_details of each kind are the single pass's
+        result.points += part.points
+        result.violations += part.violations
+        for kind, count in part.counts.items():
+            kept = sum(1 for d in result.details if d.kind == kind)
+            result.details += [d for d in part.details if d.kind == kind][: max(0, max_details - kept)]
+            result.counts[kind] = result.counts.get(kind, 0) + count
     return result
 
 

@@ -7,12 +7,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, ranks, stdout
+from harden.cli.workers import WORKERS_HELP, relaunch
 
 
 def register(app: typer.Typer) -> None:
     @app.command("certify")
     def certify(
+        ctx: typer.Context,
         bundle: Path = typer.Argument(..., help="A .hardened bundle."),
         eps: list[float] = typer.Option(None, "--eps", help="L-inf radius; repeat for several (default: the bundle's eps)."),
         data: str = typer.Option(None, "--data", help="Data (default: the bundle's, split as it was)."),
@@ -23,25 +25,35 @@ def register(app: typer.Typer) -> None:
         bounds: str = typer.Option("ibp", "--bounds",
                                    help="ibp | crown-ibp | crown: interval bounds, or backward linear relaxation "
                                         "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown)."),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda (bound propagation and the --check points)."),
+        batch_size: int = typer.Option(256, "--batch-size", help="Samples bounded at once (memory), the unit split across --workers."),
+        workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
         json_out: bool = JSON_OPTION,
     ):
         """Placement of every CTT trap, per-sample robust and detect-or-robust certificates, hardened vs original."""
         with errors_to_exit():
-            from harden.api import certify as certificates
             from harden.bounds.crown import check_method
-            from harden.bundle.archive import load_bundle
 
-            check_method(bounds)  # before the bundle loads: a typo fails at once
-            hardened, manifest = load_bundle(bundle)
-            with progress_reporter(not json_out) as progress:
-                report = certificates(hardened, manifest, eps or None, data=data, split=split, limit=limit,
-                                      check=check, seed=seed, bounds=bounds, progress=progress)
-            if json_out:
-                emit_json(report)
-            else:
-                _print(report)
-            if report.get("check") and any(c["violations"] for c in report["check"].values()):
-                raise typer.Exit(1)
+            check_method(bounds)  # before the bundle loads (and before ranks start): a typo fails at once
+            if relaunch(ctx, workers):
+                return
+            with ranks(device) as world:
+                from harden.api import certify as certificates
+                from harden.bundle.archive import load_bundle
+                from harden.core.distributed import rank_device
+
+                hardened, manifest = load_bundle(bundle)
+                with progress_reporter(not json_out) as progress:
+                    report = certificates(hardened, manifest, eps or None, data=data, split=split, limit=limit,
+                                          check=check, seed=seed, bounds=bounds, progress=progress,
+                                          device=rank_device(device), batch_size=batch_size)
+                if json_out:
+                    emit_json(report)
+                else:
+                    _print(report)
+                # rank 0 alone: under --workers the launcher passes its exit code on
+                if world.writer and report.get("check") and any(c["violations"] for c in report["check"].values()):
+                    raise typer.Exit(1)
 
 
 def _print(report: dict) -> None:

@@ -25,8 +25,22 @@ def debug() -> bool:
 def fail(message: str, code: int = 2) -> None:
     # One line, always: torch.fx appends "While executing ..." lines to exceptions raised inside it.
     message = (message.strip().splitlines() or [""])[0]
+    rank = _rank_label()
+    if rank is not None:   # one rank of several: the launcher reads the line from the rank's error file
+        from harden.cli.workers import LAUNCHED_BY_WORKERS, record_failure
+
+        record_failure(message)
+        if os.environ.get(LAUNCHED_BY_WORKERS):   # the --workers process reports it, naming the rank
+            raise typer.Exit(code)
+        message = f"{rank}: {message}"
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _rank_label() -> str | None:
+    """"rank R of N" in a process that torchrun started as one of several, else None."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    return f"rank {os.environ.get('RANK', '?')} of {size}" if size > 1 else None
 
 
 @contextlib.contextmanager
@@ -45,11 +59,33 @@ def errors_to_exit() -> Iterator[None]:
     except Exception as exc:  # the funnel: no traceback for users unless asked
         if debug():
             raise
+        from harden.cli.workers import failed_rank_line
+
+        lost = failed_rank_line(exc)
+        if lost is not None:
+            fail(lost, 3)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         fail(f"internal error ({type(exc).__name__}): {first} (set HARDEN_DEBUG=1 for the traceback)", 3)
 
 
+@contextlib.contextmanager
+def ranks(device: str = "cpu") -> Iterator[Any]:
+    """The command's torch.distributed world (one process unless torchrun / --workers started several): rank 0
+    alone prints results and progress; the others stay silent but for their own error."""
+    from harden.core.distributed import session
+
+    with session(device) as world:
+        quiet = stdout.quiet
+        stdout.quiet = quiet or not world.writer
+        try:
+            yield world
+        finally:
+            stdout.quiet = quiet
+
+
 def emit_json(payload: Any) -> None:
+    if int(os.environ.get("RANK", "0") or "0") != 0:   # one report: rank 0's
+        return
     sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
@@ -68,8 +104,8 @@ def _json_default(value: Any):
 
 @contextlib.contextmanager
 def progress_reporter(enabled: bool) -> Iterator[Callable[[str, float], None]]:
-    """A rich progress display fed by ``report(message, fraction)``; silent for --json."""
-    if not enabled:
+    """A rich progress display fed by ``report(message, fraction)``; silent for --json and on every rank but 0."""
+    if not enabled or int(os.environ.get("RANK", "0") or "0") != 0:
         yield lambda message, fraction: None
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, ranks, stdout
+from harden.cli.workers import WORKERS_HELP, relaunch
 from harden.errors import HardenError
 
 DEFAULT_ATTACKS = ["fgsm:eps=0.1", "pgd:eps=0.1", "bim:eps=0.1", "deepfool", "cw"]
@@ -32,6 +33,7 @@ def resolve_target(target: Path, bundle: Path | None) -> tuple[Path, Path | None
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate(
+        ctx: typer.Context,
         target: Path = typer.Argument(..., help="An exported ONNX file (its bundle beside it or --bundle) or a .hardened bundle."),
         attack: list[str] = typer.Option(None, "--attack", "-a", help=f"name:param=value,... repeatable (default: {' '.join(DEFAULT_ATTACKS)})."),
         bundle: Path = typer.Option(None, "--bundle", help="The bundle TARGET was exported from."),
@@ -46,38 +48,43 @@ def register(app: typer.Typer) -> None:
         adaptive_attacker: list[str] = typer.Option(None, "--adaptive-attacker", help="key-known and/or key-unknown, repeatable (default: both; a key-unknown row this bundle cannot have is reported as skipped)."),
         adaptive_proxy: Path = typer.Option(None, "--adaptive-proxy", help="The same classifier hardened with another key: the key-unknown attacker attacks its detectors."),
         adversarial: list[Path] = typer.Option(None, "--adversarial", help="An .npz of adversarial inputs crafted elsewhere (x, y, optional x_clean), scored as given; repeatable; alone unless --attack is given too."),
+        batch_size: int = typer.Option(128, "--batch-size", help="Inputs attacked at once, the unit split across --workers (each batch's attack is seeded by --seed and its position)."),
+        workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
         json_out: bool = JSON_OPTION,
     ):
         """Accuracy under attack, detection rate, perturbation size, clean FPR and ROC-AUC per detector."""
         with errors_to_exit():
-            from harden.api import evaluate as run_evaluate, evaluate_adaptive
-            from harden.evaluation.evaluate import render_table
-            from harden.bundle.archive import load_bundle
-
-            bundle_path, onnx_path = resolve_target(target, bundle)
-            hardened, manifest = load_bundle(bundle_path)
-            report, adaptive_report = None, None
-            with progress_reporter(not json_out) as progress:
-                if attack or adversarial or not adaptive:
-                    attacks = attack or ([] if adversarial or adaptive else DEFAULT_ATTACKS)
-                    report = run_evaluate(hardened, manifest, attacks, onnx_path=onnx_path, data=data,
-                                          split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5),
-                                          adversarial=adversarial or [])
-                if adaptive:
-                    adaptive_report = evaluate_adaptive(
-                        hardened, manifest, eps=adaptive_eps, norm=adaptive_norm, steps=adaptive_steps,
-                        onnx_path=onnx_path, data=data, split=split, limit=limit,
-                        attackers=tuple(adaptive_attacker) if adaptive_attacker else None, proxy=adaptive_proxy,
-                        progress=lambda m: progress(m, 0.5))
-            if json_out:
-                extra = {"adaptive": adaptive_report} if adaptive_report is not None else {}
-                emit_json({"target": str(target), "bundle": str(bundle_path), **(report.to_json() if report else {}), **extra})
+            if relaunch(ctx, workers):
                 return
-            if report is not None:
-                stdout.print(render_table(report))
-            if adaptive_report is not None:
-                from harden.evaluation.adaptive import render_adaptive
+            with ranks("cpu") as world:
+                from harden.api import evaluate as run_evaluate, evaluate_adaptive
+                from harden.evaluation.evaluate import render_table
+                from harden.bundle.archive import load_bundle
 
-                stdout.print(render_adaptive(adaptive_report))
-            if onnx_path is None:
-                console.print("scored through a fresh in-memory ONNX export of the bundle", highlight=False)
+                bundle_path, onnx_path = resolve_target(target, bundle)
+                hardened, manifest = load_bundle(bundle_path)
+                report, adaptive_report = None, None
+                with progress_reporter(not json_out) as progress:
+                    if attack or adversarial or not adaptive:
+                        attacks = attack or ([] if adversarial or adaptive else DEFAULT_ATTACKS)
+                        report = run_evaluate(hardened, manifest, attacks, onnx_path=onnx_path, data=data,
+                                              split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5),
+                                              adversarial=adversarial or [], batch_size=batch_size)
+                    if adaptive:
+                        adaptive_report = evaluate_adaptive(
+                            hardened, manifest, eps=adaptive_eps, norm=adaptive_norm, steps=adaptive_steps,
+                            onnx_path=onnx_path, data=data, split=split, limit=limit,
+                            attackers=tuple(adaptive_attacker) if adaptive_attacker else None, proxy=adaptive_proxy,
+                            progress=lambda m: progress(m, 0.5))
+                if json_out:
+                    extra = {"adaptive": adaptive_report} if adaptive_report is not None else {}
+                    emit_json({"target": str(target), "bundle": str(bundle_path), **(report.to_json() if report else {}), **extra})
+                    return
+                if report is not None:
+                    stdout.print(render_table(report))
+                if adaptive_report is not None:
+                    from harden.evaluation.adaptive import render_adaptive
+
+                    stdout.print(render_adaptive(adaptive_report))
+                if onnx_path is None and world.writer:
+                    console.print("scored through a fresh in-memory ONNX export of the bundle", highlight=False)

@@ -8,12 +8,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, ranks, stdout
+from harden.cli.workers import WORKERS_HELP, relaunch
 
 
 def register(app: typer.Typer) -> None:
     @app.command("instrument")
     def instrument(
+        ctx: typer.Context,
         model: Path = typer.Argument(..., help="model.pt2, or model.pt with --arch"),
         data: str = typer.Option(..., "--data", help="mnist, digits, x.npz, an image folder, or x.pt"),
         method: list[str] = typer.Option(..., "--method", "-m", help="Detection method; repeat for several (ctt-lite, ...)."),
@@ -57,48 +59,61 @@ def register(app: typer.Typer) -> None:
         second_model: Path = typer.Option(None, "--second-model", help="Mismatch: the second model (.pt2, or .pt with --second-arch)."),
         second_arch: str = typer.Option(None, "--second-arch", help="Mismatch: package.module:factory of the second model."),
         train_second: bool = typer.Option(False, "--train-second", help="Mismatch: train a structurally different second model."),
+        workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
         json_out: bool = JSON_OPTION,
     ):
         """Instrument MODEL with the chosen methods and write a .hardened bundle."""
         with errors_to_exit():
-            from harden.io.atomic import check_output_path
-            from harden.bundle.archive import save_bundle
-            from harden.io.data import load_data, parse_input_range
-            from harden.io.model import load_model
-            from harden.instrumentation.pipeline import instrument as run_instrument
-            from harden.methods.base import Options
-
-            out = check_output_path(output or Path(model.name).with_suffix(".hardened"))
-            generated_key = key is None
-            key = key if key is not None else secrets.token_hex(16)
-            from harden.errors import HardenError
-            from harden.train.eps_search import parse_eps
-
-            eps = parse_eps(eps)
-            if eps == "auto" and not {"ctt-loose", "ctt-strict"} & set(method):
-                raise HardenError(f"--eps {eps} sets the fine-tuning eps of ctt-loose or ctt-strict; add one of them or give a number")
-            extra = {"epochs": epochs, "steps": steps, "patience": patience, "alpha": alpha, "alpha_growth": alpha_growth, "alpha_every": alpha_every,
-                     "lr": lr, "detection_weight": detection_weight, "fire_margin": fire_margin,
-                     "trap_rule": trap_rule, "trap_scale": trap_scale, "anneal": anneal, "trap_placement": trap_placement,
-                     "code": code, "attacks": attack or None, "svm_c": svm_c, "svm_gamma": svm_gamma,
-                     "max_train": max_train, "max_sv": max_sv, "nic_detectors": nic_detectors, "nic_invariants": nic_invariants,
-                     "second_model": str(second_model) if second_model else None, "second_arch": second_arch,
-                     "train_second": train_second or None, "trust_pickle": trust_pickle or None}
-            options = Options(key=key, seed=seed, layers=list(layers or []), mask_ratio=mask_ratio, quantile=quantile,
-                              fpr=fpr, fpr_confidence=fpr_confidence, eps=eps, threshold=threshold, device=device,
-                              extra={k: v for k, v in extra.items() if v is not None})
-            net = load_model(model, arch, trust_pickle)
-            dataset = load_data(data, seed=seed, input_range=parse_input_range(input_range), limit=limit)
-            with progress_reporter(not json_out) as progress:
-                hardened = run_instrument(net, dataset, list(method), options, policy=policy, progress=progress)
-                progress("writing bundle", 1.0)
-                manifest = save_bundle(hardened, out)
-            if json_out:
-                emit_json({"bundle": str(out), "manifest": manifest})
+            if relaunch(ctx, workers):
                 return
-            if generated_key:
-                console.print(f"key (keep it secret; needed to re-instrument identically): {key}", highlight=False)
-            _print_summary(out, manifest)
+            _instrument(**{k: v for k, v in locals().items() if k not in ("ctx", "workers")})
+
+
+def _instrument(model, data, method, output, arch, trust_pickle, key, seed, layers, mask_ratio, quantile, fpr,
+                fpr_confidence, policy, input_range, limit, device, eps, threshold, epochs, steps, patience, alpha,
+                alpha_growth, alpha_every, lr, detection_weight, fire_margin, trap_rule, trap_scale, anneal,
+                trap_placement, code, attack, svm_c, svm_gamma, max_train, max_sv, nic_detectors, nic_invariants,
+                second_model, second_arch, train_second, json_out) -> None:
+    with ranks(device) as world:
+        from harden.core.distributed import broadcast, rank_device
+        from harden.io.atomic import check_output_path
+        from harden.bundle.archive import save_bundle
+        from harden.io.data import load_data, parse_input_range
+        from harden.io.model import load_model
+        from harden.instrumentation.pipeline import instrument as run_instrument
+        from harden.methods.base import Options
+
+        out = check_output_path(output or Path(model.name).with_suffix(".hardened"))
+        generated_key = key is None
+        key = key if key is not None else broadcast(secrets.token_hex(16))   # every rank needs the same key
+        from harden.errors import HardenError
+        from harden.train.eps_search import parse_eps
+
+        eps = parse_eps(eps)
+        if eps == "auto" and not {"ctt-loose", "ctt-strict"} & set(method):
+            raise HardenError(f"--eps {eps} sets the fine-tuning eps of ctt-loose or ctt-strict; add one of them or give a number")
+        extra = {"epochs": epochs, "steps": steps, "patience": patience, "alpha": alpha, "alpha_growth": alpha_growth, "alpha_every": alpha_every,
+                 "lr": lr, "detection_weight": detection_weight, "fire_margin": fire_margin,
+                 "trap_rule": trap_rule, "trap_scale": trap_scale, "anneal": anneal, "trap_placement": trap_placement,
+                 "code": code, "attacks": attack or None, "svm_c": svm_c, "svm_gamma": svm_gamma,
+                 "max_train": max_train, "max_sv": max_sv, "nic_detectors": nic_detectors, "nic_invariants": nic_invariants,
+                 "second_model": str(second_model) if second_model else None, "second_arch": second_arch,
+                 "train_second": train_second or None, "trust_pickle": trust_pickle or None}
+        options = Options(key=key, seed=seed, layers=list(layers or []), mask_ratio=mask_ratio, quantile=quantile,
+                          fpr=fpr, fpr_confidence=fpr_confidence, eps=eps, threshold=threshold, device=rank_device(device),
+                          extra={k: v for k, v in extra.items() if v is not None})
+        net = load_model(model, arch, trust_pickle)
+        dataset = load_data(data, seed=seed, input_range=parse_input_range(input_range), limit=limit)
+        with progress_reporter(not json_out) as progress:
+            hardened = run_instrument(net, dataset, list(method), options, policy=policy, progress=progress)
+            progress("writing bundle", 1.0)
+            manifest = save_bundle(hardened, out)
+        if json_out:
+            emit_json({"bundle": str(out), "manifest": manifest})
+            return
+        if generated_key and world.writer:
+            console.print(f"key (keep it secret; needed to re-instrument identically): {key}", highlight=False)
+        _print_summary(out, manifest)
 
 
 def _print_finetuning(method: dict) -> None:

@@ -50,6 +50,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from harden.core.distributed import map_chunks
 from harden.errors import HardenError
 from harden.methods.surrogates import ATTACKERS, KEY_KNOWN, KEY_UNKNOWN, Knowledge, Surrogate, surrogates_for
 
@@ -256,9 +257,10 @@ def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSe
     x_all = torch.as_tensor(np.asarray(x, dtype=np.float32))
     y_all = torch.as_tensor(np.asarray(y)).long()
     detector.prepare(x_all)
-    out, won = x_all.clone(), torch.zeros(len(x_all), dtype=torch.bool)
-    for start in range(0, len(x_all), settings.batch_size):
-        xb, yb = x_all[start : start + settings.batch_size], y_all[start : start + settings.batch_size]
+
+    def attack_batch(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch; under torchrun each rank attacks its own batches (harden.core.distributed)."""
+        xb, yb = x_all[part], y_all[part]
         best, done = xb.clone(), torch.zeros(len(xb), dtype=torch.bool)
         # a row not won yet keeps its fooling iterate with the lowest combined score the attacker can see
         best_score = torch.full((len(xb),), float("inf"), dtype=torch.float64)
@@ -317,8 +319,11 @@ def adaptive_attack(hardened, x: np.ndarray, y: np.ndarray, settings: AdaptiveSe
             done[rows[hit]] = True
             never = rows[~hit & torch.isinf(best_score[rows])]   # nothing fooling found: the latest last iterate
             best[never] = adv.detach()[~hit & torch.isinf(best_score[rows])]
-        out[start : start + settings.batch_size] = best
-        won[start : start + settings.batch_size] = done
+        return best, done
+
+    parts = map_chunks(len(x_all), settings.batch_size, attack_batch)
+    out = torch.cat([p[0] for p in parts]) if parts else x_all.clone()
+    won = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.bool)
     return {"x_adv": out.numpy(), "methods": list(surrogates), "won": won.numpy(), "attacker": attacker,
             "proxy": proxy is not None}
 

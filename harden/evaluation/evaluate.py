@@ -33,9 +33,13 @@ import numpy as np
 import torch
 
 from harden.attacks.catalog import AttackSpec, run_attack
+from harden.core.distributed import chunk_seed, map_chunks
 from harden.errors import HardenError
 
 Scorer = Callable[[np.ndarray], dict[str, np.ndarray]]
+# Inputs attacked together (ART's batch): also the unit split across ranks under torchrun, each chunk seeded by
+# its position, so the merged report equals one process's exactly.
+ATTACK_CHUNK = 128
 Progress = Callable[[str], None]
 
 SCORE_SUFFIX = ".score"
@@ -174,21 +178,25 @@ def _first(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray,
     return x, y
 
 
-def _row(label: str, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, correct: np.ndarray,
+def _norms(x: np.ndarray, x_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per input, the l2 and l-inf size of the perturbation ``x_adv - x``."""
+    delta = (x_adv - x).reshape(len(x), -1).astype(np.float64)
+    return np.linalg.norm(delta, axis=1), (np.abs(delta).max(axis=1) if delta.shape[1] else np.zeros(len(x)))
+
+
+def _row(label: str, norms: tuple[np.ndarray, np.ndarray] | None, y: np.ndarray, correct: np.ndarray,
          clean: dict[str, np.ndarray], adv: dict[str, np.ndarray], seconds: float, params: dict) -> AttackRow:
-    """One table row: ``x_adv`` made from ``x`` (None: unknown), ``correct`` the inputs the detection rates
-    count, ``clean`` the clean scores the ROC-AUC compares against."""
+    """One table row: ``norms`` the per-input (l2, l-inf) perturbation sizes (None: unknown), ``correct`` the
+    inputs the detection rates count, ``clean`` the clean scores the ROC-AUC compares against."""
     wrong_now = adv["logits"].argmax(axis=1) != y
     successful = correct & wrong_now
     l2 = linf = None
-    if x is not None:
-        delta = (x_adv - x).reshape(len(x), -1).astype(np.float64)
-        l2 = _mean(np.linalg.norm(delta, axis=1)[correct])
-        linf = _mean((np.abs(delta).max(axis=1) if delta.shape[1] else np.zeros(len(x)))[correct])
+    if norms is not None:
+        l2, linf = _mean(norms[0][correct]), _mean(norms[1][correct])
     methods = method_names(clean)
     return AttackRow(
         attack=label,
-        n=len(x_adv),
+        n=len(y),
         accuracy=float(np.mean(~wrong_now)),
         detection_rate=_rate(adv["alarm"][correct]),
         detection_rate_successful=_rate(adv["alarm"][successful]),
@@ -214,22 +222,24 @@ def _given_row(scorer: Scorer, given_set, clean: dict[str, np.ndarray], num_clas
     params = {"inputs": len(given_set.x), "clean_pairs": given_set.x_clean is not None}
     if given_set.x_clean is None:
         correct = np.ones(len(given_set.x), dtype=bool)
-        return _row(given_set.label, None, given_set.x, given_set.y, correct, clean, adv,
+        return _row(given_set.label, None, given_set.y, correct, clean, adv,
                     time.perf_counter() - start, params)
     own_clean = _score(scorer, given_set.x_clean, num_classes, f"the clean inputs of {given_set.label}")
     correct = own_clean["logits"].argmax(axis=1) == given_set.y
-    return _row(given_set.label, given_set.x_clean, given_set.x, given_set.y, correct, own_clean, adv,
+    return _row(given_set.label, _norms(given_set.x_clean, given_set.x), given_set.y, correct, own_clean, adv,
                 time.perf_counter() - start, params)
 
 
 def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarray, attacks: list[AttackSpec], *,
              input_range: tuple[float, float], num_classes: int, seed: int = 0, limit: int | None = None,
-             progress: Progress | None = None, given: list = ()) -> EvaluationReport:
+             progress: Progress | None = None, given: list = (), batch_size: int = ATTACK_CHUNK) -> EvaluationReport:
     """Clean row, then each attack: crafted on ``model``, scored with ``scorer``; then each ``given`` set
     (:class:`harden.io.adversarial.AdversarialSet`, crafted elsewhere), scored as it is.
 
     ``limit`` keeps the first ``limit`` inputs (the data splits are already
-    seeded shuffles). Every attack runs with the same ``seed``.  ``limit`` does not cut the given sets.
+    seeded shuffles).  Each attack runs on chunks of ``batch_size`` inputs, each seeded by ``seed`` and its
+    position (under torchrun the chunks are split across ranks; the report is the same).  ``limit`` does not
+    cut the given sets.
     """
     x = np.asarray(x)
     y = np.asarray(y)
@@ -240,6 +250,8 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
     x, y = _first(x, y, limit)
     x = x.astype(np.float32)
     y = y.astype(np.int64)
+    if batch_size < 1:
+        raise HardenError(f"--batch-size must be at least 1; got {batch_size}")
     say = progress or (lambda message: None)
 
     say(f"scoring {len(x)} clean inputs")
@@ -254,10 +266,18 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
         label = spec.label()
         say(f"attack {i}/{len(attacks)}: {label} on {len(x)} inputs")
         start = time.perf_counter()
-        x_adv = run_attack(model, spec, x, y, input_range=input_range, num_classes=num_classes, seed=seed)
-        say(f"attack {i}/{len(attacks)}: scoring {label}")
-        adv = _score(scorer, x_adv, num_classes, f"the {label} examples")
-        rows.append(_row(label, x, x_adv, y, correct, clean, adv, time.perf_counter() - start,
+
+        def attack_chunk(part: slice, spec=spec, label=label):
+            # Each chunk is attacked on its own with its own seed, so that one process and any split across
+            # torchrun's ranks (harden.core.distributed) make the same adversarial examples.
+            x_adv = run_attack(model, spec, x[part], y[part], input_range=input_range, num_classes=num_classes,
+                               seed=chunk_seed(seed, part, label), batch_size=batch_size)
+            return _score(scorer, x_adv, num_classes, f"the {label} examples"), _norms(x[part], x_adv)
+
+        parts = map_chunks(len(x), batch_size, attack_chunk)
+        adv = {key: np.concatenate([p[0][key] for p in parts]) for key in parts[0][0]}
+        norms = tuple(np.concatenate([p[1][j] for p in parts]) for j in range(2))
+        rows.append(_row(label, norms, y, correct, clean, adv, time.perf_counter() - start,
                          dict(spec.resolved())))
     for given_set in given:
         say(f"scoring {given_set.label}: {len(given_set.x)} inputs")

@@ -22,13 +22,24 @@ def check_output_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path to write; renamed onto ``path`` only if the block succeeds."""
+    """A temporary path to write; renamed onto ``path`` only if the block succeeds.
+
+    Under torch.distributed every rank runs the same code, but rank 0 alone writes ``path``: the others write
+    a throwaway file in the system's temporary folder, and rank 0 renames its file only once every rank has
+    reached this point (a barrier), so a rank that failed on the way leaves no output; every rank then sees
+    the file."""
+    from harden.core.distributed import barrier, world
+
     path = check_output_path(Path(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    writer = world().writer
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if writer else None)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        barrier()
+        if writer:
+            os.replace(tmp, path)
+        barrier()   # the output exists for every rank from here on
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

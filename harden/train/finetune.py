@@ -56,9 +56,11 @@ import torch.nn.functional as F
 
 from harden.bounds.interval import Interval
 from harden.bounds.propagate import propagate
+from harden.core.distributed import agree, map_chunks
 from harden.errors import HardenError
 from harden.graph.analyse import feature_extractor
 from harden.train.ctt_losses import certification_hinge, detection_hinge, detection_loss
+from harden.train.parallel import DataParallel
 from harden.train.stacked_bounds import stacked_runner
 
 ANNEAL = ("both", "detection")
@@ -258,7 +260,7 @@ class _Traps:
                 agrees = _close(reference, self.stacked(x, box, self.pre))
             except Exception:  # an op that does not stack after all (e.g. a shape built from a constant)
                 agrees = False
-            if not agrees:
+            if not agree(agrees):   # every rank takes the same path (each checked its own shard)
                 self.stacked = None
             return reference
         return self.stacked(x, box, self.pre)
@@ -282,24 +284,29 @@ class _Traps:
     def thresholds(self, x: torch.Tensor, batch: int = 500) -> list[torch.Tensor]:
         """Per trap neuron, the threshold the exported head will use (``trap_rule``), before calibration."""
         t = self.cfg.threshold
-        if self.cfg.trap_rule == "fixed":
-            return [torch.full((len(m),), t, device=m.device) for m in self.masks]
         top = [torch.full((len(m),), t, device=m.device) for m in self.masks]
-        for start in range(0, len(x), batch):
-            _, *pre = self.natural(x[start : start + batch])
+        if self.cfg.trap_rule == "fixed":
+            return top
+
+        def chunk_max(rows: slice) -> list[torch.Tensor]:
+            _, *pre = self.natural(x[rows])
             # relu(z) > T  <=>  z > T for T >= 0, so the pre-activation's maximum stands for the activation's
-            top = [torch.maximum(k, a.flatten(1).index_select(1, m).amax(dim=0)) for k, a, m in zip(top, pre, self.masks)]
+            return [a.flatten(1).index_select(1, m).amax(dim=0).cpu() for a, m in zip(pre, self.masks)]
+
+        for part in map_chunks(len(x), batch, chunk_max):
+            top = [torch.maximum(k, p.to(k.device)) for k, p in zip(top, part)]
         return top
 
     @torch.no_grad()
     def scales(self, x: torch.Tensor, batch: int = 500) -> list[torch.Tensor]:
         """Per trap neuron, the natural standard deviation of its pre-activation on ``x``, at least scale_floor."""
-        parts: list[list[torch.Tensor]] = [[] for _ in self.masks]
-        for start in range(0, len(x), batch):
-            _, *pre = self.natural(x[start : start + batch])
-            for part, a, m in zip(parts, pre, self.masks):
-                part.append(a.flatten(1).index_select(1, m))
-        return [torch.cat(p).std(dim=0).clamp_min(self.cfg.scale_floor) for p in parts]
+        def chunk_values(rows: slice) -> list[torch.Tensor]:
+            _, *pre = self.natural(x[rows])
+            return [a.flatten(1).index_select(1, m).cpu() for a, m in zip(pre, self.masks)]
+
+        parts = list(zip(*map_chunks(len(x), batch, chunk_values)))
+        return [torch.cat(p).std(dim=0).clamp_min(self.cfg.scale_floor).to(m.device)
+                for p, m in zip(parts, self.masks)]
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, y: torch.Tensor, thresholds: list[torch.Tensor],
@@ -307,26 +314,43 @@ class _Traps:
         """Accuracy, trap FPR (some masked neuron above its threshold, as the exported head computes it before
         calibration), the paper's L_D at T and the paper's certification loss (no margin) at ``thresholds``,
         on a held-out split; last, the certification loss at T itself (what training lowers, and what the
-        convergence rule watches)."""
-        correct, alarms, l_d_sum, l_c_sum, at_t = 0, 0, 0.0, 0.0, 0.0
+        convergence rule watches).  Chunks are split across ranks and summed in chunk order."""
         kind = self.cfg.kind
-        for start in range(0, len(x), batch):
-            xb, yb = x[start : start + batch], y[start : start + batch]
+
+        def chunk_sums(rows: slice) -> tuple[int, int, float, float, float]:
+            xb, yb = x[rows], y[rows]
             logits, *pre = self.natural(xb)
-            correct += int((logits.argmax(1) == yb).sum())
+            correct = int((logits.argmax(1) == yb).sum())
             fired = torch.zeros(len(xb), dtype=torch.bool, device=xb.device)
             for a, m, t in zip(pre, self.masks, thresholds):
                 fired |= (a.flatten(1).index_select(1, m) > t).any(dim=1)
-            alarms += int(fired.sum())
-            l_d_sum += float(sum(detection_loss(torch.relu(a), m, self.cfg.threshold)
-                                 for a, m in zip(pre, self.masks)).sum())
+            l_d = float(sum(detection_loss(torch.relu(a), m, self.cfg.threshold)
+                            for a, m in zip(pre, self.masks)).sum())
+            l_c, at_t = 0.0, 0.0
             bounds = propagate(self.bounds, Interval.from_box(xb, self.eps, self.input_range)).output
             for b, m, t in zip(bounds, self.masks, thresholds):
                 bound = getattr(b, "hi" if kind == "loose" else "lo").flatten(1).index_select(1, m)
-                l_c_sum += float(torch.relu(t - bound).sum())
+                l_c += float(torch.relu(t - bound).sum())
                 at_t += float(torch.relu(self.cfg.threshold - bound).sum())
+            return correct, int(fired.sum()), l_d, l_c, at_t
+
+        correct, alarms, l_d_sum, l_c_sum, at_t = 0, 0, 0.0, 0.0, 0.0
+        for c, a, d, lc, t in map_chunks(len(x), batch, chunk_sums):
+            correct, alarms, l_d_sum, l_c_sum, at_t = correct + c, alarms + a, l_d_sum + d, l_c_sum + lc, at_t + t
         n = len(x)
         return correct / n, alarms / n, l_d_sum / n, l_c_sum / n, at_t / n
+
+
+class _Objective(torch.nn.Module):
+    """The training losses as a module whose parameters are the classifier's, for DistributedDataParallel."""
+
+    def __init__(self, gm: fx.GraphModule, traps: _Traps):
+        super().__init__()
+        self.gm = gm
+        self.traps = traps
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return self.traps.losses(x, y)
 
 
 def _close(reference, candidate, tol: float = 1e-4) -> bool:
@@ -370,6 +394,8 @@ def finetune_ctt(
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=0.0)
+    # Under torchrun every rank walks the same batches; each computes its share, DDP all-reduces the gradients.
+    dp = DataParallel(_Objective(gm, traps), device)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     baseline_accuracy, _, _, _, reference = traps.score(x_cal, y_cal, traps.thresholds(x_train))
@@ -397,18 +423,19 @@ def finetune_ctt(
                 traps.eps = cfg.eps + (cfg.eps_ramp_to - cfg.eps) * epoch / max(1, planned_epochs - 1)
             order = torch.randperm(len(x_train), generator=generator).to(device)
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        ce, l_d, l_c = traps.losses(x_train[idx], y_train[idx])
-        loss = ce + w_d * l_d + w_c * l_c
+        rows, weight = dp.shard(idx)
+        ce, l_d, l_c = dp.module(x_train[rows], y_train[rows])
+        loss = (ce + w_d * l_d + w_c * l_c) * weight
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums += torch.stack([ce.detach(), l_d.detach(), l_c.detach()]).cpu()
+        sums += torch.stack([ce.detach(), l_d.detach(), l_c.detach()]).cpu() * dp.share(idx)
         count += 1
         progress(f"{label} step {step + 1}/{total}", (step + 1) / total)
         if (step + 1) % every and step + 1 < total:
             continue
         accuracy, fpr, cal_l_d, cal_l_c, cal_l_c_at_t = traps.score(x_cal, y_cal, traps.thresholds(x_train))
-        ce_m, l_d_m, l_c_m = (float(v) / count for v in sums)
+        ce_m, l_d_m, l_c_m = (float(v) / count for v in dp.sum(sums))
         record = EpochRecord(len(history) + 1, step + 1, alpha, ce_m, l_d_m, l_c_m, accuracy, fpr, cal_l_d, cal_l_c,
                              time.perf_counter() - started)
         history.append(record)
