@@ -240,3 +240,20 @@ def test_a_bundle_from_before_the_confidence_rule_still_inspects_and_exports(bun
     assert "FPR target" in human.stdout and "calibration:" not in human.stdout
     exported = invoke("export", old, "-o", tmp_path / "old.onnx", "--json")
     assert exported.exit_code == 0, exported.output
+
+
+def test_export_portable_target_is_float32_throughout_and_parity_checked(bundle, tmp_path):
+    import onnx
+
+    from harden.export.portable import float64_places
+
+    out = tmp_path / "portable.onnx"
+    result = invoke("export", bundle, "-o", out, "--target", "portable", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["target"] == "portable" and report["parity"]["samples"] > 0
+    model = onnx.load(str(out))
+    assert float64_places(model) == 0
+    assert {p.key: p.value for p in model.metadata_props}["harden.target"] == "portable"
+    one_line_error(invoke("export", bundle, "-o", tmp_path / "x.onnx", "--target", "tflite"), "--target")
+    assert not (tmp_path / "x.onnx").exists()

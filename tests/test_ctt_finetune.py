@@ -216,3 +216,9 @@ def test_an_op_the_stacked_pass_does_not_take_keeps_the_general_path(digits, one
     assert traps.stacked is None
     ce, l_d, l_c = traps.losses(digits.train.x[:16], digits.train.y[:16])
     assert all(torch.isfinite(v) for v in (ce, l_d, l_c))
+
+
+def test_ctt_strict_graph_agrees_at_every_onnxruntime_level_and_as_portable_float32(strict_pair):
+    from portability import check_every_runtime_setting
+
+    check_every_runtime_setting(strict_pair[0])

@@ -98,3 +98,9 @@ def test_check_is_a_gather_not_a_full_multiply(exported):
     _, path, *_ = exported
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "Gather" in ops
+
+
+def test_ctt_lite_graph_agrees_at_every_onnxruntime_level_and_as_portable_float32(tiny_hardened):
+    from portability import check_every_runtime_setting
+
+    check_every_runtime_setting(tiny_hardened)

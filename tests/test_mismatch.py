@@ -382,3 +382,9 @@ def test_second_eps_must_be_auto_or_positive(tiny, digits):
     for bad in ("big", -0.1):
         with pytest.raises(HardenError, match="second_eps"):
             instrument(tiny, digits, ["mismatch"], options(max_train=200, second_eps=bad, **FIXED_SVM))
+
+
+def test_mismatch_graph_agrees_at_every_onnxruntime_level_and_as_portable_float32(mm):
+    from portability import check_every_runtime_setting
+
+    check_every_runtime_setting(mm)

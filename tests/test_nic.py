@@ -324,3 +324,9 @@ def test_row_means_per_site_export_and_old_bundles(digits):
     assert old.rows == ["avgpool"] * len(method.sites)
     activation = torch.rand(5, 6, 8, 8)
     torch.testing.assert_close(old.reduce(0, activation), method.head.reduce(0, activation), rtol=1e-6, atol=1e-7)
+
+
+def test_nic_graph_agrees_at_every_onnxruntime_level_and_as_portable_float32(nic):
+    from portability import check_every_runtime_setting
+
+    check_every_runtime_setting(nic)

@@ -391,3 +391,9 @@ def test_grid_ties_go_to_the_fewest_support_vectors():
     counts = [support_vectors(SVC(C=c, gamma=f * gamma_base).fit(x, y)) for c in (0.1, 1.0, 10.0, 100.0)
               for f in (0.1, 0.3, 1.0, 3.0)]
     assert support_vectors(chosen) == min(counts) < max(counts)
+
+
+def test_safetynet_graph_agrees_at_every_onnxruntime_level_and_as_portable_float32(quaternary):
+    from portability import check_every_runtime_setting
+
+    check_every_runtime_setting(quaternary)

@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
     def export(
         bundle: Path = typer.Argument(..., help="A .hardened bundle from `harden instrument`."),
         output: Path = typer.Option(None, "--output", "-o", help="ONNX file to write (default: BUNDLE's name + .onnx)."),
+        target: str = typer.Option("default", "--target", help="default | portable: float32 throughout (no float64 blocks, for edge runtimes and converters), parity re-checked."),
         json_out: bool = JSON_OPTION,
     ):
         """Export BUNDLE to ONNX; onnxruntime must match torch + scikit-learn on held-out data or nothing is written."""
@@ -27,15 +28,16 @@ def register(app: typer.Typer) -> None:
                 progress("loading bundle", 0.1)
                 hardened, manifest = load_bundle(bundle)
                 progress("exporting and checking parity", 0.4)
-                result = export_onnx(hardened, out, source=bundle)
+                result = export_onnx(hardened, out, source=bundle, target=target)
             outputs = [o.name for o in result.model.graph.output]
             if json_out:
-                emit_json({"onnx": str(out), "outputs": outputs, "parity": result.parity.to_json(),
+                emit_json({"onnx": str(out), "target": target, "outputs": outputs, "parity": result.parity.to_json(),
                            "bundle_round_trip": result.torch_parity.to_json(), "size_bytes": out.stat().st_size})
                 return
             worst = max(result.parity.max_abs_diff.values(), default=0.0)
             ties = sum(result.parity.threshold_ties.values())
-            stdout.print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB), outputs: {', '.join(outputs)}", highlight=False)
+            stdout.print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB{', float32 throughout' if target == 'portable' else ''}), "
+                         f"outputs: {', '.join(outputs)}", highlight=False)
             stdout.print(
                 f"parity on {result.parity.samples} held-out inputs: max difference {worst:.2e} (tolerance 1e-4), "
                 f"alarms identical ({ties} float tie(s) at a threshold)", highlight=False)

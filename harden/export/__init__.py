@@ -10,8 +10,9 @@ import onnx
 import torch
 
 from harden.errors import HardenError
-from harden.export.merge import connect, prefixed
+from harden.export.merge import connect, dedupe_opsets, prefixed
 from harden.export.parity import ParityReport, compare
+from harden.export.portable import PORTABLE_SCORE_TOLERANCE, TARGETS, float32_throughout
 from harden.export.torch_graph import export_module
 from harden.core.opsets import OPSET
 from harden.instrumentation.hardened import FINITE_OUTPUT, LOGITS_OUTPUT, HardenedModel
@@ -60,7 +61,7 @@ def build_onnx(hardened: HardenedModel, source: str | Path | None = None) -> onn
     policy = prefixed(policy, "policy/")
     outputs = [LOGITS_OUTPUT] + hardened.policy_output_names()
     io_map = [(FINITE_OUTPUT, FINITE_OUTPUT)] + [(r, r) for r in raw_names]
-    merged = connect(combined, policy, io_map, outputs)
+    merged = dedupe_opsets(connect(combined, policy, io_map, outputs))
     merged.graph.name = "harden"
     merged.producer_name = "harden"
     del merged.metadata_props[:]
@@ -77,15 +78,26 @@ def build_onnx(hardened: HardenedModel, source: str | Path | None = None) -> onn
 
 
 def export_onnx(hardened: HardenedModel, path: str | Path | None = None,
-                source: str | Path | None = None) -> ExportResult:
-    """Export, compare onnxruntime with the Python side on the bundle's held-out inputs, then write."""
+                source: str | Path | None = None, target: str = "default") -> ExportResult:
+    """Export, compare onnxruntime with the Python side on the bundle's held-out inputs, then write.
+
+    ``target`` "portable": float32 throughout (:mod:`harden.export.portable`), parity re-checked the same way."""
+    if target not in TARGETS:
+        raise HardenError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
     golden = hardened.golden
     if not golden:
         raise HardenError("the hardened model carries no reference outputs to check the export against")
     torch_parity = compare(golden, hardened.run(golden["input"]), "torch (bundle round trip)")
     model = build_onnx(hardened, source)
+    if target == "portable":
+        model, _ = float32_throughout(model)
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                            "harden.target": target})
+        onnx.checker.check_model(model)
     data = model.SerializeToString()
-    parity = compare(golden, OnnxGraph(data).run(golden["input"]), "onnxruntime")
+    what = "onnxruntime" if target == "default" else f"--target {target} (float32 throughout): onnxruntime"
+    parity = compare(golden, OnnxGraph(data).run(golden["input"]), what,
+                     score_tolerance=PORTABLE_SCORE_TOLERANCE if target == "portable" else None)
     if path is not None:
         atomic_write_bytes(Path(path), data)
     return ExportResult(model, parity, torch_parity, Path(path) if path else None)

@@ -29,8 +29,21 @@ def _align_opsets(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
         model.ir_version = IR_VERSION
 
 
+def dedupe_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
+    """One opset import per domain (the highest), "ai.onnx" spelled "" : ``onnx.compose.merge_models`` lists the
+    default domain once per merged model, and onnxruntime's quantiser then refuses the model ("Failed to find
+    proper ai.onnx domain")."""
+    versions: dict[str, int] = {}
+    for entry in model.opset_import:
+        domain = "" if entry.domain == "ai.onnx" else entry.domain
+        versions[domain] = max(versions.get(domain, 0), entry.version)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(versions.items()))
+    return model
+
+
 def connect(first: onnx.ModelProto, second: onnx.ModelProto, io_map: list[tuple[str, str]],
             outputs: list[str]) -> onnx.ModelProto:
     """``second`` fed by ``first``'s outputs; the merged model exposes ``outputs``."""
     _align_opsets(first, second)
-    return onnx.compose.merge_models(first, second, io_map=io_map, outputs=outputs)
+    return dedupe_opsets(onnx.compose.merge_models(first, second, io_map=io_map, outputs=outputs))

@@ -36,8 +36,14 @@ def _value_diff(ref: np.ndarray, got: np.ndarray) -> float:
     return float(diff.max()) if diff.size else 0.0
 
 
-def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], what: str) -> ParityReport:
-    """Values within 1e-4 (relative above 1), alarms identical but for float ties at the threshold."""
+def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], what: str,
+            score_tolerance: float | None = None) -> ParityReport:
+    """Values within 1e-4 (relative above 1), alarms identical but for float ties at the threshold.
+
+    ``score_tolerance``: a wider tolerance for the scores (``score``, ``<method>.score``), and the alarms may then
+    differ only where the reference score lies within it of the threshold (a float32 graph of float64 algebra:
+    :mod:`harden.export.portable`)."""
+    tie_tolerance = max(TIE_TOLERANCE, score_tolerance or 0.0)
     diffs, mismatches, ties = {}, {}, {}
     problems = []
     # Values computed from NaN/inf inputs are backend-specific (a max pool may or may not keep a NaN);
@@ -56,15 +62,16 @@ def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], what: 
         if name == "alarm" or name.endswith(".alarm"):
             score = reference[name[: -len("alarm")] + "score"]
             differ = value.astype(bool) != ref.astype(bool)
-            tie = differ & (np.abs(score) <= TIE_TOLERANCE)
+            tie = differ & (np.abs(score) <= tie_tolerance)
             mismatches[name] = int((differ & ~tie).sum())
             ties[name] = int(tie.sum())
             if mismatches[name]:
                 problems.append(f"{name} differs on {mismatches[name]} of {len(ref)} inputs")
         else:
             diffs[name] = _value_diff(ref[rows], value[rows])
-            if diffs[name] > VALUE_TOLERANCE:
-                problems.append(f"{name} differs by {diffs[name]:.3g} (tolerance {VALUE_TOLERANCE})")
+            tolerance = score_tolerance if score_tolerance and name.endswith("score") else VALUE_TOLERANCE
+            if diffs[name] > tolerance:
+                problems.append(f"{name} differs by {diffs[name]:.3g} (tolerance {tolerance})")
     if problems:
         raise HardenError(f"{what} parity failed: " + "; ".join(problems))
     samples = len(next(iter(reference.values())))

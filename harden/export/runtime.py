@@ -12,10 +12,35 @@ import onnxruntime as ort
 from harden.errors import HardenError
 
 
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def cuda_available() -> bool:
+    """Whether this onnxruntime build has the CUDA execution provider."""
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 class OnnxGraph:
-    def __init__(self, model: str | Path | bytes, threads: int | None = None):
+    def __init__(self, model: str | Path | bytes, threads: int | None = None, *, optimization: str = "all",
+                 device: str = "cpu"):
+        """``optimization``: onnxruntime's graph optimisation level (disable | basic | extended | all);
+        ``device``: cpu, or cuda (onnxruntime's CUDA provider, which must be installed)."""
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise HardenError(f"optimisation level {optimization!r} is not one of {', '.join(OPTIMIZATION_LEVELS)}")
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        if str(device).startswith("cuda"):
+            if not cuda_available():
+                raise HardenError("onnxruntime has no CUDA provider here: install onnxruntime-gpu")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -25,7 +50,7 @@ class OnnxGraph:
                 raise HardenError(f"no ONNX file at {path}")
             model = path.read_bytes()
         try:
-            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:
             raise HardenError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
         self.output_names = [o.name for o in self.session.get_outputs()]

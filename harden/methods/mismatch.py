@@ -240,7 +240,9 @@ class MismatchHead(nn.Module):
         first = torch.softmax(logits.float(), dim=1)
         other = torch.softmax(self.second(x).float(), dim=1)
         features = torch.cat([first, other], dim=1)
-        return torch.where(torch.isfinite(features), features, torch.zeros_like(features))
+        # |f| <= the largest float is isfinite (NaN and +-inf fail it) without IsInf, which edge runtimes lack
+        finite = features.abs() <= torch.finfo(torch.float32).max
+        return torch.where(finite, features, torch.zeros_like(features))
 
 
 # --------------------------------------------------------------------------- fitting helpers

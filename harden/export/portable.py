@@ -1,0 +1,71 @@
+"""``harden export --target portable``: the graph in float32 throughout, for runtimes without float64 kernels.
+
+SafetyNet's SVM, NIC's invariants and mismatch's SVC are exported as float64 algebra by default (exact on the
+Python side's terms).  Edge runtimes and converters (TFLite via onnx2tf, float16 conversion, some NPUs) have no
+float64 kernels, so the portable target rewrites every float64 tensor as float32: initializers, Constant
+nodes, Cast targets and declared value types.  The export then re-checks parity against the Python side:
+logits within 1e-4 as always, scores within ``PORTABLE_SCORE_TOLERANCE``, alarms identical but where the
+reference score is that close to its threshold; where float32 rounding moves more, the export fails and says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+TARGETS = ("default", "portable")
+# Scores of float64 algebra evaluated in float32 move by a few 1e-4 of a threshold's scale (an RBF sum over
+# hundreds of support vectors); logits are untouched (the classifier is float32 already).  An alarm may differ
+# only where the reference score lies within this of the threshold.
+PORTABLE_SCORE_TOLERANCE = 1e-3
+
+
+def _float32_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    array = numpy_helper.to_array(tensor).astype(np.float32)
+    return numpy_helper.from_array(array, tensor.name)
+
+
+def _rewrite_graph(graph: onnx.GraphProto) -> int:
+    changed = 0
+    for i, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.DOUBLE:
+            graph.initializer[i].CopyFrom(_float32_tensor(init))
+            changed += 1
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.DOUBLE:
+                attr.i = TensorProto.FLOAT
+                changed += 1
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.DOUBLE:
+                attr.t.CopyFrom(_float32_tensor(attr.t))
+                changed += 1
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                changed += _rewrite_graph(attr.g)
+        if node.op_type in ("ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform"):
+            for attr in node.attribute:
+                if attr.name == "dtype" and attr.i == TensorProto.DOUBLE:
+                    attr.i = TensorProto.FLOAT
+                    changed += 1
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        tensor = value.type.tensor_type
+        if tensor.elem_type == TensorProto.DOUBLE:
+            tensor.elem_type = TensorProto.FLOAT
+            changed += 1
+    return changed
+
+
+def float32_throughout(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with every float64 tensor made float32, and how many places changed."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    changed = _rewrite_graph(out.graph)
+    # Casts that now cast float32 to float32 are harmless; shape inference re-derives the value types.
+    return out, changed
+
+
+def float64_places(model: onnx.ModelProto) -> int:
+    """How many float64 tensors (initializers, casts, declared types) ``model`` holds; 0 for a portable graph."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    return _rewrite_graph(probe.graph)
