@@ -62,6 +62,9 @@ def build_onnx(hardened: HardenedModel, source: str | Path | None = None) -> onn
     outputs = [LOGITS_OUTPUT] + hardened.policy_output_names()
     io_map = [(FINITE_OUTPUT, FINITE_OUTPUT)] + [(r, r) for r in raw_names]
     merged = dedupe_opsets(connect(combined, policy, io_map, outputs))
+    for i, node in enumerate(merged.graph.node):   # every node named: tools (quantisers) address nodes by name
+        if not node.name:
+            node.name = f"harden/{node.op_type}_{i}"
     merged.graph.name = "harden"
     merged.producer_name = "harden"
     del merged.metadata_props[:]
