@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from harden.attacks.degradations import DEGRADATIONS, degrade  # noqa: F401  (re-exported: the method trains on them)
 from harden.errors import HardenError
+from harden.train.parallel import DataParallel
 from harden.methods.base import (
     INPUT,
     LOGITS,
@@ -299,19 +300,23 @@ def _train_second(spec: dict, x: torch.Tensor, y: torch.Tensor, seed: int, devic
         hold, fit = order[:n_hold], order[n_hold:]
         x_fit, y_fit = x[fit].to(device), y[fit].to(device)
         opt = torch.optim.Adam(model.parameters(), lr=SECOND_LR)
+        # Under torchrun each rank trains on its share of every batch (DDP; dropout draws differ per rank, so
+        # an MLP second model is not bit-for-bit the single process's).
+        dp = DataParallel(model, device)
         best_state, best_acc, best_epoch, stale = None, -1.0, 0, 0
         for epoch in range(SECOND_EPOCHS):
             model.train()
             perm = torch.randperm(len(x_fit), generator=generator)
             for start in range(0, len(perm), SECOND_BATCH):
-                idx = perm[start : start + SECOND_BATCH].to(device)
+                rows, weight = dp.shard(perm[start : start + SECOND_BATCH])
+                idx = rows.to(device)
                 xb, yb = x_fit[idx], y_fit[idx]
                 if recipe != "plain":
                     target = classifier if recipe == "transfer" else model
                     xb = torch.cat([xb, _fgsm_batch(target, xb, yb, eps, lo, hi)])
                     yb = torch.cat([yb, yb])
                 opt.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
+                (F.cross_entropy(dp.module(xb), yb) * weight).backward()
                 opt.step()
             model.eval()
             acc = _accuracy(model, x[hold].to(device), y[hold].to(device)) if n_hold else float(epoch)

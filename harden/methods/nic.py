@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from harden.core.distributed import map_chunks
 from harden.errors import HardenError
 from harden.graph.analyse import batches, describe, feature_extractor
 from harden.graph.trace import module_path, sites as graph_sites
@@ -385,6 +386,9 @@ def _one_class(nu: float, gamma: float):
     return OneClassSVM(kernel="rbf", nu=nu, gamma=gamma, cache_size=500)
 
 
+PROBE_CHUNK = 4096   # rows per partial gradient of a probe (the unit split across ranks)
+
+
 def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int = 200,
                  weight_decay: float = 1e-4) -> nn.Linear:
     """Multinomial logistic regression: cross-entropy + a small L2 penalty, minimised by L-BFGS from zero weights.
@@ -403,11 +407,18 @@ def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int 
 
     def loss_grad(flat):
         w = flat.reshape(d + 1, num_classes)
-        logits = xb @ w
-        logits -= logits.max(axis=1, keepdims=True)
-        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        loss = -(onehot * log_p).sum() / n + weight_decay * (penalty * w * w).sum()
-        grad = xb.T @ (np.exp(log_p) - onehot) / n + 2 * weight_decay * penalty * w
+
+        def part(rows: slice):   # a chunk's cross-entropy sum and its gradient
+            logits = xb[rows] @ w
+            logits -= logits.max(axis=1, keepdims=True)
+            log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            return -(onehot[rows] * log_p).sum(), xb[rows].T @ (np.exp(log_p) - onehot[rows])
+
+        # Data parallel under torchrun: each rank sums its chunks, every rank gets every chunk's sum (in order),
+        # so every rank takes the same L-BFGS step as one process would.
+        parts = map_chunks(n, PROBE_CHUNK, part)
+        loss = sum(p[0] for p in parts) / n + weight_decay * (penalty * w * w).sum()
+        grad = sum(p[1] for p in parts) / n + 2 * weight_decay * penalty * w
         return loss, grad.reshape(-1)
 
     from threadpoolctl import threadpool_limits
