@@ -84,9 +84,11 @@ def scorer_for(hardened: HardenedModel, onnx_path: Path | None, source=None):
 
 def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onnx_path: Path | None = None,
              data: str | None = None, split: str = "test", limit: int | None = 500, seed: int = 0,
-             progress: Callable[[str], None] | None = None, adversarial: list[Path] = (), batch_size: int | None = None):
+             progress: Callable[[str], None] | None = None, adversarial: list[Path] = (), batch_size: int | None = None,
+             device: str = "cpu"):
     """Attacks (ART) against the classifier, and adversarial sets crafted elsewhere (``adversarial``: .npz
-    files, :mod:`harden.io.adversarial`); alarms and scores read from the ONNX graph in onnxruntime."""
+    files, :mod:`harden.io.adversarial`); alarms and scores read from the ONNX graph in onnxruntime.
+    ``device``: where the attacks run (``cuda``: a copy of the classifier there); scoring stays onnxruntime's."""
     from harden.attacks.catalog import parse_attack
     from harden.evaluation.evaluate import evaluate as _evaluate
     from harden.io.adversarial import load_adversarial
@@ -97,7 +99,14 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
     dataset = bundle_data(manifest, data)
     part = split_of(dataset, split)
     graph = scorer_for(hardened, onnx_path)
-    return _evaluate(hardened.classifier, graph.run, part.x.numpy(), part.y.numpy(), specs,
+    model = hardened.classifier
+    if str(device) != "cpu":
+        import copy
+
+        if str(device).startswith("cuda") and not torch_cuda_available():
+            raise HardenError("--device cuda: no CUDA device is available")
+        model = copy.deepcopy(model).to(device)
+    return _evaluate(model, graph.run, part.x.numpy(), part.y.numpy(), specs,
                      input_range=tuple(manifest["input"]["range"]), num_classes=manifest["num_classes"],
                      seed=seed, limit=limit, progress=progress, given=given,
                      **({"batch_size": batch_size} if batch_size else {}))

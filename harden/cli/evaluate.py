@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         adaptive_proxy: Path = typer.Option(None, "--adaptive-proxy", help="The same classifier hardened with another key: the key-unknown attacker attacks its detectors."),
         adversarial: list[Path] = typer.Option(None, "--adversarial", help="An .npz of adversarial inputs crafted elsewhere (x, y, optional x_clean), scored as given; repeatable; alone unless --attack is given too."),
         batch_size: int = typer.Option(128, "--batch-size", help="Inputs attacked at once, the unit split across --workers (each batch's attack is seeded by --seed and its position)."),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda: where the attacks run (scoring is onnxruntime's)."),
         workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
         json_out: bool = JSON_OPTION,
     ):
@@ -56,10 +57,11 @@ def register(app: typer.Typer) -> None:
         with errors_to_exit():
             if relaunch(ctx, workers):
                 return
-            with ranks("cpu") as world:
+            with ranks(device) as world:
                 from harden.api import evaluate as run_evaluate, evaluate_adaptive
                 from harden.evaluation.evaluate import render_table
                 from harden.bundle.archive import load_bundle
+                from harden.core.distributed import rank_device
 
                 bundle_path, onnx_path = resolve_target(target, bundle)
                 hardened, manifest = load_bundle(bundle_path)
@@ -69,7 +71,8 @@ def register(app: typer.Typer) -> None:
                         attacks = attack or ([] if adversarial or adaptive else DEFAULT_ATTACKS)
                         report = run_evaluate(hardened, manifest, attacks, onnx_path=onnx_path, data=data,
                                               split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5),
-                                              adversarial=adversarial or [], batch_size=batch_size)
+                                              adversarial=adversarial or [], batch_size=batch_size,
+                                              device=rank_device(device))
                     if adaptive:
                         adaptive_report = evaluate_adaptive(
                             hardened, manifest, eps=adaptive_eps, norm=adaptive_norm, steps=adaptive_steps,
