@@ -47,8 +47,14 @@ class AlarmPolicy(nn.Module):
         bad_input = torch.logical_not(input_finite).unsqueeze(1)
         scores = torch.where(bad_input, torch.full_like(scores, float("inf")), scores)
         alarms = torch.logical_not(scores <= 0)
-        combined = torch.topk(scores, self.k, dim=1).values[:, self.k - 1]
-        combined_alarm = torch.logical_not(combined <= 0)
+        if self.k == 1:   # "any": a max, not a TopK (which float16 converters leave in float32)
+            combined = scores.amax(dim=1)
+        else:
+            combined = torch.topk(scores, self.k, dim=1).values[:, self.k - 1]
+        # "the k-th largest score is not <= 0" is "at least k methods alarm" (a NaN score alarms in both); counted
+        # from the per-method alarms, so that no node reads the ``score`` output (float16 converters keep a graph
+        # output in float32 and then mistype the nodes that read it).
+        combined_alarm = alarms.sum(dim=1) >= self.k
         outputs: list[torch.Tensor] = [combined, combined_alarm]
         for j in range(stacked.shape[1]):
             outputs += [scores[:, j], alarms[:, j]]

@@ -55,12 +55,28 @@ def _rewrite_graph(graph: onnx.GraphProto) -> int:
     return changed
 
 
+def _drop_float_casts(model: onnx.ModelProto) -> None:
+    """Casts of a float32 tensor to float32 (float32 <-> float64 casts before the rewrite) become Identity:
+    harmless to onnxruntime, but float16 converters rewrite their target type and leave the graph mistyped."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    for node in model.graph.node:
+        if node.op_type != "Cast" or types.get(node.input[0]) != TensorProto.FLOAT:
+            continue
+        to = next(a.i for a in node.attribute if a.name == "to")
+        if to == TensorProto.FLOAT:
+            node.op_type = "Identity"
+            del node.attribute[:]
+
+
 def float32_throughout(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with every float64 tensor made float32, and how many places changed."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     changed = _rewrite_graph(out.graph)
-    # Casts that now cast float32 to float32 are harmless; shape inference re-derives the value types.
+    _drop_float_casts(out)
     return out, changed
 
 

@@ -1,0 +1,118 @@
+"""Scale-out on one machine: certify and evaluate throughput, and CTT fine-tuning epoch time, with 1 process
+against 2 torch.distributed ranks (``--workers 2``), measured side by side (runs alternate) in one run.
+
+    python -m bench.scale --bundle out/edge/ctt-strict.hardened --model out/lenet5_mnist.pt \
+        --arch harden.examples.lenet:LeNet5 --data mnist --json
+
+The single process gets every core (``OMP_NUM_THREADS`` = the core count); the ranks get one thread each (what
+torchrun sets).  Times are whole commands (start-up included) and, for fine-tuning, the epochs of the history
+the bundle records.  Merged reports are checked equal to the single process's (certify and evaluate exactly;
+fine-tuning within 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _harden(args: list[str], workers: int) -> tuple[float, dict]:
+    cores = os.cpu_count() or 1
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(cores if workers == 1 else 1)}
+    command = [sys.executable, "-m", "harden.cli", *args, "--json"] + (["--workers", str(workers)] if workers > 1 else [])
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return seconds, json.loads(done.stdout)
+
+
+def _strip(value):
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in ("seconds", "bundle_id", "created", "s")}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def _close(a, b, tol=1e-5) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(u, v, tol) for u, v in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return abs(a - b) <= tol * max(1.0, abs(a))
+    return a == b
+
+
+def measure(name: str, args: list[str], repeat: int, items: int, key=None) -> dict:
+    times: dict[int, list[float]] = {1: [], 2: []}
+    reports: dict[int, dict] = {}
+    for _ in range(repeat):
+        for workers in (1, 2):   # alternating: both see the same machine load
+            seconds, report = _harden(args, workers)
+            times[workers].append(seconds)
+            reports[workers] = report
+    one, two = statistics.median(times[1]), statistics.median(times[2])
+    row = {"task": name, "items": items, "seconds_1": round(one, 2), "seconds_2": round(two, 2),
+           "per_second_1": round(items / one, 2), "per_second_2": round(items / two, 2),
+           "speedup": round(one / two, 3), "runs": repeat}
+    a, b = _strip(reports[1]), _strip(reports[2])
+    row["identical"] = a == b if key is None else key(a, b)
+    return row, reports
+
+
+def finetune_epochs(report: dict) -> list[float]:
+    history = report["manifest"]["methods"][0]["config"]["_history"]
+    return [r["seconds"] for r in history]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True, help="a ctt-strict bundle (certify, evaluate)")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--arch", required=True)
+    parser.add_argument("--data", default="mnist")
+    parser.add_argument("--certify-limit", type=int, default=500)
+    parser.add_argument("--evaluate-limit", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = []
+    certify, _ = measure("certify (crown, eps 0.01, --check 10)",
+                         ["certify", str(args.bundle), "--eps", "0.01", "--bounds", "crown", "--check", "10",
+                          "--limit", str(args.certify_limit)], args.repeat, args.certify_limit)
+    rows.append(certify)
+    evaluate, _ = measure("evaluate (FGSM and PGD-10, L-inf 0.1)",
+                          ["evaluate", str(args.bundle), "--limit", str(args.evaluate_limit), "--attack", "fgsm:eps=0.1",
+                           "--attack", "pgd:eps=0.1,steps=10"], args.repeat, args.evaluate_limit)
+    rows.append(evaluate)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "scale.hardened"
+        finetune, reports = measure(
+            f"instrument ctt-strict --epochs {args.epochs}",
+            ["instrument", str(args.model), "--arch", args.arch, "--data", args.data, "--method", "ctt-strict",
+             "--key", "scale", "--epochs", str(args.epochs), "-o", str(out)], 1, args.epochs,
+            key=lambda a, b: _close({k: v for k, v in a["manifest"].items() if k != "metrics"},
+                                    {k: v for k, v in b["manifest"].items() if k != "metrics"}))
+    epochs = {w: finetune_epochs(reports[w]) for w in (1, 2)}
+    finetune.update({"epoch_seconds_1": epochs[1], "epoch_seconds_2": epochs[2],
+                     "epoch_speedup": round(statistics.mean(epochs[1]) / statistics.mean(epochs[2]), 3)})
+    rows.append(finetune)
+    result = {"cores": os.cpu_count(), "rows": rows}
+    print(json.dumps(result, indent=1) if args.json else "\n".join(json.dumps(r) for r in rows))
+
+
+if __name__ == "__main__":
+    main()
