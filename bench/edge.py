@@ -95,7 +95,9 @@ def fp16_model(portable: bytes) -> bytes:
     import onnx
     from onnxconverter_common import float16
 
-    converted = float16.convert_float_to_float16(onnx.load_from_string(portable), keep_io_types=True)
+    model = onnx.load_from_string(portable)
+    del model.graph.value_info[:]   # declared float32 types the converter does not update (it re-infers them)
+    converted = float16.convert_float_to_float16(model, keep_io_types=True)
     return converted.SerializeToString()
 
 
@@ -117,8 +119,13 @@ for key in inputs.files:
     interpreter.allocate_tensors()
     interpreter.set_tensor(index, x)
     interpreter.invoke()
+    # the signature keeps the ONNX output names; the tensors themselves are named PartitionedCall:N
+    signature = interpreter._get_full_signature_list()
+    outputs = next(iter(signature.values()))["outputs"] if signature else {}
+    named = {v: k for k, v in outputs.items()}
     for detail in interpreter.get_output_details():
-        results[f"{key}|{detail['name']}"] = np.array(interpreter.get_tensor(detail["index"]))
+        name = named.get(detail["index"], detail["name"])
+        results[f"{key}|{name}"] = np.array(interpreter.get_tensor(detail["index"]))
 np.savez(folder / "outputs.npz", **results)
 """
 
