@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
+
 from harden.errors import HardenError
 from harden.instrumentation.hardened import HardenedModel
 from harden.io.data import Dataset, load_data as _load_data
@@ -106,7 +109,10 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
         if str(device).startswith("cuda") and not torch_cuda_available():
             raise HardenError("--device cuda: no CUDA device is available")
         model = copy.deepcopy(model).to(device)
-    return _evaluate(model, graph.run, part.x.numpy(), part.y.numpy(), specs,
+    x = first_rows(part.x, limit)
+    if limit is not None and limit < 1:
+        raise HardenError(f"--limit must be positive; got {limit}")
+    return _evaluate(model, graph.run, x, part.y[:len(x)].numpy(), specs,
                      input_range=tuple(manifest["input"]["range"]), num_classes=manifest["num_classes"],
                      seed=seed, limit=limit, progress=progress, given=given,
                      **({"batch_size": batch_size} if batch_size else {}))
@@ -132,7 +138,8 @@ def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0
         if list(proxy_manifest["input"]["shape"]) != list(manifest["input"]["shape"]) or \
                 proxy_manifest["num_classes"] != manifest["num_classes"]:
             raise HardenError(f"--adaptive-proxy {proxy}: its input shape or class count differs from the bundle's")
-    return _evaluate_adaptive(hardened, scorer_for(hardened, onnx_path).run, part.x.numpy(), part.y.numpy(),
+    x = first_rows(part.x, limit)
+    return _evaluate_adaptive(hardened, scorer_for(hardened, onnx_path).run, np.asarray(x), part.y[:len(x)].numpy(),
                               AdaptiveSettings(eps=eps, norm=norm, steps=steps),
                               input_range=tuple(manifest["input"]["range"]), num_classes=manifest["num_classes"],
                               limit=limit, progress=progress, reference=dataset.train.x, proxy=proxy_model,
@@ -157,6 +164,15 @@ def ctt_traps(hardened: HardenedModel):
             indices, _ = method.head.trap(i)
             traps.append(Trap(site, indices.clone(), method.head.alarm_thresholds(i, shift).clone()))
     return traps
+
+
+def first_rows(x, limit: int | None):
+    """The first ``limit`` rows of a split's x: a tensor, or a lazy view of data read on demand (nothing read)."""
+    from harden.io.lazy import LazyImages
+
+    if limit is None:
+        return x
+    return x.view(slice(None, limit)) if isinstance(x, LazyImages) else x[:limit]
 
 
 def torch_cuda_available() -> bool:
@@ -201,9 +217,7 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     if batch_size < 1:
         raise HardenError(f"--batch-size must be at least 1; got {batch_size}")
     part = split_of(bundle_data(manifest, data), split)
-    x, y = part.x, part.y
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
+    x, y = first_rows(part.x, limit), part.y[:limit] if limit is not None else part.y
     input_range = tuple(manifest["input"]["range"])
     traps = ctt_traps(hardened)
     gm, original = hardened.classifier, original_classifier(hardened)
@@ -215,7 +229,9 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
         same = original is gm
         gm = copy.deepcopy(gm).to(device)
         original = gm if same else copy.deepcopy(original).to(device)
-        x, y = x.to(device), y.to(device)
+        y = y.to(device)
+        if isinstance(x, torch.Tensor):
+            x = x.to(device)   # data read on demand is moved a batch at a time
     k = manifest["policy"]["k"]
     report = {
         "samples": len(x), "split": split, "bounds": BOUND_LABELS[bounds], "bound_method": bounds,

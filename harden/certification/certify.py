@@ -28,6 +28,7 @@ from harden.bounds.rules import Call
 from harden.core.distributed import chunk_seed, gather, map_chunks
 from harden.errors import HardenError
 from harden.graph.ops import canonical_op
+from harden.io.lazy import LazyImages
 from harden.graph.trace import output_node
 
 
@@ -58,7 +59,7 @@ def _check_inputs(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, ep
     missing = [t.node for t in traps if t.node not in names]
     if missing:
         raise HardenError(f"trap node(s) {', '.join(map(repr, missing))} are not in the graph")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+    if not isinstance(x, (torch.Tensor, LazyImages)) or x.dim() < 1:
         raise HardenError("certify needs a batch of inputs [N, ...]")
     if float(torch.as_tensor(eps).min()) < 0:
         raise HardenError(f"eps must be >= 0; got {eps}")
@@ -347,7 +348,7 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     def one_chunk(rows: slice):
         """Certificates of one batch; under torchrun each rank takes its own batches (harden.core.distributed)."""
         with torch.no_grad():
-            xb = x[rows]
+            xb = x[rows].to(y.device)   # data read on demand arrives on the CPU
             b = _bound_batch(gm, traps, xb, y[rows], _eps_for(eps, rows, x), input_range, fold, trap_nodes,
                              engine, bounds)
             tally = None
@@ -471,7 +472,7 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
                 part.details.append(Violation(sample, point, node, kind, excess))
 
         generator = torch.Generator().manual_seed(chunk_seed(seed, rows, "check"))
-        xb, yb = x[rows], y[rows]
+        xb, yb = x[rows].to(y.device), y[rows]
         eps_b = _eps_for(eps, rows, x)
         b = _bound_batch(gm, traps, xb, yb, eps_b, input_range, fold, set(checked), engine, method)
         box = Interval.from_box(xb, eps_b, input_range)

@@ -35,6 +35,7 @@ import torch
 from harden.attacks.catalog import AttackSpec, run_attack
 from harden.core.distributed import chunk_seed, map_chunks
 from harden.errors import HardenError
+from harden.io.lazy import LazyImages
 
 Scorer = Callable[[np.ndarray], dict[str, np.ndarray]]
 # Inputs attacked together (ART's batch): also the unit split across ranks under torchrun, each chunk seeded by
@@ -167,12 +168,19 @@ def _detectors(out: dict[str, np.ndarray]) -> list[str]:
 # --------------------------------------------------------------------------- evaluate
 
 
+def _rows(x, part: slice) -> np.ndarray:
+    """Rows of ``x`` as float32 numpy: an array, or data read on demand (:class:`harden.io.lazy.LazyImages`)."""
+    rows = x[part]
+    return (rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)).astype(np.float32, copy=False)
+
+
 def _first(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The first ``limit`` inputs (all when None); an empty result or a limit below 1 is an error."""
     if limit is not None:
         if limit < 1:
             raise HardenError(f"--limit must be positive; got {limit}")
-        x, y = x[:limit], y[:limit]
+        x = x.view(slice(None, limit)) if isinstance(x, LazyImages) else x[:limit]
+        y = y[:limit]
     if len(x) == 0:
         raise HardenError("nothing to evaluate: no inputs")
     return x, y
@@ -241,21 +249,26 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
     position (under torchrun the chunks are split across ranks; the report is the same).  ``limit`` does not
     cut the given sets.
     """
-    x = np.asarray(x)
+    if not isinstance(x, LazyImages):
+        x = np.asarray(x)
     y = np.asarray(y)
     if y.ndim == 2:
         y = y.argmax(axis=1)
     if len(x) != len(y):
         raise HardenError(f"{len(x)} inputs but {len(y)} labels")
     x, y = _first(x, y, limit)
-    x = x.astype(np.float32)
+    if not isinstance(x, LazyImages):
+        x = x.astype(np.float32)
     y = y.astype(np.int64)
     if batch_size < 1:
         raise HardenError(f"--batch-size must be at least 1; got {batch_size}")
     say = progress or (lambda message: None)
 
     say(f"scoring {len(x)} clean inputs")
-    clean = _score(scorer, x, num_classes, "the clean inputs")
+    # by chunks (data larger than memory is read a chunk at a time; under torchrun each rank scores its own)
+    clean_parts = map_chunks(len(x), batch_size,
+                             lambda part: _score(scorer, _rows(x, part), num_classes, "the clean inputs"))
+    clean = {key: np.concatenate([p[key] for p in clean_parts]) for key in clean_parts[0]}
     clean_pred = clean["logits"].argmax(axis=1)
     correct = clean_pred == y
     methods = method_names(clean)
@@ -270,9 +283,10 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
         def attack_chunk(part: slice, spec=spec, label=label):
             # Each chunk is attacked on its own with its own seed, so that one process and any split across
             # torchrun's ranks (harden.core.distributed) make the same adversarial examples.
-            x_adv = run_attack(model, spec, x[part], y[part], input_range=input_range, num_classes=num_classes,
+            x_clean = _rows(x, part)
+            x_adv = run_attack(model, spec, x_clean, y[part], input_range=input_range, num_classes=num_classes,
                                seed=chunk_seed(seed, part, label), batch_size=batch_size)
-            return _score(scorer, x_adv, num_classes, f"the {label} examples"), _norms(x[part], x_adv)
+            return _score(scorer, x_adv, num_classes, f"the {label} examples"), _norms(x_clean, x_adv)
 
         parts = map_chunks(len(x), batch_size, attack_chunk)
         adv = {key: np.concatenate([p[0][key] for p in parts]) for key in parts[0][0]}

@@ -16,10 +16,12 @@ import torch
 import torch.fx as fx
 
 from harden.graph.trace import input_node, output_node
+from harden.io.lazy import LazyImages
 from harden.methods.base import INPUT, LOGITS, FittedMethod
 from harden.detectors.policy import AlarmPolicy, FiniteRows
 
 LOGITS_OUTPUT = "logits"
+RUN_BATCH = 4096   # rows of data read on demand that ``run`` holds at once
 FINITE_OUTPUT = "input_finite"
 
 
@@ -108,6 +110,9 @@ class HardenedModel:
         """Every output of the ONNX contract, computed with torch and the detectors."""
         if self.policy is None:
             raise RuntimeError("the model is not calibrated yet")
+        if isinstance(x, LazyImages):   # data read on demand: a batch at a time
+            parts = [self.run(batch) for batch in x.batches(RUN_BATCH)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self.run(x[:0])
         x = torch.as_tensor(np.asarray(x, dtype=np.float32))
         out = self.torch_outputs(x)
         raw = self.raw_scores(out)

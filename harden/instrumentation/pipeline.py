@@ -67,8 +67,9 @@ def instrument(
     if 0 < options.fpr < 1 and len(data.calibration) >= 2:
         check_split(len(data.calibration), options.fpr, options.fpr_confidence)  # fail before minutes of fitting
     original_state = copy.deepcopy(gm.state_dict())
-    with torch.no_grad():
-        original_test_logits = gm(data.test.x).numpy()
+    with torch.no_grad():   # in batches: data larger than memory is read on demand
+        original_test_logits = np.concatenate([gm(data.test.x[i:i + 512]).numpy()
+                                               for i in range(0, len(data.test), 512)])
     ctx = FitContext(gm=gm, data=data, options=options, progress=progress)
     fitted = []
     for cls in classes:

@@ -35,12 +35,14 @@ import numpy as np
 import torch
 
 from harden.errors import HardenError
+from harden.io.lazy import LazyImages, in_memory_limit
 
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 _GRAY_MODES = ("1", "L", "LA")
 _COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 _SPLIT_NAMES = ("train", "calibration", "test")
+STREAM_CHUNK = 1024   # samples per read when data larger than memory is checked and fingerprinted
 
 
 @dataclass(frozen=True)
@@ -284,7 +286,32 @@ def _load_pt(path: Path) -> _Raw:
     return _from_arrays(_tensor_to_numpy(x, "x", where), _tensor_to_numpy(y, "y", where), where)
 
 
-def _load_folder(root: Path) -> _Raw:
+class _ImageFiles:
+    """A folder's images as an N,C,H,W uint8 array that decodes only the rows asked for (``files[i]``)."""
+
+    def __init__(self, files: list[Path], mode: str, shape: tuple[int, int, int]):
+        self.files, self.mode = files, mode
+        self.shape = (len(files), *shape)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 4
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        from PIL import Image
+
+        rows = np.arange(len(self.files))[indices]
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
+        for k, i in enumerate(rows):
+            with Image.open(self.files[i]) as im:
+                array = np.asarray(im.convert(self.mode), dtype=np.uint8)
+            out[k] = array[None] if array.ndim == 2 else np.transpose(array, (2, 0, 1))
+        return out
+
+
+def _scan_folder(root: Path) -> tuple[list[Path], np.ndarray, str, tuple[int, int, int]]:
+    """Files, labels, target mode and C,H,W of a folder of class sub-folders, from the image headers alone."""
     try:
         from PIL import Image
     except ImportError:
@@ -292,35 +319,71 @@ def _load_folder(root: Path) -> _Raw:
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise HardenError(f"{root}: expected one sub-folder of images per class, found none")
-    images, labels, modes = [], [], []
+    files, labels, colour = [], [], False
     size, size_file = None, None
     for label, folder in enumerate(classes):
-        files = sorted(p for p in folder.iterdir()
+        found = sorted(p for p in folder.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        if not found:
             raise HardenError(f"{folder}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
-        for file in files:
+        for file in found:
             try:
-                with Image.open(file) as im:
-                    im.load()
-                    image = im.copy()
+                with Image.open(file) as im:   # the header only: no pixel is decoded here
+                    mode, image_size = im.mode, im.size
             except Exception as exc:
                 raise HardenError(f"cannot read image {file}: {type(exc).__name__}: {exc}") from None
-            if image.mode not in _GRAY_MODES + _COLOUR_MODES:
-                raise HardenError(f"{file}: image mode {image.mode!r} is not supported; use 8-bit grayscale or RGB")
+            if mode not in _GRAY_MODES + _COLOUR_MODES:
+                raise HardenError(f"{file}: image mode {mode!r} is not supported; use 8-bit grayscale or RGB")
             if size is None:
-                size, size_file = image.size, file
-            elif image.size != size:
-                raise HardenError(f"{file} is {image.size[0]}x{image.size[1]} but {size_file} is {size[0]}x{size[1]}; all images must share a size")
-            images.append(image)
+                size, size_file = image_size, file
+            elif image_size != size:
+                raise HardenError(f"{file} is {image_size[0]}x{image_size[1]} but {size_file} is {size[0]}x{size[1]}; all images must share a size")
+            colour |= mode in _COLOUR_MODES
+            files.append(file)
             labels.append(label)
-            modes.append(image.mode)
-    colour = any(m in _COLOUR_MODES for m in modes)
-    target = "RGB" if colour else "L"
-    arrays = [np.asarray(im.convert(target), dtype=np.uint8) for im in images]
-    x = np.stack(arrays)  # N,H,W or N,H,W,3
-    x = x[:, None] if x.ndim == 3 else np.transpose(x, (0, 3, 1, 2))
-    return _Raw(np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64), (0.0, 255.0), str(root))
+    return files, np.asarray(labels, dtype=np.int64), ("RGB" if colour else "L"), (3 if colour else 1, size[1], size[0])
+
+
+def _load_npy(path: Path) -> _Raw:
+    """``x.npy`` memory-mapped (never read whole here) and ``y.npy`` beside it (or in the folder given)."""
+    folder = path if path.is_dir() else path.parent
+    x_path = folder / "x.npy" if path.is_dir() else path
+    y_path = folder / "y.npy"
+    if not x_path.is_file() or not y_path.is_file():
+        raise HardenError(f"{path}: expected x.npy and y.npy {'in it' if path.is_dir() else 'side by side'}")
+    try:
+        x = np.load(x_path, mmap_mode="r", allow_pickle=False)
+        y = np.load(y_path, allow_pickle=False)
+    except ValueError as exc:
+        raise HardenError(f"cannot read {x_path} / {y_path}: {str(exc).splitlines()[0]} (pickled arrays are refused)") from None
+    except Exception as exc:
+        raise HardenError(f"cannot read {x_path} / {y_path} as .npy: {type(exc).__name__}: {exc}") from None
+    where = str(x_path)
+    y = _check_labels(np.asarray(y), where)
+    if x.ndim not in (3, 4) or x.shape[0] == 0:
+        raise HardenError(f"{where}: x has shape {tuple(x.shape)}; expected N,C,H,W or N,H,W,C or N,H,W")
+    natural = _natural_range(x, where)
+    if len(x) != len(y):
+        raise HardenError(f"{where}: x has {len(x)} samples but y has {len(y)} labels")
+    return _Raw(_MappedNCHW(x, where), y, natural, where)
+
+
+class _MappedNCHW:
+    """A memory-mapped N,C,H,W / N,H,W,C / N,H,W array seen as N,C,H,W; rows are read when indexed."""
+
+    def __init__(self, array: np.ndarray, where: str):
+        self.array = array
+        sample = _to_nchw(np.asarray(array[:1]), where)
+        self.shape = (len(array), *sample.shape[1:])
+        self.dtype = array.dtype
+        self.ndim = 4
+        self.where = where
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        return _to_nchw(np.asarray(self.array[indices]), self.where)
 
 
 def _read_source(spec: str) -> _Raw:
@@ -334,21 +397,49 @@ def _read_source(spec: str) -> _Raw:
         if suffix in (".npz", ".pt", ".pth") or os.sep in spec or "/" in spec:
             raise HardenError(f"data file {spec!r} does not exist")
         raise HardenError(
-            f"unknown data {spec!r}: expected mnist, digits, a .npz file, a .pt file or a folder of class sub-folders"
+            f"unknown data {spec!r}: expected mnist, digits, a .npz file, a .pt file, x.npy (with y.npy beside it) "
+            "or a folder of class sub-folders"
         )
+    if path.is_dir() and (path / "x.npy").is_file():
+        return _load_npy(path)
     if path.is_dir():
-        return _load_folder(path)
+        files, labels, mode, shape = _scan_folder(path)
+        return _Raw(_ImageFiles(files, mode, shape), labels, (0.0, 255.0), str(path))
+    if suffix == ".npy":
+        return _load_npy(path)
     if suffix == ".npz":
         return _load_npz(path)
     if suffix in (".pt", ".pth"):
         return _load_pt(path)
-    raise HardenError(f"data file {spec!r} has an unknown format; expected .npz, .pt or a folder of class sub-folders")
+    raise HardenError(f"data file {spec!r} has an unknown format; expected .npz, .pt, x.npy or a folder of class sub-folders")
 
 
 # ----------------------------------------------------------------------------------------------- mapping and split
 
 
+def _convert(raw: _Raw, x: np.ndarray, input_range: tuple[float, float], rows: np.ndarray | None = None) -> np.ndarray:
+    """Raw samples (N,C,H,W) into float32 inside the input range, as the in-memory path maps them."""
+    lo, hi = input_range
+    where = raw.origin if rows is None or not len(rows) else f"{raw.origin} (samples {int(rows[0])}..{int(rows[-1])})"
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise HardenError(f"{where}: x contains NaN or infinite values")
+    if raw.natural is None:
+        x_min, x_max = float(x.min()), float(x.max())
+        if x_min < lo or x_max > hi:
+            raise HardenError(
+                f"{where}: float x has values in [{x_min:g}, {x_max:g}], outside the input range [{lo:g}, {hi:g}]; "
+                "pass the matching --input-range or store uint8"
+            )
+        out = np.array(x, dtype=np.float32, order="C")
+    else:
+        n_lo, n_hi = raw.natural
+        out = np.ascontiguousarray((x.astype(np.float64) - n_lo) * ((hi - lo) / (n_hi - n_lo)) + lo, dtype=np.float32)
+    return np.clip(out, np.float32(lo), np.float32(hi))
+
+
 def _to_range(raw: _Raw, input_range: tuple[float, float]) -> torch.Tensor:
+    if isinstance(raw.x, (_MappedNCHW, _ImageFiles)):
+        return torch.from_numpy(_convert(raw, raw.x[np.arange(len(raw.x))], input_range))
     lo, hi = input_range
     if np.issubdtype(raw.x.dtype, np.floating) and not np.isfinite(raw.x).all():
         raise HardenError(f"{raw.origin}: x contains NaN or infinite values")
@@ -408,7 +499,6 @@ def load_data(
     fractions = _check_fractions(fractions)
 
     raw = _read_source(spec)
-    x_all = _to_range(raw, input_range)
     y_all = torch.from_numpy(np.array(raw.y, dtype=np.int64, order="C"))
     total = len(y_all)
 
@@ -418,15 +508,32 @@ def load_data(
         order = order[: int(limit)]
     n = len(order)
     sizes = _split_sizes(n, fractions)
-
-    x, y = x_all[order].contiguous(), y_all[order].contiguous()
     bounds = np.cumsum((0,) + sizes)
-    splits = [Split(x[a:b].clone(), y[a:b].clone()) for a, b in zip(bounds[:-1], bounds[1:])]
-
     num_classes = int(y_all.max()) + 1
-    data_sha = _sha256(
-        json.dumps(list(x_all.shape)).encode(), x_all.numpy().tobytes(), y_all.numpy().tobytes()
-    )
+    shape = tuple(int(s) for s in raw.x.shape[1:])
+
+    if total * int(np.prod(shape)) * 4 > in_memory_limit():
+        # Larger than memory: every split reads its samples on demand (harden.io.lazy); one streaming pass
+        # checks the values and fingerprints the same bytes the in-memory path hashes.
+        digest = hashlib.sha256(json.dumps([total, *shape]).encode())
+        for start in range(0, total, STREAM_CHUNK):
+            rows = np.arange(start, min(total, start + STREAM_CHUNK))
+            digest.update(_convert(raw, raw.x[rows], input_range, rows).tobytes())
+        digest.update(y_all.numpy().tobytes())
+        data_sha = digest.hexdigest()
+        read = raw.x.__getitem__
+        convert = lambda part, rows: _convert(raw, part, input_range, rows)  # noqa: E731
+        y = y_all[order].contiguous()
+        order_np = order.numpy()
+        splits = [Split(LazyImages(read, convert, order_np[a:b], shape, raw.origin), y[a:b].clone())
+                  for a, b in zip(bounds[:-1], bounds[1:])]
+    else:
+        x_all = _to_range(raw, input_range)
+        x, y = x_all[order].contiguous(), y_all[order].contiguous()
+        splits = [Split(x[a:b].clone(), y[a:b].clone()) for a, b in zip(bounds[:-1], bounds[1:])]
+        data_sha = _sha256(
+            json.dumps(list(x_all.shape)).encode(), x_all.numpy().tobytes(), y_all.numpy().tobytes()
+        )
     index_sha = _sha256(order.to(torch.int64).numpy().tobytes())
     record = {
         "seed": int(seed),
@@ -444,7 +551,7 @@ def load_data(
         calibration=splits[1],
         test=splits[2],
         num_classes=num_classes,
-        input_shape=tuple(int(s) for s in x_all.shape[1:]),
+        input_shape=shape,
         input_range=input_range,
         split=record,
     )
