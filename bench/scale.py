@@ -4,8 +4,8 @@ against 2 torch.distributed ranks (``--workers 2``), measured side by side (runs
     python -m bench.scale --bundle out/edge/ctt-strict.hardened --model out/lenet5_mnist.pt \
         --arch harden.examples.lenet:LeNet5 --data mnist --json
 
-The single process gets every core (``OMP_NUM_THREADS`` = the core count); the ranks get one thread each (what
-torchrun sets).  Times are whole commands (start-up included) and, for fine-tuning, the epochs of the history
+Three setups, run in turn: one process with a thread per core, one process with one thread, and two ranks with
+one thread each (what torchrun sets).  Times are whole commands (start-up included) and, for fine-tuning, the epochs of the history
 the bundle records.  Merged reports are checked equal to the single process's (certify and evaluate exactly;
 fine-tuning within 1e-5).
 """
@@ -25,9 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _harden(args: list[str], workers: int) -> tuple[float, dict]:
-    cores = os.cpu_count() or 1
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(cores if workers == 1 else 1)}
+# (label, processes, threads per process): one process on every core, one process on one thread, and the ranks
+# of --workers on one thread each (what torchrun sets).
+SETUPS = (("1x%d" % (os.cpu_count() or 1), 1, os.cpu_count() or 1), ("1x1", 1, 1), ("2x1", 2, 1))
+
+
+def _harden(args: list[str], workers: int, threads: int) -> tuple[float, dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "harden.cli", *args, "--json"] + (["--workers", str(workers)] if workers > 1 else [])
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -56,19 +60,22 @@ def _close(a, b, tol=1e-5) -> bool:
 
 
 def measure(name: str, args: list[str], repeat: int, items: int, key=None) -> dict:
-    times: dict[int, list[float]] = {1: [], 2: []}
-    reports: dict[int, dict] = {}
+    times: dict[str, list[float]] = {label: [] for label, _, _ in SETUPS}
+    reports: dict[str, dict] = {}
     for _ in range(repeat):
-        for workers in (1, 2):   # alternating: both see the same machine load
-            seconds, report = _harden(args, workers)
-            times[workers].append(seconds)
-            reports[workers] = report
-    one, two = statistics.median(times[1]), statistics.median(times[2])
-    row = {"task": name, "items": items, "seconds_1": round(one, 2), "seconds_2": round(two, 2),
-           "per_second_1": round(items / one, 2), "per_second_2": round(items / two, 2),
-           "speedup": round(one / two, 3), "runs": repeat}
-    a, b = _strip(reports[1]), _strip(reports[2])
-    row["identical"] = a == b if key is None else key(a, b)
+        for label, workers, threads in SETUPS:   # in turn: every setup sees the same machine load
+            seconds, report = _harden(args, workers, threads)
+            times[label].append(seconds)
+            reports[label] = report
+    row = {"task": name, "items": items, "runs": repeat}
+    for label in times:
+        median = statistics.median(times[label])
+        row[f"seconds_{label}"] = round(median, 2)
+        row[f"per_second_{label}"] = round(items / median, 3)
+    row["speedup_2x1_vs_1x1"] = round(row["seconds_1x1"] / row["seconds_2x1"], 3)
+    row[f"speedup_2x1_vs_{SETUPS[0][0]}"] = round(row[f"seconds_{SETUPS[0][0]}"] / row["seconds_2x1"], 3)
+    one, two = _strip(reports["1x1"]), _strip(reports["2x1"])
+    row["identical"] = one == two if key is None else key(one, two)
     return row, reports
 
 
@@ -106,9 +113,9 @@ def main(argv: list[str] | None = None) -> None:
              "--key", "scale", "--epochs", str(args.epochs), "-o", str(out)], 1, args.epochs,
             key=lambda a, b: _close({k: v for k, v in a["manifest"].items() if k != "metrics"},
                                     {k: v for k, v in b["manifest"].items() if k != "metrics"}))
-    epochs = {w: finetune_epochs(reports[w]) for w in (1, 2)}
-    finetune.update({"epoch_seconds_1": epochs[1], "epoch_seconds_2": epochs[2],
-                     "epoch_speedup": round(statistics.mean(epochs[1]) / statistics.mean(epochs[2]), 3)})
+    epochs = {label: finetune_epochs(reports[label]) for label, _, _ in SETUPS}
+    finetune.update({f"epoch_seconds_{label}": value for label, value in epochs.items()})
+    finetune["epoch_speedup_2x1_vs_1x1"] = round(statistics.mean(epochs["1x1"]) / statistics.mean(epochs["2x1"]), 3)
     rows.append(finetune)
     result = {"cores": os.cpu_count(), "rows": rows}
     print(json.dumps(result, indent=1) if args.json else "\n".join(json.dumps(r) for r in rows))
