@@ -73,13 +73,13 @@ def main() -> None:
 
     data = load_data("mnist", seed=0, limit=args.limit)
     model = load_lenet(args.checkpoint)
-    _, options = build_options("+".join(methods), args.set, Options().fpr, 0, "bench")
-    hardened = instrument(model, data, methods, options)
+    specs, options = build_options("+".join(methods), args.set, Options().fpr, 0, "bench")
+    hardened = instrument(model, data, specs, options)
     hardened_graph = OnnxGraph(export_onnx(hardened).model.SerializeToString(), threads=args.threads)
     plain_proto = export_module(trace(model), (data.test.x[:2],), ["input"], ["logits"])
     plain_graph = OnnxGraph(plain_proto.SerializeToString(), threads=args.threads)
 
-    result = {"methods": methods, "model": "LeNet5", "threads": args.threads, "rounds": args.rounds, "batches": {}}
+    result = {"methods": [s.label() for s in specs], "model": "LeNet5", "threads": args.threads, "rounds": args.rounds, "batches": {}}
     x_all = data.test.x.numpy()
     for batch in (1, 256):
         x = np.ascontiguousarray(np.resize(x_all, (batch, *x_all.shape[1:])), dtype=np.float32)

@@ -27,7 +27,7 @@ def test_main_job_on_small_mnist(tmp_path):
 
     bundle = tmp_path / "lenet.hardened"
     run("instrument", checkpoint, "--arch", "harden.examples.lenet:LeNet5", "--data", "mnist", "--limit", "1500",
-        "--method", "ctt-strict", "--key", "e2e", "--steps", "100", "-o", bundle)   # a small budget: the default is slow here
+        "--method", "ctt-strict:steps=100", "--key", "e2e", "-o", bundle)   # a small budget: the default is slow here
     onnx_path = tmp_path / "lenet.onnx"
     exported = json.loads(run("export", bundle, "-o", onnx_path, "--json").stdout)
     assert exported["parity"]["max_abs_diff"]["logits"] <= 1e-4

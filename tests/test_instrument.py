@@ -77,8 +77,8 @@ def test_calibration_hits_the_requested_fpr_on_the_calibration_split(tiny_model,
     n = len(digits.calibration)
     for fpr in (0.05, 0.1):
         for confidence in (0.0, 0.9):
-            options = Options(key="k", mask_ratio=0.05, fpr=fpr, fpr_confidence=confidence)
-            hardened = instrument(tiny_model, digits, ["ctt-lite"], options)
+            options = Options(key="k", fpr=fpr, fpr_confidence=confidence)
+            hardened = instrument(tiny_model, digits, ["ctt-lite:mask_ratio=0.05"], options)
             allowed = hardened.facts["metrics"]["calibration"]["allowed_alarms"]
             if confidence == 0:
                 assert allowed == math.floor(fpr * n)

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="train | calibration | test"),
         limit: int = typer.Option(None, "--limit", help="Certify at most this many samples."),
         check: int = typer.Option(0, "--check", help="Draw N points per box through the real model; any contradiction fails."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the points --check draws."),
         bounds: str = typer.Option("ibp", "--bounds",
                                    help="ibp | crown-ibp | crown: interval bounds, or backward linear relaxation "
                                         "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown)."),

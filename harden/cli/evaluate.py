@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from harden.cli.attacks import ATTACK_NAMES
 from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, stdout
 from harden.errors import HardenError
 
@@ -33,12 +34,12 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate(
         target: Path = typer.Argument(..., help="An exported ONNX file (its bundle beside it or --bundle) or a .hardened bundle."),
-        attack: list[str] = typer.Option(None, "--attack", "-a", help=f"name:param=value,... repeatable (default: {' '.join(DEFAULT_ATTACKS)})."),
+        attack: list[str] = typer.Option(None, "--attack", "-a", help=f"NAME or NAME:param=value,..., repeatable: {', '.join(ATTACK_NAMES)} (`harden attacks NAME` lists its parameters; default: {' '.join(DEFAULT_ATTACKS)})."),
         bundle: Path = typer.Option(None, "--bundle", help="The bundle TARGET was exported from."),
         data: str = typer.Option(None, "--data", help="Data to attack (default: the bundle's, split as it was)."),
-        split: str = typer.Option("test", "--split"),
+        split: str = typer.Option("test", "--split", help="The bundle's data split to attack: test, calibration or train."),
         limit: int = typer.Option(500, "--limit", help="Attack at most this many inputs of the split."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the attacks' randomness (random starts, targets, noise)."),
         adaptive: bool = typer.Option(False, "--adaptive", help="Type II attack that knows the detectors (smoothed surrogates); alone unless --attack is given too."),
         adaptive_eps: float = typer.Option(0.1, "--adaptive-eps", help="Budget of the --adaptive attack, in the --adaptive-norm."),
         adaptive_norm: str = typer.Option("linf", "--adaptive-norm", help="linf or l2."),
@@ -71,7 +72,7 @@ def register(app: typer.Typer) -> None:
                         progress=lambda m: progress(m, 0.5))
             if json_out:
                 extra = {"adaptive": adaptive_report} if adaptive_report is not None else {}
-                emit_json({"target": str(target), "bundle": str(bundle_path), **(report.to_json() if report else {}), **extra})
+                emit_json({"target": str(target), "bundle": str(bundle_path), **(report.to_dict() if report else {}), **extra})
                 return
             if report is not None:
                 stdout.print(render_table(report))

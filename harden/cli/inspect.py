@@ -17,7 +17,7 @@ def _describe_onnx(path: Path) -> dict:
     graph = OnnxGraph(path)
     manifest = graph.manifest
     if not manifest:
-        raise HardenError(f"{path} is an ONNX file but not one exported by harden (no harden.bundle.manifest metadata)")
+        raise HardenError(f"{path} is an ONNX file but not one exported by harden (no harden.manifest metadata)")
     session = graph.session
     return {
         "kind": "onnx",
@@ -41,6 +41,8 @@ def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect(
         target: Path = typer.Argument(..., help="A .hardened bundle or an ONNX file exported by harden."),
+        recipe: bool = typer.Option(False, "--recipe", help="Print the recipe (TOML) that made it: "
+                                                            "`harden instrument MODEL --recipe FILE --key KEY` makes it again."),
         json_out: bool = JSON_OPTION,
     ):
         """Show methods, sites, outputs, thresholds, calibration figures and the key fingerprint (never the key)."""
@@ -48,6 +50,17 @@ def register(app: typer.Typer) -> None:
             if not target.is_file():
                 raise HardenError(f"no file at {target}")
             info = _describe_onnx(target) if target.suffix == ".onnx" else _describe_bundle(target)
+            if recipe:
+                from harden.instrumentation.recipe import to_toml
+
+                made_by = info["manifest"].get("recipe")
+                if made_by is None:
+                    raise HardenError(f"{target} records no recipe (made by an older harden)")
+                if json_out:
+                    emit_json(made_by)
+                else:
+                    typer.echo(to_toml(made_by), nl=False)
+                return
             if json_out:
                 emit_json(info)
                 return

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a whole pickled module (runs code from the file)."),
         data: str = typer.Option(None, "--data", help="Data to take the input shape from (mnist, digits, x.npz, folder, x.pt)."),
         input_shape: str = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28 (instead of --data)."),
-        input_range: str = typer.Option("0,1", "--input-range"),
+        input_range: str = typer.Option("0,1", "--input-range", help="The model's input range lo,hi (for --data)."),
         json_out: bool = JSON_OPTION,
     ):
         """List every node: name, module path, canonical op, output shape, and which nodes are sites."""

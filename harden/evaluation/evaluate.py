@@ -24,6 +24,7 @@ A rate or AUC over an empty set is ``None`` (null in JSON), never NaN.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -67,7 +68,7 @@ class EvaluationReport:
     rows: list[AttackRow]
     n_clean: int
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         """Plain JSON types only; NaN never appears (empty sets are null)."""
         out = {
             "clean_accuracy": self.clean_accuracy,
@@ -78,8 +79,12 @@ class EvaluationReport:
         }
         return _jsonable(out)
 
+    def to_json(self) -> str:
+        """The report as JSON text (what `harden evaluate --json` prints)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
     @classmethod
-    def from_json(cls, data: dict) -> "EvaluationReport":
+    def from_dict(cls, data: dict) -> "EvaluationReport":
         names = {f.name for f in fields(AttackRow)}
         rows = [AttackRow(**{k: v for k, v in row.items() if k in names}) for row in data["rows"]]
         return cls(clean_accuracy=data["clean_accuracy"], clean_fpr=data["clean_fpr"],
