@@ -21,7 +21,8 @@ def _usage_error_in_one_line(self, file=None) -> None:
     # typer prints usage, a hint and the error on four lines; harden's rule is one line per error.
     from harden.cli.common import console
 
-    where = f"{self.ctx.command_path} --help" if self.ctx is not None else "harden --help"
+    command = self.ctx.command_path.split()[1:] if self.ctx is not None else []   # the program may be "python -m"
+    where = " ".join(["harden", *command, "--help"])
     console.print(f"[bold red]error:[/] {self.format_message()}{_method_option_hint(self)} (see {where})",
                   highlight=False, soft_wrap=True)
 
