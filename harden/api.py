@@ -115,3 +115,20 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
 
     return certify_bundle(hardened, manifest, eps, data=data, split=split, limit=limit, check=check, seed=seed,
                           bounds=bounds, progress=progress)
+
+
+def make_report(hardened: HardenedModel, manifest: dict, path, settings=None, *, onnx_path: Path | None = None,
+                target: Path | None = None, progress: Callable[[str, float], None] = lambda m, f: None) -> dict:
+    """``harden report``: measure every figure once (:class:`harden.report.settings.ReportSettings`), write ONE
+    self-contained HTML file to ``path`` atomically, and return the figures as JSON.  ``onnx_path``: the exported
+    file to judge and time (else a fresh export of the bundle); ``target``: the file the report is about (its title)."""
+    from harden.io.atomic import check_output_path
+    from harden.report import write_html
+    from harden.report.collect import collect
+    from harden.report.settings import ReportSettings
+
+    check_output_path(Path(path))   # before minutes of attacks
+    figures = collect(hardened, manifest, settings or ReportSettings(), onnx_path=onnx_path,
+                      target=target or onnx_path, progress=lambda m, f: progress(m, 0.95 * f))
+    write_html(figures, path, progress=lambda m, f: progress(f"[plots] {m}", 0.95 + 0.05 * f))
+    return figures

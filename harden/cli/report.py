@@ -6,8 +6,14 @@ from pathlib import Path
 
 import typer
 
-from harden.attacks.defaults import DEFAULT_ATTACKS
 from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.report.settings import CERTIFY_FRACTIONS, STRENGTH_FRACTIONS, ReportSettings
+
+DEFAULTS = ReportSettings()
+
+
+def _grid(fractions) -> str:
+    return " ".join(f"{f:g}" for f in fractions)
 
 
 def register(app: typer.Typer) -> None:
@@ -18,38 +24,37 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "--output", "-o", help="The HTML file to write."),
         bundle: Path = typer.Option(None, "--bundle", help="The bundle TARGET was exported from."),
         data: str = typer.Option(None, "--data", help="Data (default: the bundle's, split as it was)."),
-        split: str = typer.Option("test", "--split", help="train | calibration | test: the inputs attacked, "
+        split: str = typer.Option(DEFAULTS.split, "--split", help="train | calibration | test: the inputs attacked, "
                                                           "certified and timed."),
-        limit: int = typer.Option(500, "--limit", help="Attack at most this many inputs of the split."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the attacks and of the certificates' sampling."),
+        limit: int = typer.Option(DEFAULTS.limit, "--limit", help="Attack at most this many inputs of the split."),
+        seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed of the attacks and of the certificates' sampling."),
         attack: list[str] = typer.Option(None, "--attack", "-a",
                                          help=f"An attack of the ROC section, name:param=value,... as in harden "
-                                              f"evaluate; repeatable (default: {' '.join(DEFAULT_ATTACKS)})."),
+                                              f"evaluate; repeatable (default: {' '.join(DEFAULTS.attacks)})."),
         strength_attack: list[str] = typer.Option(None, "--strength-attack",
                                                   help="An attack run at every --strength-eps (name[:param=value,...] "
-                                                       "without eps); repeatable (default: fgsm and pgd)."),
+                                                       f"without eps); repeatable (default: {' '.join(DEFAULTS.strength_attacks)})."),
         strength_eps: list[float] = typer.Option(None, "--strength-eps",
                                                  help="An eps of the strength section, in input units; repeatable "
-                                                      "(default: 0.01 0.02 0.05 0.1 0.2 0.3 x the input range's width)."),
+                                                      f"(default: {_grid(STRENGTH_FRACTIONS)} x the input range's width)."),
         certify_eps: list[float] = typer.Option(None, "--certify-eps",
                                                 help="A box radius of the certificates, in input units; repeatable "
-                                                     "(default: 0.001 0.002 0.003 0.005 0.01 0.02 0.03 x the input "
-                                                     "range's width, and the bundle's eps)."),
-        certify_limit: int = typer.Option(200, "--certify-limit", help="Certify at most this many inputs per eps."),
-        bounds: str = typer.Option("ibp", "--bounds", help="ibp | crown-ibp | crown, as in harden certify."),
-        latency_threads: int = typer.Option(1, "--latency-threads", help="onnxruntime threads of both graphs timed."),
-        latency_rounds: int = typer.Option(100, "--latency-rounds",
+                                                     f"(default: {_grid(CERTIFY_FRACTIONS)} x the input range's width, "
+                                                     "and the bundle's eps)."),
+        certify_limit: int = typer.Option(DEFAULTS.certify_limit, "--certify-limit", help="Certify at most this many inputs per eps."),
+        bounds: str = typer.Option(DEFAULTS.bounds, "--bounds", help="ibp | crown-ibp | crown, as in harden certify."),
+        latency_threads: int = typer.Option(DEFAULTS.latency_threads, "--latency-threads", help="onnxruntime threads of both graphs timed."),
+        latency_rounds: int = typer.Option(DEFAULTS.latency_rounds, "--latency-rounds",
                                            help="Timed calls at batch 1 (a quarter, at least 20, at batch 256)."),
         json_out: bool = JSON_OPTION,
     ):
         """Method summary, calibration, ROC curves, detection against attack strength, certified fraction against
         eps, CTT placement and latency, in ONE self-contained HTML file (figures inline)."""
         with errors_to_exit():
+            from harden.api import make_report
             from harden.bundle.archive import load_bundle
             from harden.cli.evaluate import resolve_target
             from harden.io.atomic import check_output_path
-            from harden.report import write_html
-            from harden.report.collect import collect
             from harden.report.settings import ReportSettings, plan
 
             check_output_path(output)
@@ -63,13 +68,12 @@ def register(app: typer.Typer) -> None:
             hardened, manifest = load_bundle(bundle_path)
             plan(settings, manifest)   # every setting checked before minutes of attacks
             with progress_reporter(not json_out) as progress:
-                figures = collect(hardened, manifest, settings, onnx_path=onnx_path, target=target,
-                                  progress=lambda m, f: progress(m, 0.95 * f))
-                size = write_html(figures, output, progress=lambda m, f: progress(f"[plots] {m}", 0.95 + 0.05 * f))
+                figures = make_report(hardened, manifest, output, settings, onnx_path=onnx_path, target=target,
+                                      progress=progress)
             if json_out:
                 emit_json({"output": str(output), **figures})
                 return
-            _print(figures, output, size)
+            _print(figures, output, output.stat().st_size)
 
 
 def _print(figures: dict, output: Path, size: int) -> None:

@@ -18,7 +18,7 @@ from harden.report.series import certified_series
 
 COMBINED = "score"
 PANEL = (4.2, 4.6)          # inches per panel, its legend beneath
-COLUMNS = 4
+COLUMNS = 3          # panels per row: the report shows figures about 1200 px wide, near 1:1
 DPI = 100
 METHOD_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
 
@@ -127,7 +127,7 @@ def draw_strength(fig, series: list[dict], clean_fpr: float | None = None, polic
 
 def _legend_below(ax) -> None:
     """Under the panel, where it hides no curve."""
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1, frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1, frameon=False)
 
 
 def _line(ax, xs, ys, **style) -> None:

@@ -1,13 +1,14 @@
 """What a report measures: its attacks, eps grids, sample counts and latency runs, each with its default, checked
-against the bundle before any work starts."""
+against the bundle before any work starts.
+
+Light on purpose (the attack catalogue is imported when a plan is made): the CLI's help text reads the defaults.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from harden.attacks.catalog import ATTACKS, AttackSpec, parse_attack
 from harden.attacks.defaults import DEFAULT_ATTACKS
-from harden.bundle.data import SPLITS
 from harden.errors import HardenError
 
 # Default grids, as fractions of the input range's width (the eps of an attack or a box is in input units).
@@ -65,6 +66,8 @@ def _eps_list(option: str, values) -> list[float]:
 
 
 def _strength_series(text: str, eps: list[float]) -> dict:
+    from harden.attacks.catalog import ATTACKS, AttackSpec, parse_attack
+
     spec = parse_attack(text)
     names = [p.name for p in ATTACKS.get(spec.name).params]
     if "eps" not in names:
@@ -81,7 +84,9 @@ def _strength_series(text: str, eps: list[float]) -> dict:
 
 def plan(settings: ReportSettings, manifest: dict) -> Plan:
     """Every setting checked and the grids resolved for this bundle's input range; one line on the first problem."""
+    from harden.attacks.catalog import parse_attack
     from harden.bounds.crown import check_method
+    from harden.bundle.data import SPLITS
 
     check_method(settings.bounds)
     if settings.split not in SPLITS:
