@@ -17,7 +17,7 @@ from harden.io.atomic import atomic_write_bytes
 from harden.report.series import certified_series
 
 COMBINED = "score"
-PANEL = (4.2, 4.6)          # inches per panel, its legend beneath
+PANEL = (4.2, 4.6)   # inches per panel, its legend beneath
 COLUMNS = 3          # panels per row: the report shows figures about 1200 px wide, near 1:1
 DPI = 100
 METHOD_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
@@ -33,10 +33,18 @@ def _grid(figure_or_sub, panels: int, columns: int | None = None):
     return list(axes.flat[:panels])
 
 
-def _figure(panels: int, rows_extra: int = 0) -> Figure:
-    rows = math.ceil(panels / COLUMNS) + rows_extra
+def _figure(panels: int) -> Figure:
+    rows = math.ceil(panels / COLUMNS)
     cols = min(max(panels, 1), COLUMNS)
     return Figure(figsize=(PANEL[0] * cols, PANEL[1] * rows + 0.4), layout="constrained")
+
+
+def _title(fig, text: str) -> None:
+    """A figure title wrapped to the figure's width (a one-panel figure is narrow)."""
+    import textwrap
+
+    width = fig.get_figure().get_size_inches()[0] if hasattr(fig, "get_figure") else fig.get_size_inches()[0]
+    fig.suptitle("\n".join(textwrap.wrap(text, max(30, int(width * 11)))), fontsize=10)
 
 
 def _method_colour(methods: list[str], name: str) -> str:
@@ -60,21 +68,23 @@ def draw_roc(fig, evaluation: dict, labels: list[str] | None = None, policy: str
     if not rows:
         raise HardenError("no attack results to draw ROC curves from")
     methods = sorted({d[: -len(".score")] for r in rows for d in r.get("roc_curves", {}) if d != COMBINED})
-    fig.suptitle(f"ROC: {evaluation['n_clean']} clean inputs (negatives) against the attacked ones that were "
-                 "classified correctly (positives)", fontsize=10)
+    _title(fig, f"ROC: {evaluation['n_clean']} clean inputs (negatives) against the attacked ones that were "
+                "classified correctly (positives)")
     for ax, row in zip(_grid(fig, len(rows), columns), rows):
         curves = row.get("roc_curves") or {}
         if not curves:
             raise HardenError(f"attack {row['attack']}: the evaluation holds no ROC curves (made without curves=True)")
         ax.plot([0, 1], [0, 1], color="0.8", linestyle="--", linewidth=0.8)
-        for detector in [d for d in curves if d != COMBINED] + [COMBINED]:
+        # a method whose curve is the combined one (e.g. the only method) is drawn once, as the combined curve
+        same = [d for d in curves if d != COMBINED and curves[d] is not None and curves[d] == curves.get(COMBINED)]
+        for detector in [d for d in curves if d != COMBINED and d not in same] + [COMBINED]:
             curve = curves.get(detector)
-            if curve is None or (detector != COMBINED and len(methods) == 1):
-                continue   # one method: its score is the combined score, drawn once below
+            if curve is None:
+                continue
             auc = row["roc_auc"].get(detector)
             name = _detector_label(detector, policy)
-            if detector == COMBINED and len(methods) == 1:
-                name = f"{methods[0]} = {name}"
+            if detector == COMBINED and same:
+                name = " = ".join([_detector_label(d, policy) for d in same] + [name])
             text = f"{name} (AUC {auc:.3f})" if auc is not None else name
             if detector == COMBINED:
                 ax.plot(curve["fpr"], curve["tpr"], color="black", linewidth=1.8, label=text)
@@ -101,7 +111,7 @@ def draw_strength(fig, series: list[dict], clean_fpr: float | None = None, polic
     """One panel per attack: detection and accuracy under attack against the attack's eps."""
     if not series:
         raise HardenError("no attack was run at several eps: nothing to draw against attack strength")
-    fig.suptitle("detection against attack strength", fontsize=10)
+    _title(fig, "detection against attack strength")
     for ax, s in zip(_grid(fig, len(series), columns), series):
         eps = s["eps"]
         methods = sorted(s["per_method_detection"])
