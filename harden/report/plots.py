@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
+
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -74,7 +76,8 @@ def draw_roc(fig, evaluation: dict, labels: list[str] | None = None, policy: str
         curves = row.get("roc_curves") or {}
         if not curves:
             raise HardenError(f"attack {row['attack']}: the evaluation holds no ROC curves (made without curves=True)")
-        ax.plot([0, 1], [0, 1], color="0.8", linestyle="--", linewidth=0.8)
+        chance = np.concatenate([[0.0], np.geomspace(min(1.0, 0.5 / max(1, evaluation["n_clean"])), 1.0, 200)])
+        ax.plot(chance, chance, color="0.8", linestyle="--", linewidth=0.8)
         # a method whose curve is the combined one (e.g. the only method) is drawn once, as the combined curve
         same = [d for d in curves if d != COMBINED and curves[d] is not None and curves[d] == curves.get(COMBINED)]
         for detector in [d for d in curves if d != COMBINED and d not in same] + [COMBINED]:
@@ -95,9 +98,8 @@ def draw_roc(fig, evaluation: dict, labels: list[str] | None = None, policy: str
                     label=f"alarm as shipped ({100 * evaluation['clean_fpr']:.1f}% FPR, "
                           f"{100 * row['detection_rate']:.1f}% detected)")
         ax.set_title(f"{row['attack']} ({row['n_correct']} attacked)", fontsize=9)
-        ax.set_xlim(-0.01, 1.0)
+        _fpr_axis(ax, evaluation["n_clean"])
         ax.set_ylim(0.0, 1.01)
-        ax.set_xlabel("false-positive rate (clean)")
         ax.set_ylabel("detection rate (attacked)")
         ax.grid(alpha=0.3)
         _legend_below(ax)
@@ -133,6 +135,18 @@ def draw_strength(fig, series: list[dict], clean_fpr: float | None = None, polic
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         _legend_below(ax)
+
+
+def _fpr_axis(ax, n_clean: int) -> None:
+    """False-positive rates on a log scale, linear below 1/n (the smallest non-zero rate n clean inputs can show),
+    so that FPR 0 stays on the axis: a good detector's curve lives at FPRs of a few percent, which a linear axis
+    squeezes into its first tick."""
+    floor = 1.0 / max(1, n_clean)
+    ax.set_xscale("symlog", linthresh=floor, linscale=0.3)
+    ax.set_xlim(0.0, 1.0)
+    ticks = [0.0] + [t for t in (0.001, 0.01, 0.1, 1.0) if t >= floor]
+    ax.set_xticks(ticks, ["0"] + [f"{t:g}" for t in ticks[1:]])
+    ax.set_xlabel("false-positive rate (clean, log scale)")
 
 
 def _legend_below(ax) -> None:
