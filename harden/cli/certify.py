@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, check_plot_path, emit_json, errors_to_exit, progress_reporter, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         bounds: str = typer.Option("ibp", "--bounds",
                                    help="ibp | crown-ibp | crown: interval bounds, or backward linear relaxation "
                                         "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown)."),
+        plot: Path = typer.Option(None, "--plot", help="Also draw a PNG: certified fraction against eps, robust and "
+                                                       "detect-or-robust, hardened and original (as harden report)."),
         json_out: bool = JSON_OPTION,
     ):
         """Placement of every CTT trap, per-sample robust and detect-or-robust certificates, hardened vs original."""
@@ -32,14 +34,22 @@ def register(app: typer.Typer) -> None:
             from harden.bundle.archive import load_bundle
 
             check_method(bounds)  # before the bundle loads: a typo fails at once
+            if plot is not None:
+                check_plot_path(plot)
             hardened, manifest = load_bundle(bundle)
             with progress_reporter(not json_out) as progress:
                 report = certificates(hardened, manifest, eps or None, data=data, split=split, limit=limit,
                                       check=check, seed=seed, bounds=bounds, progress=progress)
+            if plot is not None:
+                from harden.report.plots import certified_figure, write_png
+
+                write_png(certified_figure(report), plot)
             if json_out:
                 emit_json(report)
             else:
                 _print(report)
+                if plot is not None:
+                    stdout.print(f"wrote {plot}", highlight=False)
             if report.get("check") and any(c["violations"] for c in report["check"].values()):
                 raise typer.Exit(1)
 

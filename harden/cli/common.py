@@ -89,3 +89,14 @@ def parse_range(text: str) -> tuple[float, float]:
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+
+
+def check_plot_path(path) -> None:
+    """A --plot target: a .png file in an existing folder (checked before any work starts)."""
+    from pathlib import Path
+
+    from harden.io.atomic import check_output_path
+
+    if Path(path).suffix.lower() != ".png":
+        raise HardenError(f"--plot {path}: the plot is a PNG image; name the file *.png")
+    check_output_path(Path(path))

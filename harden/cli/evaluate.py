@@ -6,11 +6,10 @@ from pathlib import Path
 
 import typer
 
+from harden.attacks.defaults import DEFAULT_ATTACKS
 from harden.cli.attacks import ATTACK_NAMES
-from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, check_plot_path, console, emit_json, errors_to_exit, progress_reporter, stdout
 from harden.errors import HardenError
-
-DEFAULT_ATTACKS = ["fgsm:eps=0.1", "pgd:eps=0.1", "bim:eps=0.1", "deepfool", "cw"]
 
 
 def resolve_target(target: Path, bundle: Path | None) -> tuple[Path, Path | None]:
@@ -47,6 +46,8 @@ def register(app: typer.Typer) -> None:
         adaptive_attacker: list[str] = typer.Option(None, "--adaptive-attacker", help="key-known and/or key-unknown, repeatable (default: both; a key-unknown row this bundle cannot have is reported as skipped)."),
         adaptive_proxy: Path = typer.Option(None, "--adaptive-proxy", help="The same classifier hardened with another key: the key-unknown attacker attacks its detectors."),
         adversarial: list[Path] = typer.Option(None, "--adversarial", help="An .npz of adversarial inputs crafted elsewhere (x, y, optional x_clean), scored as given; repeatable; alone unless --attack is given too."),
+        plot: Path = typer.Option(None, "--plot", help="Also draw a PNG: every attack's ROC curves, and detection "
+                                                       "against eps for an attack run at several eps (as harden report)."),
         json_out: bool = JSON_OPTION,
     ):
         """Accuracy under attack, detection rate, perturbation size, clean FPR and ROC-AUC per detector."""
@@ -55,12 +56,17 @@ def register(app: typer.Typer) -> None:
             from harden.evaluation.evaluate import render_table
             from harden.bundle.archive import load_bundle
 
+            if plot is not None:
+                check_plot_path(plot)
+                if adaptive and not (attack or adversarial):
+                    raise HardenError("--plot draws the attacks' ROC curves; --adaptive alone has none "
+                                      "(add --attack or --adversarial)")
             bundle_path, onnx_path = resolve_target(target, bundle)
             hardened, manifest = load_bundle(bundle_path)
             report, adaptive_report = None, None
             with progress_reporter(not json_out) as progress:
                 if attack or adversarial or not adaptive:
-                    attacks = attack or ([] if adversarial or adaptive else DEFAULT_ATTACKS)
+                    attacks = attack or ([] if adversarial or adaptive else list(DEFAULT_ATTACKS))
                     report = run_evaluate(hardened, manifest, attacks, onnx_path=onnx_path, data=data,
                                           split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5),
                                           adversarial=adversarial or [])
@@ -70,6 +76,8 @@ def register(app: typer.Typer) -> None:
                         onnx_path=onnx_path, data=data, split=split, limit=limit,
                         attackers=tuple(adaptive_attacker) if adaptive_attacker else None, proxy=adaptive_proxy,
                         progress=lambda m: progress(m, 0.5))
+            if plot is not None:
+                _plot(report, manifest, plot)
             if json_out:
                 extra = {"adaptive": adaptive_report} if adaptive_report is not None else {}
                 emit_json({"target": str(target), "bundle": str(bundle_path), **(report.to_dict() if report else {}), **extra})
@@ -82,3 +90,13 @@ def register(app: typer.Typer) -> None:
                 stdout.print(render_adaptive(adaptive_report))
             if onnx_path is None:
                 console.print("scored through a fresh in-memory ONNX export of the bundle", highlight=False)
+            if plot is not None:
+                console.print(f"wrote {plot}", highlight=False)
+
+
+def _plot(report, manifest: dict, path: Path) -> None:
+    from harden.report.plots import evaluation_figure, write_png
+    from harden.report.series import strength_series
+
+    evaluation = report.to_dict(curves=True)
+    write_png(evaluation_figure(evaluation, strength_series(evaluation["rows"]), manifest["policy"]["text"]), path)

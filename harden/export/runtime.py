@@ -24,6 +24,7 @@ class OnnxGraph:
             if not path.is_file():
                 raise HardenError(f"no ONNX file at {path}")
             model = path.read_bytes()
+        self.model_bytes = bytes(model)   # another session of the same graph (e.g. other threads) needs no re-read
         try:
             self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
