@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
+from harden.core.arguments import check_choice, check_count, check_eps, check_limit
 from harden.errors import HardenError
 from harden.instrumentation.hardened import HardenedModel
 from harden.io.data import Dataset, load_data as _load_data
@@ -27,16 +29,18 @@ def instrument(model, data: Dataset, methods: list[str], options=None, *, policy
     return _instrument(model, data, methods, options, policy=policy, progress=progress)
 
 
-def save_bundle(hardened: HardenedModel, path) -> dict:
+def save_bundle(hardened: HardenedModel, path, *, seal_key: str | None = None, inputs=()) -> dict:
+    """Write the bundle (never over one of ``inputs``); sealed with ``seal_key`` or HARDEN_SEAL_KEY when set."""
     from harden.bundle.archive import save_bundle as _save
 
-    return _save(hardened, path)
+    return _save(hardened, path, seal_key=seal_key, inputs=inputs)
 
 
-def load_bundle(path) -> tuple[HardenedModel, dict]:
+def load_bundle(path, *, seal_key: str | None = None) -> tuple[HardenedModel, dict]:
+    """A bundle checked as data from elsewhere; with ``seal_key`` (or HARDEN_SEAL_KEY) its seal must match."""
     from harden.bundle.archive import load_bundle as _load
 
-    return _load(path)
+    return _load(path, seal_key=seal_key)
 
 
 def export_onnx(hardened: HardenedModel, path=None, source=None):
@@ -55,6 +59,9 @@ def bundle_data(manifest: dict, data: str | None = None) -> Dataset:
     if data is None and split.get("limit"):
         kwargs["limit"] = split["limit"]
     dataset = _load_data(spec, **kwargs)
+    if dataset.num_classes > manifest["num_classes"]:
+        raise HardenError(f"data {spec!r} has labels up to {dataset.num_classes - 1}; the bundle's model knows "
+                          f"classes 0..{manifest['num_classes'] - 1}")
     if list(dataset.input_shape) != list(manifest["input"]["shape"]):
         raise HardenError(f"data {spec!r} has input shape {dataset.input_shape}; the bundle expects {tuple(manifest['input']['shape'])}")
     if data is None and dataset.split.get("fingerprint") != split.get("fingerprint"):
@@ -62,10 +69,40 @@ def bundle_data(manifest: dict, data: str | None = None) -> Dataset:
     return dataset
 
 
+SPLITS = ("train", "calibration", "test")
+
+
 def split_of(dataset: Dataset, name: str):
-    if name not in ("train", "calibration", "test"):
-        raise HardenError(f"--split {name!r} is not one of train, calibration, test")
+    check_choice(name, SPLITS, "--split")
     return getattr(dataset, name)
+
+
+def check_certify_arguments(eps, split: str, limit, check: int) -> None:
+    """What certify can check before a bundle is read (--eps against the input range comes after)."""
+    for value in eps or []:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise HardenError(f"--eps must be a finite number > 0, got {value!r:.40}")
+    check_choice(split, SPLITS, "--split")
+    check_limit(limit)
+    check_count(check, "--check", 0)
+
+
+def check_evaluate_arguments(split: str, limit, *, adaptive_eps: float | None = None, adaptive_norm: str = "linf",
+                             adaptive_steps: int = 1, attackers=None, input_range=None) -> None:
+    from harden.methods.surrogates import ATTACKERS
+
+    check_choice(split, SPLITS, "--split")
+    check_limit(limit)
+    check_choice(adaptive_norm, ("linf", "l2"), "--adaptive-norm")
+    check_count(adaptive_steps, "--adaptive-steps", 1)
+    for attacker in attackers or ():
+        check_choice(attacker, ATTACKERS, "--adaptive-attacker")
+    if adaptive_eps is not None:
+        if adaptive_norm == "linf" and input_range is not None:
+            check_eps(adaptive_eps, input_range, "--adaptive-eps")
+        elif isinstance(adaptive_eps, bool) or not isinstance(adaptive_eps, (int, float)) \
+                or not math.isfinite(adaptive_eps) or adaptive_eps <= 0:
+            raise HardenError(f"--adaptive-eps must be a finite number > 0, got {adaptive_eps!r:.40}")
 
 
 def scorer_for(hardened: HardenedModel, onnx_path: Path | None, source=None):
@@ -91,6 +128,7 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
     from harden.evaluation.evaluate import evaluate as _evaluate
     from harden.io.adversarial import load_adversarial
 
+    check_evaluate_arguments(split, limit)
     specs = [parse_attack(a) for a in attacks]
     given = [load_adversarial(p, input_shape=tuple(manifest["input"]["shape"]), num_classes=manifest["num_classes"],
                               input_range=tuple(manifest["input"]["range"])) for p in adversarial]
@@ -106,7 +144,7 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
 def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0.1, norm: str = "linf",
                       steps: int = 100, onnx_path: Path | None = None, data: str | None = None, split: str = "test",
                       limit: int | None = 500, attackers: tuple[str, ...] | None = None, proxy: Path | None = None,
-                      progress: Callable[[str], None] | None = None) -> dict:
+                      progress: Callable[[str], None] | None = None, seal_key: str | None = None) -> dict:
     """Type II attacks (key known: smoothed surrogates of the detectors as shipped; key unknown: the attacker's
     own model of the keyed parts, or a proxy bundle hardened with another key) beside the detector-blind
     baseline, every final input judged by the exported graph."""
@@ -114,11 +152,13 @@ def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0
     from harden.evaluation.evaluate import evaluate_adaptive as _evaluate_adaptive
     from harden.bundle.archive import load_bundle
 
+    check_evaluate_arguments(split, limit, adaptive_eps=eps, adaptive_norm=norm, adaptive_steps=steps,
+                             attackers=attackers, input_range=tuple(manifest["input"]["range"]))
     dataset = bundle_data(manifest, data)
     part = split_of(dataset, split)
     proxy_model = None
     if proxy is not None:
-        proxy_model, proxy_manifest = load_bundle(proxy)
+        proxy_model, proxy_manifest = load_bundle(proxy, seal_key=seal_key)
         if list(proxy_manifest["input"]["shape"]) != list(manifest["input"]["shape"]) or \
                 proxy_manifest["num_classes"] != manifest["num_classes"]:
             raise HardenError(f"--adaptive-proxy {proxy}: its input shape or class count differs from the bundle's")
@@ -172,17 +212,13 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     from harden.certification.certify import BOUND_LABELS, certify_samples, check_certificates
 
     check_method(bounds)
-    eps_list = list(eps) if eps else [float(manifest.get("eps") or 3e-3)]
-    for value in eps_list:
-        if not value >= 0:
-            raise HardenError(f"--eps must be >= 0; got {value}")
-    if check < 0:
-        raise HardenError("--check must be >= 0")
+    check_certify_arguments(eps, split, limit, check)
+    input_range = tuple(manifest["input"]["range"])
+    eps_list = [check_eps(value, input_range) for value in (list(eps) if eps else [float(manifest.get("eps") or 3e-3)])]
     part = split_of(bundle_data(manifest, data), split)
     x, y = part.x, part.y
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    input_range = tuple(manifest["input"]["range"])
     traps = ctt_traps(hardened)
     gm, original = hardened.classifier, original_classifier(hardened)
     k = manifest["policy"]["k"]
