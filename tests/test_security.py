@@ -369,18 +369,20 @@ def test_an_unwritable_output_folder_is_found_before_the_work(state, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, words", [
-    ("--eps", "-1", "(0, 1]"), ("--eps", "nan", "finite"), ("--eps", "inf", "finite"), ("--eps", "0", "(0, 1]"),
-    ("--eps", "2", "(0, 1]"), ("--fpr", "0", "(0, 1)"), ("--fpr", "1", "(0, 1)"), ("--fpr-confidence", "1", "[0, 1)"),
+    ("--fpr", "0", "(0, 1)"), ("--fpr", "1", "(0, 1)"), ("--fpr", "nan", "finite"), ("--fpr-confidence", "1", "[0, 1)"),
     ("--device", "bogus", "--device"), ("--device", "toaster:3", "--device"), ("--key", "", "--key"),
     ("--key", "   ", "--key"), ("--limit", "0", "--limit"), ("--policy", "k:2", "--policy"),
     ("--input-range", "1,0", "lo < hi"), ("--input-range", "0,nan", "finite"),
+    ("--method", "ctt-strict:eps=-1", "eps"), ("--method", "ctt-strict:eps=nan", "eps"),
+    ("--method", "ctt-strict:eps=inf", "eps"), ("--method", "ctt-strict:eps=0", "eps"),
 ])
 def test_meaningless_instrument_arguments_are_refused_before_any_work(state, tmp_path, flag, value, words):
     out = tmp_path / "x.hardened"
+    method = [] if flag == "--method" else ["--method", "ctt-lite"]
     started = time.perf_counter()
-    line = refused(invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-strict",
-                          flag, value, "-o", out), words)
-    assert flag in line or flag in ("--input-range",)
+    line = refused(invoke("instrument", state, "--arch", ARCH, "--data", "digits", *method, flag, value, "-o", out),
+                   words)
+    assert flag in line or flag in ("--input-range", "--method")
     assert not out.exists()
     assert time.perf_counter() - started < 5   # refused before loading the model and the data
 
@@ -393,8 +395,8 @@ def test_a_missing_cuda_is_one_line(state, tmp_path):
 
 def test_layers_that_do_not_exist_are_refused(state, tmp_path):
     out = tmp_path / "x.hardened"
-    refused(invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite", "--layers",
-                   "last:99", "-o", out), "last:99", "between 1 and")
+    refused(invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite:layers=last:99",
+                   "-o", out), "last:99", "3 site(s)")
     assert not out.exists()
 
 
@@ -403,8 +405,7 @@ def test_the_python_api_refuses_the_same_values(tiny_model, digits):
     from harden.methods.base import Options
 
     for options, word in [(Options(fpr=0.0), "--fpr"), (Options(key=""), "--key"), (Options(device="bogus"), "--device"),
-                          (Options(eps=float("nan")), "--eps"), (Options(eps=-1.0), "--eps"),
-                          (Options(fpr_confidence=1.0), "--fpr-confidence")]:
+                          (Options(fpr=float("nan")), "--fpr"), (Options(fpr_confidence=1.0), "--fpr-confidence")]:
         with pytest.raises(HardenError, match=word):
             instrument(tiny_model, digits, ["ctt-lite"], options)
 
