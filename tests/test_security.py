@@ -493,6 +493,8 @@ LIES = {
     "format": lambda d: d.update(format="1"),
     "finetuned without weights": lambda d: d.update(finetuned=True),
     "metrics as text": lambda d: d["metrics"].update(test_fpr="low"),
+    "recipe methods as a list": lambda d: d["recipe"].update(methods=["ctt-lite"]),
+    "recipe key that injects a line": lambda d: d["recipe"].update({'x = 1\n[methods.mismatch]\nsecond_model': "a"}),
 }
 
 
@@ -505,6 +507,12 @@ def test_a_manifest_that_lies_is_refused_by_every_command(bundle, tmp_path, lie)
         refused(invoke(*command))
     assert not (tmp_path / "x.onnx").exists()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 * 1024   # KiB: no huge allocation
+
+
+def test_a_bundles_recipe_prints_as_toml(bundle):
+    result = invoke("inspect", bundle, "--recipe")
+    assert result.exit_code == 0, result.output
+    assert "[methods.ctt-lite]" in result.stdout
 
 
 def _graph_edit(change):

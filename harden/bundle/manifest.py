@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 from importlib import metadata
 
 import harden
@@ -207,7 +208,42 @@ def validate_manifest(manifest, where: str) -> dict:
         check.text(version, f"packages.{name}")
     check.text(packages.get("harden"), "packages.harden")
     _validate_metrics(check, manifest, names)
+    if "recipe" in manifest:
+        _validate_recipe(check, manifest["recipe"])
     return manifest
+
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def _validate_recipe(check: _Checker, recipe) -> None:
+    """`harden inspect --recipe` prints it as TOML that `instrument --recipe` reads back: keys that TOML can say
+    bare (no newline or quote to inject a line), values that are numbers, text, flags or lists of them."""
+    if not isinstance(recipe, dict):
+        check.fail("recipe", "an object", recipe)
+
+    def plain(value, field: str) -> None:
+        if isinstance(value, list):
+            for item in value:
+                plain(item, field)
+        elif value is not None and not isinstance(value, (str, bool, int, float)):
+            check.fail(field, "a number, text, flag or list", value)
+
+    for key, value in recipe.items():
+        if not _KEY.match(key):
+            check.fail("recipe", "keys that are plain names", key)
+        if key == "methods":
+            if not isinstance(value, dict):
+                check.fail("recipe.methods", "an object", value)
+            for name, options in value.items():
+                if not _KEY.match(name) or not isinstance(options, dict):
+                    check.fail(f"recipe.methods.{name}", "an object under a plain name", options)
+                for option, setting in options.items():
+                    if not _KEY.match(option):
+                        check.fail(f"recipe.methods.{name}", "keys that are plain names", option)
+                    plain(setting, f"recipe.methods.{name}.{option}")
+        else:
+            plain(value, f"recipe.{key}")
 
 
 def _validate_metrics(check: _Checker, manifest: dict, names: list[str]) -> None:
