@@ -26,16 +26,18 @@ def instrument(model, data: Dataset, methods: list[str], options=None, *, policy
     return _instrument(model, data, methods, options, policy=policy, progress=progress)
 
 
-def save_bundle(hardened: HardenedModel, path) -> dict:
+def save_bundle(hardened: HardenedModel, path, *, seal_key: str | None = None, inputs=()) -> dict:
+    """Write the bundle (never over one of ``inputs``); sealed with ``seal_key`` or HARDEN_SEAL_KEY when set."""
     from harden.bundle.archive import save_bundle as _save
 
-    return _save(hardened, path)
+    return _save(hardened, path, seal_key=seal_key, inputs=inputs)
 
 
-def load_bundle(path) -> tuple[HardenedModel, dict]:
+def load_bundle(path, *, seal_key: str | None = None) -> tuple[HardenedModel, dict]:
+    """A bundle checked as data from elsewhere; with ``seal_key`` (or HARDEN_SEAL_KEY) its seal must match."""
     from harden.bundle.archive import load_bundle as _load
 
-    return _load(path)
+    return _load(path, seal_key=seal_key)
 
 
 def export_onnx(hardened: HardenedModel, path=None, source=None):
@@ -78,7 +80,7 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
 def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0.1, norm: str = "linf",
                       steps: int = 100, onnx_path: Path | None = None, data: str | None = None, split: str = "test",
                       limit: int | None = 500, attackers: tuple[str, ...] | None = None, proxy: Path | None = None,
-                      progress: Callable[[str], None] | None = None) -> dict:
+                      progress: Callable[[str], None] | None = None, seal_key: str | None = None) -> dict:
     """Type II attacks (key known: smoothed surrogates of the detectors as shipped; key unknown: the attacker's
     own model of the keyed parts, or a proxy bundle hardened with another key) beside the detector-blind
     baseline, every final input judged by the exported graph."""
@@ -86,7 +88,21 @@ def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0
 
     return evaluate_adaptive_bundle(hardened, manifest, eps=eps, norm=norm, steps=steps, onnx_path=onnx_path,
                                     data=data, split=split, limit=limit, attackers=attackers, proxy=proxy,
-                                    progress=progress)
+                                    progress=progress, seal_key=seal_key)
+
+
+def check_certify_arguments(eps, split: str, limit, check: int) -> None:
+    """What certify can check before a bundle is read (--eps against the input range comes after)."""
+    from harden.certification.bundle import check_certify_arguments as _check
+
+    _check(eps, split, limit, check)
+
+
+def check_evaluate_arguments(split: str, limit, **adaptive) -> None:
+    """What evaluate can check before a bundle is read (``adaptive``: the --adaptive-* settings)."""
+    from harden.evaluation.bundle import check_evaluate_arguments as _check
+
+    _check(split, limit, **adaptive)
 
 
 def ctt_traps(hardened: HardenedModel):

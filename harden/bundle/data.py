@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from harden.core.arguments import check_choice
 from harden.errors import HardenError
 from harden.io.data import Dataset, load_data
 
@@ -19,6 +20,9 @@ def bundle_data(manifest: dict, data: str | None = None) -> Dataset:
     if data is None and split.get("limit"):
         kwargs["limit"] = split["limit"]
     dataset = load_data(spec, **kwargs)
+    if dataset.num_classes > manifest["num_classes"]:
+        raise HardenError(f"data {spec!r} has labels up to {dataset.num_classes - 1}; the bundle's model knows "
+                          f"classes 0..{manifest['num_classes'] - 1}")
     if list(dataset.input_shape) != list(manifest["input"]["shape"]):
         raise HardenError(f"data {spec!r} has input shape {dataset.input_shape}; the bundle expects {tuple(manifest['input']['shape'])}")
     if data is None and dataset.split.get("fingerprint") != split.get("fingerprint"):
@@ -27,6 +31,5 @@ def bundle_data(manifest: dict, data: str | None = None) -> Dataset:
 
 
 def split_of(dataset: Dataset, name: str):
-    if name not in SPLITS:
-        raise HardenError(f"--split {name!r} is not one of {', '.join(SPLITS)}")
+    check_choice(name, SPLITS, "--split")
     return getattr(dataset, name)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from harden.bounds.crown import check_method
-from harden.bundle.data import bundle_data, split_of
+from harden.bundle.data import SPLITS, bundle_data, split_of
 from harden.certification.certify import BOUND_LABELS, Trap, certify_samples, check_certificates
+from harden.core.arguments import check_choice, check_count, check_eps, check_limit
 from harden.errors import HardenError
 from harden.instrumentation.hardened import HardenedModel, original_classifier
 
@@ -28,6 +30,16 @@ def ctt_traps(hardened: HardenedModel) -> list[Trap]:
     return traps
 
 
+def check_certify_arguments(eps, split: str, limit, check: int) -> None:
+    """What certify can check before a bundle is read (--eps against the input range comes after)."""
+    for value in eps or []:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise HardenError(f"--eps must be a finite number > 0, got {value!r:.40}")
+    check_choice(split, SPLITS, "--split")
+    check_limit(limit)
+    check_count(check, "--check", 0)
+
+
 def certify_bundle(hardened: HardenedModel, manifest: dict, eps: list[float] | None = None, *, data: str | None = None,
                    split: str = "test", limit: int | None = None, check: int = 0, seed: int = 0, bounds: str = "ibp",
                    progress: Callable[[str, float], None] = lambda m, f: None) -> dict:
@@ -37,17 +49,13 @@ def certify_bundle(hardened: HardenedModel, manifest: dict, eps: list[float] | N
     or ``crown`` (backward linear relaxation throughout; tightest, slowest).
     """
     check_method(bounds)
-    eps_list = list(eps) if eps else [float(manifest.get("eps") or 3e-3)]
-    for value in eps_list:
-        if not value >= 0:
-            raise HardenError(f"--eps must be >= 0; got {value}")
-    if check < 0:
-        raise HardenError("--check must be >= 0")
+    check_certify_arguments(eps, split, limit, check)
+    input_range = tuple(manifest["input"]["range"])
+    eps_list = [check_eps(value, input_range) for value in (list(eps) if eps else [float(manifest.get("eps") or 3e-3)])]
     part = split_of(bundle_data(manifest, data), split)
     x, y = part.x, part.y
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    input_range = tuple(manifest["input"]["range"])
     traps = ctt_traps(hardened)
     gm, original = hardened.classifier, original_classifier(hardened)
     k = manifest["policy"]["k"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from harden.cli.common import JSON_OPTION, check_plot_path, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, check_plot_path, emit_json, errors_to_exit, progress_reporter, seal_option, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -25,18 +25,20 @@ def register(app: typer.Typer) -> None:
                                         "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown)."),
         plot: Path = typer.Option(None, "--plot", help="Also draw a PNG: certified fraction against eps, robust and "
                                                        "detect-or-robust, hardened and original (as harden report)."),
+        seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):
         """Placement of every CTT trap, per-sample robust and detect-or-robust certificates, hardened vs original."""
         with errors_to_exit():
-            from harden.api import certify as certificates
+            from harden.api import certify as certificates, check_certify_arguments
             from harden.bounds.crown import check_method
             from harden.bundle.archive import load_bundle
 
             check_method(bounds)  # before the bundle loads: a typo fails at once
             if plot is not None:
                 check_plot_path(plot)
-            hardened, manifest = load_bundle(bundle)
+            check_certify_arguments(eps, split, limit, check)
+            hardened, manifest = load_bundle(bundle, seal_key=seal_key)
             with progress_reporter(not json_out) as progress:
                 report = certificates(hardened, manifest, eps or None, data=data, split=split, limit=limit,
                                       check=check, seed=seed, bounds=bounds, progress=progress)

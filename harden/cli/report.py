@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, seal_option, stdout
 from harden.report.settings import CERTIFY_FRACTIONS, STRENGTH_FRACTIONS, ReportSettings
 
 DEFAULTS = ReportSettings()
@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         latency_threads: int = typer.Option(DEFAULTS.latency_threads, "--latency-threads", help="onnxruntime threads of both graphs timed."),
         latency_rounds: int = typer.Option(DEFAULTS.latency_rounds, "--latency-rounds",
                                            help="Timed calls at batch 1 (a quarter, at least 20, at batch 256)."),
+        seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):
         """Method summary, calibration, ROC curves, detection against attack strength, certified fraction against
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
                 certify_limit=certify_limit, bounds=bounds, data=data, split=split, limit=limit, seed=seed,
                 latency_threads=latency_threads, latency_rounds=latency_rounds)
             bundle_path, onnx_path = resolve_target(target, bundle)
-            hardened, manifest = load_bundle(bundle_path)
+            hardened, manifest = load_bundle(bundle_path, seal_key=seal_key)
             plan(settings, manifest)   # every setting checked before minutes of attacks
             with progress_reporter(not json_out) as progress:
                 figures = make_report(hardened, manifest, output, settings, onnx_path=onnx_path, target=target,
