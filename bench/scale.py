@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(folder) / "scale.hardened"
         finetune, reports = measure(
             f"instrument ctt-strict --epochs {args.epochs}",
-            ["instrument", str(args.model), "--arch", args.arch, "--data", args.data, "--method", "ctt-strict",
-             "--key", "scale", "--epochs", str(args.epochs), "-o", str(out)], 1, args.epochs,
+            ["instrument", str(args.model), "--arch", args.arch, "--data", args.data, "--method", f"ctt-strict:epochs={args.epochs}",
+             "--key", "scale", "-o", str(out)], 1, args.epochs,
             key=lambda a, b: _close({k: v for k, v in a["manifest"].items() if k != "metrics"},
                                     {k: v for k, v in b["manifest"].items() if k != "metrics"}))
     epochs = {label: finetune_epochs(reports[label]) for label, _, _ in SETUPS}

@@ -56,19 +56,19 @@ def harden_pipeline(folder: Path) -> dict:
     from harden.evaluation.adaptive import AdaptiveSettings, adaptive_attack
     from harden.instrumentation.pipeline import instrument
     from harden.io.data import load_data
-    from harden.methods.base import Options
+    from harden.methods.base import MethodSpec, Options
 
     model = TinyCNN()
     model.load_state_dict(torch.load(folder / "tiny.pt", weights_only=True))
     data = load_data("digits", seed=0, **INSTRUMENT)
-    options = Options(key="dist", mask_ratio=0.05, eps=0.01, extra=dict(FINETUNE))
-    hardened = instrument(model, data, ["ctt-strict"], options)
+    spec = MethodSpec.of("ctt-strict", mask_ratio=0.05, eps=0.01, **FINETUNE)
+    hardened = instrument(model, data, [spec], Options(key="dist"))
     path = folder / f"pipeline-{os.environ.get('WORLD_SIZE', '1')}.hardened"
     save_bundle(hardened, path)
     bundle, manifest = load_bundle(path)
     heads = {k: v.clone() for k, v in bundle.methods[0].head.state_dict().items()}
     certificates = certify(bundle, manifest, [0.02], bounds="crown", check=4, limit=60, batch_size=16)
-    attacked = evaluate(bundle, manifest, ATTACKS, split="train", limit=90, batch_size=32).to_json()
+    attacked = evaluate(bundle, manifest, ATTACKS, split="train", limit=90, batch_size=32).to_dict()
     test = bundle_data(manifest).test
     settings = AdaptiveSettings(eps=0.1, steps=3, lams=(1.0,), supports=("all",), step_factors=(1.0,),
                                 step_rules=("sign",), batch_size=8)

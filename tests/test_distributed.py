@@ -142,8 +142,8 @@ def test_a_killed_rank_fails_the_command_in_one_line_and_leaves_no_output(folder
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1",
            "HARDEN_TEST_RUN": str(os.getpid())}
     # a long fine-tuning: the rank dies in it
-    args = ["--arch", ARCH, "--data", "digits", "--limit", "600", "--method", "ctt-strict", "--key", "dist",
-            "--mask-ratio", "0.05", "--eps", "0.01", "--steps", "100000"]
+    args = ["--arch", ARCH, "--data", "digits", "--limit", "600", "--key", "dist",
+            "--method", "ctt-strict:mask_ratio=0.05,eps=0.01,steps=100000"]
     proc = subprocess.Popen([sys.executable, "-m", "harden.cli", "instrument", str(folder / "tiny.pt"), *args,
                              "-o", str(out), "--workers", "2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

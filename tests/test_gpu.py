@@ -17,10 +17,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 @cuda
 def test_finetuning_on_cuda_keeps_the_bundle_contract(tiny_model, digits):
     from harden.instrumentation.pipeline import instrument
-    from harden.methods.base import Options
+    from harden.methods.base import MethodSpec, Options
 
-    options = Options(key="gpu", mask_ratio=0.05, eps=0.01, device="cuda", extra={"steps": 20, "lr": 1e-3})
-    hardened = instrument(tiny_model, digits, ["ctt-strict"], options)
+    spec = MethodSpec.of("ctt-strict", mask_ratio=0.05, eps=0.01, steps=20, lr=1e-3)
+    hardened = instrument(tiny_model, digits, [spec], Options(key="gpu", device="cuda"))
     assert next(hardened.classifier.parameters()).device.type == "cpu"   # the bundle holds CPU weights
     from harden.export import export_onnx
 

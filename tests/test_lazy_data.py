@@ -57,18 +57,18 @@ def test_instrument_certify_and_evaluate_read_in_batches_and_agree(npy_folder, t
     from harden.api import certify, evaluate
     from harden.bundle.manifest import build_manifest
     from harden.instrumentation.pipeline import instrument
-    from harden.methods.base import Options
+    from harden.methods.base import MethodSpec, Options
 
     results = []
     for limit in (None, "100000"):
         if limit:
             monkeypatch.setenv("HARDEN_IN_MEMORY_LIMIT", limit)
         data = load_data(str(npy_folder), seed=0)
-        hardened = instrument(tiny_model, data, ["ctt-lite"], Options(key="lazy", mask_ratio=0.05))
+        hardened = instrument(tiny_model, data, [MethodSpec.of("ctt-lite", mask_ratio=0.05)], Options(key="lazy"))
         manifest = build_manifest(hardened)
         manifest["data"]["name"] = str(npy_folder)
         certificates = certify(hardened, manifest, [0.01], limit=60, check=2)
-        attacked = evaluate(hardened, manifest, ["fgsm:eps=0.1"], limit=60).to_json()
+        attacked = evaluate(hardened, manifest, ["fgsm:eps=0.1"], limit=60).to_dict()
         results.append((hardened.facts["thresholds"], hardened.facts["metrics"]["test_fpr"], certificates,
                         [{k: v for k, v in r.items() if k != "seconds"} for r in attacked["rows"]],
                         attacked["clean_fpr"]))

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, ranks, stdout
+from harden.cli.common import JSON_OPTION, check_plot_path, emit_json, errors_to_exit, progress_reporter, ranks, seal_option, stdout
 from harden.cli.workers import WORKERS_HELP, relaunch
 
 
@@ -21,36 +21,48 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="train | calibration | test"),
         limit: int = typer.Option(None, "--limit", help="Certify at most this many samples."),
         check: int = typer.Option(0, "--check", help="Draw N points per box through the real model; any contradiction fails."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the points --check draws."),
         bounds: str = typer.Option("ibp", "--bounds",
                                    help="ibp | crown-ibp | crown: interval bounds, or backward linear relaxation "
                                         "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown)."),
+        plot: Path = typer.Option(None, "--plot", help="Also draw a PNG: certified fraction against eps, robust and "
+                                                       "detect-or-robust, hardened and original (as harden report)."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (bound propagation and the --check points)."),
         batch_size: int = typer.Option(256, "--batch-size", help="Samples bounded at once (memory), the unit split across --workers."),
         workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
+        seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):
         """Placement of every CTT trap, per-sample robust and detect-or-robust certificates, hardened vs original."""
         with errors_to_exit():
+            from harden.api import certify as certificates, check_certify_arguments
             from harden.bounds.crown import check_method
+            from harden.bundle.archive import load_bundle
 
             check_method(bounds)  # before the bundle loads (and before ranks start): a typo fails at once
+            if plot is not None:
+                check_plot_path(plot)
+            check_certify_arguments(eps, split, limit, check)
             if relaunch(ctx, workers):
                 return
             with ranks(device) as world:
-                from harden.api import certify as certificates
-                from harden.bundle.archive import load_bundle
                 from harden.core.distributed import rank_device
 
-                hardened, manifest = load_bundle(bundle)
+                hardened, manifest = load_bundle(bundle, seal_key=seal_key)
                 with progress_reporter(not json_out) as progress:
                     report = certificates(hardened, manifest, eps or None, data=data, split=split, limit=limit,
                                           check=check, seed=seed, bounds=bounds, progress=progress,
                                           device=rank_device(device), batch_size=batch_size)
+                if plot is not None:   # every rank takes part in the write; rank 0 alone keeps the file
+                    from harden.report.plots import certified_figure, write_png
+
+                    write_png(certified_figure(report), plot)
                 if json_out:
                     emit_json(report)
                 else:
                     _print(report)
+                    if plot is not None:
+                        stdout.print(f"wrote {plot}", highlight=False)
                 # rank 0 alone: under --workers the launcher passes its exit code on
                 if world.writer and report.get("check") and any(c["violations"] for c in report["check"].values()):
                     raise typer.Exit(1)

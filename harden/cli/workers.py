@@ -10,6 +10,7 @@ rank has finished (a barrier before the rename), so a failed run leaves none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,9 +30,10 @@ LAUNCHED_BY_WORKERS = "HARDEN_WORKERS_PARENT"
 CONSEQUENCE = "lost contact with another rank"
 
 
-def _command_line(ctx: Any) -> list[str]:
-    """The command's name and its options as given (values from the parsed context), without --workers."""
-    line = [ctx.info_name]
+def _command_line(ctx: Any) -> tuple[list[str], dict[str, str]]:
+    """The command's name and its options as given (values from the parsed context), without --workers; and
+    the environment variables that carry the options read from one (secrets)."""
+    line, env = [ctx.info_name], {}
     positional = []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
@@ -44,10 +46,15 @@ def _command_line(ctx: Any) -> list[str]:
             if value != param.default:
                 line.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
             continue
+        if getattr(param, "envvar", None) and not param.multiple:
+            # a secret (--key, --seal-key) travels in the environment the ranks inherit, never on a command
+            # line every user of the machine can read
+            env[param.envvar if isinstance(param.envvar, str) else param.envvar[0]] = str(value)
+            continue
         values = value if param.multiple else [value]
         for v in values:
             line += [param.opts[0], str(v)]
-    return line + ["--"] + positional if positional else line
+    return (line + ["--"] + positional if positional else line), env
 
 
 def relaunch(ctx: Any, workers: int | None) -> bool:
@@ -58,21 +65,42 @@ def relaunch(ctx: Any, workers: int | None) -> bool:
         if workers is not None and workers < 1:
             raise HardenError(f"--workers must be at least 1; got {workers}")
         return False
-    run_ranks(workers, _command_line(ctx))
+    command, env = _command_line(ctx)
+    run_ranks(workers, command, env)
     return True
 
 
-def run_ranks(workers: int, command: list[str]) -> None:
+def run_ranks(workers: int, command: list[str], env: dict[str, str] | None = None) -> None:
     """``python -m harden.cli COMMAND`` as ``workers`` ranks; a failed rank raises HardenError naming it."""
     import harden
+
+    # The ranks must import this very harden (a worktree, an editable install): put its folder first.
+    root = str(Path(harden.__file__).resolve().parents[1])
+    env = {**(env or {}), LAUNCHED_BY_WORKERS: "1",
+           "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    with _environment(env):   # the ranks inherit it; this process gets its own back
+        _launch(workers, command)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _launch(workers: int, command: list[str]) -> None:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    # The ranks must import this very harden (a worktree, an editable install): put its folder first.
-    root = str(Path(harden.__file__).resolve().parents[1])
-    os.environ[LAUNCHED_BY_WORKERS] = "1"
-    os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)   # the launcher's own log lines and failure summary
     args = torchrun.parse_args(["--standalone", f"--nproc-per-node={workers}", "--max-restarts=0",

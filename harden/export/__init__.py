@@ -102,5 +102,5 @@ def export_onnx(hardened: HardenedModel, path: str | Path | None = None,
     parity = compare(golden, OnnxGraph(data).run(golden["input"]), what,
                      score_tolerance=PORTABLE_SCORE_TOLERANCE if target == "portable" else None)
     if path is not None:
-        atomic_write_bytes(Path(path), data)
+        atomic_write_bytes(Path(path), data, inputs=[source])
     return ExportResult(model, parity, torch_parity, Path(path) if path else None)

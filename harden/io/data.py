@@ -43,6 +43,7 @@ _GRAY_MODES = ("1", "L", "LA")
 _COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 _SPLIT_NAMES = ("train", "calibration", "test")
 STREAM_CHUNK = 1024   # samples per read when data larger than memory is checked and fingerprinted
+MAX_IMAGE_PIXELS = 1 << 26  # one image of a folder data set (Pillow's own bomb check warns far later)
 
 
 @dataclass(frozen=True)
@@ -225,19 +226,13 @@ def _from_arrays(x, y, where: str) -> _Raw:
 def _load_npz(path: Path) -> _Raw:
     if not zipfile.is_zipfile(path):
         raise HardenError(f"cannot read {path}: not an .npz (zip) archive of arrays")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = sorted(archive.files)
-            if "x" not in keys or "y" not in keys:
-                raise HardenError(f"{path}: expected arrays 'x' and 'y', found {keys or 'none'}")
-            x, y = archive["x"], archive["y"]
-    except HardenError:
-        raise
-    except ValueError as exc:  # object arrays need pickle, which is refused
-        raise HardenError(f"cannot read {path}: {str(exc).splitlines()[0]} (pickled arrays are refused)") from None
-    except Exception as exc:  # BadZipFile, OSError, EOFError, ...
-        raise HardenError(f"cannot read {path} as .npz: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return _from_arrays(x, y, str(path))
+    from harden.io.safezip import read_npz
+
+    arrays = read_npz(path, str(path))   # within the size caps; object (pickled) arrays are refused
+    keys = sorted(arrays)
+    if "x" not in keys or "y" not in keys:
+        raise HardenError(f"{path}: expected arrays 'x' and 'y', found {keys or 'none'}")
+    return _from_arrays(arrays["x"], arrays["y"], str(path))
 
 
 def _tensor_to_numpy(value, name: str, where: str) -> np.ndarray:
@@ -321,17 +316,23 @@ def _scan_folder(root: Path) -> tuple[list[Path], np.ndarray, str, tuple[int, in
         raise HardenError(f"{root}: expected one sub-folder of images per class, found none")
     files, labels, colour = [], [], False
     size, size_file = None, None
+    unreadable: list[str] = []   # every file that is not a readable image, named together in one line
     for label, folder in enumerate(classes):
-        found = sorted(p for p in folder.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        unreadable += [str(p) for p in entries if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES]
+        found = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         if not found:
             raise HardenError(f"{folder}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
         for file in found:
             try:
-                with Image.open(file) as im:   # the header only: no pixel is decoded here
+                with Image.open(file) as im:   # the header only: pixels are decoded when a batch is read
                     mode, image_size = im.mode, im.size
-            except Exception as exc:
-                raise HardenError(f"cannot read image {file}: {type(exc).__name__}: {exc}") from None
+                    im.verify()   # a damaged file is named now, not minutes into a run
+            except Exception:  # noqa: BLE001 - Pillow raises many types for a file that is not an image
+                unreadable.append(str(file))
+                continue
+            if image_size[0] * image_size[1] > MAX_IMAGE_PIXELS:
+                raise HardenError(f"{file} is {image_size[0]}x{image_size[1]}, above {MAX_IMAGE_PIXELS:,} pixels")
             if mode not in _GRAY_MODES + _COLOUR_MODES:
                 raise HardenError(f"{file}: image mode {mode!r} is not supported; use 8-bit grayscale or RGB")
             if size is None:
@@ -341,6 +342,10 @@ def _scan_folder(root: Path) -> tuple[list[Path], np.ndarray, str, tuple[int, in
             colour |= mode in _COLOUR_MODES
             files.append(file)
             labels.append(label)
+    if unreadable:
+        shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        raise HardenError(f"{root}: cannot read images from {len(unreadable)} file(s) of the class folders: {shown}; "
+                          "remove or move them (every entry of a class folder must be an image)")
     return files, np.asarray(labels, dtype=np.int64), ("RGB" if colour else "L"), (3 if colour else 1, size[1], size[0])
 
 
@@ -499,6 +504,10 @@ def load_data(
     fractions = _check_fractions(fractions)
 
     raw = _read_source(spec)
+    classes = np.unique(raw.y)
+    if classes.size < 2:
+        raise HardenError(f"{raw.origin}: every label is {int(classes[0]) if classes.size else 'missing'}; "
+                          "a classifier's data needs at least two classes")
     y_all = torch.from_numpy(np.array(raw.y, dtype=np.int64, order="C"))
     total = len(y_all)
 

@@ -102,3 +102,10 @@ def as_tensor(x) -> torch.Tensor:
     if isinstance(x, LazyImages):
         return torch.from_numpy(x.numpy())
     return torch.as_tensor(x)
+
+
+def first_rows(x, limit: int | None):
+    """The first ``limit`` rows of a split's x: a tensor, or a lazy view of data read on demand (nothing read)."""
+    if limit is None:
+        return x
+    return x.view(slice(None, limit)) if isinstance(x, LazyImages) else x[:limit]
