@@ -197,7 +197,8 @@ def run_cell(name: str, make: Callable[[], Runner], sets: dict[str, np.ndarray],
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def bench_bundle(path: Path, limit: int, attacks: list[str], tflite_python: str | None) -> list[dict]:
+def bench_bundle(path: Path, limit: int, attacks: list[str], tflite_python: str | None,
+                 only: list[str] | None = None) -> list[dict]:
     hardened, manifest = load_bundle(path)
     export_onnx(hardened)                                   # parity of the default graph with the Python side
     data = bundle_data(manifest)
@@ -228,6 +229,9 @@ def bench_bundle(path: Path, limit: int, attacks: list[str], tflite_python: str 
         for recipe in RECIPES:
             cells.append((f"int8-{mode}-{recipe}",
                           lambda mode=mode, recipe=recipe: ort_runner(quantize_int8(default_model, mode, recipe, calibration))))
+    if only:
+        cells = [(name, make) for name, make in cells if any(name.startswith(prefix) for prefix in only)]
+        tflite_python = tflite_python if any("tflite".startswith(p) or p.startswith("tflite") for p in only) else None
     rows = []
     for name, make in cells:
         row = run_cell(name, make, sets, reference)
@@ -253,10 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attack", action="append", default=None)
     parser.add_argument("--tflite-python", default=None, help="python of a venv with onnx2tf and ai-edge-litert")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--runtime", action="append", default=None,
+                        help="only the cells whose name starts with this (repeatable): e.g. fp16, int8-static, tflite")
     args = parser.parse_args(argv)
     rows = []
     for path in args.bundles:
-        rows += bench_bundle(path, args.limit, args.attack or ["fgsm:eps=0.1", "pgd:eps=0.1"], args.tflite_python)
+        rows += bench_bundle(path, args.limit, args.attack or ["fgsm:eps=0.1", "pgd:eps=0.1"], args.tflite_python, args.runtime)
     text = json.dumps({"rows": rows}, indent=1)
     if args.out:
         args.out.write_text(text)

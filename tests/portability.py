@@ -1,5 +1,6 @@
 """One check every method's tests run: the exported graph as a deployer meets it, at every onnxruntime graph
-optimisation level, in the default and the portable (float32 throughout) target."""
+optimisation level, in the default and the portable (float32 throughout) target, and the portable graph
+converted to float16 (onnxconverter-common, float32 inputs and outputs kept)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from harden.export import build_onnx
 from harden.export.parity import compare
 from harden.export.portable import PORTABLE_SCORE_TOLERANCE, float32_throughout, float64_places
 from harden.export.runtime import OPTIMIZATION_LEVELS, OnnxGraph
+
+
+def float16(model):
+    """The float16 conversion a deployer runs: onnxconverter-common with the float32 inputs and outputs kept."""
+    import warnings
+
+    from onnxconverter_common import float16 as converter
+
+    with warnings.catch_warnings():   # it warns about every constant below float16's range
+        warnings.simplefilter("ignore")
+        return converter.convert_float_to_float16(model, keep_io_types=True)
 
 
 def check_every_runtime_setting(hardened) -> None:
@@ -33,3 +45,9 @@ def check_every_runtime_setting(hardened) -> None:
             for name in hardened.policy_output_names():
                 if name.endswith("alarm"):
                     assert out[name][~finite].all(), f"{target}/{level}: {name} quiet on a non-finite row"
+    # float16: loads and runs in onnxruntime, and every alarm still fires on the NaN and inf rows
+    out = OnnxGraph(float16(portable).SerializeToString()).run(golden["input"])
+    assert out["logits"].shape == golden["logits"].shape
+    for name in hardened.policy_output_names():
+        if name.endswith("alarm"):
+            assert out[name][~finite].all(), f"float16: {name} quiet on a non-finite row"

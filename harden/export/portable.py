@@ -71,12 +71,30 @@ def _drop_float_casts(model: onnx.ModelProto) -> None:
             del node.attribute[:]
 
 
+def _outputs_read_by_no_node(graph: onnx.GraphProto) -> None:
+    """A graph output that nodes also read (NIC's probes read ``logits``) is given its own Identity: float16
+    converters that keep the graph's outputs float32 (``keep_io_types``) cast the output tensor, and a node
+    reading it would then see float32 where the rest of its block is float16."""
+    outputs = {o.name for o in graph.output}
+    read = {name for node in graph.node for name in node.input} & outputs
+    for name in sorted(read):
+        inner = f"{name}/value"
+        for node in graph.node:
+            node.input[:] = [inner if i == name else i for i in node.input]
+            node.output[:] = [inner if o == name else o for o in node.output]
+        for value in graph.value_info:
+            if value.name == name:
+                value.name = inner
+        graph.node.append(onnx.helper.make_node("Identity", [inner], [name], name=f"{name}/output"))
+
+
 def float32_throughout(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with every float64 tensor made float32, and how many places changed."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     changed = _rewrite_graph(out.graph)
     _drop_float_casts(out)
+    _outputs_read_by_no_node(out.graph)
     return out, changed
 
 
