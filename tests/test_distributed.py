@@ -198,3 +198,18 @@ def test_data_parallel_is_transparent_in_one_process():
     rows, weight = dp.shard(idx)
     assert torch.equal(rows, idx) and weight == 1.0 and dp.share(idx) == 1.0
     assert torch.equal(dp.sum(torch.ones(2)), torch.ones(2)) and dp.agree(True) and not dp.agree(False)
+
+
+def test_secrets_reach_the_ranks_through_the_environment_not_their_command_line(monkeypatch):
+    import typer.main
+
+    from harden.cli.app import app
+    from harden.cli.workers import _command_line
+
+    monkeypatch.delenv("HARDEN_SEAL_KEY", raising=False)
+    command = typer.main.get_command(app).commands["certify"]
+    ctx = command.make_context("certify", ["b.hardened", "--seal-key", "s3cret", "--eps", "0.01", "--workers", "2"])
+    line, env = _command_line(ctx)
+    assert env == {"HARDEN_SEAL_KEY": "s3cret"}
+    assert "s3cret" not in line and "--workers" not in line
+    assert line[0] == "certify" and line[-2:] == ["--", "b.hardened"] and line[line.index("--eps") + 1] == "0.01"
