@@ -299,8 +299,15 @@ class _ImageFiles:
         rows = np.arange(len(self.files))[indices]
         out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
         for k, i in enumerate(rows):
-            with Image.open(self.files[i]) as im:
-                array = np.asarray(im.convert(self.mode), dtype=np.uint8)
+            try:
+                with Image.open(self.files[i]) as im:
+                    array = np.asarray(im.convert(self.mode), dtype=np.uint8)
+            except Exception:  # noqa: BLE001 - Pillow raises many types for a damaged or changed file
+                raise HardenError(f"cannot read image {self.files[i]} (damaged, or changed since the folder was "
+                                  "scanned)") from None
+            if array.shape[:2] != self.shape[2:]:
+                raise HardenError(f"{self.files[i]} is {array.shape[1]}x{array.shape[0]}, no longer "
+                                  f"{self.shape[3]}x{self.shape[2]} as when the folder was scanned")
             out[k] = array[None] if array.ndim == 2 else np.transpose(array, (2, 0, 1))
         return out
 
