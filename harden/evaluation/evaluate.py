@@ -35,6 +35,7 @@ import torch
 
 from harden.attacks.catalog import AttackSpec, run_attack
 from harden.core.distributed import chunk_seed, map_chunks
+from harden.core.progress import Progress, silent
 from harden.errors import HardenError
 from harden.io.lazy import LazyImages
 
@@ -42,7 +43,6 @@ Scorer = Callable[[np.ndarray], dict[str, np.ndarray]]
 # Inputs attacked together (ART's batch): also the unit split across ranks under torchrun, each chunk seeded by
 # its position, so the merged report equals one process's exactly.
 ATTACK_CHUNK = 128
-Progress = Callable[[str], None]
 
 SCORE_SUFFIX = ".score"
 ALARM_SUFFIX = ".alarm"
@@ -285,9 +285,10 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
     y = y.astype(np.int64)
     if batch_size < 1:
         raise HardenError(f"--batch-size must be at least 1; got {batch_size}")
-    say = progress or (lambda message: None)
+    say = progress or silent
+    steps = 1 + 2 * len(attacks) + len(given)   # clean scoring; each attack's run and scoring; each given set
 
-    say(f"scoring {len(x)} clean inputs")
+    say(f"scoring {len(x)} clean inputs", 0.0)
     # by chunks (data larger than memory is read a chunk at a time; under torchrun each rank scores its own)
     clean_parts = map_chunks(len(x), batch_size,
                              lambda part: _score(scorer, _rows(x, part), num_classes, "the clean inputs"))
@@ -300,7 +301,7 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
     rows: list[AttackRow] = []
     for i, spec in enumerate(attacks, 1):
         label = spec.label()
-        say(f"attack {i}/{len(attacks)}: {label} on {len(x)} inputs")
+        say(f"attack {i}/{len(attacks)}: {label} on {len(x)} inputs", (2 * i - 1) / steps)
         start = time.perf_counter()
 
         def attack_chunk(part: slice, spec=spec, label=label):
@@ -311,14 +312,17 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
                                seed=chunk_seed(seed, part, label), batch_size=batch_size)
             return _score(scorer, x_adv, num_classes, f"the {label} examples"), _norms(x_clean, x_adv)
 
-        parts = map_chunks(len(x), batch_size, attack_chunk)
+        parts = map_chunks(len(x), batch_size, attack_chunk,
+                           progress=lambda done, total, i=i: say(f"attack {i}/{len(attacks)}: {label}, batch {done}/{total}",
+                                                                  (2 * i - 1 + done / max(total, 1)) / steps))
         adv = {key: np.concatenate([p[0][key] for p in parts]) for key in parts[0][0]}
         norms = tuple(np.concatenate([p[1][j] for p in parts]) for j in range(2))
         rows.append(_row(label, norms, y, correct, clean, adv, time.perf_counter() - start,
                          dict(spec.resolved())))
-    for given_set in given:
-        say(f"scoring {given_set.label}: {len(given_set.x)} inputs")
+    for j, given_set in enumerate(given):
+        say(f"scoring {given_set.label}: {len(given_set.x)} inputs", (1 + 2 * len(attacks) + j) / steps)
         rows.append(_given_row(scorer, given_set, clean, num_classes))
+    say("done", 1.0)
 
     return EvaluationReport(
         clean_accuracy=float(np.mean(correct)),
@@ -403,7 +407,7 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
     from harden.evaluation.adaptive import ATTACKERS, KEY_KNOWN, KEY_UNKNOWN, adaptive_attack
 
     x, y = _first(np.asarray(x, dtype=np.float32), np.asarray(y).astype(np.int64), limit)
-    say = progress or (lambda message: None)
+    say = progress or silent
     clean = _score(scorer, x, num_classes, "the clean inputs")
     correct = clean["logits"].argmax(axis=1) == y
     explicit = attackers is not None
@@ -430,8 +434,11 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
         same_as_known = True
     else:
         same_as_known = False
-    for label, attacker, lams, supports in rows:
-        say(f"adaptive attack ({label}) on {len(x)} inputs")
+    # restarts per row: the fraction done follows the work, not the row count (type_i is one restart)
+    work = [len(lams) * len(supports) for _, _, lams, supports in rows] + ([1] if original is not None else [])
+    total = float(sum(work))
+    for i, (label, attacker, lams, supports) in enumerate(rows):
+        say(f"adaptive attack ({label}) on {len(x)} inputs", sum(work[:i]) / total)
         start = time.perf_counter()
         try:
             attack = adaptive_attack(hardened, x, y, replace(settings, attacker=attacker), input_range=input_range,
@@ -456,7 +463,7 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
             "seconds": time.perf_counter() - start,
         }
     if original is not None:
-        say(f"adaptive attack (undefended original) on {len(x)} inputs")
+        say(f"adaptive attack (undefended original) on {len(x)} inputs", sum(work[:-1]) / total)
         start = time.perf_counter()
         result["original"] = _original_row(hardened, original, x, y, settings, input_range)
         result["original"]["seconds"] = time.perf_counter() - start
@@ -468,4 +475,5 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
             row = result.get(label)
             if row and row.get("success") is not None:
                 row["gain"] = base - row["success"]   # what the detector removes against this attacker
+    say("done", 1.0)
     return _jsonable(result)
