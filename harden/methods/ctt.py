@@ -222,10 +222,23 @@ class _CTTFinetuned(_CTTBase):
         return self.finish(ctx, chosen, masks, sizes, thresholds, extra, scales)
 
 
+# The fine-tuning objective's options (issue 14), together for the typed per-method option schema: name ->
+# (type, default, help).  Ranges are checked in FinetuneConfig.check(); None defaults come from the objective.
+OBJECTIVE_OPTIONS: dict[str, tuple[type, Any, str]] = {
+    "objective": (str, "ctt", "what fine-tuning minimises (harden.train.objectives): ctt (the paper's L_D + L_C) | "
+                              "detect-or-robust (every input of the eps-box keeps its label or alarms, by interval "
+                              "bounds: the certificate harden certify reports) | robust (the label alone, traps "
+                              "ignored: the baseline)"),
+    "cert_margin": (float, 0.0, "detect-or-robust / robust: the hinge asks the margin's lower bound to clear this "
+                                "(>= 0)"),
+    "eps_warmup": (float, None, "share of the step budget (in [0, 1]) over which the training eps grows from 0 to "
+                                "eps; default: the objective's (0.5 for detect-or-robust and robust, 0 for ctt)"),
+}
+
 # Fine-tuning settings a user may give (CLI flags / Options.extra), by FinetuneConfig field name.
 FINETUNE_OPTIONS = ("steps", "epochs", "check_every", "patience", "min_improvement", "alpha", "alpha_growth",
                     "alpha_every", "lr", "detection_weight", "fire_margin", "loose_weight", "anneal", "trap_rule",
-                    "trap_scale", "batch_size")
+                    "trap_scale", "batch_size", *OBJECTIVE_OPTIONS)
 
 
 @register_method
