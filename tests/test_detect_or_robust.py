@@ -195,3 +195,39 @@ def test_certify_agrees_with_a_dense_grid_of_the_box_on_a_trained_toy(one_thread
             assert not (wrong & ~alarm).any(), f"{bounds}: sample {i} certified but a quiet grid point is misclassified"
             checked += 1
     assert checked > 20   # the certificate is not vacuous on this toy
+
+
+def test_a_detect_or_robust_bundle_is_never_contradicted(tiny_model, digits, one_thread):
+    """On a bundle fine-tuned for the certificate: the sampling check finds no contradiction and no adaptive
+    attack within eps breaks a certified input, judged by the hardened model (the ONNX graph's reference)."""
+    from harden.api import ctt_traps
+    from harden.certification.certify import check_certificates
+    from harden.evaluation.adaptive import AdaptiveSettings, adaptive_attack
+    from harden.instrumentation.pipeline import instrument
+    from harden.methods.base import Options
+
+    eps = 0.02
+    hardened = instrument(tiny_model, digits, ["ctt-strict"],
+                          Options(key="dor-e2e", mask_ratio=0.05, eps=eps,
+                                  extra={"objective": "detect-or-robust", "steps": 40}))
+    assert hardened.methods[0].config["finetune"]["objective"] == "detect-or-robust"
+    x, y = digits.test.x[:30], digits.test.y[:30]
+    traps = ctt_traps(hardened)
+    checked = check_certificates(hardened.classifier, traps, x, y, eps, digits.input_range, 8, bounds="crown")
+    assert checked.ok, checked.to_dict()
+    held = certify_samples(hardened.classifier, traps, x, y, eps, digits.input_range,
+                           bounds="crown")["detect_or_robust"].numpy()
+
+    def judge(batch):
+        out = hardened.run(batch)
+        return out["logits"].argmax(1), out["alarm"]
+
+    def successes(radius):
+        result = adaptive_attack(hardened, x.numpy(), y.numpy(), AdaptiveSettings(eps=radius, steps=10),
+                                 input_range=digits.input_range, judge=judge)
+        predicted, alarm = judge(result["x_adv"])
+        return (predicted != y.numpy()) & ~alarm
+
+    assert held.sum() > 0
+    assert not (successes(eps) & held).any()
+    assert successes(0.3).any()   # the attack is not vacuous
