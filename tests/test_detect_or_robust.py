@@ -101,12 +101,13 @@ def test_the_objective_is_differentiable_and_falls_on_a_short_fine_tune(tiny_mod
     import copy
 
     from harden.graph.trace import trace
-    from harden.methods.base import FitContext, Options
+    from harden.methods.base import FitContext, MethodSpec, Options
     from harden.methods.ctt import CTTStrict
     from harden.train.finetune import FinetuneConfig, _Traps, finetune_ctt
 
     gm = trace(copy.deepcopy(tiny_model))
-    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=digits, options=Options(key="dor", mask_ratio=0.1)))
+    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=digits, options=Options(key="dor"),
+                                                  settings=MethodSpec.of("ctt-strict", mask_ratio=0.1).settings))
     cfg = FinetuneConfig(kind="strict", eps=0.01, objective="detect-or-robust", steps=60, check_every=20,
                          eps_warmup=0.0, max_accuracy_drop=1.0, patience=0)
     x, y = digits.train.x[:200], digits.train.y[:200]
@@ -204,12 +205,12 @@ def test_a_detect_or_robust_bundle_is_never_contradicted(tiny_model, digits, one
     from harden.certification.certify import check_certificates
     from harden.evaluation.adaptive import AdaptiveSettings, adaptive_attack
     from harden.instrumentation.pipeline import instrument
-    from harden.methods.base import Options
+    from harden.methods.base import MethodSpec, Options
 
     eps = 0.02
-    hardened = instrument(tiny_model, digits, ["ctt-strict"],
-                          Options(key="dor-e2e", mask_ratio=0.05, eps=eps,
-                                  extra={"objective": "detect-or-robust", "steps": 40}))
+    hardened = instrument(tiny_model, digits,
+                          [MethodSpec.of("ctt-strict", mask_ratio=0.05, eps=eps, objective="detect-or-robust", steps=40)],
+                          Options(key="dor-e2e"))
     assert hardened.methods[0].config["finetune"]["objective"] == "detect-or-robust"
     x, y = digits.test.x[:30], digits.test.y[:30]
     traps = ctt_traps(hardened)
