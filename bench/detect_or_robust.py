@@ -3,7 +3,8 @@ the certificate itself (objective detect-or-robust) and certified robustness alo
 ignored), beside the adaptive attack's success at the working eps.
 
     OMP_NUM_THREADS=1 python bench/detect_or_robust.py --pair example [--split test] [--limit 200] [--json]
-    python bench/detect_or_robust.py --plot out/dor/*.json --png docs/results/detect-or-robust.png
+    python bench/detect_or_robust.py --plot out/dor/*-test.json --png docs/results/detect-or-robust.png
+    python bench/detect_or_robust.py --markdown out/dor/*-test.json
 
 ``--pair example`` is the example LeNet-5 (``out/lenet5_mnist.pt``, bundled MNIST); any other name is a
 bench/suite pair.  The working eps E: the smallest eps of the grid (``--grid``, fractions of the input range's
@@ -31,7 +32,7 @@ from harden.api import ctt_traps, original_classifier  # noqa: E402
 from harden.bundle.archive import load_bundle, save_bundle  # noqa: E402
 from harden.certification.certify import certify_samples  # noqa: E402
 from harden.instrumentation.pipeline import instrument  # noqa: E402
-from harden.methods.base import Options  # noqa: E402
+from harden.methods.base import MethodSpec, Options  # noqa: E402
 
 KEY = "dor-bench-key"
 GRID = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1)
@@ -58,22 +59,26 @@ def bundle(pair: str, model, data, objective: str, eps, sets: dict, fresh: bool)
     path = ROOT / "out" / "dor" / f"{tag}.hardened"
     if path.exists() and not fresh:
         return load_bundle(path)[0]
-    extra = {**({} if objective == "ctt" else {"objective": objective}), **sets}
-    options = Options(key=KEY, extra=extra, **({} if eps is None else {"eps": eps}))
-    hardened = instrument(model, data, ["ctt-strict"], options)
+    settings = {**({} if objective == "ctt" else {"objective": objective}), **sets,
+                **({} if eps is None else {"eps": eps})}
+    hardened = instrument(model, data, [MethodSpec.of("ctt-strict", **settings)], Options(key=KEY))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_bundle(hardened, path)
     return hardened
 
 
-def curve(hardened, x, y, grid, input_range, bounds: str) -> list[dict]:
-    traps, original = ctt_traps(hardened), original_classifier(hardened)
+def curve(hardened, x, y, grid, input_range, bounds: str, original: dict[float, float]) -> list[dict]:
+    """Per eps, harden certify's fractions for the hardened model; ``original`` caches the original model's
+    robust fraction by eps (the same weights under every bundle)."""
+    traps = ctt_traps(hardened)
     rows = []
     for eps in grid:
         h = certify_samples(hardened.classifier, traps, x, y, eps, input_range, bounds=bounds)["fractions"]
-        o = certify_samples(original, [], x, y, eps, input_range, bounds=bounds)["fractions"]
+        if eps not in original:
+            original[eps] = certify_samples(original_classifier(hardened), [], x, y, eps, input_range,
+                                            bounds=bounds)["fractions"]["robust"]
         rows.append({"eps": eps, "robust": h["robust"], "detect_or_robust": h["detect_or_robust"],
-                     "always_alarm": h["always_alarm"], "original_robust": o["robust"]})
+                     "always_alarm": h["always_alarm"], "original_robust": original[eps]})
     return rows
 
 
@@ -89,18 +94,37 @@ def working_eps(hardened, data, grid, bounds: str, limit: int) -> tuple[float, l
     return grid[-1], rows
 
 
-def adaptive(hardened, data, split, eps: float, limit: int, steps: int) -> dict:
+def adaptive(hardened, data, split, eps: float, limit: int, steps: int, bounds: str) -> dict:
+    """The adaptive attack's success rates at L-inf ``eps`` (``harden evaluate --adaptive``), and the key-known
+    attack run once more on the inputs certified detect-or-robust at ``eps``: how many it breaks (fooled with no
+    alarm in the exported graph) must be 0."""
     from harden.api import scorer_for
-    from harden.evaluation.adaptive import AdaptiveSettings
+    from harden.evaluation.adaptive import AdaptiveSettings, adaptive_attack
     from harden.evaluation.evaluate import evaluate_adaptive
 
     part = getattr(data, split)
-    report = evaluate_adaptive(hardened, scorer_for(hardened, None).run, part.x.numpy(), part.y.numpy(),
-                               AdaptiveSettings(eps=eps, steps=steps), input_range=data.input_range,
-                               num_classes=data.num_classes, limit=limit, reference=data.train.x)
+    graph = scorer_for(hardened, None)
+    x, y = part.x[:limit], part.y[:limit]
+    settings = AdaptiveSettings(eps=eps, steps=steps)
+    report = evaluate_adaptive(hardened, graph.run, x.numpy(), y.numpy(), settings, input_range=data.input_range,
+                               num_classes=data.num_classes, reference=data.train.x)
     unknown = report.get("key_unknown", {})
-    return {"eps": eps, "n_correct": report["n_correct"], "undefended": report["type_i"]["fooled"],
-            "key_known": report["type_ii"]["success"], "key_unknown": unknown.get("success")}
+    held = certify_samples(hardened.classifier, ctt_traps(hardened), x, y, eps, data.input_range,
+                           bounds=bounds)["detect_or_robust"]
+    broken = 0
+    if held.any():
+        def judge(batch):
+            out = graph.run(batch)
+            return out["logits"].argmax(1), out["alarm"]
+
+        xs, ys = x[held].numpy(), y[held].numpy()
+        attack = adaptive_attack(hardened, xs, ys, settings, input_range=data.input_range, judge=judge,
+                                 reference=data.train.x)
+        predicted, alarm = judge(attack["x_adv"])
+        broken = int(((predicted != ys) & ~alarm).sum())
+    return {"eps": eps, "n": len(x), "n_correct": report["n_correct"], "undefended": report["type_i"]["fooled"],
+            "key_known": report["type_ii"]["success"], "key_unknown": unknown.get("success"),
+            "certified": int(held.sum()), "certified_broken": broken}
 
 
 def measure(args) -> dict:
@@ -120,19 +144,21 @@ def measure(args) -> dict:
     result["eps"] = eps
     part = getattr(data, args.split)
     x, y = part.x[: args.limit], part.y[: args.limit]
+    original: dict[float, float] = {}
     for objective in args.objectives:
         hardened = shipped if objective == "ctt" else bundle(args.pair, model, data, objective, eps, sets, args.fresh)
         metrics = hardened.facts["metrics"]
         with torch.no_grad():   # on the whole split
             accuracy = float((hardened.classifier(part.x).argmax(1) == part.y).float().mean())
-            original = float((original_classifier(hardened)(part.x).argmax(1) == part.y).float().mean())
-        entry = {"accuracy": accuracy, "original_accuracy": original, "fpr": metrics[f"{args.split}_fpr"],
+            original_accuracy = float((original_classifier(hardened)(part.x).argmax(1) == part.y).float().mean())
+        entry = {"accuracy": accuracy, "original_accuracy": original_accuracy, "fpr": metrics[f"{args.split}_fpr"],
                  "instrument_seconds": metrics.get("seconds"),
                  "finetune": {k: v for k, v in hardened.methods[0].config.get("finetune", {}).items()
                               if k in ("eps", "objective", "best_epoch", "best_step", "steps_taken", "stop_reason", "lr")},
-                 "curve": curve(hardened, x, y, grid, data.input_range, args.bounds)}
+                 "curve": curve(hardened, x, y, grid, data.input_range, args.bounds, original)}
         if args.adaptive_limit:
-            entry["adaptive"] = adaptive(hardened, data, args.split, eps, args.adaptive_limit, args.adaptive_steps)
+            entry["adaptive"] = adaptive(hardened, data, args.split, eps, args.adaptive_limit, args.adaptive_steps,
+                                         args.bounds)
         result["bundles"][objective] = entry
         print(f"{args.pair} {objective}: done", file=sys.stderr, flush=True)
     return result
@@ -179,6 +205,40 @@ def plot(paths: list[Path], png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(paths: list[Path]) -> str:
+    """The tables of docs/results/detect-or-robust.md from this script's JSON documents."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    names = {"ctt": "ctt-strict", "robust": "robust-trained", "detect-or-robust": "detect-or-robust-trained"}
+    out = ["| pair | E | bundle | accuracy (original) | FPR | robust at E | detect-or-robust at E | "
+           "adaptive at E: undefended / key-known / key-unknown | certified inputs the key-known attack broke |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for doc in docs:
+        for objective, entry in doc["bundles"].items():
+            at = next(r for r in entry["curve"] if abs(r["eps"] - doc["eps"]) < 1e-12)
+            a = entry.get("adaptive") or {}
+            adaptive_cell = " / ".join(_pct(a.get(k)) for k in ("undefended", "key_known", "key_unknown")) if a else "-"
+            broken = f"{a['certified_broken']} of {a['certified']}" if 'certified' in a else "-"
+            out.append(f"| {doc['pair']} | {doc['eps']:g} | {names[objective]} | {_pct(entry['accuracy'])} "
+                       f"({_pct(entry['original_accuracy'])}) | {_pct(entry['fpr'])} | {_pct(at['robust'])} | "
+                       f"{_pct(at['detect_or_robust'])} | {adaptive_cell} | {broken} |")
+    for doc in docs:
+        out += ["", f"**{doc['pair']}** ({doc['split']} split, first {doc['limit']} inputs, `--bounds {doc['bounds']}`; "
+                    f"E = {doc['eps']:g}): certified robust / detect-or-robust, %", "",
+                "| eps | original | " + " | ".join(names[o] for o in doc["bundles"]) + " |",
+                "|---|---|" + "---|" * len(doc["bundles"])]
+        first = next(iter(doc["bundles"].values()))
+        for i, row in enumerate(first["curve"]):
+            cells = [f"{_pct(e['curve'][i]['robust'])} / {_pct(e['curve'][i]['detect_or_robust'])}"
+                     for e in doc["bundles"].values()]
+            mark = " **(E)**" if abs(row["eps"] - doc["eps"]) < 1e-12 else ""
+            out.append(f"| {row['eps']:g}{mark} | {_pct(row['original_robust'])} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pair", default="example")
@@ -198,10 +258,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, nargs="*", default=None, help="JSON documents of earlier runs to plot")
     ap.add_argument("--png", type=Path, default=ROOT / "docs/results/detect-or-robust.png")
+    ap.add_argument("--markdown", type=Path, nargs="*", default=None, help="JSON documents to print as tables")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.plot:
         plot(args.plot, args.png)
+        return
+    if args.markdown:
+        print(markdown(args.markdown))
         return
     result = measure(args)
     text = json.dumps(result, indent=1)
