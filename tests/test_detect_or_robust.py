@@ -232,3 +232,21 @@ def test_a_detect_or_robust_bundle_is_never_contradicted(tiny_model, digits, one
     assert held.sum() > 0
     assert not (successes(eps) & held).any()
     assert successes(0.3).any()   # the attack is not vacuous
+
+
+def test_the_objective_is_an_option_of_ctt_strict():
+    """``--method ctt-strict:objective=...`` reaches the fine-tuning config; an unknown objective is one clear error."""
+    from harden.errors import HardenError
+    from harden.methods import load_all  # noqa: F401  (registers every method)
+    from harden.methods.base import parse_method
+    from harden.train.finetune import FinetuneConfig
+
+    spec = parse_method("ctt-strict:objective=detect-or-robust,cert_margin=0.1,eps_warmup=0.25,eps=0.02")
+    cfg = FinetuneConfig(kind="strict", eps=spec.settings.eps, **spec.settings.finetune_overrides())
+    assert (cfg.objective, cfg.cert_margin, cfg.eps_warmup) == ("detect-or-robust", 0.1, 0.25)
+    assert (cfg.alpha_every, cfg.lr) == (0, 1e-3)          # the objective's defaults where the user gave none
+    assert FinetuneConfig(kind="strict").alpha_every == 4   # the paper's objective keeps the loop's
+    with pytest.raises(HardenError, match="objective"):
+        parse_method("ctt-strict:objective=flow-certificate-typo")
+    with pytest.raises(HardenError, match="eps_warmup"):
+        parse_method("ctt-strict:eps_warmup=1.5")
