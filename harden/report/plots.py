@@ -77,7 +77,7 @@ def draw_roc(fig, evaluation: dict, labels: list[str] | None = None, policy: str
         if not curves:
             raise HardenError(f"attack {row['attack']}: the evaluation holds no ROC curves (made without curves=True)")
         chance = np.concatenate([[0.0], np.geomspace(min(1.0, 0.5 / max(1, evaluation["n_clean"])), 1.0, 200)])
-        ax.plot(chance, chance, color="0.8", linestyle="--", linewidth=0.8)
+        ax.plot(chance, chance, color="0.8", linestyle="--", linewidth=0.8, label="chance")
         # a method whose curve is the combined one (e.g. the only method) is drawn once, as the combined curve
         same = [d for d in curves if d != COMBINED and curves[d] is not None and curves[d] == curves.get(COMBINED)]
         for detector in [d for d in curves if d != COMBINED and d not in same] + [COMBINED]:
@@ -113,7 +113,8 @@ def draw_strength(fig, series: list[dict], clean_fpr: float | None = None, polic
     """One panel per attack: detection and accuracy under attack against the attack's eps."""
     if not series:
         raise HardenError("no attack was run at several eps: nothing to draw against attack strength")
-    _title(fig, "detection against attack strength")
+    _title(fig, "detection (among the inputs classified correctly before the attack) and accuracy under attack, "
+                "against the attack's eps")
     for ax, s in zip(_grid(fig, len(series), columns), series):
         eps = s["eps"]
         methods = sorted(s["per_method_detection"])
@@ -161,7 +162,7 @@ def _fpr_axis(ax, n_clean: int) -> None:
     squeezes into its first tick."""
     floor = 1.0 / max(1, n_clean)
     ax.set_xscale("symlog", linthresh=floor, linscale=0.3)
-    ax.set_xlim(0.0, 1.0)
+    ax.set_xlim(0.0, 1.25)   # a margin past FPR 1, where a curve's last (vertical) segment would hide in the frame
     ticks = [0.0] + [t for t in (0.001, 0.01, 0.1, 1.0) if t >= floor]
     ax.set_xticks(ticks, ["0"] + [f"{t:g}" for t in ticks[1:]])
     ax.set_xlabel("false-positive rate (clean, log scale)")
