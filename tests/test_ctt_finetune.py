@@ -217,3 +217,19 @@ def test_an_op_the_stacked_pass_does_not_take_keeps_the_general_path(digits, one
     assert traps.stacked is None
     ce, l_d, l_c = traps.losses(digits.train.x[:16], digits.train.y[:16])
     assert all(torch.isfinite(v) for v in (ce, l_d, l_c))
+
+
+def test_a_finetuning_that_kept_the_users_weights_is_no_finetuned_bundle(tiny_model, digits, tmp_path, one_thread):
+    from harden.bundle.archive import load_bundle, save_bundle
+    from harden.graph.trace import trace
+
+    # a learning rate that wrecks the classifier at every check: the training keeps the original weights
+    hardened = instrument(tiny_model, digits, ["ctt-strict:mask_ratio=0.05,eps=0.01,epochs=1,lr=50"],
+                          Options(key="ft"))
+    assert hardened.methods[0].config["finetune"]["best_epoch"] == 0
+    for key, value in trace(tiny_model).state_dict().items():
+        assert torch.equal(hardened.classifier.state_dict()[key], value), key
+    assert hardened.original_state is None
+    save_bundle(hardened, tmp_path / "kept.hardened")
+    _, manifest = load_bundle(tmp_path / "kept.hardened")
+    assert manifest["finetuned"] is False

@@ -90,7 +90,9 @@ def instrument(
         method = METHODS.get(spec.name)().fit(ctx)
         method.config["options"] = spec.settings.to_dict()
         fitted.append(method)
-    hardened = HardenedModel(gm, fitted, original_state=original_state if finetuning else None)
+    # a fine-tuning that kept the user's weights (no check accurate enough) leaves a plain, not a fine-tuned, bundle
+    changed = finetuning and any(not torch.equal(v, gm.state_dict()[k]) for k, v in original_state.items())
+    hardened = HardenedModel(gm, fitted, original_state=original_state if changed else None)
 
     progress("calibrating", 0.95)
     raw_cal = hardened.raw_scores(hardened.torch_outputs(data.calibration.x))
