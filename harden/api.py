@@ -162,20 +162,31 @@ def original_classifier(hardened: HardenedModel):
 
 def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = None, *, data: str | None = None,
             split: str = "test", limit: int | None = None, check: int = 0, seed: int = 0, bounds: str = "ibp",
+            threats: list[str] | None = None,
             progress: Callable[[str, float], None] = lambda m, f: None) -> dict:
     """Placement, robust and detect-or-robust certificates (hardened vs original), and the sampling check.
 
     ``bounds``: ``ibp`` (interval), ``crown-ibp`` (backward linear-relaxation margin on interval intermediates)
     or ``crown`` (backward linear relaxation throughout; tightest, slowest).
+    ``threats``: ``flow:delta=D[,tv=T]`` texts (:mod:`harden.certification.flow`) certified instead of the
+    L-inf boxes of ``eps`` (``linf`` stands for those boxes); results are keyed by each threat's label.
     """
     from harden.bounds.crown import check_method
     from harden.certification.certify import BOUND_LABELS, certify_samples, check_certificates
+    from harden.certification.flow import parse_threat
 
     check_method(bounds)
-    eps_list = list(eps) if eps else [float(manifest.get("eps") or 3e-3)]
+    parsed = [parse_threat(t) for t in threats or []]
+    if any(t is None for t in parsed) or not parsed:
+        eps_list = list(eps) if eps else [float(manifest.get("eps") or 3e-3)]
+    else:
+        if eps:
+            raise HardenError("--eps sets the L-inf box; with only flow threats, add --threat linf to certify it too")
+        eps_list = []
     for value in eps_list:
         if not value >= 0:
             raise HardenError(f"--eps must be >= 0; got {value}")
+    sets = [(f"{value:g}", value) for value in eps_list] + [(t.label(), t) for t in parsed if t is not None]
     if check < 0:
         raise HardenError("--check must be >= 0")
     part = split_of(bundle_data(manifest, data), split)
@@ -196,16 +207,15 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
                  "alarm needs other methods to agree"),
         "results": {}, "check": {} if check else None, "interval_only": [],
     }
-    steps = len(eps_list) * (3 if check else 2)
+    steps = len(sets) * (3 if check else 2)
     done = 0
-    for value in eps_list:
-        text = f"{value:g}"
-        progress(f"eps {text}: bounds of the hardened model", done / steps)
+    for text, value in sets:
+        progress(f"{_threat_words(text)}: bounds of the hardened model", done / steps)
         hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds,
                                         with_placement=bool(traps))
         place = hardened_cert.get("placement", [])
         done += 1
-        progress(f"eps {text}: bounds of the original model", done / steps)
+        progress(f"{_threat_words(text)}: bounds of the original model", done / steps)
         original_cert = certify_samples(original, [], x, y, value, input_range, bounds=bounds)
         report["interval_only"] = sorted(set(report["interval_only"]) | set(hardened_cert["interval_only"])
                                          | set(original_cert["interval_only"]))
@@ -217,7 +227,7 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
             "margin_method": hardened_cert["margin_method"],
         }
         if check:
-            progress(f"eps {text}: {check} points per box through the real model", done / steps)
+            progress(f"{_threat_words(text)}: {check} points per sample through the real model", done / steps)
             results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds)]
             if original is not gm:
                 results.append(check_certificates(original, [], x, y, value, input_range, check, seed, bounds=bounds))
@@ -226,3 +236,8 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
             report["check"][text] = merged
             done += 1
     return report
+
+
+def _threat_words(key: str) -> str:
+    """A results key as words: ``eps 0.1`` for an L-inf box, the threat's own label otherwise."""
+    return key if key.startswith("flow") else f"eps {key}"
