@@ -21,10 +21,10 @@ def load_data(spec: str, **kwargs) -> Dataset:
 
 
 def instrument(model, data: Dataset, methods: list[str], options=None, *, policy: str = "any",
-               progress: Callable[[str, float], None] = lambda m, f: None) -> HardenedModel:
+               progress: Callable[[str, float], None] = lambda m, f: None, finetune: str | None = None) -> HardenedModel:
     from harden.instrumentation.pipeline import instrument as _instrument
 
-    return _instrument(model, data, methods, options, policy=policy, progress=progress)
+    return _instrument(model, data, methods, options, policy=policy, progress=progress, finetune=finetune)
 
 
 def save_bundle(hardened: HardenedModel, path) -> dict:
@@ -171,11 +171,11 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     ``threats``: ``flow:delta=D[,tv=T]`` texts (:mod:`harden.certification.flow`) certified instead of the
     L-inf boxes of ``eps`` (``linf`` stands for those boxes); results are keyed by each threat's label.
     """
-    from harden.bounds.crown import check_method
-    from harden.certification.certify import BOUND_LABELS, certify_samples, check_certificates
+    from harden.certification.certify import BOUND_LABELS, certify_samples, check_bound_method, check_certificates
     from harden.certification.flow import parse_threat
+    from harden.certification.sdp import certify_sdp, check_sdp
 
-    check_method(bounds)
+    check_bound_method(bounds)
     parsed = [parse_threat(t) for t in threats or []]
     if any(t is None for t in parsed) or not parsed:
         eps_list = list(eps) if eps else [float(manifest.get("eps") or 3e-3)]
@@ -211,12 +211,16 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     done = 0
     for text, value in sets:
         progress(f"{_threat_words(text)}: bounds of the hardened model", done / steps)
-        hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds,
-                                        with_placement=bool(traps))
+        if bounds == "sdp":
+            hardened_cert = certify_sdp(gm, x, y, value, input_range)
+        else:
+            hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds,
+                                            with_placement=bool(traps))
         place = hardened_cert.get("placement", [])
         done += 1
         progress(f"{_threat_words(text)}: bounds of the original model", done / steps)
-        original_cert = certify_samples(original, [], x, y, value, input_range, bounds=bounds)
+        original_cert = (certify_sdp(original, x, y, value, input_range) if bounds == "sdp" else
+                         certify_samples(original, [], x, y, value, input_range, bounds=bounds))
         report["interval_only"] = sorted(set(report["interval_only"]) | set(hardened_cert["interval_only"])
                                          | set(original_cert["interval_only"]))
         done += 1
@@ -228,11 +232,18 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
         }
         if check:
             progress(f"{_threat_words(text)}: {check} points per sample through the real model", done / steps)
-            results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds)]
-            if original is not gm:
-                results.append(check_certificates(original, [], x, y, value, input_range, check, seed, bounds=bounds))
-            merged = {"points": sum(r.points for r in results), "violations": sum(r.violations for r in results),
-                      "examples": [e for r in results for e in r.to_dict()["examples"]]}
+            if bounds == "sdp":
+                results = [check_sdp(gm, x, y, value, input_range, hardened_cert["robust"], check, seed)]
+                if original is not gm:
+                    results.append(check_sdp(original, x, y, value, input_range, original_cert["robust"], check, seed))
+            else:
+                results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds)]
+                if original is not gm:
+                    results.append(check_certificates(original, [], x, y, value, input_range, check, seed,
+                                                      bounds=bounds))
+                results = [r.to_dict() for r in results]
+            merged = {"points": sum(r["points"] for r in results), "violations": sum(r["violations"] for r in results),
+                      "examples": [e for r in results for e in r["examples"]]}
             report["check"][text] = merged
             done += 1
     return report

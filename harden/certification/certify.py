@@ -573,4 +573,14 @@ BOUND_LABELS = {
     "ibp": "interval (IBP)",
     "crown-ibp": "crown-ibp (intermediate bounds by intervals, margin by a backward linear relaxation)",
     "crown": "crown (intermediate and margin bounds by backward linear relaxation)",
+    "sdp": "sdp (two-layer networks: the semidefinite certificate of the thesis, Eq. 10-13; CTT traps not "
+           "modelled, detect-or-robust reported equal to robust)",
 }
+BOUND_METHODS = tuple(BOUND_LABELS)
+
+
+def check_bound_method(method: str) -> str:
+    """``--bounds``: one of :data:`BOUND_METHODS` (sdp only for two-layer networks, checked when it runs)."""
+    if method not in BOUND_METHODS:
+        raise HardenError(f"--bounds {method!r} is not one of {', '.join(BOUND_METHODS)}")
+    return method

@@ -21,8 +21,9 @@ def register(app: typer.Typer) -> None:
         check: int = typer.Option(0, "--check", help="Draw N points per box through the real model; any contradiction fails."),
         seed: int = typer.Option(0, "--seed", help="Seed of the points --check draws."),
         bounds: str = typer.Option("ibp", "--bounds",
-                                   help="ibp | crown-ibp | crown: interval bounds, or backward linear relaxation "
-                                        "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown)."),
+                                   help="ibp | crown-ibp | crown | sdp: interval bounds, or backward linear relaxation "
+                                        "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown), "
+                                        "or (two-layer networks only) the thesis's semidefinite certificate, solved with SCS."),
         threat: list[str] = typer.Option(None, "--threat",
                                          help="linf (the L-inf box of --eps; the default) or flow:delta=D[,tv=T]: every "
                                               "pixel moved by its own flow, each component <= D pixels, total variation "
@@ -32,12 +33,12 @@ def register(app: typer.Typer) -> None:
         """Placement of every CTT trap, per-sample robust and detect-or-robust certificates, hardened vs original."""
         with errors_to_exit():
             from harden.api import certify as certificates
-            from harden.bounds.crown import check_method
+            from harden.certification.certify import check_bound_method
             from harden.bundle.archive import load_bundle
 
             from harden.certification.flow import parse_threat
 
-            check_method(bounds)  # before the bundle loads: a typo fails at once
+            check_bound_method(bounds)  # before the bundle loads: a typo fails at once
             for text in threat or []:
                 parse_threat(text)
             hardened, manifest = load_bundle(bundle)

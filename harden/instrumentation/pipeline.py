@@ -21,6 +21,7 @@ from harden.io.data import Dataset
 from harden.methods import load_all  # noqa: F401  (registers every method)
 from harden.methods.base import METHODS, FitContext, MethodSpec, Options, key_fingerprint, parse_method
 from harden.detectors.policy import AlarmPolicy, policy_k
+from harden.train.flow_objective import finetune_flow, parse_objective
 
 GOLDEN_SAMPLES = 256
 
@@ -46,10 +47,13 @@ def instrument(
     *,
     policy: str = "any",
     progress: Callable[[str, float], None] = lambda message, fraction: None,
+    finetune: str | None = None,
 ) -> HardenedModel:
     """Add every requested method's detector to ``model`` and calibrate the combined alarm.
 
     ``methods``: ``name`` or ``name:key=value,...`` texts (the CLI's ``--method``) or :class:`MethodSpec`s.
+    ``finetune``: a fine-tuning objective (``flow:delta=D,...``, :mod:`harden.train.flow_objective`) applied to
+    the classifier before any method is fitted; the original weights are kept in the bundle.
     """
     options = options or Options()
     if not methods:
@@ -61,6 +65,10 @@ def instrument(
     finetuning = [s.name for s in specs if METHODS.get(s.name).finetunes]
     if len(finetuning) > 1:
         raise HardenError(f"only one fine-tuning method at a time; got {', '.join(finetuning)}")
+    objective = parse_objective(finetune) if finetune else None
+    if objective is not None and finetuning:
+        raise HardenError(f"--finetune and the fine-tuning method {finetuning[0]} would both train the classifier; "
+                          "choose one")
     k = policy_k(policy, len(specs))
     # Fine-tuning changes the weights every other method is fitted on, so it runs first.
     order = sorted(specs, key=lambda s: not METHODS.get(s.name).finetunes)
@@ -74,6 +82,10 @@ def instrument(
     original_state = copy.deepcopy(gm.state_dict())
     with torch.no_grad():
         original_test_logits = gm(data.test.x).numpy()
+    finetune_facts = None
+    if objective is not None:
+        progress("fine-tuning (--finetune)", 0.0)
+        finetune_facts = finetune_flow(gm, data, objective, progress)
     fitted = []
     for spec in order:
         progress(f"fitting {spec.name}", 0.0)
@@ -81,7 +93,8 @@ def instrument(
         method = METHODS.get(spec.name)().fit(ctx)
         method.config["options"] = spec.settings.to_dict()
         fitted.append(method)
-    hardened = HardenedModel(gm, fitted, original_state=original_state if finetuning else None)
+    changed = bool(finetuning) or objective is not None
+    hardened = HardenedModel(gm, fitted, original_state=original_state if changed else None)
 
     progress("calibrating", 0.0)
     raw_cal = hardened.raw_scores(hardened.torch_outputs(data.calibration.x))
@@ -103,6 +116,7 @@ def instrument(
         "fpr_confidence": options.fpr_confidence,
         "key_fingerprint": key_fingerprint(options.key),
         "seed": options.seed,
+        "finetune": finetune_facts,
         "thresholds": {m.name: t for m, t in zip(fitted, cal.thresholds)},
         "scales": {m.name: s for m, s in zip(fitted, cal.scales)},
         "metrics": {

@@ -49,7 +49,7 @@ from harden.io.data import Dataset
 class FlowObjective:
     """``--finetune flow:key=value,...``: every option with its type, default, range and meaning."""
 
-    delta: float = 0.5        # per-pixel flow bound (pixels) trained against; required in practice (> 0)
+    delta: float | None = None  # per-pixel flow bound (pixels) trained against: required, the user's threat
     kappa: float = 0.5        # weight of the certified loss once ramped up (0: plain training; 1: only certified)
     steps: int = 1500         # optimisation steps
     ramp: float = 0.5         # fraction of the steps over which delta and kappa grow from 0 to their values
@@ -64,6 +64,8 @@ class FlowObjective:
     """name -> (minimum, maximum or None, minimum excluded)."""
 
     def check(self) -> None:
+        if self.delta is None:
+            raise HardenError("--finetune flow needs delta=D: the per-pixel flow bound (pixels) to certify against")
         for name, (low, high, strict) in self.RANGES.items():
             value = getattr(self, name)
             if not math.isfinite(value) or (value <= low if strict else value < low) or \
@@ -88,7 +90,7 @@ def parse_objective(text: str) -> FlowObjective:
         key = key.strip().lower()
         if not eq or key not in types:
             raise HardenError(f"--finetune {text!r}: {item.strip()!r} is not one of {', '.join(f'{k}=...' for k in types)}")
-        kind = int if types[key] in (int, "int") else float
+        kind = int if types[key] in (int, "int") else float   # every other field is a float (or float | None)
         try:
             number = float(raw)
             if kind is int and not number.is_integer():
@@ -134,7 +136,7 @@ class FlowCheck:
     step: int
     delta: float
     kappa: float
-    loss: float
+    loss: float | None         # the training batch's loss at this step (None before training)
     accuracy: float            # calibration split, clean
     certified: float           # calibration split: certified robust (interval bounds) at the full delta
     certified_correct: float   # certified and correctly classified
@@ -174,7 +176,7 @@ def finetune_flow(gm: fx.GraphModule, data: Dataset, objective: FlowObjective,
     gm.eval()
     started = time.perf_counter()
     accuracy, certified, both = score(gm, cal_x, cal_y, objective.delta)
-    history = [FlowCheck(0, 0.0, 0.0, float("nan"), accuracy, certified, both, 0.0)]
+    history = [FlowCheck(0, 0.0, 0.0, None, accuracy, certified, both, 0.0)]
     best, best_state = history[0], copy.deepcopy(gm.state_dict())
     order = torch.randperm(len(x), generator=generator)
     cursor = 0
@@ -195,7 +197,7 @@ def finetune_flow(gm: fx.GraphModule, data: Dataset, objective: FlowObjective,
         optimiser.step()
         if step % objective.check_every == 0 or step == objective.steps:
             accuracy, certified, both = score(gm, cal_x, cal_y, objective.delta)
-            record = FlowCheck(step, delta, kappa, float(loss), accuracy, certified, both,
+            record = FlowCheck(step, delta, kappa, float(loss.detach()), accuracy, certified, both,
                                round(time.perf_counter() - started, 1))
             history.append(record)
             if (record.certified_correct, record.accuracy) > (best.certified_correct, best.accuracy):
