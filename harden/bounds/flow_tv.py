@@ -47,7 +47,7 @@ from harden.graph.ops import canonical_op
 
 LEVELS = (0.25, 0.5)
 """Default stray levels, as fractions of delta (the top level is the whole delta box)."""
-CELLS = 8
+CELLS = 4
 """Default translation cells per axis (CELLS^2 cells over [-delta, delta]^2)."""
 
 
