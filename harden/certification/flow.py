@@ -50,9 +50,10 @@ class FlowThreat:
 
     def layers(self, gm: fx.GraphModule, input_shape: tuple[int, ...]) -> list[FirstAffine]:
         key = (id(gm), tuple(input_shape))
-        if key not in self._layers:
-            self._layers[key] = first_affine_layers(gm, tuple(input_shape))
-        return self._layers[key]
+        held = self._layers.get(key)
+        if held is None or held[0] is not gm:     # the graph is kept with its entry: an id is never reused wrongly
+            held = self._layers[key] = (gm, first_affine_layers(gm, tuple(input_shape)))
+        return held[1]
 
     def clamps(self, gm: fx.GraphModule, x: torch.Tensor, rows: slice) -> dict[str, Callable]:
         if self.tv is None:
