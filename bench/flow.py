@@ -94,7 +94,7 @@ def _attack(gm, x, y, spec_text: str, seed: int) -> dict:
     if spec.name != "stadv":
         raise SystemExit("--attack: a stadv spec")
     p = spec.resolved()
-    settings = StAdvSettings(tau=p["tau"], budget=p["budget"], delta=p["delta"], targeted=p["targeted"] == "true",
+    settings = StAdvSettings(tau=p["tau"], budget=p["budget"], delta=p["delta"], targeted=p["targeted"],
                              kappa=p["kappa"], steps=p["steps"], search_steps=p["search_steps"], lr=p["lr"])
     k = int(gm(x[:1]).shape[1])
     labels = y.numpy()

@@ -130,6 +130,8 @@ def test_instrument_finetune_then_certify_flows_from_the_cli(mlp, tmp_path):
     assert made.exit_code == 0, made.output
     manifest = json.loads(made.output)["manifest"]
     assert manifest["finetuned"] and manifest["finetune"]["objective"] == "flow"
+    assert parse_objective(manifest["recipe"]["finetune"]).to_dict() == parse_objective(
+        "flow:delta=0.1,steps=60,check_every=30").to_dict()        # the recipe says how to fine-tune again
     exported = runner.invoke(app, ["export", str(out), "-o", str(tmp_path / "mlp.onnx")], catch_exceptions=False)
     assert exported.exit_code == 0, exported.output     # the fine-tuned weights ship, parity-checked
     result = runner.invoke(app, ["certify", str(out), "--threat", "flow:delta=0.1,tv=3", "--threat", "linf",

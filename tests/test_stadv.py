@@ -54,8 +54,8 @@ def test_untargeted_stadv_moves_inputs_off_their_label(toy):
 
 def test_stadv_from_the_catalog(toy):
     model, x, y, _ = toy
-    assert ATTACKS.get("stadv").is_targeted({"targeted": "true"})
-    assert not ATTACKS.get("stadv").is_targeted({"targeted": "false"})
+    assert ATTACKS.get("stadv").is_targeted(parse_attack("stadv:targeted=true").resolved())
+    assert not ATTACKS.get("stadv").is_targeted(parse_attack("stadv").resolved())
     spec = parse_attack("stadv:delta=0.5,budget=0,steps=30,search_steps=1,lr=0.05")
     x_np, y_np = x.numpy(), y.numpy()
     adv = run_attack(model, spec, x_np, y_np, input_range=(0.0, 1.0), num_classes=10)

@@ -341,12 +341,12 @@ def _boundary(estimator, p, batch_size):
           minimum=0.0),
     Param("delta", float, 0.0, "largest flow component per pixel, in pixels; 0 = none (the thesis's attack)",
           minimum=0.0),
-    Param("targeted", str, "false", "aim at a random other class instead of any wrong one", choices=("false", "true")),
+    Param("targeted", bool, False, "aim at a random other class instead of any wrong one"),
     Param("kappa", float, 0.0, "margin the goal must be reached by (Eq. 5's k, as -kappa)", minimum=0.0),
     Param("steps", int, 100, "Adam steps per tau", minimum=1),
     Param("search_steps", int, 5, "taus tried per input (binary search, section 4.2)", minimum=1),
     Param("lr", float, 0.01, "Adam's step size, in pixels", minimum=0.0, strict=True),
-    targeted=lambda p: p["targeted"] == "true",
+    targeted=lambda p: p["targeted"],
 )
 def _stadv(estimator, p, batch_size):
     """Spatially transformed adversarial examples (Xiao et al. 2018; thesis 001, 2.3 and 4.2): a flow per pixel.
@@ -362,7 +362,7 @@ def _stadv(estimator, p, batch_size):
     """
     from harden.attacks.stadv import StAdvAttack, StAdvSettings
 
-    settings = StAdvSettings(tau=p["tau"], budget=p["budget"], delta=p["delta"], targeted=p["targeted"] == "true",
+    settings = StAdvSettings(tau=p["tau"], budget=p["budget"], delta=p["delta"], targeted=p["targeted"],
                              kappa=p["kappa"], steps=p["steps"], search_steps=p["search_steps"], lr=p["lr"])
     return StAdvAttack(estimator.model, settings, batch_size, estimator._device)
 

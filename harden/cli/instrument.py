@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         input_range: str = typer.Option(None, "--input-range", help="The model's input range lo,hi [default: 0,1]."),
         limit: int = typer.Option(None, "--limit", help="Use only this many samples of the data (quick runs)."),
         device: str = typer.Option(None, "--device", help="cpu or cuda (training and bound propagation) [default: cpu]."),
-        finetune: str = typer.Option(None, "--finetune", help="A fine-tuning objective applied to the classifier before the methods are fitted: flow:delta=D[,kappa=,steps=,ramp=,lr=,batch_size=,check_every=,seed=] (certified training against flow fields of at most D pixels; see docs/results/flow.md)."),
+        finetune: str = typer.Option(None, "--finetune", help="A fine-tuning objective applied to the classifier before the methods are fitted (or the recipe's finetune = ...): flow:delta=D[,kappa=,steps=,ramp=,lr=,batch_size=,check_every=,seed=] (certified training against flow fields of at most D pixels; see docs/results/flow.md)."),
         json_out: bool = JSON_OPTION,
     ):
         """Instrument MODEL with the chosen methods and write a .hardened bundle."""
@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
             out = check_output_path(output or Path(model.name).with_suffix(".hardened"))
             plan = (load_recipe(recipe) if recipe else Recipe()).with_methods(method or [])
             given = {"data": data, "seed": seed, "fpr": fpr, "fpr_confidence": fpr_confidence, "policy": policy,
-                     "input_range": input_range, "limit": limit, "device": device}
+                     "input_range": input_range, "limit": limit, "device": device, "finetune": finetune}
             settings = {**DEFAULTS, **plan.shared, **{k: v for k, v in given.items() if v is not None}}
             if not settings.get("data"):
                 raise HardenError("give --data (or a recipe with data = ...)")
@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
             options = Options(key=key, seed=settings["seed"], fpr=settings["fpr"],
                               fpr_confidence=settings["fpr_confidence"], device=settings["device"],
                               trust_pickle=trust_pickle)
+            finetune = settings.get("finetune")
             if finetune:
                 from harden.train.flow_objective import parse_objective
 

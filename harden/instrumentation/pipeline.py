@@ -110,7 +110,7 @@ def instrument(
         "data": {"name": data.name, "split": data.split},
         # The default eps of `harden certify`: the box a CTT fit trained on (a rule like "scaled" resolved).
         "eps": next((m.config["eps"] for m in fitted if isinstance(m.config.get("eps"), (int, float))), None),
-        "recipe": recipe_of(data, specs, options, policy),
+        "recipe": recipe_of(data, specs, options, policy, objective.text() if objective else None),
         "policy": {"text": policy, "k": k, "methods": len(fitted)},
         "fpr_target": options.fpr,
         "fpr_confidence": options.fpr_confidence,

@@ -24,9 +24,8 @@ kept (ties: the more accurate).
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -38,6 +37,7 @@ from harden.bounds.interval import Interval
 from harden.bounds.linear import linear_parts
 from harden.bounds.propagate import input_dependent, propagate
 from harden.bounds.rules import Call
+from harden.core.options import OptionSet, format_value, option, split_spec
 from harden.core.registry import Registry
 from harden.errors import HardenError
 from harden.graph.ops import canonical_op
@@ -46,33 +46,28 @@ from harden.io.data import Dataset
 
 
 @dataclass
-class FlowObjective:
+class FlowObjective(OptionSet):
     """``--finetune flow:key=value,...``: every option with its type, default, range and meaning."""
 
-    delta: float | None = None  # per-pixel flow bound (pixels) trained against: required, the user's threat
-    kappa: float = 0.5        # weight of the certified loss once ramped up (0: plain training; 1: only certified)
-    steps: int = 1500         # optimisation steps
-    ramp: float = 0.5         # fraction of the steps over which delta and kappa grow from 0 to their values
-    lr: float = 5e-4          # Adam
-    batch_size: int = 64
-    check_every: int = 100    # steps between calibration checks
-    seed: int = 0
+    delta: float | None = option(None, "per-pixel flow bound trained against, in pixels: required, the user's threat",
+                                 minimum=0.0, strict=True)
+    kappa: float = option(0.5, "weight of the certified loss once ramped up (0: plain training, 1: only certified)",
+                          minimum=0.0, maximum=1.0)
+    steps: int = option(1500, "optimisation steps", minimum=1)
+    ramp: float = option(0.5, "fraction of the steps over which delta and kappa grow from 0", minimum=0.0,
+                         maximum=1.0)
+    lr: float = option(5e-4, "Adam's learning rate", minimum=0.0, strict=True)
+    batch_size: int = option(64, "training batch", minimum=1)
+    check_every: int = option(100, "steps between calibration checks", minimum=1)
+    seed: int = option(0, "seed of the batch order", minimum=0)
 
-    RANGES = {"delta": (0.0, None, True), "kappa": (0.0, 1.0, False), "steps": (1, None, False),
-              "ramp": (0.0, 1.0, False), "lr": (0.0, None, True), "batch_size": (1, None, False),
-              "check_every": (1, None, False), "seed": (0, None, False)}
-    """name -> (minimum, maximum or None, minimum excluded)."""
-
-    def check(self) -> None:
+    def check(self, owner: str = "--finetune flow") -> None:
         if self.delta is None:
-            raise HardenError("--finetune flow needs delta=D: the per-pixel flow bound (pixels) to certify against")
-        for name, (low, high, strict) in self.RANGES.items():
-            value = getattr(self, name)
-            if not math.isfinite(value) or (value <= low if strict else value < low) or \
-                    (high is not None and value > high):
-                bound = f"> {low:g}" if strict else f">= {low:g}"
-                raise HardenError(f"--finetune flow: {name}={value!r} must be {bound}"
-                                  + (f" and <= {high:g}" if high is not None else ""))
+            raise HardenError(f"{owner} needs delta=D: the per-pixel flow bound (pixels) to certify against")
+
+    def text(self) -> str:
+        """``flow:key=value,...`` with every option: what a recipe records (parses back to these options)."""
+        return "flow:" + ",".join(f"{k}={format_value(v)}" for k, v in self.to_dict().items())
 
 
 OBJECTIVES: Registry[type] = Registry("fine-tuning objective")
@@ -81,26 +76,9 @@ OBJECTIVES.register("flow")(FlowObjective)
 
 def parse_objective(text: str) -> FlowObjective:
     """``flow:delta=0.5,steps=800`` -> the objective's settings, typed and checked."""
-    name, sep, rest = (text or "").strip().partition(":")
-    cls = OBJECTIVES.get(name.strip().lower())
-    types = {f.name: f.type for f in fields(cls)}
-    values: dict = {}
-    for item in rest.split(",") if rest.strip() else []:
-        key, eq, raw = item.partition("=")
-        key = key.strip().lower()
-        if not eq or key not in types:
-            raise HardenError(f"--finetune {text!r}: {item.strip()!r} is not one of {', '.join(f'{k}=...' for k in types)}")
-        kind = int if types[key] in (int, "int") else float   # every other field is a float (or float | None)
-        try:
-            number = float(raw)
-            if kind is int and not number.is_integer():
-                raise ValueError
-            values[key] = kind(number)
-        except ValueError:
-            raise HardenError(f"--finetune {text!r}: {key}={raw.strip()!r} is not a{'' if kind is float else ' whole'} number") from None
-    objective = cls(**values)
-    objective.check()
-    return objective
+    name, given = split_spec(text, "--finetune objective")
+    cls = OBJECTIVES.get(name)
+    return cls.parse(f"--finetune {name}", given)
 
 
 # ---------------------------------------------------------------------------------------------- the bound
@@ -205,6 +183,6 @@ def finetune_flow(gm: fx.GraphModule, data: Dataset, objective: FlowObjective,
             progress(f"flow fine-tuning: step {step}, cal acc {accuracy:.3f}, certified {certified:.3f}",
                      step / objective.steps)
     gm.load_state_dict(best_state)
-    settings = {k: v for k, v in asdict(objective).items()}
+    settings = objective.to_dict()
     return {"objective": "flow", "settings": settings, "history": [asdict(r) for r in history],
             "kept_step": best.step, "seconds": round(time.perf_counter() - started, 1)}
