@@ -96,25 +96,34 @@ def stadv(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, setting
         optimiser = torch.optim.Adam([flow], lr=settings.lr)
         reached_now = torch.zeros(n, dtype=torch.bool, device=device)
         weight = tau.to(x.dtype)
-        for _ in range(settings.steps):
+        for step in range(settings.steps + 1):
             tv = total_variation(flow, smooth=SMOOTH)
-            penalty = (tv - budget).clamp_min(0) if budget is not None else tv
             logits = model(warp(x, flow))
-            loss = margin_loss(logits, labels, settings.targeted, settings.kappa) + weight * penalty
-            optimiser.zero_grad()
-            loss.sum().backward()
-            optimiser.step()
             with torch.no_grad():
-                if delta is not None:
-                    flow.clamp_(-delta, delta)
-                inside = project(flow, delta, budget)
-                reached = _reached(model(warp(x, inside)), labels, settings.targeted)
-                tv_inside = total_variation(inside)
+                # The iterate is judged inside the budget: as it is where its TV fits (its logits are at hand),
+                # scaled down where it does not (one more forward pass for those inputs only).
+                inside, tv_inside = flow.detach().clone(), total_variation(flow.detach())
+                reached = _reached(logits.detach(), labels, settings.targeted)
+                over = tv_inside > budget if budget is not None else torch.zeros_like(reached)
+                if bool(over.any()):
+                    scaled = project(inside[over], delta, budget)
+                    inside[over], tv_inside[over] = scaled, total_variation(scaled)
+                    reached[over] = _reached(model(warp(x[over], scaled)), labels[over], settings.targeted)
                 better = reached & (tv_inside < best_tv)
                 best_flow[better] = inside[better]
                 best_tv[better] = tv_inside[better]
                 best_tau[better] = tau[better]
                 reached_now |= reached
+            if step == settings.steps:
+                break
+            penalty = (tv - budget).clamp_min(0) if budget is not None else tv
+            loss = margin_loss(logits, labels, settings.targeted, settings.kappa) + weight * penalty
+            optimiser.zero_grad()
+            loss.sum().backward()
+            optimiser.step()
+            if delta is not None:
+                with torch.no_grad():
+                    flow.clamp_(-delta, delta)
         with torch.no_grad():
             last_flow = project(flow.detach(), delta, budget)
         # Section 4.2: success -> a larger tau (less transformation), failure -> a smaller one.
