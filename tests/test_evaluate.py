@@ -175,7 +175,7 @@ def test_json_round_trip(setup):
     text = json.dumps(data, allow_nan=False, sort_keys=True)
     back = json.loads(text)
     assert back == data
-    again = EvaluationReport.from_json(back)
+    again = EvaluationReport.from_dict(back)
     assert again == report
     assert isinstance(again.rows[0], AttackRow)
     assert set(back) == {"clean_accuracy", "clean_fpr", "per_method_fpr", "rows", "n_clean"}

@@ -127,7 +127,7 @@ def test_g_is_a_keyed_floor_or_ceil_staircase(nic):
 
 def test_head_reduces_and_standardises_in_float64(nic, digits):
     # The float32 mean of a low-variance channel, standardised and through g's ramp, broke export parity on
-    # LeNet-5 (bench/experiments/nic_parity.py); the head works in float64 up to g and emits float32.
+    # LeNet-5; the head works in float64 up to g and emits float32.
     method = nic.method("nic")
     head = method.head
     spatial = head.spatial.index(True)

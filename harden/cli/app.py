@@ -49,7 +49,7 @@ def _method_option_hint(error) -> str:
 
 UsageError.show = _usage_error_in_one_line
 
-from harden.cli import attacks, certify, evaluate, export, inspect, instrument, layers, methods
+from harden.cli import attacks, certify, evaluate, export, inspect, instrument, layers, methods, report
 
 app = typer.Typer(
     add_completion=False,
@@ -58,7 +58,7 @@ app = typer.Typer(
     rich_markup_mode=None,   # help texts hold literal brackets ([default: 0], layers=[a,b])
     help="Harden a PyTorch image classifier: add adversarial-input detectors, export one ONNX graph, certify it.",
 )
-for module in (layers, methods, instrument, export, certify, evaluate, attacks, inspect):
+for module in (layers, methods, instrument, export, certify, evaluate, attacks, inspect, report):
     module.register(app)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, seal_option, stdout
 
 
 METHOD_HELP = ("Detection method, NAME or NAME:key=value,... (e.g. ctt-strict:eps=auto, safetynet:layers=all); "
@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(None, "--limit", help="Use only this many samples of the data (quick runs)."),
         device: str = typer.Option(None, "--device", help="cpu or cuda (training and bound propagation) [default: cpu]."),
         finetune: str = typer.Option(None, "--finetune", help="A fine-tuning objective applied to the classifier before the methods are fitted (or the recipe's finetune = ...): flow:delta=D[,kappa=,steps=,ramp=,lr=,batch_size=,check_every=,seed=] (certified training against flow fields of at most D pixels; see docs/results/flow.md)."),
+        seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):
         """Instrument MODEL with the chosen methods and write a .hardened bundle."""
@@ -51,7 +52,10 @@ def register(app: typer.Typer) -> None:
             from harden.io.model import load_model
             from harden.methods.base import Options
 
-            out = check_output_path(output or Path(model.name).with_suffix(".hardened"))
+            from harden.bundle.seal import resolve_key
+            from harden.core.arguments import check_limit
+            from harden.detectors.policy import policy_k
+
             plan = (load_recipe(recipe) if recipe else Recipe()).with_methods(method or [])
             given = {"data": data, "seed": seed, "fpr": fpr, "fpr_confidence": fpr_confidence, "policy": policy,
                      "input_range": input_range, "limit": limit, "device": device, "finetune": finetune}
@@ -62,31 +66,47 @@ def register(app: typer.Typer) -> None:
                 raise HardenError("choose at least one --method (or a recipe with [methods.NAME] tables); "
                                   "`harden methods` lists them")
             specs = plan.specs()
+            # every check that needs no model or data runs first: a typo costs nothing
+            inputs = [model, recipe, *_input_files(settings["data"], specs)]
+            out = check_output_path(output or Path(model.name).with_suffix(".hardened"), inputs=inputs)
             generated_key = key is None
             key = key if key is not None else secrets.token_hex(16)
-            options = Options(key=key, seed=settings["seed"], fpr=settings["fpr"],
-                              fpr_confidence=settings["fpr_confidence"], device=settings["device"],
-                              trust_pickle=trust_pickle)
+            seal_key = resolve_key(seal_key)
+            check_limit(settings["limit"])
             finetune = settings.get("finetune")
             if finetune:
                 from harden.train.flow_objective import parse_objective
 
                 parse_objective(finetune)   # a typo fails before the model loads
-            net = load_model(model, arch, trust_pickle)
             bounds = settings["input_range"]
             bounds = parse_input_range(bounds if isinstance(bounds, str) else ",".join(map(str, bounds)))
+            policy_k(str(settings["policy"]), len(specs))
+            options = Options(key=key, seed=settings["seed"], fpr=settings["fpr"],
+                              fpr_confidence=settings["fpr_confidence"], device=settings["device"],
+                              trust_pickle=trust_pickle).check()
+            net = load_model(model, arch, trust_pickle)
             dataset = load_data(settings["data"], seed=settings["seed"], input_range=bounds, limit=settings["limit"])
             with progress_reporter(not json_out) as progress:
                 hardened = run_instrument(net, dataset, specs, options, policy=settings["policy"], progress=progress,
                                           finetune=finetune)
                 progress("writing bundle", 1.0)
-                manifest = save_bundle(hardened, out)
+                manifest = save_bundle(hardened, out, seal_key=seal_key, inputs=inputs)
             if json_out:
                 emit_json({"bundle": str(out), "manifest": manifest})
                 return
             if generated_key:
                 console.print(f"key (keep it secret; needed to re-instrument identically): {key}", highlight=False)
             _print_summary(out, manifest)
+
+
+def _input_files(data, specs) -> list[Path]:
+    """The files a run reads besides the model and the recipe: its data and any model a method loads."""
+    files = [Path(data)] if isinstance(data, str) and Path(data).exists() else []
+    for spec in specs:
+        second = spec.settings.to_dict().get("second_model")
+        if second:
+            files.append(Path(second))
+    return files
 
 
 def _print_finetuning(method: dict) -> None:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from harden.detectors.calibration import calibrate, check_split
 from harden.errors import HardenError
 from harden.graph.analyse import check_input_shape
+from harden.graph.sizes import check_sizes
 from harden.graph.trace import trace
 from harden.instrumentation.hardened import LOGITS_OUTPUT, HardenedModel
 from harden.instrumentation.recipe import recipe_of
@@ -55,7 +56,7 @@ def instrument(
     ``finetune``: a fine-tuning objective (``flow:delta=D,...``, :mod:`harden.train.flow_objective`) applied to
     the classifier before any method is fitted; the original weights are kept in the bundle.
     """
-    options = options or Options()
+    options = (options or Options()).check()
     if not methods:
         raise HardenError("choose at least one --method")
     specs = [parse_method(m) for m in methods]
@@ -76,7 +77,13 @@ def instrument(
     started = time.perf_counter()
     # A traced graph shares parameters with the user's model; fine-tuning must never change the caller's object.
     gm = copy.deepcopy(trace(model))
+    check_sizes(gm, (2, *data.input_shape), "the model")   # no tensor above the caps, before anything runs
     check_input_shape(gm, data.train.x[:2])
+    with torch.no_grad():
+        outputs = gm(data.train.x[:2]).shape[1]
+    if outputs < data.num_classes:
+        raise HardenError(f"the data's labels reach {data.num_classes - 1} but the model has {outputs} outputs: "
+                          f"labels must lie in 0..{outputs - 1}")
     if 0 < options.fpr < 1 and len(data.calibration) >= 2:
         check_split(len(data.calibration), options.fpr, options.fpr_confidence)  # fail before minutes of fitting
     original_state = copy.deepcopy(gm.state_dict())
@@ -106,7 +113,7 @@ def instrument(
     hardened.facts = {
         "bundle_id": uuid.uuid4().hex,
         "input": {"shape": list(data.input_shape), "range": list(data.input_range)},
-        "num_classes": data.num_classes,
+        "num_classes": int(outputs),   # the model's outputs (>= the data's classes)
         "data": {"name": data.name, "split": data.split},
         # The default eps of `harden certify`: the box a CTT fit trained on (a rule like "scaled" resolved).
         "eps": next((m.config["eps"] for m in fitted if isinstance(m.config.get("eps"), (int, float))), None),

@@ -38,6 +38,21 @@ class Options:
     device: str = "cpu"
     trust_pickle: bool = False    # a method that loads a model of the user's (mismatch) may unpickle it
 
+    def check(self) -> "Options":
+        """The shared settings in their valid ranges (one HardenError line naming the flag); each method's own
+        options are checked by its OptionSet."""
+        from harden.core.arguments import check_device, check_fpr, check_key
+
+        check_key(self.key)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise HardenError(f"--seed must be a whole number, got {self.seed!r:.40}")
+        check_fpr(self.fpr)
+        confidence = self.fpr_confidence
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 <= confidence < 1.0:
+            raise HardenError(f"--fpr-confidence must lie in [0, 1), got {confidence!r:.40}")
+        self.device = check_device(self.device)
+        return self
+
 
 def layers_option(default: str) -> Any:
     """The ``layers`` option of a method that instruments sites."""

@@ -152,18 +152,27 @@ def _cnn(spec: dict) -> nn.Module:
 
 def _placeholder_arrays(doc: dict) -> dict[str, np.ndarray]:
     """Zero arrays of every tensor a graph document names (the real values come from the head's state_dict)."""
+    from harden.core.limits import MAX_TOTAL_ELEMENTS, check_elements
+
     arrays: dict[str, np.ndarray] = {}
+    total = 0
 
     def visit(module: Any, prefix: str) -> None:
+        nonlocal total
         if not isinstance(module, dict) or "same_as" in module:
             return
         for group in ("parameters", "buffers", "tensor_attributes"):
             for name, entry in module.get(group, []):
                 if isinstance(entry, dict) and "dtype" in entry:
-                    dtype = getattr(torch, entry.get("bits", entry["dtype"]), None)
+                    dtype = getattr(torch, entry.get("bits", entry["dtype"]), None) \
+                        if isinstance(entry.get("bits", entry["dtype"]), str) else None
                     if not isinstance(dtype, torch.dtype):
                         raise HardenError(f"mismatch: unknown dtype {entry['dtype']!r} in the second model's graph")
-                    arrays[prefix + name] = np.zeros(entry["shape"], dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+                    # a bundle's graph states these shapes: capped before numpy allocates them
+                    total += check_elements(entry.get("shape"), f"mismatch: second model tensor {prefix + name!r}")
+                    if total > MAX_TOTAL_ELEMENTS:
+                        raise HardenError(f"mismatch: the second model's tensors exceed {MAX_TOTAL_ELEMENTS:,} elements")
+                    arrays[prefix + name] = np.zeros(entry["shape"], dtype=torch.empty(0, dtype=dtype, device="cpu").numpy().dtype)
         for name, child in module.get("children", []):
             visit(child, f"{prefix}{name}.")
 
@@ -393,6 +402,10 @@ def graph_spec(gm: fx.GraphModule) -> dict:
 
 
 def _check_fits(second: nn.Module, example: torch.Tensor, num_classes: int, what: str) -> None:
+    if isinstance(second, fx.GraphModule):   # a graph from a file: no tensor above the caps before it runs
+        from harden.graph.sizes import check_sizes
+
+        check_sizes(second, tuple(example.shape), what)
     try:
         with torch.no_grad():
             out = second(example)

@@ -59,7 +59,7 @@ REDUCTIONS = ("mean", "max", "meanmax")
 
 # Defaults chosen by measurement across FGSM, BIM, PGD, DeepFool and CW on LeNet-5 / MNIST, with adversarial
 # examples made on the CALIBRATION split (never the test split the results are reported on); see
-# docs/results/nic.md and bench/experiments/nic_select.py.
+# docs/results/nic.md.
 DEFAULT_NU = 0.01          # one-class SVMs of the invariants (few support vectors: see DEFAULT_GAMMA)
 DEFAULT_FINAL_NU = 0.1     # the final one-class SVM over the invariant scores
 # RBF gamma = DEFAULT_GAMMA / n_features (features are standardised; 1.0 is sklearn's 'scale').  Measured on
@@ -88,7 +88,7 @@ SCALE_RANGE = (4.0, 16.0)  # g: per-feature scale, uniform in this range (steps 
 # difference in a feature by 1/ramp; with gamma 10/n_features, 0.05 broke export parity (1.3e-4 to 1.9e-4 > 1e-4)
 # while 0.2 kept it at 2.6e-5 to 7.3e-5 over four keys, at the same detection (calibration pools, 5% FPR).
 # (That was with a float32 head and float32 SVMs; with the float64 standardisation and SVMs the differences are
-# 1e-5 to 3e-5 for every invariant setting: bench/experiments/nic_parity.py, docs/results/nic.md.)
+# 1e-5 to 3e-5 for every invariant setting, measured on LeNet-5.)
 DEFAULT_RAMP = 0.2
 DEFAULT_OUTPUT_PROBE = True  # the classifier's softmax is the last derived model of the provenance chain
 
@@ -124,7 +124,7 @@ class NICHead(nn.Module):
                 if self.provenance:
                     self.add_module(f"probe_{k}_{i}", nn.Linear(d, self.num_classes))
 
-    # Float64 from the reduction to the standardised features, rounded to float32 for g.  Measured (bench/experiments/nic_parity.py):
+    # Float64 from the reduction to the standardised features, rounded to float32 for g.  Measured on LeNet-5:
     # in float32 the per-channel mean of relu1 (576 positions) differed between torch and onnxruntime by 1.5e-7
     # (summation order; the activations themselves were identical); the standardisation multiplies that by 1/std
     # (std 0.015) and g's ramp by 1/ramp, and the value invariant's score differed by 2.2e-4 > the 1e-4 export
@@ -151,7 +151,7 @@ class NICHead(nn.Module):
         runs in the blocked (NCHWc) layout of the convolutions around it; ``"sum"``, a ReduceSum over the last
         axis then a float64 division, for a map onnxruntime keeps in plain NCHW anyway (its blocked kernels take
         channel counts that are a multiple of the block, 8 here), where an average pool of kernel ``(1, W)`` is
-        slow.  Measured with onnxruntime's profiler at batch 256 on LeNet-5 (bench/experiments/nic_profile.py):
+        slow.  Measured with onnxruntime's profiler at batch 256 on LeNet-5:
         relu1 [6, 28, 28] AveragePool 544 us, ReduceSum 282 us; relu2 [16, 10, 10] AveragePool (blocked) 89 us +
         a 25 us reorder, ReduceSum 197 us + a 222 us reorder.  Bundles without the field used "avgpool".
         """
