@@ -142,6 +142,14 @@ def test_instrument_finetune_then_certify_flows_from_the_cli(mlp, tmp_path):
     assert set(report["results"]) == {"0.01", "flow:delta=0.1,tv=3"}
     assert flow["hardened"]["robust"] >= flow["original"]["robust"]
     assert all(c["violations"] == 0 for c in report["check"].values())
+    plot = tmp_path / "flow.png"
+    drawn = runner.invoke(app, ["certify", str(out), "--threat", "flow:delta=0.05", "--threat", "flow:delta=0.1",
+                                "--limit", "10", "--plot", str(plot)], catch_exceptions=False)
+    assert drawn.exit_code == 0, drawn.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"     # the fractions against delta
+    mixed = runner.invoke(app, ["certify", str(out), "--threat", "flow:delta=0.1", "--threat", "flow:delta=0.1,tv=3",
+                                "--limit", "5", "--plot", str(tmp_path / "mixed.png")])
+    assert mixed.exit_code != 0 and "one TV budget" in mixed.output and not (tmp_path / "mixed.png").exists()
     bad = runner.invoke(app, ["certify", str(out), "--threat", "flow:tv=3"])
     assert bad.exit_code != 0 and "delta" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(app, ["instrument", str(state), "--arch", "test_flow_certify:TwoLayerDigits", "--data", "digits",

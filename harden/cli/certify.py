@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
                                               "pixel moved by its own flow, each component <= D pixels, total variation "
                                               "(Eq. 6) <= T; repeatable."),
         plot: Path = typer.Option(None, "--plot", help="Also draw a PNG: certified fraction against eps, robust and "
-                                                       "detect-or-robust, hardened and original (as harden report)."),
+                                                       "detect-or-robust, hardened and original (as harden report); "
+                                                       "with flow threats only, against their delta."),
         seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):

@@ -182,7 +182,7 @@ def draw_certified(fig, certification: dict) -> None:
         ax.set_xscale("log")
         ax.set_xticks(eps, [f"{e:g}" for e in eps])
         ax.minorticks_off()
-    ax.set_xlabel("eps (L-inf box radius, input units)")
+    ax.set_xlabel(series.get("axis", "eps (L-inf box radius, input units)"))
     ax.set_ylabel("certified fraction of samples")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3, which="both")
