@@ -4,6 +4,7 @@
     python -m bench.flow --model two-layer --stage attack --attack "stadv:targeted=true,budget=7"
     python -m bench.flow --model two-layer --stage certify --threat flow:delta=0.5 --bounds crown
     python -m bench.flow --model two-layer --stage sdp --threat flow:delta=0.1 --limit 20
+    python -m bench.flow --model two-layer --stage tv --limit 8
     python -m bench.flow --model two-layer --table
 
 Models: ``two-layer`` and ``lenet5`` (harden.examples, trained by ``harden.examples.train_lenet`` on the MNIST
@@ -18,6 +19,8 @@ the heavy lock on its own).
   over all inputs, as the thesis counts them, and over the inputs the model classified correctly.
 * certify: ``certify_samples`` over the threat (fraction robust), the bound method as given.
 * sdp: the two-layer SDP certificate beside ibp and crown on the same inputs (margins and fractions, seconds).
+* tv: how much the TV relaxation narrows the plain model's first affine layer against the flow box alone (mean
+  width), at a few (delta, tv) budgets and 4x4 / 8x8 translation cells; no certified model needed.
 """
 
 from __future__ import annotations
@@ -118,10 +121,31 @@ def _attack(gm, x, y, spec_text: str, seed: int) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _tv_narrowing(gm, x) -> dict:
+    from harden.bounds.flow_box import flow_box
+    from harden.bounds.flow_tv import first_affine_layers, layer_bounds, stray_counts
+    from harden.bounds.interval import Interval
+    from harden.bounds.propagate import propagate
+
+    layer = first_affine_layers(gm, tuple(x.shape[1:]))[0]
+    h, w = x.shape[2:]
+    out = []
+    for delta, tv in ((0.5, 7.0), (1.0, 7.0), (1.0, 3.0)):
+        box = flow_box(x, delta)
+        plain = propagate(gm, box, record={layer.node}).nodes[layer.node]
+        for cells in (4, 8):
+            narrowed = layer_bounds(layer, x, delta, tv, cells=cells)
+            lo, hi = torch.maximum(plain.lo, narrowed.lo), torch.minimum(plain.hi, narrowed.hi)
+            out.append({"delta": delta, "tv": tv, "cells": cells,
+                        "narrowing": 1 - float((hi - lo).mean() / (plain.hi - plain.lo).mean())})
+    return {"key": f"tv {len(x)}", "stage": "tv", "n": len(x), "layer": layer.node, "rows": out,
+            "stray_counts_tv7": dict(zip(("0.125", "0.25", "0.5"), stray_counts([0.125, 0.25, 0.5], 7.0, h, w)))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.flow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="two-layer | lenet5 | suite:PAIR")
-    parser.add_argument("--stage", choices=("finetune", "attack", "certify", "sdp"))
+    parser.add_argument("--stage", choices=("finetune", "attack", "certify", "sdp", "tv"))
     parser.add_argument("--delta", type=float, default=0.5, help="the certified model's training delta")
     parser.add_argument("--attack", default="stadv:targeted=true,budget=7")
     parser.add_argument("--threat", default=None, help="flow:delta=D[,tv=T] (default: the training delta)")
@@ -139,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--stage or --table")
     plain, data, what = _plain(args.model)
     results["description"] = what
+    if args.stage == "tv":
+        with torch.no_grad():
+            _save(path, results, _tv_narrowing(plain, data.test.x[: args.limit]))
+        return 0
     cert, facts = _certified(args.model, plain, data, args.delta, build=args.stage == "finetune")
     x, y = data.test.x[: args.limit], data.test.y[: args.limit]
     models = {"plain": plain, f"flow {args.delta:g}": cert}
@@ -226,6 +254,13 @@ def render(results: dict) -> str:
                              f"{m['ibp']['mean_margin']:.2f} / {m['crown']['mean_margin']:.2f} / "
                              f"{m['sdp']['mean_margin']:.2f} | {m['ibp']['seconds']:.0f} / {m['crown']['seconds']:.0f}"
                              f" / {m['sdp']['seconds']:.0f} |")
+    for r in (r for r in results["rows"] if r["stage"] == "tv"):
+        lines += ["", f"TV relaxation of `{r['layer']}` on {r['n']} test inputs: mean width narrowed against the flow "
+                      f"box alone (stray counts K(s) at TV 7: {r['stray_counts_tv7']})", "",
+                  "| delta | tv | 4x4 cells | 8x8 cells |", "|---|---|---|---|"]
+        by = {(q["delta"], q["tv"], q["cells"]): q["narrowing"] for q in r["rows"]}
+        for delta, tv in dict.fromkeys((q["delta"], q["tv"]) for q in r["rows"]):
+            lines.append(f"| {delta:g} | {tv:g} | {100 * by[(delta, tv, 4)]:.1f}% | {100 * by[(delta, tv, 8)]:.1f}% |")
     return "\n".join(lines)
 
 
