@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from harden.core.progress import part
 from harden.detectors.calibration import calibrate, check_split
 from harden.errors import HardenError
 from harden.graph.analyse import check_input_shape
@@ -90,20 +91,25 @@ def instrument(
     with torch.no_grad():
         original_test_logits = gm(data.test.x).numpy()
     finetune_facts = None
+    first = 0.0   # where the methods' fitting starts on the bar: after --finetune's share when it runs
     if objective is not None:
-        progress("fine-tuning (--finetune)", 0.0)
-        finetune_facts = finetune_flow(gm, data, objective, progress)
+        first = 0.45
+        tuning = part(progress, 0.0, first)
+        tuning("fine-tuning (--finetune)", 0.0)
+        finetune_facts = finetune_flow(gm, data, objective, tuning)
     fitted = []
-    for spec in order:
-        progress(f"fitting {spec.name}", 0.0)
-        ctx = FitContext(gm=gm, data=data, options=options, settings=spec.settings, progress=progress)
+    span = 0.95 - first
+    for i, spec in enumerate(order):
+        share = part(progress, first + span * i / len(order), first + span * (i + 1) / len(order))   # each reports 0..1
+        share(f"fitting {spec.name}", 0.0)
+        ctx = FitContext(gm=gm, data=data, options=options, settings=spec.settings, progress=share)
         method = METHODS.get(spec.name)().fit(ctx)
         method.config["options"] = spec.settings.to_dict()
         fitted.append(method)
     changed = bool(finetuning) or objective is not None
     hardened = HardenedModel(gm, fitted, original_state=original_state if changed else None)
 
-    progress("calibrating", 0.0)
+    progress("calibrating", 0.95)
     raw_cal = hardened.raw_scores(hardened.torch_outputs(data.calibration.x))
     cal = calibrate(raw_cal, k, options.fpr, options.fpr_confidence)
     hardened.policy = AlarmPolicy(cal.thresholds, cal.scales, k)
