@@ -5,6 +5,7 @@
     python -m bench.flow --model two-layer --stage certify --threat flow:delta=0.5 --bounds crown
     python -m bench.flow --model two-layer --stage sdp --threat flow:delta=0.1 --limit 20
     python -m bench.flow --model two-layer --stage tv --limit 8
+    python -m bench.flow --model two-layer --stage crosscheck --threat flow:delta=0.5 --bounds crown --limit 300
     python -m bench.flow --model two-layer --table
 
 Models: ``two-layer`` and ``lenet5`` (harden.examples, trained by ``harden.examples.train_lenet`` on the MNIST
@@ -19,6 +20,8 @@ the heavy lock on its own).
   over all inputs, as the thesis counts them, and over the inputs the model classified correctly.
 * certify: ``certify_samples`` over the threat (fraction robust), the bound method as given.
 * sdp: the two-layer SDP certificate beside ibp and crown on the same inputs (margins and fractions, seconds).
+* crosscheck: per input, certified (``--bounds``) against fooled by stAdv inside the same flow box (untargeted,
+  ``delta`` = the threat's, no TV budget): an input both certified and fooled would be a soundness failure.
 * tv: how much the TV relaxation narrows the plain model's first affine layer against the flow box alone (mean
   width), at a few (delta, tv) budgets and 4x4 / 8x8 translation cells; no certified model needed.
 """
@@ -89,7 +92,22 @@ def _save(path: Path, results: dict, row: dict) -> None:
     print(json.dumps(row))
 
 
+def _attack_success(gm, x, y, spec_text: str, seed: int) -> torch.Tensor:
+    """Per input: stAdv reached its goal (a reached goal of a misclassified input counts too)."""
+    return _run_stadv(gm, x, y, spec_text, seed)[0]
+
+
 def _attack(gm, x, y, spec_text: str, seed: int) -> dict:
+    started = time.perf_counter()
+    success, tv = _run_stadv(gm, x, y, spec_text, seed)
+    with torch.no_grad():
+        correct = gm(x).argmax(1) == y
+    return {"successes": int(success.sum()), "of": len(x), "successes_correct": int((success & correct).sum()),
+            "correct": int(correct.sum()), "median_tv": float(tv.median()) if len(tv) else None,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _run_stadv(gm, x, y, spec_text: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     from harden.attacks.catalog import parse_attack
     from harden.attacks.stadv import StAdvSettings, stadv
 
@@ -106,19 +124,12 @@ def _attack(gm, x, y, spec_text: str, seed: int) -> dict:
     goal = torch.from_numpy(labels.astype(np.int64))
     for p_ in gm.parameters():
         p_.requires_grad_(False)
-    started = time.perf_counter()
     success, tvs = [], []
     for start in range(0, len(x), 250):
         r = stadv(gm, x[start:start + 250], goal[start:start + 250], settings)
         success.append(r.success)
         tvs.append(r.tv[r.success])
-    success = torch.cat(success)
-    with torch.no_grad():
-        correct = gm(x).argmax(1) == y
-    tv = torch.cat(tvs)
-    return {"successes": int(success.sum()), "of": len(x), "successes_correct": int((success & correct).sum()),
-            "correct": int(correct.sum()), "median_tv": float(tv.median()) if len(tv) else None,
-            "seconds": round(time.perf_counter() - started, 1)}
+    return torch.cat(success), torch.cat(tvs)
 
 
 def _tv_narrowing(gm, x) -> dict:
@@ -145,7 +156,7 @@ def _tv_narrowing(gm, x) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.flow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="two-layer | lenet5 | suite:PAIR")
-    parser.add_argument("--stage", choices=("finetune", "attack", "certify", "sdp", "tv"))
+    parser.add_argument("--stage", choices=("finetune", "attack", "certify", "sdp", "tv", "crosscheck"))
     parser.add_argument("--delta", type=float, default=0.5, help="the certified model's training delta")
     parser.add_argument("--attack", default="stadv:targeted=true,budget=7")
     parser.add_argument("--threat", default=None, help="flow:delta=D[,tv=T] (default: the training delta)")
@@ -201,6 +212,19 @@ def main(argv: list[str] | None = None) -> int:
         _save(path, results, {"key": f"certify {threat.label()} {args.bounds} {args.delta:g} {args.limit}",
                               "stage": "certify", "threat": threat.label(), "bounds": args.bounds,
                               "delta": args.delta, "n": len(x), "models": out})
+        return 0
+    if args.stage == "crosscheck":
+        if threat.tv is not None:
+            raise SystemExit("--stage crosscheck: a threat without tv (the attack's set must contain the certified one)")
+        out = {}
+        for name, m in models.items():
+            cert = certify_samples(m, [], x, y, threat, None, bounds=args.bounds)
+            fooled = _attack_success(m, x, y, f"stadv:delta={threat.delta:g},budget=0", args.seed)
+            out[name] = {"certified": int(cert["robust"].sum()), "fooled": int(fooled.sum()),
+                         "both": int((cert["robust"] & fooled).sum())}
+        _save(path, results, {"key": f"crosscheck {threat.label()} {args.bounds} {args.delta:g} {args.limit}",
+                              "stage": "crosscheck", "threat": threat.label(), "bounds": args.bounds, "n": len(x),
+                              "models": out})
         return 0
     from harden.certification.sdp import certify_sdp
 
@@ -261,6 +285,14 @@ def render(results: dict) -> str:
         by = {(q["delta"], q["tv"], q["cells"]): q["narrowing"] for q in r["rows"]}
         for delta, tv in dict.fromkeys((q["delta"], q["tv"]) for q in r["rows"]):
             lines.append(f"| {delta:g} | {tv:g} | {100 * by[(delta, tv, 4)]:.1f}% | {100 * by[(delta, tv, 8)]:.1f}% |")
+    checks = [r for r in results["rows"] if r["stage"] == "crosscheck"]
+    if checks:
+        lines += ["", "| threat | bounds | model | n | certified | fooled by stAdv in the same box | both |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in checks:
+            for name, m in r["models"].items():
+                lines.append(f"| `{r['threat']}` | {r['bounds']} | {name} | {r['n']} | {m['certified']} | "
+                             f"{m['fooled']} | {m['both']} |")
     return "\n".join(lines)
 
 
