@@ -206,7 +206,7 @@ def draw_certified(fig, certification: dict) -> None:
         label = f"{model}: {'detect-or-robust' if kind == 'detect_or_robust' else 'robust'}"
         ax.plot(eps, series[model][kind], label=label, **style)
     _eps_axis(ax, eps)
-    ax.set_xlabel("eps (L-inf box radius, input units)")
+    ax.set_xlabel(series.get("axis", "eps (L-inf box radius, input units)"))
     ax.set_ylabel("certified fraction of samples")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3, which="both")
