@@ -178,3 +178,18 @@ def test_head_rebuilds_from_its_config(lan, digits):
     x, logits = digits.test.x[:20], torch.randn(20, 10)
     with torch.no_grad():
         assert torch.equal(rebuilt(x, logits), method.head(x, logits))
+
+
+def test_masks_that_do_not_carry_the_class_are_refused(tiny_model, digits, monkeypatch):
+    import harden.methods.lan as lan_module
+
+    def one_mask_for_every_input(classifier, x, labels, noise, opts, seed, progress=None):
+        g = AttentionNet(tuple(x.shape[1:]), opts.g_hidden)
+        for p in g.parameters():
+            torch.nn.init.zeros_(p)   # sigmoid(0): the same mask 0.5 everywhere, whatever the input
+        return g.eval(), []
+
+    monkeypatch.setattr(lan_module, "train_attention", one_mask_for_every_input)
+    with pytest.raises(HardenError, match=r"chance is 10.0%.*do not carry the class") as info:
+        instrument(tiny_model, digits, ["lan"], options())
+    assert "\n" not in str(info.value)

@@ -40,6 +40,10 @@ from harden.errors import HardenError
 from harden.methods.base import INPUT, LOGITS, FitContext, FittedMethod, Method, key_fingerprint, key_seed, register_method
 
 NAME = "lan"
+# f2 agreeing with the classifier on less than this multiple of chance (1 / classes) on the training split means g
+# learnt one mask for every input (the LAN loss has that degenerate optimum: a fixed region the classifier can
+# decide from); such a detector says nothing about the input, so the fit is refused.
+MIN_AGREEMENT_OVER_CHANCE = 2.0
 NOISES = ("gaussian", "uniform")
 OPTION_PREFIX = "lan_"   # until method options have their own namespace, lan's keys in Options.extra are lan_<name>
 
@@ -309,6 +313,13 @@ class Lan(Method):
         f2 = train_mask_classifier(masks, labels, num_classes, opts,
                                    key_seed(options.key, f"lan:f2:{options.seed}") % 2**63, ctx.progress)
         head = LanHead(g, f2).eval()
+        with torch.no_grad():
+            train_agreement = float((_predict(head.mask_probabilities, x).argmax(1) == labels).float().mean())
+        if train_agreement < MIN_AGREEMENT_OVER_CHANCE / num_classes:
+            raise HardenError(
+                f"lan: the mask classifier agrees with the classifier on {train_agreement:.1%} of the training split "
+                f"(chance is {1 / num_classes:.1%}; mask mean {float(masks.mean()):.2f}): the attention masks do not "
+                "carry the class; lower lan_learning_rate or lan_beta, or raise lan_g_steps")
 
         def facts(split) -> dict[str, Any]:
             with torch.no_grad():
