@@ -18,12 +18,12 @@ from harden.graph.trace import trace
 from harden.instrumentation.hardened import HardenedModel
 from harden.instrumentation.pipeline import instrument
 from harden.bundle.archive import load_bundle, save_bundle
-from harden.methods.base import METHODS, FittedMethod, Options
+from harden.methods.base import METHODS, FittedMethod, MethodSpec, Options
 from harden.methods.ctt import TrapHead
 from harden.detectors.policy import AlarmPolicy
 
 MM = {"attacks": ["fgsm:eps=0.2"], "max_train": 300, "svm_c": 10.0, "svm_gamma": 0.05}
-LAN = {"lan_g_steps": 200, "lan_f2_steps": 300, "lan_beta": 2.0}
+LAN = {"g_steps": 200, "f2_steps": 300, "beta": 2.0}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest's: tiny models run fastest on one thread
@@ -34,10 +34,10 @@ def bundles(tiny_model, digits, tmp_path_factory):
     """ctt-lite, nic, mismatch and lan on the tiny CNN, each through a bundle round trip."""
     folder = tmp_path_factory.mktemp("adaptive-methods")
     made = {
-        "ctt-lite": instrument(tiny_model, digits, ["ctt-lite"], Options(key="am", mask_ratio=0.05, fpr=0.05)),
+        "ctt-lite": instrument(tiny_model, digits, ["ctt-lite:mask_ratio=0.05"], Options(key="am", fpr=0.05)),
         "nic": instrument(tiny_model, digits, ["nic"], Options(key="am", fpr=0.05)),
-        "mismatch": instrument(tiny_model, digits, ["mismatch"], Options(key="am", fpr=0.05, extra=MM)),
-        "lan": instrument(tiny_model, digits, ["lan"], Options(key="am", fpr=0.05, extra=LAN)),
+        "mismatch": instrument(tiny_model, digits, [MethodSpec.of("mismatch", **MM)], Options(key="am", fpr=0.05)),
+        "lan": instrument(tiny_model, digits, [MethodSpec.of("lan", **LAN)], Options(key="am", fpr=0.05)),
     }
     out = {}
     for name, hardened in made.items():
@@ -223,7 +223,7 @@ def test_key_unknown_mismatch_and_lan_need_a_proxy(bundles, digits, name):
 
 
 def test_proxy_attack_is_judged_by_the_target(tiny_model, bundles, digits):
-    proxy = instrument(tiny_model, digits, ["mismatch"], Options(key="another", fpr=0.05, extra=MM))
+    proxy = instrument(tiny_model, digits, [MethodSpec.of("mismatch", **MM)], Options(key="another", fpr=0.05))
     target = bundles["mismatch"]
     x, y = digits.test.x[:40].numpy(), digits.test.y[:40].numpy()
     result = adaptive_attack(target, x, y, AdaptiveSettings(eps=0.2, steps=20, supports=("all",)),

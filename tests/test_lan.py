@@ -12,22 +12,25 @@ from harden.errors import HardenError
 from harden.export import export_onnx
 from harden.export.runtime import OnnxGraph
 from harden.instrumentation.pipeline import instrument
-from harden.methods.base import Options, key_seed
+from harden.methods.base import MethodSpec, Options, key_seed
 from harden.methods.lan import AttentionNet, LanHead, LanOptions, Noise, lan_loss, seeded, train_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest's: tiny models run fastest on one thread
 
 # Short trainings: the tests check the method's mechanics, not its detection quality on 8x8 digits.
-QUICK = {"lan_g_steps": 200, "lan_f2_steps": 300, "lan_beta": 2.0}
+QUICK = {"g_steps": 200, "f2_steps": 300, "beta": 2.0}
 
 
-def options(**extra) -> Options:
-    return Options(key="lan-key", fpr=0.05, extra={**QUICK, **extra})
+OPTIONS = Options(key="lan-key", fpr=0.05)
+
+
+def quick(**changes) -> MethodSpec:
+    return MethodSpec.of("lan", **{**QUICK, **changes})
 
 
 @pytest.fixture(scope="module")
 def lan(tiny_model, digits):
-    return instrument(tiny_model, digits, ["lan"], options())
+    return instrument(tiny_model, digits, [quick()], OPTIONS)
 
 
 def test_logits_bit_identical(lan, tiny_model, digits):
@@ -56,7 +59,7 @@ def test_score_is_one_minus_f2s_probability_of_the_classifiers_class(lan, tiny_m
 
 def test_masks_classify_and_the_facts_are_recorded(lan, digits):
     config = lan.method("lan").config
-    assert config["options"] == {**LanOptions().to_json(), "g_steps": 200, "f2_steps": 300, "beta": 2.0}
+    assert config["options"] == {**LanOptions().to_dict(), "g_steps": 200, "f2_steps": 300, "beta": 2.0}
     assert len(config["g_training"]) == 10 and config["g_training"][-1]["step"] == 200
     # f2 reads masks only, yet agrees with the classifier far above chance (10 classes) on held-out inputs
     assert config["test"]["agreement"] > 0.5
@@ -96,9 +99,8 @@ def test_bundle_round_trip_and_onnx_parity(lan, digits, tmp_path):
 
 
 def test_composes_with_ctt_lite_under_a_policy(tiny_model, digits):
-    both = Options(key="lan-key", fpr=0.05, mask_ratio=0.05, extra=QUICK)
     for policy, k in (("any", 1), ("k:2", 2)):
-        hardened = instrument(tiny_model, digits, ["ctt-lite", "lan"], both, policy=policy)
+        hardened = instrument(tiny_model, digits, ["ctt-lite:mask_ratio=0.05", quick()], OPTIONS, policy=policy)
         assert hardened.facts["metrics"]["calibration_fpr"] <= 0.05
         graph = OnnxGraph(export_onnx(hardened).model.SerializeToString())
         assert graph.output_names == ["logits", "score", "alarm", "ctt-lite.score", "ctt-lite.alarm",
@@ -146,26 +148,33 @@ def test_the_lan_loss_lowers_on_a_short_training(tiny_model, digits):
         assert float(corrupted) == pytest.approx(float(F.cross_entropy(tiny_model(eta[:3]), labels[:3])), rel=1e-6)
 
 
-def test_the_same_key_and_seed_give_the_same_networks(tiny_model, digits):
-    quick = {"lan_g_steps": 20, "lan_f2_steps": 20}
-    a, b, c = (instrument(tiny_model, digits, ["lan"], Options(key=key, fpr=0.05, extra=quick))
-               for key in ("same", "same", "other"))
-    state = lambda h: h.method("lan").head.state_dict()   # noqa: E731
-    assert all(torch.equal(v, state(b)[k]) for k, v in state(a).items())
-    assert not torch.equal(state(a)["g.layers.1.weight"], state(c)["g.layers.1.weight"])
-    assert key_seed("same", "lan:g:0") != key_seed("same", "lan:f2:0")
+def test_the_key_and_seed_determine_the_networks(lan, tiny_model, digits):
+    """g is a function of (key, seed): training it again with the key's seed gives the shipped weights bit for bit;
+    another key's seed gives other weights."""
+    x = digits.train.x
+    with torch.no_grad():
+        labels = tiny_model(x).argmax(1)
+    opts = LanOptions(**QUICK)
+    noise = Noise(opts.noise, x, digits.input_range)
+    again, _ = train_attention(tiny_model, x, labels, noise, opts, key_seed("lan-key", "lan:g:0") % 2**63)
+    shipped = lan.method("lan").head.g.state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in again.state_dict().items())
+    other = seeded(lambda: AttentionNet(tuple(x.shape[1:]), opts.g_hidden), key_seed("other", "lan:g:0") % 2**63)
+    assert not torch.equal(other.state_dict()["layers.1.weight"], shipped["layers.1.weight"])
+    assert key_seed("lan-key", "lan:g:0") != key_seed("lan-key", "lan:f2:0")
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"lan_beta": -1}, r"beta must lie in \[0.0, inf\]"),
-    ({"lan_noise": "pink"}, "noise must be one of gaussian, uniform"),
-    ({"lan_g_steps": 2.5}, "g_steps must be a finite whole number"),
-    ({"lan_learning_rate": 0}, r"learning_rate must lie in \(0.0, 1.0\]"),
-    ({"lan_f2_width": "wide"}, "f2_width must be a number"),
+    ("beta=-1", "beta='-1' must be >= 0"),
+    ("noise=pink", "noise='pink' is not one of gaussian, uniform"),
+    ("g_steps=2.5", "g_steps='2.5' must be a whole number"),
+    ("learning_rate=0", "learning_rate='0' must be > 0"),
+    ("f2_width=wide", "f2_width='wide' is not a number"),
+    ("gamma=1", "has no option 'gamma'; valid: beta, noise"),
 ])
 def test_bad_options_are_one_line(tiny_model, digits, bad, match):
     with pytest.raises(HardenError, match=match) as info:
-        instrument(tiny_model, digits, ["lan"], options(**bad))
+        instrument(tiny_model, digits, [f"lan:{bad}"], OPTIONS)
     assert "\n" not in str(info.value)
 
 
@@ -191,5 +200,5 @@ def test_masks_that_do_not_carry_the_class_are_refused(tiny_model, digits, monke
 
     monkeypatch.setattr(lan_module, "train_attention", one_mask_for_every_input)
     with pytest.raises(HardenError, match=r"chance is 10.0%.*do not carry the class") as info:
-        instrument(tiny_model, digits, ["lan"], options())
+        instrument(tiny_model, digits, [quick()], OPTIONS)
     assert "\n" not in str(info.value)

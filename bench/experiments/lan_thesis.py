@@ -2,7 +2,7 @@
 section 3.3 (FGSM, JSMA, CW) on a suite pair, beside harden's calibrated alarm read from the exported ONNX graph.
 
     OMP_NUM_THREADS=1 python -m bench.experiments.lan_thesis [--pair lenet5-mnist] [--split test] [--limit 500] \
-        [--set lan_beta=0.5 ...] [--json]
+        [--set beta=0.5 ...] [--json]
 
 The bundle is the suite's (``bench.suite``: same key, same cache); FGSM runs at the pair's eps (the FGSM eps that
 halves the classifier's calibration accuracy), JSMA and CW at harden's defaults, all on the classifier (ART).

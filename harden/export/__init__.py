@@ -87,5 +87,5 @@ def export_onnx(hardened: HardenedModel, path: str | Path | None = None,
     data = model.SerializeToString()
     parity = compare(golden, OnnxGraph(data).run(golden["input"]), "onnxruntime")
     if path is not None:
-        atomic_write_bytes(Path(path), data)
+        atomic_write_bytes(Path(path), data, inputs=[source])
     return ExportResult(model, parity, torch_parity, Path(path) if path else None)

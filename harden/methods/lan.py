@@ -26,9 +26,8 @@ have this g and f2 and trains its own pair (``harden evaluate --adaptive-proxy``
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harden.core.options import OptionSet, option
 from harden.errors import HardenError
 from harden.methods.base import INPUT, LOGITS, FitContext, FittedMethod, Method, key_fingerprint, key_seed, register_method
 
@@ -45,63 +45,24 @@ NAME = "lan"
 # decide from); such a detector says nothing about the input, so the fit is refused.
 MIN_AGREEMENT_OVER_CHANCE = 2.0
 NOISES = ("gaussian", "uniform")
-OPTION_PREFIX = "lan_"   # until method options have their own namespace, lan's keys in Options.extra are lan_<name>
-
-
-def _option(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, choices: tuple[str, ...] | None = None):
-    return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
-                                            "choices": choices})
 
 
 @dataclass(frozen=True)
-class LanOptions:
+class LanOptions(OptionSet):
     """Every option of the method: type, default, help and valid range in one place."""
 
-    beta: float = _option(0.5, "weight of the sparsity term beta * mean(mask) in g's loss (Eq. 9): larger keeps "
-                               "fewer input values", low=0.0)
-    noise: str = _option("gaussian", "noise H replacing what the mask leaves out: gaussian (per-value mean and std "
-                                     "of the training split) or uniform (over the input range)", choices=NOISES)
-    g_hidden: int = _option(256, "width of g's two hidden fully connected layers", low=1, high=65536)
-    g_steps: int = _option(1500, "Adam steps training g", low=1, high=10_000_000)
-    f2_width: int = _option(16, "channels of f2's first convolution (its second has twice as many)", low=1, high=4096)
-    f2_steps: int = _option(1500, "Adam steps training f2 on the training split's masks", low=1, high=10_000_000)
-    batch_size: int = _option(64, "inputs per training step of g and f2", low=1, high=1_000_000)
-    learning_rate: float = _option(1e-3, "Adam learning rate of g and f2", low=0.0, low_open=True, high=1.0)
-
-    @classmethod
-    def from_options(cls, options) -> "LanOptions":
-        """Read ``lan_<name>`` from the method settings; one clear line for an ill-typed or out-of-range value."""
-        values = {}
-        for f in fields(cls):
-            given = options.get(OPTION_PREFIX + f.name)
-            values[f.name] = f.default if given is None else _checked(f, given)
-        return cls(**values)
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _checked(f, value: Any) -> Any:
-    meta, kind = f.metadata, f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
-    where = f"lan option {f.name}"
-    if kind is str:
-        text = str(value).strip().lower()
-        if meta["choices"] and text not in meta["choices"]:
-            raise HardenError(f"{where} must be one of {', '.join(meta['choices'])}; got {value!r}")
-        return text
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise HardenError(f"{where} must be a number; got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number) or (kind is int and number != int(number)):
-        raise HardenError(f"{where} must be a finite {'whole number' if kind is int else 'number'}; got {value!r}")
-    low, high = meta["low"], meta["high"]
-    if (low is not None and (number < low or (meta["low_open"] and number == low))) or \
-            (high is not None and number > high):
-        bounds = f"{'(' if meta['low_open'] else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise HardenError(f"{where} must lie in {bounds}; got {value!r}")
-    return int(number) if kind is int else number
+    beta: float = option(0.5, "weight of the sparsity term beta * mean(mask) in g's loss (Eq. 9): larger keeps fewer "
+                              "input values", minimum=0.0)
+    noise: str = option("gaussian", "noise H replacing what the mask leaves out: gaussian (per-value mean and std of "
+                                    "the training split) or uniform (over the input range)", choices=NOISES)
+    g_hidden: int = option(256, "width of g's two hidden fully connected layers", minimum=1, maximum=65536)
+    g_steps: int = option(1500, "Adam steps training g", minimum=1, maximum=10_000_000)
+    f2_width: int = option(16, "channels of f2's first convolution (its second has twice as many)", minimum=1,
+                           maximum=4096)
+    f2_steps: int = option(1500, "Adam steps training f2 on the training split's masks", minimum=1,
+                           maximum=10_000_000)
+    batch_size: int = option(64, "inputs per training step of g and f2", minimum=1, maximum=1_000_000)
+    learning_rate: float = option(1e-3, "Adam learning rate of g and f2", minimum=0.0, strict=True, maximum=1.0)
 
 
 # --------------------------------------------------------------------------- networks
@@ -288,11 +249,12 @@ class Lan(Method):
     """Attention mask g(x) of a Latent Attention Network, classified by f2; the alarm contrasts f2 with f1."""
 
     name = NAME
+    option_set = LanOptions
 
     def fit(self, ctx: FitContext) -> FittedMethod:
         started = time.perf_counter()
         options, data = ctx.options, ctx.data
-        opts = LanOptions.from_options(options)
+        opts: LanOptions = ctx.settings
         x = data.train.x
         if len(x) < 2:
             raise HardenError("lan needs at least 2 training inputs")
@@ -319,7 +281,7 @@ class Lan(Method):
             raise HardenError(
                 f"lan: the mask classifier agrees with the classifier on {train_agreement:.1%} of the training split "
                 f"(chance is {1 / num_classes:.1%}; mask mean {float(masks.mean()):.2f}): the attention masks do not "
-                "carry the class; lower lan_learning_rate or lan_beta, or raise lan_g_steps")
+                "carry the class; lower lan's learning_rate or beta, or raise g_steps")
 
         def facts(split) -> dict[str, Any]:
             with torch.no_grad():
@@ -333,7 +295,7 @@ class Lan(Method):
             "num_classes": num_classes,
             "g_hidden": opts.g_hidden,
             "f2_width": opts.f2_width,
-            "options": opts.to_json(),
+            "options": opts.to_dict(),
             "score": "1 - softmax(f2(g(x)))[argmax logits]",
             "g_training": history,
             "mask_mean_train": round(float(masks.mean()), 4),
