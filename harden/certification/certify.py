@@ -23,6 +23,8 @@ import torch.fx as fx
 from harden.bounds import Interval, propagate, run_recorded
 from harden.bounds.crown import LinearBounds, check_method
 from harden.bounds.linear import linear_parts
+from harden.bounds.margin import (PRE_ACTIVATION_LIMIT, final_linear, folded_margin_lower,
+                                  subtracted_margin_lower)
 from harden.bounds.propagate import BoundResult, input_dependent
 from harden.bounds.rules import Call
 from harden.errors import HardenError
@@ -109,15 +111,6 @@ def trap_clamps(traps: Sequence[Trap], device, dtype=torch.float32) -> tuple[dic
     return {node: make(entries) for node, entries in by_node.items()}, always
 
 
-PRE_ACTIVATION_LIMIT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    # relu(z) <= T  <=>  z <= T (for T >= 0; for T < 0 every input alarms anyway)
-    "relu": lambda t: t,
-    # relu6(z) <= T  <=>  z <= T while T < 6; from T >= 6 on every z qualifies
-    "relu6": lambda t: torch.where(t < 6.0, t, torch.full_like(t, float("inf"))),
-}
-"""Per trap activation: the largest pre-activation z whose activation stays <= T (no alarm)."""
-
-
 def pre_activation_clamps(gm: fx.GraphModule, traps: Sequence[Trap], device,
                           dtype=torch.float32) -> dict[str, Callable]:
     """Clamps of the traps' *pre-activation* neurons to (-inf, z_max(T)]: an input that raises no alarm has
@@ -157,20 +150,6 @@ def _alarm(values: dict[str, torch.Tensor], traps: Sequence[Trap], n: int, devic
     return alarm
 
 
-def _final_linear(gm: fx.GraphModule) -> fx.Node | None:
-    """The logits node when it is a linear layer (any spelling) fed by the input: its margin can be folded."""
-    last = output_node(gm).args[0]
-    if isinstance(last, fx.Node) and canonical_op(gm, last) == "linear" and last in input_dependent(gm):
-        return last
-    return None
-
-
-def _true_margin_lower(logit_margin_lower: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """min over j != y of a [N, K] lower bound of logit_y - logit_j."""
-    inf = torch.full_like(logit_margin_lower[:, :1], float("inf"))
-    return logit_margin_lower.scatter(1, y.unsqueeze(1), inf).amin(dim=1)
-
-
 def margin_lower_bound(gm: fx.GraphModule, result: BoundResult, y: torch.Tensor, fold: fx.Node | None) -> torch.Tensor:
     """Per sample, a lower bound of min_{j != y} (logit_y - logit_j) over the box.
 
@@ -187,19 +166,13 @@ def margin_lower_bound(gm: fx.GraphModule, result: BoundResult, y: torch.Tensor,
         x, weight, bias = linear_parts(Call(gm, fold, "linear", tuple(args), dict(kwargs), module))
         _check_labels(y, weight.shape[0])
         if x.dim() == 2:
-            diff = weight[y].unsqueeze(1) - weight.unsqueeze(0)           # [N, K, d]: W_y - W_j
-            centre = torch.einsum("nkd,nd->nk", diff, x.centre)
-            radius = torch.einsum("nkd,nd->nk", diff.abs(), x.radius)
-            if bias is not None:
-                centre = centre + (bias[y].unsqueeze(1) - bias.unsqueeze(0))
-            return _true_margin_lower(centre - radius, y)
+            return folded_margin_lower(x, weight, bias, y)
     logits = result.output
     if not isinstance(logits, Interval) or logits.dim() != 2:
         raise HardenError(f"certify needs logits [N, K]; the graph's output has shape "
                           f"{tuple(getattr(logits, 'shape', ()))}")
     _check_labels(y, logits.shape[1])
-    lower = logits.lo.gather(1, y.unsqueeze(1)) - logits.hi                # [N, K]: l_y - u_j
-    return _true_margin_lower(lower, y)
+    return subtracted_margin_lower(logits, y)
 
 
 def _check_labels(y: torch.Tensor, classes: int) -> None:
@@ -336,7 +309,7 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     tally = _PlacementTally(traps) if with_placement else None
     trap_nodes = {t.node for t in traps} if with_placement else set()
     engine = _engine(gm, bounds)
-    fold = _final_linear(gm)
+    fold = final_linear(gm)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in
                                             ("robust", "detect_or_robust", "always_alarm", "margin", "margin_detect")}
     y = y.to(device=x.device, dtype=torch.int64)
@@ -441,7 +414,7 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
     generator = torch.Generator().manual_seed(int(seed))
     method = bounds  # (``bounds`` names each node-bound table in the loop below)
     engine = _engine(gm, method)
-    fold = _final_linear(gm)
+    fold = final_linear(gm)
     dependent = input_dependent(gm)
     checked = [n.name for n in gm.graph.nodes if n in dependent and n.op != "output"]
     logits_name = output_node(gm).args[0].name

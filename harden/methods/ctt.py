@@ -30,6 +30,7 @@ from harden.methods.base import (
 )
 from harden.train.eps_search import EPS_RULES
 from harden.train.finetune import ANNEAL, DEFAULT_STEPS, TRAP_RULES, TRAP_SCALES, FinetuneConfig
+from harden.train.objectives import OBJECTIVES
 
 
 class TrapHead(nn.Module):
@@ -112,6 +113,7 @@ def quiet_masks(ctx: FitContext, chosen: list[str], masks: dict[str, torch.Tenso
 
 
 _FT = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+OBJECTIVE_NAMES = tuple(OBJECTIVES.names())
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ class CTTFinetuneOptions(CTTOptions):
     alpha: float = option(_FT["alpha"], "weight of L_C", minimum=0.0, strict=True)
     alpha_growth: float = option(_FT["alpha_growth"], "alpha is multiplied by this every alpha_every epochs",
                                  minimum=0.0, strict=True)
-    alpha_every: int = option(_FT["alpha_every"], "epochs between alpha increases (0: never)", minimum=0)
+    alpha_every: int | None = option(None, "epochs between alpha increases (0: never)", minimum=0,
+                                     default_text="4; 0 for detect-or-robust and robust")
     lr: float | None = option(None, "learning rate (RMSProp, no weight decay)", minimum=0.0, strict=True,
                               default_text="3e-4")
     detection_weight: float = option(_FT["detection_weight"], "weight of L_D relative to L_C", minimum=0.0)
@@ -168,6 +171,16 @@ class CTTFinetuneOptions(CTTOptions):
     trap_scale: str = option(_FT["trap_scale"], "std: the calibrated shift moves each trap by its natural spread | "
                                                 "none: one shift for all", choices=TRAP_SCALES)
     batch_size: int = option(_FT["batch_size"], "training batch size", minimum=1)
+    # The fine-tuning objective (issue 14; harden.train.objectives, docs/results/detect-or-robust.md).
+    objective: str = option(_FT["objective"], "what fine-tuning minimises: ctt (the paper's L_D + L_C) | "
+                                              "detect-or-robust (every input of the eps-box keeps its label or alarms, "
+                                              "by interval bounds: the certificate harden certify reports) | robust "
+                                              "(the label alone, traps ignored: the baseline)", choices=OBJECTIVE_NAMES)
+    cert_margin: float = option(_FT["cert_margin"], "detect-or-robust / robust: the hinge asks the certified "
+                                                    "margin's lower bound to clear this", minimum=0.0)
+    eps_warmup: float | None = option(None, "share of the step budget over which the training eps grows from 0 to "
+                                            "eps", minimum=0.0, maximum=1.0,
+                                      default_text="0.5 for detect-or-robust and robust, 0 for ctt")
 
     def check(self, owner: str) -> None:
         from harden.errors import HardenError
