@@ -192,11 +192,17 @@ def _resolve_function(name: Any, node_name: str) -> Callable:
     return op
 
 
+# torch.nn module classes that torch.nn does not export by name: nn.MultiheadAttention's output projection.
+EXTRA_MODULE_CLASSES: Mapping[str, type] = MappingProxyType({
+    "NonDynamicallyQuantizableLinear": nn.modules.linear.NonDynamicallyQuantizableLinear,
+})
+
+
 def _nn_class(name: Any) -> type | None:
     """``getattr(torch.nn, name)`` when it is an nn.Module class defined under torch.nn.modules."""
     if not isinstance(name, str) or not _IDENT.match(name):
         return None
-    cls = getattr(nn, name, None)
+    cls = EXTRA_MODULE_CLASSES.get(name) or getattr(nn, name, None)
     if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("torch.nn.modules"):
         return cls
     return None

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from harden.core.inplace import needs_functionalisation
 from harden.errors import HardenError
 
 
@@ -46,7 +47,20 @@ def _load_exported(path: Path) -> nn.Module:
     except Exception as exc:
         raise HardenError(f"{path} is not a loadable torch.export program: {str(exc).splitlines()[0]}") from None
     _check_dynamic_batch(program, path)
+    if needs_functionalisation(program.graph):
+        program = _functional(program, path)
     return program.module()
+
+
+def _functional(program, path: Path):
+    """The program without in-place ops whose rename would change what they compute (a fill_ of a slice whose
+    base is read later): torch.export's functionalisation rewrites each mutation as the value it produces; no
+    op is decomposed further.  (Other in-place ops, hardswish_ or silu_, are renamed at trace time.)"""
+    try:
+        return program.run_decompositions({})
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        raise HardenError(f"{path}: its in-place ops cannot be rewritten out of place by torch.export: "
+                          f"{str(exc).strip().splitlines()[0]}") from None
 
 
 def _check_dynamic_batch(program, path: Path) -> None:
