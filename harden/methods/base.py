@@ -126,7 +126,8 @@ def select_sites(site_names: list[str], paths: dict[str, str], spec: str | None,
     """Resolve ``--layers all | last:K | name,name`` (names may be node names or module paths)."""
     spec = (spec or default).strip()
     if not site_names:
-        raise HardenError("the model has no ReLU/ReLU6 site to instrument")
+        raise HardenError("the model has no element-wise activation (ReLU, GELU, SiLU, hardswish, sigmoid, ...) "
+                          "to instrument")
     if spec == "all":
         return list(site_names)
     if spec.startswith("last:"):

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from harden.errors import HardenError
-from harden.graph.analyse import batches, describe, feature_extractor
+from harden.graph.analyse import batches, channels_last, describe, feature_extractor
 from harden.graph.trace import module_path, sites as graph_sites
 from harden.methods.base import (
     LOGITS,
@@ -89,6 +89,13 @@ SCALE_RANGE = (4.0, 16.0)  # g: per-feature scale, uniform in this range (steps 
 # 1e-5 to 3e-5 for every invariant setting: bench/experiments/nic_parity.py, docs/results/nic.md.)
 DEFAULT_RAMP = 0.2
 DEFAULT_OUTPUT_PROBE = True  # the classifier's softmax is the last derived model of the provenance chain
+# A feature whose spread is below a tenth of its mean, or a hundredth of the largest spread of its site's features,
+# is standardised by that instead: its standardised value would otherwise be float rounding magnified by g's ramp
+# (slope 5).  A squeeze-excitation gate saturated near 1 with a spread of 1e-5, onnxruntime's hardsigmoid an ulp
+# (1e-7) from torch's: NIC's features differed by 0.07 on a MobileNetV3; a hardswish unit of spread 1% of its mean,
+# 6 ulps apart: by 2.3e-4, and the score by 3e-3.
+RELATIVE_STD_FLOOR = 0.1      # of the feature's |mean|
+SITE_STD_FLOOR = 1e-2         # of the site's largest std
 
 
 # --------------------------------------------------------------------------- head
@@ -104,6 +111,8 @@ class NICHead(nn.Module):
         self.reduce_mode = str(config.get("reduce", DEFAULT_REDUCE))
         # per site, how row means are taken in float32 (see spatial_mean); bundles without the field: "avgpool"
         self.rows = [str(r) for r in config.get("rows", ["avgpool"] * len(self.dims))]
+        # per site, whether its features lie along the last dim (tokens x features): moved to dim 1 first
+        self.channels_last = [bool(c) for c in config.get("channels_last", [False] * len(self.dims))]
         self.sets = int(config["sets"])
         self.num_classes = int(config["num_classes"])
         self.value = bool(config["value"])
@@ -132,6 +141,8 @@ class NICHead(nn.Module):
 
     def reduce(self, i: int, activation: torch.Tensor) -> torch.Tensor:
         """The site's reduced features, float64."""
+        if self.channels_last[i] and activation.dim() > 2:
+            activation = activation.movedim(-1, 1)
         if not self.spatial[i]:
             return activation.flatten(1).double()
         if self.reduce_mode == "max":
@@ -438,6 +449,13 @@ def _site_activations(gm, chosen: list[str], x: torch.Tensor, head: NICHead,
     return [torch.cat(p) for p in parts], torch.cat(logits)
 
 
+def standardising_scale(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per feature of one site: its std, at least RELATIVE_STD_FLOOR x |its mean| and SITE_STD_FLOOR x the site's
+    largest std; 1 for a constant feature."""
+    scale = torch.maximum(std, torch.maximum(RELATIVE_STD_FLOOR * mean.abs(), SITE_STD_FLOOR * std.max()))
+    return torch.where(scale > 1e-6, scale, torch.ones_like(scale))
+
+
 def _draw_transform(key: str, k: int, dims: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(key_seed(key, f"nic:{k}"))
     lo, hi = SCALE_RANGE
@@ -476,11 +494,15 @@ class NIC(Method):
         if int(train.y.max()) >= num_classes:
             raise HardenError(f"labels go up to {int(train.y.max())} but the model has {num_classes} outputs")
         spatial = [len(infos[s].shape) > 1 for s in chosen]
-        channels = [int(infos[s].shape[0]) if sp else int(np.prod(infos[s].shape)) for s, sp in zip(chosen, spatial)]
+        nodes = {n.name: n for n in site_nodes}
+        last = [sp and channels_last(ctx.gm, nodes[s]) for s, sp in zip(chosen, spatial)]
+        channels = [int(infos[s].shape[-1 if cl else 0]) if sp else int(np.prod(infos[s].shape))
+                    for s, sp, cl in zip(chosen, spatial, last)]
         rows = ["avgpool" if c % ROW_BLOCK == 0 else "sum" for c in channels]
         dims = [c * (2 if sp and settings.reduce == "meanmax" else 1) for c, sp in zip(channels, spatial)]
         config: dict[str, Any] = {
-            "sites": chosen, "dims": dims, "spatial": spatial, "reduce": settings.reduce, "rows": rows, "sets": settings.sets,
+            "sites": chosen, "dims": dims, "spatial": spatial, "channels_last": last, "reduce": settings.reduce,
+            "rows": rows, "sets": settings.sets,
             "num_classes": num_classes, "value": value, "provenance": provenance, "transform": settings.transform,
             "ramp": settings.ramp, "scale_range": list(SCALE_RANGE), "output_probe": provenance and settings.output_probe,
         }
@@ -498,7 +520,7 @@ class NIC(Method):
         for i, r in enumerate(reduced):
             getattr(head, f"mean_{i}").copy_(r[rows_a].mean(0))
             std = r[rows_a].std(0)
-            getattr(head, f"std_{i}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+            getattr(head, f"std_{i}").copy_(standardising_scale(r[rows_a].mean(0), std))
         z = [(r - getattr(head, f"mean_{i}")) / getattr(head, f"std_{i}") for i, r in enumerate(reduced)]
 
         probe_accuracy: list[list[float]] = []

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from harden.bounds.interval import Interval
 from harden.bounds.propagate import propagate
 from harden.errors import HardenError
+from harden.graph.ops import canonical_op
 from harden.graph.analyse import feature_extractor
 from harden.train.ctt_losses import certification_hinge, detection_hinge, detection_loss
 from harden.train.stacked_bounds import stacked_runner
@@ -191,9 +192,18 @@ def _better(candidate: EpochRecord, best: EpochRecord | None, baseline_accuracy:
     return candidate.fpr + candidate.cal_l_c < best.fpr + best.cal_l_c
 
 
+# Sites whose activation f satisfies f(z) > T <=> z > T for the small T >= 0 the traps use: their losses and
+# thresholds are taken on the pre-activation z, whose bounds carry gradient where f's own lower bound is flat at 0.
+_ON_PRE_ACTIVATION = frozenset({"relu", "relu6"})
+
+
 def pre_activation(gm: fx.GraphModule, site: str) -> str:
-    """The node a site's ReLU reads: its bounds carry gradient where the ReLU's own lower bound is flat at 0."""
+    """The node a site's traps are trained and thresholded on: a ReLU's (or ReLU6's) input, where the comparison
+    with T is the same and the bounds keep a gradient; any other activation's own output (GELU, SiLU, a sigmoid
+    gate: f(z) > T holds above some other z, so thresholds are compared where the exported check compares)."""
     node = next(n for n in gm.graph.nodes if n.name == site)
+    if canonical_op(gm, node) not in _ON_PRE_ACTIVATION:
+        return node.name
     return node.all_input_nodes[0].name
 
 
