@@ -4,6 +4,7 @@
     python bench/architectures.py --part certify --json       # certify --bounds crown (seconds per image; < 5 s)
     python bench/architectures.py --part latency --json       # onnxruntime hardened / plain at batch 64, per method
     python bench/architectures.py --part parity --json        # export parity figures per method
+    python bench/architectures.py --part matrix --family vit --form pt2 --json   # one zoo family, every stage
 
 The model is the suite's ``resnet18-shapes`` pair (torchvision's ResNet-18 at full width, built by tests/zoo.py,
 trained on the suite's 32x32 shapes; cached under bench/suite/cache/).  Latency: the plain exported classifier
@@ -122,7 +123,80 @@ def part_parity(lp, args) -> dict:
     return {"methods": rows}
 
 
-PARTS = {"instrument": part_instrument, "certify": part_certify, "latency": part_latency, "parity": part_parity}
+def part_matrix(_lp, args) -> dict:
+    """One family of tests/zoo.py (tiny widths, trained on the digits' train split) as the user would bring it
+    (state_dict + --arch, or .pt2), through layers, every method, export parity, certify and evaluate."""
+    import tempfile
+
+    import harden
+    from harden.api import ctt_traps
+    from harden.certification.certify import check_certificates, certify_samples
+    from harden.graph.ops import canonical_op
+    from harden.graph.trace import sites
+    from harden.io.data import load_data
+    from harden.methods.base import Options
+    from tests import zoo
+    from tests.conftest import TinyCNN, train_tiny
+
+    data = load_data("digits", seed=0)
+    torch.manual_seed(0)
+    model = train_tiny(zoo.build(args.family), data.train.x, data.train.y, epochs=args.epochs, lr=args.lr)
+    torch.manual_seed(1)
+    second = train_tiny(TinyCNN(), data.train.x, data.train.y, epochs=30)
+    folder = Path(tempfile.mkdtemp())
+    torch.save(second.state_dict(), folder / "second.pt")
+    if args.form == "pt2":
+        path, arch = folder / "model.pt2", None
+        program = torch.export.export(model, (data.train.x[:4],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, str(path))
+    else:
+        path, arch = folder / "model.pt", f"tests.zoo:{args.family}_tiny"
+        torch.save(model.state_dict(), path)
+    loaded = harden.load_model(path, arch=arch)
+    with torch.no_grad():
+        accuracy = float((loaded(data.test.x).argmax(1) == data.test.y).float().mean())
+    from harden.graph.trace import trace
+
+    gm = trace(loaded)
+    row = {"family": args.family, "form": args.form, "test_accuracy": round(accuracy, 4),
+           "sites": len(sites(gm)), "site_ops": sorted({canonical_op(gm, n) for n in sites(gm)}), "methods": {}}
+    for method in args.method:
+        extra = {"second_model": str(folder / "second.pt"), "second_arch": "tests.conftest:TinyCNN"} \
+            if method == "mismatch" else {}
+        if method == "ctt-strict":
+            extra["steps"] = args.steps
+        options = Options(key=SUITE_KEY, fpr=0.05, extra=extra)
+        started = time.perf_counter()
+        entry: dict = {}
+        try:
+            hardened = harden.instrument(loaded, data, [method], options)
+            entry["instrument_s"] = round(time.perf_counter() - started, 1)
+            onnx_path = folder / f"{method}.onnx"
+            exported = harden.export_onnx(hardened, onnx_path)
+            entry["parity_share_of_tolerance"] = round(exported.parity.worst_ratio(), 3)
+            entry["test_fpr"] = hardened.facts["metrics"]["test_fpr"]
+            manifest = harden.save_bundle(hardened, folder / f"{method}.hardened")
+            evaluated = harden.evaluate(hardened, manifest, args.attack, onnx_path=onnx_path, limit=args.limit)
+            entry["detection"] = {r.attack: r.detection_rate_successful for r in evaluated.rows}
+            if method.startswith("ctt"):
+                traps = ctt_traps(hardened)
+                x, y = data.test.x[:args.images], data.test.y[:args.images]
+                for bounds in ("ibp", "crown"):
+                    cert = certify_samples(hardened.classifier, traps, x, y, args.eps, data.input_range, bounds=bounds)
+                    check = check_certificates(hardened.classifier, traps, x, y, args.eps, data.input_range, 20, 0,
+                                               bounds=bounds)
+                    entry[f"certify_{bounds}"] = {"robust": float(cert["robust"].float().mean()),
+                                                  "detect_or_robust": float(cert["detect_or_robust"].float().mean()),
+                                                  "violations": check.violations}
+        except Exception as exc:  # noqa: BLE001 - a stage that fails is the row's finding
+            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        entry["seconds"] = round(time.perf_counter() - started, 1)
+        row["methods"][method] = entry
+    return row
+
+
+PARTS = {"instrument": part_instrument, "certify": part_certify, "latency": part_latency, "parity": part_parity,
+         "matrix": part_matrix}
 
 
 def main() -> None:
@@ -137,14 +211,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--family", default="resnet18", help="matrix: a family of tests/zoo.py")
+    parser.add_argument("--form", choices=["state_dict", "pt2"], default="state_dict", help="matrix")
+    parser.add_argument("--epochs", type=int, default=30, help="matrix: training epochs")
+    parser.add_argument("--lr", type=float, default=1e-2, help="matrix: training learning rate")
+    parser.add_argument("--steps", type=int, default=200, help="matrix: ctt-strict step budget")
+    parser.add_argument("--attack", action="append", default=None, help="matrix: attacks to evaluate")
+    parser.add_argument("--limit", type=int, default=200, help="matrix: test inputs attacked")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    args.method = args.method or ["ctt-lite", "nic", "safetynet"]
+    args.method = args.method or (["ctt-lite", "ctt-strict", "safetynet", "nic", "mismatch"] if args.part == "matrix"
+                                  else ["ctt-lite", "nic", "safetynet"])
+    args.attack = args.attack or ["fgsm:eps=0.1", "pgd:eps=0.1"]
     args.bounds = args.bounds or ["ibp", "crown"]
+    if args.part == "matrix" and args.eps == 1 / 255:
+        args.eps = 0.01
     torch.set_num_threads(args.threads)
-    lp = load_pair(args.pair)
-    result = {"pair": args.pair, "part": args.part, "targets": TARGETS, "model": lp.facts,
-              **PARTS[args.part](lp, args)}
+    if args.part == "matrix":
+        result = {"part": "matrix", **part_matrix(None, args)}
+    else:
+        lp = load_pair(args.pair)
+        result = {"pair": args.pair, "part": args.part, "targets": TARGETS, "model": lp.facts,
+                  **PARTS[args.part](lp, args)}
     print(json.dumps(result, indent=None if args.json else 2))
 
 

@@ -2,9 +2,11 @@
 as a torch.export program (.pt2).
 
 Per family and form: ``harden layers`` (every element-wise activation a site), a bundle round trip with the
-logits bit-identical, ``certify`` with interval and linear-relaxation bounds checked by sampling.  Per family:
-the same key gives the same traps in both forms; every method at once (ctt-strict on a tiny step budget),
-export parity in onnxruntime and ``evaluate``, on one form (they alternate across families).
+logits bit-identical, ``certify`` with interval and linear-relaxation bounds checked by sampling; the same key
+gives the same traps in both forms.  Every method at once (ctt-strict on a tiny step budget), export parity in
+onnxruntime and ``evaluate`` run on the composite of every family (one export per form: an export costs seconds,
+so each family alone is measured in bench/architectures.py --part matrix instead).  Models train two epochs: enough
+for realistic activations and batch-norm statistics, not for accuracy, which no assertion here reads.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ def data():
     return load_data("digits", seed=0, limit=LIMIT)
 
 
+EPOCHS = 2
+
+
 @functools.lru_cache(maxsize=None)
 def _trained(family: str) -> nn.Module:
     d = load_data("digits", seed=0, limit=LIMIT)
-    return train_tiny(zoo.build(family), d.train.x, d.train.y, epochs=12, lr=1e-2)
+    model = zoo.composite_tiny() if family == "composite" else zoo.build(family)
+    return train_tiny(model, d.train.x, d.train.y, epochs=EPOCHS, lr=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +87,17 @@ def files(tmp_path_factory):
     return get
 
 
+_LOADED: dict = {}
+
+
+def _load(files, family: str, form: str):
+    """The model as a user's file gives it, loaded once per test module."""
+    if (family, form) not in _LOADED:
+        path, arch = files(family, form)
+        _LOADED[(family, form)] = harden.load_model(path, arch=arch)
+    return _LOADED[(family, form)]
+
+
 def _cli(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
@@ -90,8 +107,7 @@ _LITE: dict = {}
 
 def _ctt_lite(files, data, family: str, form: str):
     if (family, form) not in _LITE:
-        path, arch = files(family, form)
-        model = harden.load_model(path, arch=arch)
+        model = _load(files, family, form)
         _LITE[(family, form)] = harden.instrument(model, data, ["ctt-lite"],
                                                   Options(key=KEY, mask_ratio=0.2, fpr=0.1, fpr_confidence=0))
     return _LITE[(family, form)]
@@ -105,7 +121,7 @@ def test_family_through_layers_bundle_and_certify(family, form, files, data, tmp
     result = _cli(*args)
     assert result.exit_code == 0, result.output
     shown = json.loads(result.stdout)
-    gm = trace(harden.load_model(path, arch=arch))
+    gm = trace(_load(files, family, form))
     expected = [n.name for n in sites(gm)]
     assert shown["sites"] == expected and expected
     ops = {canonical_op(gm, n) for n in sites(gm)}
@@ -117,7 +133,7 @@ def test_family_through_layers_bundle_and_certify(family, form, files, data, tmp
     bundle = tmp_path / "model.hardened"
     harden.save_bundle(hardened, bundle)
     loaded, _ = harden.load_bundle(bundle)
-    original = _trained(family)
+    original = _load(files, family, form)   # the model as the user gave it (a .pt2 runs its own ops)
     with torch.no_grad():
         assert torch.equal(loaded.classifier(data.test.x), original(data.test.x))
     assert np.array_equal(loaded.run(data.test.x[:16])["alarm"], hardened.run(data.test.x[:16])["alarm"])
@@ -161,14 +177,24 @@ def second_model(tmp_path_factory, data):
     return path
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_method_exports_with_parity_and_evaluates(family, files, data, second_model, tmp_path, one_thread):
-    form = FORMS[FAMILIES.index(family) % 2]
-    path, arch = files(family, form)
-    options = Options(key=KEY, mask_ratio=0.2, fpr=0.1, fpr_confidence=0, eps=0.01, extra={
-        "steps": 2, "check_every": 1, "attacks": ["fgsm:eps=0.1"], "svm_c": 1.0, "max_train": 48,
-        "second_model": str(second_model), "second_arch": "conftest:TinyCNN"})
-    hardened = harden.instrument(harden.load_model(path, arch=arch), data, METHODS, options)
+@pytest.mark.parametrize("form", FORMS)
+def test_every_method_on_every_family_exports_with_parity_and_evaluates(form, files, data, second_model, tmp_path,
+                                                                        one_thread):
+    path, arch = files("composite", form)
+    model = _load(files, "composite", form)
+    gm = trace(model)
+    keys = site_keys(gm, sites(gm))
+    last = {}   # NIC (a probe per site) on each family's last site; the others on every site
+    for node in sites(gm):
+        last[keys[node.name].split("/")[0].split(".")[0]] = node.name
+    assert len(last) >= len(FAMILIES)
+    options = Options(key=KEY, mask_ratio=0.2, fpr=0.1, fpr_confidence=0, eps=0.01,
+                      layers=[f"nic={','.join(last.values())}"], extra={
+                          "steps": 2, "check_every": 1, "attacks": ["fgsm:eps=0.1"], "svm_c": 1.0, "max_train": 48,
+                          "second_model": str(second_model), "second_arch": "conftest:TinyCNN"})
+    hardened = harden.instrument(model, data, METHODS, options)
+    assert {canonical_op(gm, n) for n in sites(gm) if n.name in hardened.method("safetynet").sites} >= \
+        set().union(*EXPECTED_SITE_OPS.values())
     onnx_path = tmp_path / "model.onnx"
     result = harden.export_onnx(hardened, onnx_path)
     assert result.parity.worst_ratio() <= 1.0

@@ -967,6 +967,29 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+class Composite(nn.Module):
+    """Every family at once, as branches whose logits are summed: one graph with every block pattern, for what
+    costs one export per model (a test exports this once instead of each family)."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 10, size: str = "tiny"):
+        super().__init__()
+        self.families = list(FAMILIES)
+        for family in self.families:
+            self.add_module(family, FAMILIES[family](in_channels, classes, size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = getattr(self, self.families[0])(x)
+        for family in self.families[1:]:
+            logits = logits + getattr(self, family)(x)
+        return logits
+
+
+def composite_tiny() -> nn.Module:
+    """``--arch tests.zoo:composite_tiny``: every family's tiny form in one model."""
+    torch.manual_seed(0)
+    return Composite().eval()
+
+
 def build(family: str, in_channels: int = 1, classes: int = 10, size: str = "tiny", seed: int = 0) -> nn.Module:
     """An untrained ``family`` in eval mode, its weights drawn from ``seed``."""
     torch.manual_seed(seed)

@@ -89,13 +89,6 @@ SCALE_RANGE = (4.0, 16.0)  # g: per-feature scale, uniform in this range (steps 
 # 1e-5 to 3e-5 for every invariant setting: bench/experiments/nic_parity.py, docs/results/nic.md.)
 DEFAULT_RAMP = 0.2
 DEFAULT_OUTPUT_PROBE = True  # the classifier's softmax is the last derived model of the provenance chain
-# A feature whose spread is below a tenth of its mean, or a hundredth of the largest spread of its site's features,
-# is standardised by that instead: its standardised value would otherwise be float rounding magnified by g's ramp
-# (slope 5).  A squeeze-excitation gate saturated near 1 with a spread of 1e-5, onnxruntime's hardsigmoid an ulp
-# (1e-7) from torch's: NIC's features differed by 0.07 on a MobileNetV3; a hardswish unit of spread 1% of its mean,
-# 6 ulps apart: by 2.3e-4, and the score by 3e-3.
-RELATIVE_STD_FLOOR = 0.1      # of the feature's |mean|
-SITE_STD_FLOOR = 1e-2         # of the site's largest std
 
 
 # --------------------------------------------------------------------------- head
@@ -449,13 +442,6 @@ def _site_activations(gm, chosen: list[str], x: torch.Tensor, head: NICHead,
     return [torch.cat(p) for p in parts], torch.cat(logits)
 
 
-def standardising_scale(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Per feature of one site: its std, at least RELATIVE_STD_FLOOR x |its mean| and SITE_STD_FLOOR x the site's
-    largest std; 1 for a constant feature."""
-    scale = torch.maximum(std, torch.maximum(RELATIVE_STD_FLOOR * mean.abs(), SITE_STD_FLOOR * std.max()))
-    return torch.where(scale > 1e-6, scale, torch.ones_like(scale))
-
-
 def _draw_transform(key: str, k: int, dims: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(key_seed(key, f"nic:{k}"))
     lo, hi = SCALE_RANGE
@@ -520,7 +506,7 @@ class NIC(Method):
         for i, r in enumerate(reduced):
             getattr(head, f"mean_{i}").copy_(r[rows_a].mean(0))
             std = r[rows_a].std(0)
-            getattr(head, f"std_{i}").copy_(standardising_scale(r[rows_a].mean(0), std))
+            getattr(head, f"std_{i}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
         z = [(r - getattr(head, f"mean_{i}")) / getattr(head, f"std_{i}") for i, r in enumerate(reduced)]
 
         probe_accuracy: list[list[float]] = []
