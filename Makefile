@@ -22,7 +22,7 @@ $(CHECKPOINT): | $(BIN)/harden
 	mkdir -p $(OUT)
 	$(BIN)/python -m harden.examples.train_lenet --out $(CHECKPOINT)
 
-# The main job: harden the example LeNet-5 on the bundled MNIST, export one ONNX graph, certify, evaluate.
+# The main job: harden the example LeNet-5 on the bundled MNIST, export one ONNX graph, certify, evaluate, report.
 demo: $(BIN)/harden $(CHECKPOINT)
 	mkdir -p $(OUT)
 	$(BIN)/harden layers $(CHECKPOINT) --arch harden.examples.lenet:LeNet5 --data mnist
@@ -33,6 +33,7 @@ demo: $(BIN)/harden $(CHECKPOINT)
 	$(BIN)/harden evaluate $(OUT)/lenet.onnx --limit 500 \
 		--attack fgsm:eps=0.1 --attack fgsm:eps=0.2 --attack bim:eps=0.1 --attack pgd:eps=0.1 --attack deepfool --attack cw
 	$(BIN)/harden evaluate $(OUT)/lenet.onnx --adaptive --limit 100
+	$(BIN)/harden report $(OUT)/lenet.onnx -o $(OUT)/report.html
 
 test: $(BIN)/harden
 	$(BIN)/python -m pytest

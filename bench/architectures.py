@@ -134,7 +134,7 @@ def part_matrix(_lp, args) -> dict:
     from harden.graph.ops import canonical_op
     from harden.graph.trace import sites
     from harden.io.data import load_data
-    from harden.methods.base import Options
+    from harden.methods.base import MethodSpec, Options
     from tests import zoo
     from tests.conftest import TinyCNN, train_tiny
 
@@ -161,15 +161,16 @@ def part_matrix(_lp, args) -> dict:
     row = {"family": args.family, "form": args.form, "test_accuracy": round(accuracy, 4),
            "sites": len(sites(gm)), "site_ops": sorted({canonical_op(gm, n) for n in sites(gm)}), "methods": {}}
     for method in args.method:
-        extra = {"second_model": str(folder / "second.pt"), "second_arch": "tests.conftest:TinyCNN"} \
+        given = {"second_model": str(folder / "second.pt"), "second_arch": "tests.conftest:TinyCNN"} \
             if method == "mismatch" else {}
         if method == "ctt-strict":
-            extra["steps"] = args.steps
-        options = Options(key=SUITE_KEY, fpr=0.05, extra=extra)
+            given["steps"] = args.steps
+        spec = MethodSpec.of(method, **given)
+        options = Options(key=SUITE_KEY, fpr=0.05)
         started = time.perf_counter()
         entry: dict = {}
         try:
-            hardened = harden.instrument(loaded, data, [method], options)
+            hardened = harden.instrument(loaded, data, [spec], options)
             entry["instrument_s"] = round(time.perf_counter() - started, 1)
             onnx_path = folder / f"{method}.onnx"
             exported = harden.export_onnx(hardened, onnx_path)

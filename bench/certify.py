@@ -65,14 +65,13 @@ def _minor_faults() -> int:
         return 0
 
 
-def example_lenet():
+def example_lenet(checkpoint: Path):
     """The example checkpoint and the MNIST test split (the figures of issue 8), or None when absent."""
-    root = Path(__file__).resolve().parents[1]
     try:
         from harden.io.data import load_data
         from harden.io.model import load_model
 
-        model = load_model(root / "examples" / "lenet5_mnist.pt", arch="harden.examples.lenet:LeNet5").eval()
+        model = load_model(checkpoint, arch="harden.examples.lenet:LeNet5").eval()
         test = load_data("mnist").test
     except Exception as exc:  # no checkpoint or no data: say so, time nothing
         return None, f"{type(exc).__name__}: {exc}"
@@ -83,7 +82,7 @@ def bound_methods(args) -> dict:
     """ms per image and robust count of each bound method, one process, methods interleaved per round."""
     from harden.bounds.crown import METHODS
 
-    loaded, why = example_lenet()
+    loaded, why = example_lenet(args.checkpoint)
     if loaded is None:
         return {"skipped": why}
     gm, test = loaded
@@ -133,6 +132,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--method-samples", type=int, default=50)
     parser.add_argument("--method-batch", type=int, default=50)
     parser.add_argument("--method-eps", type=float, default=0.01)
+    parser.add_argument("--checkpoint", type=Path, default=Path("out/lenet5_mnist.pt"),
+                        help="the example LeNet-5 (python -m harden.examples.train_lenet --out out/lenet5_mnist.pt)")
     parser.add_argument("--method-rounds", type=int, default=1)
     parser.add_argument("--method-threads", type=int, default=1)
     args = parser.parse_args(argv)

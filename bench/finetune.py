@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from harden.examples.lenet import LeNet5  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
-from harden.methods.base import FitContext, Options  # noqa: E402
+from harden.methods.base import FitContext, MethodSpec, Options  # noqa: E402
 from harden.methods.ctt import CTTStrict  # noqa: E402
 from harden.train.finetune import FinetuneConfig, _Traps  # noqa: E402
 
@@ -60,7 +60,8 @@ def main(argv=None) -> None:
     model = LeNet5()
     model.load_state_dict(torch.load(ROOT / "out/lenet5_mnist.pt", weights_only=True))
     gm = trace(model)
-    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=data, options=Options(key="bench")))
+    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=data, options=Options(key="bench"),
+                                                         settings=MethodSpec.of("ctt-strict").settings))
     cfg = FinetuneConfig(kind=args.kind)
     traps = _Traps(gm, sites, masks, cfg, data.input_range)
     for p in gm.parameters():

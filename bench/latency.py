@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harden.examples.lenet import LeNet5  # noqa: E402
 from bench.suite.run import build_options  # noqa: E402
 from harden.export import export_onnx  # noqa: E402
-from harden.export.torch_graph import export_module  # noqa: E402
+from harden.export.latency import compare_latency, plain_graph  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 from harden.instrumentation.pipeline import instrument  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
@@ -36,25 +33,6 @@ def load_lenet(checkpoint: Path | None) -> torch.nn.Module:
     if checkpoint and checkpoint.is_file():
         model.load_state_dict(torch.load(checkpoint, weights_only=True))
     return model.eval()
-
-
-def time_pair(plain: OnnxGraph, hardened: OnnxGraph, x: np.ndarray, rounds: int) -> tuple[float, float]:
-    """Median seconds per call for each, measured alternately."""
-    feed_p = {plain.input_name: x}
-    feed_h = {hardened.input_name: x}
-    for _ in range(5):
-        plain.session.run(None, feed_p)
-        hardened.session.run(None, feed_h)
-    tp, th = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        plain.session.run(None, feed_p)
-        t1 = time.perf_counter()
-        hardened.session.run(None, feed_h)
-        t2 = time.perf_counter()
-        tp.append(t1 - t0)
-        th.append(t2 - t1)
-    return statistics.median(tp), statistics.median(th)
 
 
 def main() -> None:
@@ -73,23 +51,16 @@ def main() -> None:
 
     data = load_data("mnist", seed=0, limit=args.limit)
     model = load_lenet(args.checkpoint)
-    _, options = build_options("+".join(methods), args.set, Options().fpr, 0, "bench")
-    hardened = instrument(model, data, methods, options)
+    specs, options = build_options("+".join(methods), args.set, Options().fpr, 0, "bench")
+    hardened = instrument(model, data, specs, options)
     hardened_graph = OnnxGraph(export_onnx(hardened).model.SerializeToString(), threads=args.threads)
-    plain_proto = export_module(trace(model), (data.test.x[:2],), ["input"], ["logits"])
-    plain_graph = OnnxGraph(plain_proto.SerializeToString(), threads=args.threads)
+    plain = plain_graph(trace(model), data.test.x[:2], threads=args.threads)
 
-    result = {"methods": methods, "model": "LeNet5", "threads": args.threads, "rounds": args.rounds, "batches": {}}
-    x_all = data.test.x.numpy()
-    for batch in (1, 256):
-        x = np.ascontiguousarray(np.resize(x_all, (batch, *x_all.shape[1:])), dtype=np.float32)
-        plain_s, hardened_s = time_pair(plain_graph, hardened_graph, x, args.rounds if batch == 1 else max(20, args.rounds // 4))
-        result["batches"][str(batch)] = {
-            "plain_ms": round(plain_s * 1e3, 4),
-            "hardened_ms": round(hardened_s * 1e3, 4),
-            "ratio": round(hardened_s / plain_s, 4),
-        }
-    result["ratio"] = result["batches"]["256"]["ratio"]
+    timing = compare_latency(plain, hardened_graph, data.test.x.numpy(), rounds=args.rounds)
+    result = {"methods": [s.label() for s in specs], "model": "LeNet5", "threads": args.threads, "rounds": args.rounds,
+              "batches": {batch: {k: v for k, v in row.items() if k != "rounds"}
+                          for batch, row in timing["batches"].items()},
+              "ratio": timing["ratio"]}
     print(json.dumps(result, indent=None if args.json else 2))
 
 

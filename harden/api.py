@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from harden.errors import HardenError
 from harden.instrumentation.hardened import HardenedModel
 from harden.io.data import Dataset, load_data as _load_data
 
@@ -27,16 +26,18 @@ def instrument(model, data: Dataset, methods: list[str], options=None, *, policy
     return _instrument(model, data, methods, options, policy=policy, progress=progress)
 
 
-def save_bundle(hardened: HardenedModel, path) -> dict:
+def save_bundle(hardened: HardenedModel, path, *, seal_key: str | None = None, inputs=()) -> dict:
+    """Write the bundle (never over one of ``inputs``); sealed with ``seal_key`` or HARDEN_SEAL_KEY when set."""
     from harden.bundle.archive import save_bundle as _save
 
-    return _save(hardened, path)
+    return _save(hardened, path, seal_key=seal_key, inputs=inputs)
 
 
-def load_bundle(path) -> tuple[HardenedModel, dict]:
+def load_bundle(path, *, seal_key: str | None = None) -> tuple[HardenedModel, dict]:
+    """A bundle checked as data from elsewhere; with ``seal_key`` (or HARDEN_SEAL_KEY) its seal must match."""
     from harden.bundle.archive import load_bundle as _load
 
-    return _load(path)
+    return _load(path, seal_key=seal_key)
 
 
 def export_onnx(hardened: HardenedModel, path=None, source=None):
@@ -47,39 +48,22 @@ def export_onnx(hardened: HardenedModel, path=None, source=None):
 
 def bundle_data(manifest: dict, data: str | None = None) -> Dataset:
     """The data a bundle was instrumented on, split exactly as then (or other data, split with the same seed)."""
-    split = manifest["data"]["split"]
-    spec = data or manifest["data"]["name"]
-    kwargs = {"seed": split.get("seed", 0), "input_range": tuple(manifest["input"]["range"])}
-    if "fractions" in split:
-        kwargs["fractions"] = tuple(split["fractions"])
-    if data is None and split.get("limit"):
-        kwargs["limit"] = split["limit"]
-    dataset = _load_data(spec, **kwargs)
-    if list(dataset.input_shape) != list(manifest["input"]["shape"]):
-        raise HardenError(f"data {spec!r} has input shape {dataset.input_shape}; the bundle expects {tuple(manifest['input']['shape'])}")
-    if data is None and dataset.split.get("fingerprint") != split.get("fingerprint"):
-        raise HardenError(f"data {spec!r} no longer splits as it did when the bundle was made (fingerprint differs)")
-    return dataset
+    from harden.bundle.data import bundle_data as _bundle_data
+
+    return _bundle_data(manifest, data)
 
 
 def split_of(dataset: Dataset, name: str):
-    if name not in ("train", "calibration", "test"):
-        raise HardenError(f"--split {name!r} is not one of train, calibration, test")
-    return getattr(dataset, name)
+    from harden.bundle.data import split_of as _split_of
+
+    return _split_of(dataset, name)
 
 
 def scorer_for(hardened: HardenedModel, onnx_path: Path | None, source=None):
     """An onnxruntime session of the exported graph: the given file, or a fresh parity-checked export."""
-    from harden.export.runtime import OnnxGraph
+    from harden.export.scorer import scorer_for as _scorer_for
 
-    if onnx_path is not None:
-        graph = OnnxGraph(onnx_path)
-        bundle_id = hardened.facts.get("bundle_id")
-        if graph.metadata.get("harden.bundle_id") != bundle_id:
-            raise HardenError(f"{onnx_path} was not exported from this bundle (bundle ids differ)")
-        return graph
-    result = export_onnx(hardened, None, source)
-    return OnnxGraph(result.model.SerializeToString())
+    return _scorer_for(hardened, onnx_path, source)
 
 
 def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onnx_path: Path | None = None,
@@ -87,77 +71,52 @@ def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onn
              progress: Callable[[str], None] | None = None, adversarial: list[Path] = ()):
     """Attacks (ART) against the classifier, and adversarial sets crafted elsewhere (``adversarial``: .npz
     files, :mod:`harden.io.adversarial`); alarms and scores read from the ONNX graph in onnxruntime."""
-    from harden.attacks.catalog import parse_attack
-    from harden.evaluation.evaluate import evaluate as _evaluate
-    from harden.io.adversarial import load_adversarial
+    from harden.evaluation.bundle import evaluate_bundle
 
-    specs = [parse_attack(a) for a in attacks]
-    given = [load_adversarial(p, input_shape=tuple(manifest["input"]["shape"]), num_classes=manifest["num_classes"],
-                              input_range=tuple(manifest["input"]["range"])) for p in adversarial]
-    dataset = bundle_data(manifest, data)
-    part = split_of(dataset, split)
-    graph = scorer_for(hardened, onnx_path)
-    return _evaluate(hardened.classifier, graph.run, part.x.numpy(), part.y.numpy(), specs,
-                     input_range=tuple(manifest["input"]["range"]), num_classes=manifest["num_classes"],
-                     seed=seed, limit=limit, progress=progress, given=given)
-
+    return evaluate_bundle(hardened, manifest, attacks, onnx_path=onnx_path, data=data, split=split, limit=limit,
+                           seed=seed, progress=progress, adversarial=adversarial)
 
 
 def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0.1, norm: str = "linf",
                       steps: int = 100, onnx_path: Path | None = None, data: str | None = None, split: str = "test",
                       limit: int | None = 500, attackers: tuple[str, ...] | None = None, proxy: Path | None = None,
-                      progress: Callable[[str], None] | None = None) -> dict:
+                      progress: Callable[[str], None] | None = None, seal_key: str | None = None) -> dict:
     """Type II attacks (key known: smoothed surrogates of the detectors as shipped; key unknown: the attacker's
     own model of the keyed parts, or a proxy bundle hardened with another key) beside the detector-blind
     baseline, every final input judged by the exported graph."""
-    from harden.evaluation.adaptive import AdaptiveSettings
-    from harden.evaluation.evaluate import evaluate_adaptive as _evaluate_adaptive
-    from harden.bundle.archive import load_bundle
+    from harden.evaluation.bundle import evaluate_adaptive_bundle
 
-    dataset = bundle_data(manifest, data)
-    part = split_of(dataset, split)
-    proxy_model = None
-    if proxy is not None:
-        proxy_model, proxy_manifest = load_bundle(proxy)
-        if list(proxy_manifest["input"]["shape"]) != list(manifest["input"]["shape"]) or \
-                proxy_manifest["num_classes"] != manifest["num_classes"]:
-            raise HardenError(f"--adaptive-proxy {proxy}: its input shape or class count differs from the bundle's")
-    return _evaluate_adaptive(hardened, scorer_for(hardened, onnx_path).run, part.x.numpy(), part.y.numpy(),
-                              AdaptiveSettings(eps=eps, norm=norm, steps=steps),
-                              input_range=tuple(manifest["input"]["range"]), num_classes=manifest["num_classes"],
-                              limit=limit, progress=progress, reference=dataset.train.x, proxy=proxy_model,
-                              attackers=attackers,
-                              original=original_classifier(hardened) if hardened.original_state is not None else None)
+    return evaluate_adaptive_bundle(hardened, manifest, eps=eps, norm=norm, steps=steps, onnx_path=onnx_path,
+                                    data=data, split=split, limit=limit, attackers=attackers, proxy=proxy,
+                                    progress=progress, seal_key=seal_key)
+
+
+def check_certify_arguments(eps, split: str, limit, check: int) -> None:
+    """What certify can check before a bundle is read (--eps against the input range comes after)."""
+    from harden.certification.bundle import check_certify_arguments as _check
+
+    _check(eps, split, limit, check)
+
+
+def check_evaluate_arguments(split: str, limit, **adaptive) -> None:
+    """What evaluate can check before a bundle is read (``adaptive``: the --adaptive-* settings)."""
+    from harden.evaluation.bundle import check_evaluate_arguments as _check
+
+    _check(split, limit, **adaptive)
 
 
 def ctt_traps(hardened: HardenedModel):
-    """The CTT traps as the exported alarm sees them: each neuron's T shifted by its method's calibrated threshold.
+    """The CTT traps as the exported alarm sees them (:func:`harden.certification.bundle.ctt_traps`)."""
+    from harden.certification.bundle import ctt_traps as _ctt_traps
 
-    A CTT method alarms when max_i (x_i - T_i) / s_i > t (s_i = 1 unless the head is scaled), i.e. when some
-    x_i > T_i + t s_i.
-    """
-    from harden.certification.certify import Trap
-
-    traps = []
-    for method in hardened.methods:
-        if not method.name.startswith("ctt-"):
-            continue
-        shift = float(hardened.facts["thresholds"][method.name])
-        for i, site in enumerate(method.sites):
-            indices, _ = method.head.trap(i)
-            traps.append(Trap(site, indices.clone(), method.head.alarm_thresholds(i, shift).clone()))
-    return traps
+    return _ctt_traps(hardened)
 
 
 def original_classifier(hardened: HardenedModel):
     """The user's model before any fine-tuning (same graph, original weights)."""
-    import copy
+    from harden.instrumentation.hardened import original_classifier as _original
 
-    if hardened.original_state is None:
-        return hardened.classifier
-    original = copy.deepcopy(hardened.classifier)
-    original.load_state_dict(hardened.original_state)
-    return original
+    return _original(hardened)
 
 
 def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = None, *, data: str | None = None,
@@ -168,61 +127,24 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     ``bounds``: ``ibp`` (interval), ``crown-ibp`` (backward linear-relaxation margin on interval intermediates)
     or ``crown`` (backward linear relaxation throughout; tightest, slowest).
     """
-    from harden.bounds.crown import check_method
-    from harden.certification.certify import BOUND_LABELS, certify_samples, check_certificates
+    from harden.certification.bundle import certify_bundle
 
-    check_method(bounds)
-    eps_list = list(eps) if eps else [float(manifest.get("eps") or 3e-3)]
-    for value in eps_list:
-        if not value >= 0:
-            raise HardenError(f"--eps must be >= 0; got {value}")
-    if check < 0:
-        raise HardenError("--check must be >= 0")
-    part = split_of(bundle_data(manifest, data), split)
-    x, y = part.x, part.y
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    input_range = tuple(manifest["input"]["range"])
-    traps = ctt_traps(hardened)
-    gm, original = hardened.classifier, original_classifier(hardened)
-    k = manifest["policy"]["k"]
-    report = {
-        "samples": len(x), "split": split, "bounds": BOUND_LABELS[bounds], "bound_method": bounds,
-        "policy": manifest["policy"]["text"],
-        "traps": [{"site": t.node, "neurons": int(t.flat_indices.numel())} for t in traps],
-        "note": ("the detect-or-robust certificate concerns the CTT alarm; under policy 'any' the combined "
-                 "alarm fires whenever the CTT alarm does" if k == 1 else
-                 "the detect-or-robust certificate concerns the CTT alarm only: under this policy the combined "
-                 "alarm needs other methods to agree"),
-        "results": {}, "check": {} if check else None, "interval_only": [],
-    }
-    steps = len(eps_list) * (3 if check else 2)
-    done = 0
-    for value in eps_list:
-        text = f"{value:g}"
-        progress(f"eps {text}: bounds of the hardened model", done / steps)
-        hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds,
-                                        with_placement=bool(traps))
-        place = hardened_cert.get("placement", [])
-        done += 1
-        progress(f"eps {text}: bounds of the original model", done / steps)
-        original_cert = certify_samples(original, [], x, y, value, input_range, bounds=bounds)
-        report["interval_only"] = sorted(set(report["interval_only"]) | set(hardened_cert["interval_only"])
-                                         | set(original_cert["interval_only"]))
-        done += 1
-        report["results"][text] = {
-            "placement": place,
-            "hardened": hardened_cert["fractions"],
-            "original": original_cert["fractions"],
-            "margin_method": hardened_cert["margin_method"],
-        }
-        if check:
-            progress(f"eps {text}: {check} points per box through the real model", done / steps)
-            results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds)]
-            if original is not gm:
-                results.append(check_certificates(original, [], x, y, value, input_range, check, seed, bounds=bounds))
-            merged = {"points": sum(r.points for r in results), "violations": sum(r.violations for r in results),
-                      "examples": [e for r in results for e in r.to_dict()["examples"]]}
-            report["check"][text] = merged
-            done += 1
-    return report
+    return certify_bundle(hardened, manifest, eps, data=data, split=split, limit=limit, check=check, seed=seed,
+                          bounds=bounds, progress=progress)
+
+
+def make_report(hardened: HardenedModel, manifest: dict, path, settings=None, *, onnx_path: Path | None = None,
+                target: Path | None = None, progress: Callable[[str, float], None] = lambda m, f: None) -> dict:
+    """``harden report``: measure every figure once (:class:`harden.report.settings.ReportSettings`), write ONE
+    self-contained HTML file to ``path`` atomically, and return the figures as JSON.  ``onnx_path``: the exported
+    file to judge and time (else a fresh export of the bundle); ``target``: the file the report is about (its title)."""
+    from harden.io.atomic import check_output_path
+    from harden.report import write_html
+    from harden.report.collect import collect
+    from harden.report.settings import ReportSettings
+
+    check_output_path(Path(path))   # before minutes of attacks
+    figures = collect(hardened, manifest, settings or ReportSettings(), onnx_path=onnx_path,
+                      target=target or onnx_path, progress=lambda m, f: progress(m, 0.95 * f))
+    write_html(figures, path, progress=lambda m, f: progress(f"[plots] {m}", 0.95 + 0.05 * f))
+    return figures

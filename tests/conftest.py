@@ -89,4 +89,4 @@ def tiny_hardened(tiny_model, digits):
     from harden.instrumentation.pipeline import instrument
     from harden.methods.base import Options
 
-    return instrument(tiny_model, digits, ["ctt-lite"], Options(key="test-key", mask_ratio=0.05))
+    return instrument(tiny_model, digits, ["ctt-lite:mask_ratio=0.05"], Options(key="test-key"))

@@ -13,7 +13,7 @@ from harden.cli.app import app
 from harden.errors import HardenError
 from harden.instrumentation.pipeline import instrument
 from harden.bundle.archive import load_bundle, save_bundle
-from harden.methods.base import Options
+from harden.methods.base import MethodSpec, Options
 
 FAST = {"max_train": 200, "svm_c": 1.0, "svm_gamma": 0.05, "attacks": ["fgsm:eps=0.2"]}
 
@@ -21,8 +21,8 @@ FAST = {"max_train": 200, "svm_c": 1.0, "svm_gamma": 0.05, "attacks": ["fgsm:eps
 @pytest.fixture(scope="module")
 def loaded(tiny_model, digits, tmp_path_factory):
     """A two-site quaternary SafetyNet (a grid-pooled conv site and a dense one), through a bundle round trip."""
-    opts = Options(key="adaptive-test", fpr=0.05, layers=["last:2"], extra={**FAST, "code": "quaternary"})
-    hardened = instrument(tiny_model, digits, ["safetynet"], opts)
+    method = MethodSpec.of("safetynet", layers="last:2", code="quaternary", **FAST)
+    hardened = instrument(tiny_model, digits, [method], Options(key="adaptive-test", fpr=0.05))
     path = tmp_path_factory.mktemp("adaptive") / "sn.hardened"
     save_bundle(hardened, path)
     return load_bundle(path)[0]
@@ -113,8 +113,8 @@ def test_cli_instrument_export_evaluate_adaptive(tiny_model, tmp_path):
     state, bundle, onnx_file = tmp_path / "tiny.pt", tmp_path / "sn.hardened", tmp_path / "sn.onnx"
     torch.save(tiny_model.state_dict(), state)
     made = invoke("instrument", state, "--arch", "conftest:TinyCNN", "--data", "digits", "--method", "ctt-lite",
-                  "--method", "safetynet", "--policy", "k:1", "--code", "binary", "--attack", "fgsm:eps=0.2",
-                  "--svm-c", "2", "--svm-gamma", "0.03", "--max-train", "150", "--key", "k", "--fpr", "0.05",
+                  "--method", "safetynet:code=binary,attacks=fgsm:eps=0.2,svm_c=2,svm_gamma=0.03,max_train=150",
+                  "--policy", "k:1", "--key", "k", "--fpr", "0.05",
                   "-o", bundle, "--json")
     assert made.exit_code == 0, made.output
     config = next(m for m in json.loads(made.stdout)["manifest"]["methods"] if m["name"] == "safetynet")["config"]

@@ -18,7 +18,7 @@ from harden.graph.trace import trace
 from harden.instrumentation.hardened import HardenedModel
 from harden.instrumentation.pipeline import instrument
 from harden.bundle.archive import load_bundle, save_bundle
-from harden.methods.base import METHODS, FittedMethod, Options
+from harden.methods.base import METHODS, FittedMethod, MethodSpec, Options
 from harden.methods.ctt import TrapHead
 from harden.detectors.policy import AlarmPolicy
 
@@ -33,9 +33,9 @@ def bundles(tiny_model, digits, tmp_path_factory):
     """ctt-lite, nic and mismatch on the tiny CNN, each through a bundle round trip."""
     folder = tmp_path_factory.mktemp("adaptive-methods")
     made = {
-        "ctt-lite": instrument(tiny_model, digits, ["ctt-lite"], Options(key="am", mask_ratio=0.05, fpr=0.05)),
+        "ctt-lite": instrument(tiny_model, digits, ["ctt-lite:mask_ratio=0.05"], Options(key="am", fpr=0.05)),
         "nic": instrument(tiny_model, digits, ["nic"], Options(key="am", fpr=0.05)),
-        "mismatch": instrument(tiny_model, digits, ["mismatch"], Options(key="am", fpr=0.05, extra=MM)),
+        "mismatch": instrument(tiny_model, digits, [MethodSpec.of("mismatch", **MM)], Options(key="am", fpr=0.05)),
     }
     out = {}
     for name, hardened in made.items():
@@ -220,7 +220,7 @@ def test_key_unknown_mismatch_needs_a_proxy(bundles, digits):
 
 
 def test_proxy_attack_is_judged_by_the_target(tiny_model, bundles, digits):
-    proxy = instrument(tiny_model, digits, ["mismatch"], Options(key="another", fpr=0.05, extra=MM))
+    proxy = instrument(tiny_model, digits, [MethodSpec.of("mismatch", **MM)], Options(key="another", fpr=0.05))
     target = bundles["mismatch"]
     x, y = digits.test.x[:40].numpy(), digits.test.y[:40].numpy()
     result = adaptive_attack(target, x, y, AdaptiveSettings(eps=0.2, steps=20, supports=("all",)),

@@ -29,7 +29,7 @@ from harden.errors import HardenError
 from harden.graph.ops import SITE_OPS, canonical_op
 from harden.graph.trace import site_keys, sites, trace
 from harden.io.data import load_data
-from harden.methods.base import Options
+from harden.methods.base import MethodSpec, Options
 
 from conftest import train_tiny
 from tests import zoo
@@ -108,8 +108,8 @@ _LITE: dict = {}
 def _ctt_lite(files, data, family: str, form: str):
     if (family, form) not in _LITE:
         model = _load(files, family, form)
-        _LITE[(family, form)] = harden.instrument(model, data, ["ctt-lite"],
-                                                  Options(key=KEY, mask_ratio=0.2, fpr=0.1, fpr_confidence=0))
+        _LITE[(family, form)] = harden.instrument(model, data, [MethodSpec.of("ctt-lite", mask_ratio=0.2)],
+                                                  Options(key=KEY, fpr=0.1, fpr_confidence=0))
     return _LITE[(family, form)]
 
 
@@ -166,6 +166,16 @@ def test_a_key_gives_the_same_traps_in_either_form(family, files, data, one_thre
 METHODS = ["ctt-lite", "ctt-strict", "safetynet", "nic", "mismatch"]
 
 
+def _specs(second_model, nic_layers: str) -> list[MethodSpec]:
+    second = {"second_model": str(second_model), "second_arch": "conftest:TinyCNN"}
+    detector = {"attacks": ["fgsm:eps=0.1"], "svm_c": 1.0, "max_train": 48}
+    return [MethodSpec.of("ctt-lite", mask_ratio=0.2),
+            MethodSpec.of("ctt-strict", mask_ratio=0.2, eps=0.01, steps=2, check_every=1),
+            MethodSpec.of("safetynet", **detector),
+            MethodSpec.of("nic", layers=nic_layers),
+            MethodSpec.of("mismatch", **second, **detector)]
+
+
 @pytest.fixture(scope="module")
 def second_model(tmp_path_factory, data):
     from conftest import TinyCNN
@@ -188,11 +198,9 @@ def test_every_method_on_every_family_exports_with_parity_and_evaluates(form, fi
     for node in sites(gm):
         last[keys[node.name].split("/")[0].split(".")[0]] = node.name
     assert len(last) >= len(FAMILIES)
-    options = Options(key=KEY, mask_ratio=0.2, fpr=0.1, fpr_confidence=0, eps=0.01,
-                      layers=[f"nic={','.join(last.values())}"], extra={
-                          "steps": 2, "check_every": 1, "attacks": ["fgsm:eps=0.1"], "svm_c": 1.0, "max_train": 48,
-                          "second_model": str(second_model), "second_arch": "conftest:TinyCNN"})
-    hardened = harden.instrument(model, data, METHODS, options)
+    hardened = harden.instrument(model, data, _specs(second_model, ",".join(last.values())),
+                                 Options(key=KEY, fpr=0.1, fpr_confidence=0))
+    assert [m.name for m in hardened.methods] == METHODS
     assert {canonical_op(gm, n) for n in sites(gm) if n.name in hardened.method("safetynet").sites} >= \
         set().union(*EXPECTED_SITE_OPS.values())
     onnx_path = tmp_path / "model.onnx"

@@ -95,12 +95,12 @@ def test_defaults_resolved():
         ("nope", "unknown attack 'nope'; supported: "),
         (":eps=0.1", "has no name"),
         ("fgsm:", "nothing after ':'"),
-        ("fgsm:eps", "is not param=value"),
-        ("fgsm:eps=", "is not param=value"),
-        ("fgsm:=0.1", "is not param=value"),
-        ("fgsm:eps=0.1,", "is not param=value"),
+        ("fgsm:eps", "is not key=value"),
+        ("fgsm:eps=", "is not key=value"),
+        ("fgsm:=0.1", "is not key=value"),
+        ("fgsm:eps=0.1,", "is not key=value"),
         ("fgsm:eps=0.1,eps=0.2", "given twice"),
-        ("fgsm:steps=3", "has no parameter 'steps'; known: eps, norm"),
+        ("fgsm:steps=3", "has no option 'steps'; valid: eps, norm"),
         ("fgsm:eps=abc", "is not a number"),
         ("fgsm:eps=nan", "must be finite"),
         ("fgsm:eps=-0.1", "must be >= 0"),
@@ -229,7 +229,7 @@ def test_bad_inputs_are_one_line_errors(tiny, batch):
         run_attack(tiny, spec, x, y[:-1], input_range=RANGE, num_classes=10)
     with pytest.raises(HardenError, match="outside 0..9"):
         run_attack(tiny, spec, x, y + 10, input_range=RANGE, num_classes=10)
-    with pytest.raises(HardenError, match="has no parameter"):
+    with pytest.raises(HardenError, match="has no option"):
         run_attack(tiny, AttackSpec("fgsm", {"steps": 3}), x, y, input_range=RANGE, num_classes=10)
     with pytest.raises(HardenError, match="unknown attack"):
         run_attack(tiny, AttackSpec("nope", {}), x, y, input_range=RANGE, num_classes=10)

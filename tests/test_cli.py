@@ -35,8 +35,8 @@ ARCH = "conftest:TinyCNN"
 def bundle(files):
     folder, state, _ = files
     out = folder / "tiny.hardened"
-    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite",
-                    "--key", "k", "--mask-ratio", "0.05", "-o", out, "--json")
+    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite:mask_ratio=0.05",
+                    "--key", "k", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["bundle"] == str(out)
     return out
@@ -150,14 +150,14 @@ def test_export_to_missing_folder_and_bad_bundle(bundle, tmp_path):
 
 
 def test_safetynet_support_vector_budget_from_the_cli(files, tmp_path):
-    """--max-sv reaches the method: a bad value is one line and no file; a small budget caps the SVM."""
+    """max_sv reaches the method: a bad value is one line and no file; a small budget caps the SVM."""
     _, state, _ = files
     out = tmp_path / "sn.hardened"
-    common = ("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "safetynet", "--key", "k",
-              "--attack", "fgsm:eps=0.2", "--max-train", "120", "--svm-c", "10", "--svm-gamma", "0.05")
-    one_line_error(invoke(*common, "--max-sv", "0", "-o", out), "--max-sv")
+    common = ("instrument", state, "--arch", ARCH, "--data", "digits", "--key", "k", "--method")
+    method = "safetynet:attacks=fgsm:eps=0.2,max_train=120,svm_c=10,svm_gamma=0.05,max_sv="
+    one_line_error(invoke(*common, method + "0", "-o", out), "max_sv='0' must be >= 1")
     assert not out.exists()
-    result = invoke(*common, "--max-sv", "15", "-o", out, "--json")
+    result = invoke(*common, method + "15", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     shown = json.loads(invoke("inspect", out, "--json").stdout)
     (method,) = shown["manifest"]["methods"]
@@ -188,21 +188,21 @@ def test_evaluate_scores_adversarial_sets_made_elsewhere(bundle, tmp_path):
     one_line_error(invoke("evaluate", bundle, "--adversarial", tmp_path / "none.npz"), "no such file")
 
 
-@pytest.mark.parametrize("flag, value", [("--trap-scale", "bogus"), ("--trap-placement", "nowhere"), ("--anneal", "up")])
-def test_ctt_finetuning_choices_are_checked(files, tmp_path, flag, value):
+@pytest.mark.parametrize("option, value", [("trap_scale", "bogus"), ("trap_placement", "nowhere"), ("anneal", "up")])
+def test_ctt_finetuning_choices_are_checked(files, tmp_path, option, value):
     _, state, _ = files
     out = tmp_path / "x.hardened"
-    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-strict", flag, value,
+    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", f"ctt-strict:{option}={value}",
                     "--key", "k", "-o", out)
-    one_line_error(result, f"{flag} must be one of")
+    one_line_error(result, f"method 'ctt-strict': {option}={value!r} is not one of")
     assert not out.exists()
 
 
 def test_fpr_confidence_flag_reaches_the_manifest_and_the_summary(files, tmp_path):
     _, state, _ = files
     out = tmp_path / "c.hardened"
-    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite", "--key", "k",
-                    "--mask-ratio", "0.05", "--fpr", "0.05", "--fpr-confidence", "0.5", "-o", out)
+    result = invoke("instrument", state, "--arch", ARCH, "--data", "digits", "--method", "ctt-lite:mask_ratio=0.05",
+                    "--key", "k", "--fpr", "0.05", "--fpr-confidence", "0.5", "-o", out)
     assert result.exit_code == 0, result.output
     manifest = json.loads(invoke("inspect", out, "--json").stdout)["manifest"]
     cal = manifest["metrics"]["calibration"]

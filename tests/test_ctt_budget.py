@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from harden.methods.base import FitContext, Options
+from harden.methods.base import FitContext, MethodSpec, Options
 from harden.train.finetune import FinetuneConfig, finetune_ctt
 
 TRAIN = 320   # 5 batches of 64 an epoch
@@ -18,7 +18,8 @@ def setup(tiny_model, digits):
     from harden.methods.ctt import CTTStrict
 
     gm = trace(tiny_model)
-    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=digits, options=Options(key="budget", mask_ratio=0.05)))
+    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=digits, options=Options(key="budget"),
+                                                  settings=MethodSpec.of("ctt-strict", mask_ratio=0.05).settings))
     return sites, masks
 
 
@@ -160,7 +161,7 @@ def test_cli_eps_auto_writes_the_chosen_float_eps(tiny_model, tmp_path, one_thre
     out = tmp_path / "auto.hardened"
     result = CliRunner().invoke(app, [str(a) for a in (
         "instrument", state, "--arch", "conftest:TinyCNN", "--data", "digits", "--limit", 600, "--method",
-        "ctt-strict", "--eps", "auto", "--steps", 8, "--key", "k", "--mask-ratio", 0.05, "-o", out, "--json")],
+        "ctt-strict:eps=auto,steps=8,mask_ratio=0.05", "--key", "k", "-o", out, "--json")],
         catch_exceptions=False)
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)["manifest"]
@@ -177,8 +178,8 @@ def test_cli_eps_auto_writes_the_chosen_float_eps(tiny_model, tmp_path, one_thre
     assert float(load_bundle(out)[1]["eps"]) == manifest["eps"]
 
 
-@pytest.mark.parametrize("args, message", [(("--method", "ctt-strict", "--eps", "big"), "--eps must be a number, auto or scaled"),
-                                           (("--method", "ctt-lite", "--eps", "auto"), "--eps auto sets the fine-tuning eps")])
+@pytest.mark.parametrize("args, message", [(("--method", "ctt-strict:eps=big"), "eps='big' is not a number, auto, scaled"),
+                                           (("--method", "ctt-lite:eps=auto"), "method 'ctt-lite' has no option 'eps'")])
 def test_cli_eps_errors(tiny_model, tmp_path, args, message):
     from harden.cli.app import app
 

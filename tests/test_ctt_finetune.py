@@ -6,7 +6,7 @@ import torch
 
 from harden.bounds.interval import Interval
 from harden.instrumentation.pipeline import instrument
-from harden.methods.base import Options
+from harden.methods.base import MethodSpec, Options
 from harden.train.ctt_losses import certification_loss, detection_loss
 
 T = 0.1
@@ -50,9 +50,9 @@ def _objective(hardened, data):
 
 @pytest.fixture(scope="module")
 def strict_pair(tiny_model, digits):
-    options = Options(key="ft", mask_ratio=0.05, eps=0.01, extra={"epochs": 3, "lr": 1e-3, "alpha": 0.5})
-    first = instrument(tiny_model, digits, ["ctt-strict"], options)
-    second = instrument(tiny_model, digits, ["ctt-strict"], options)
+    method = "ctt-strict:mask_ratio=0.05,eps=0.01,epochs=3,lr=1e-3,alpha=0.5"
+    first = instrument(tiny_model, digits, [method], Options(key="ft"))
+    second = instrument(tiny_model, digits, [method], Options(key="ft"))
     return first, second
 
 
@@ -171,7 +171,8 @@ def _traps_for(model, digits, kind="strict", eps=0.05):
     from harden.train.finetune import FinetuneConfig, _Traps
 
     gm = trace(model)
-    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=digits, options=Options(key="stk", mask_ratio=0.2)))
+    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=digits, options=Options(key="stk"),
+                                                  settings=MethodSpec.of("ctt-strict", mask_ratio=0.2).settings))
     traps = _Traps(gm, sites, masks, FinetuneConfig(kind=kind, eps=eps), digits.input_range)
     for p in gm.parameters():
         p.requires_grad_(True)

@@ -31,9 +31,8 @@ def test_unscaled_head_is_unchanged_and_shifts_every_trap_alike():
 
 @pytest.fixture(scope="module")
 def scaled(tiny_model, digits):
-    options = Options(key="sc", mask_ratio=0.05, eps=0.01,
-                      extra={"epochs": 2, "lr": 1e-3, "alpha": 0.5, "trap_scale": "std"})
-    return instrument(tiny_model, digits, ["ctt-strict"], options)
+    method = "ctt-strict:mask_ratio=0.05,eps=0.01,epochs=2,lr=1e-3,alpha=0.5,trap_scale=std"
+    return instrument(tiny_model, digits, [method], Options(key="sc"))
 
 
 def test_exported_scales_are_the_natural_spread_of_each_trap(scaled, digits):
@@ -86,8 +85,7 @@ def test_quiet_placement_draws_traps_among_constant_positions(tiny_model, digits
 
     digits = dataclasses.replace(digits, train=blank(digits.train), calibration=blank(digits.calibration),
                                  test=blank(digits.test))
-    options = Options(key="q", mask_ratio=0.05, extra={"trap_placement": "quiet"})
-    hardened = instrument(tiny_model, digits, ["ctt-lite"], options)
+    hardened = instrument(tiny_model, digits, ["ctt-lite:mask_ratio=0.05,trap_placement=quiet"], Options(key="q"))
     method = hardened.methods[0]
     assert method.config["trap_placement"] == "quiet"
     gm = hardened.classifier

@@ -105,7 +105,7 @@ def test_pt_dict_and_tuple(tmp_path, as_tuple):
     assert data.input_shape == (1, 5, 5) and data.num_classes == 3
     assert len(data.train) == 18 and len(data.calibration) == 6 and len(data.test) == 6
     uint8 = tmp_path / "u.pt"
-    torch.save({"x": torch.full((10, 4, 4, 1), 255, dtype=torch.uint8), "y": torch.zeros(10, dtype=torch.long)}, uint8)
+    torch.save({"x": torch.full((10, 4, 4, 1), 255, dtype=torch.uint8), "y": torch.arange(10) % 2}, uint8)
     assert float(load_data(str(uint8)).train.x.min()) == 1.0
 
 

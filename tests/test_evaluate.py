@@ -165,17 +165,17 @@ def test_empty_sets_are_none_and_json_is_strict(setup):
     assert row.detection_rate is None and row.detection_rate_successful is None
     assert row.mean_l2 is None and row.mean_linf is None
     assert row.roc_auc == {"score": None}
-    json.dumps(report.to_json(), allow_nan=False)
+    json.dumps(report.to_dict(), allow_nan=False)
 
 
 def test_json_round_trip(setup):
     model, x, y = setup
     report = run(model, novelty_scorer(model, x), x, y)
-    data = report.to_json()
+    data = report.to_dict()
     text = json.dumps(data, allow_nan=False, sort_keys=True)
     back = json.loads(text)
     assert back == data
-    again = EvaluationReport.from_json(back)
+    again = EvaluationReport.from_dict(back)
     assert again == report
     assert isinstance(again.rows[0], AttackRow)
     assert set(back) == {"clean_accuracy", "clean_fpr", "per_method_fpr", "rows", "n_clean"}
@@ -243,7 +243,7 @@ def test_with_a_real_hardened_model(tiny_hardened, digits):
     assert set(row.per_method_detection) == {"ctt-lite"}
     assert row.accuracy < report.clean_accuracy
     assert row.mean_linf == pytest.approx(0.2, abs=1e-6)
-    json.dumps(report.to_json(), allow_nan=False)
+    json.dumps(report.to_dict(), allow_nan=False)
 
 
 def _given(path, x, y, x_clean=None):

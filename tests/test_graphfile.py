@@ -312,6 +312,9 @@ def test_every_allowlisted_function_resolves_to_itself():
     for fn in [*FUNCTION_SPELLINGS, *OUT_OF_PLACE_FUNCTIONS, *OUT_OF_PLACE_FUNCTIONS.values(), *PURE_FUNCTIONS,
                getattr, operator.getitem]:
         name = _function_name(fn)
+        if isinstance(fn, torch._ops.OpOverload) and fn._schema.is_mutable:
+            assert name not in table  # in-place ATen spellings are traced out of place; a file may not call them
+            continue
         assert table[name] is fn
         assert _resolve_function(name, "n") is fn
     assert _resolve_function("aten.hardswish.default", "n") is torch.ops.aten.hardswish.default

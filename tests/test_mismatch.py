@@ -12,7 +12,7 @@ from harden.errors import HardenError
 from harden.export import export_onnx
 from harden.instrumentation.pipeline import instrument
 from harden.bundle.archive import load_bundle, save_bundle
-from harden.methods.base import Options
+from harden.methods.base import MethodSpec, Options
 from harden.methods.mismatch import Mismatch, MismatchHead, graph_spec, layer_sequence
 from harden.export.runtime import OnnxGraph
 
@@ -35,10 +35,14 @@ def tiny(one_thread, request):
     return request.getfixturevalue("tiny_model")
 
 
-def options(**extra) -> Options:
-    # fpr_confidence=0: the detection figures here are at the empirical 5% operating point (the rule of
-    # docs/results/mismatch.md); the order-statistic default is tested in test_calibration.py and test_nic.py
-    return Options(key="mm-key", fpr=0.05, fpr_confidence=0.0, extra={"attacks": ATTACKS, "max_train": 800, **extra})
+# fpr_confidence=0: the detection figures here are at the empirical 5% operating point (the rule of
+# docs/results/mismatch.md); the order-statistic default is tested in test_calibration.py and test_nic.py
+OPTIONS = Options(key="mm-key", fpr=0.05, fpr_confidence=0.0)
+
+
+def mismatch(**options) -> MethodSpec:
+    given = {"attacks": ATTACKS, "max_train": 800, **options}
+    return MethodSpec.of("mismatch", **{k: v for k, v in given.items() if v is not None})
 
 
 class SmallMLP(nn.Module):
@@ -63,7 +67,7 @@ def export_pt2(model: nn.Module, example: torch.Tensor, path) -> str:
 
 @pytest.fixture(scope="module")
 def mm(tiny, digits):
-    return instrument(tiny, digits, ["mismatch"], options())
+    return instrument(tiny, digits, [mismatch()], OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +100,8 @@ def test_classifier_with_the_mlp_structure_gets_a_cnn(digits):
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 320), nn.ReLU(), nn.Linear(320, 50), nn.ReLU(), nn.Linear(50, 10))
     torch.manual_seed(0)
     mlp = train_tiny(mlp, digits.train.x, digits.train.y, epochs=3)
-    hardened = instrument(mlp, digits, ["mismatch"], options(max_train=200, attacks=["fgsm:eps=0.2"],
-                                                             second_recipe="plain", **FIXED_SVM))
+    hardened = instrument(mlp, digits, [mismatch(max_train=200, attacks=["fgsm:eps=0.2"],
+                                                             second_recipe="plain", **FIXED_SVM)], OPTIONS)
     config = hardened.method("mismatch").config
     assert config["second"]["kind"] == "cnn"
     assert config["second_layers"] != config["classifier_layers"]
@@ -108,7 +112,7 @@ def test_same_structure_is_refused(tiny, digits, tmp_path):
     twin = TinyCNN().eval()  # the classifier's architecture, other weights
     path = export_pt2(twin, digits.train.x[:4], tmp_path / "twin.pt2")
     with pytest.raises(HardenError, match="structurally different") as info:
-        instrument(tiny, digits, ["mismatch"], options(second_model=path))
+        instrument(tiny, digits, [mismatch(second_model=path)], OPTIONS)
     assert "\n" not in str(info.value)
 
 
@@ -168,9 +172,8 @@ def test_bundle_round_trip_and_onnx_parity(mm, mm_bundle, digits):
 
 
 def test_composes_with_ctt_lite(tiny, digits):
-    hardened = instrument(tiny, digits, ["ctt-lite", "mismatch"],
-                          Options(key="mm-key", fpr=0.05, mask_ratio=0.05,
-                                  extra={"attacks": ATTACKS, "max_train": 400, **FIXED_SVM}), policy="any")
+    hardened = instrument(tiny, digits, ["ctt-lite:mask_ratio=0.05", mismatch(max_train=400, **FIXED_SVM)],
+                          Options(key="mm-key", fpr=0.05), policy="any")
     assert hardened.facts["metrics"]["calibration_fpr"] <= 0.05
     result = export_onnx(hardened)
     graph = OnnxGraph(result.model.SerializeToString())
@@ -185,7 +188,7 @@ def test_composes_with_ctt_lite(tiny, digits):
 
 
 def test_user_second_model_round_trips_through_the_bundle(tiny, digits, user_second, tmp_path):
-    hardened = instrument(tiny, digits, ["mismatch"], options(second_model=user_second, max_train=400, **FIXED_SVM))
+    hardened = instrument(tiny, digits, [mismatch(second_model=user_second, max_train=400, **FIXED_SVM)], OPTIONS)
     config = hardened.method("mismatch").config
     assert config["second"] == {"kind": "graph"} and config["second_source"]["file"] == "second.pt2"
     assert config["second_test_accuracy"] > 0.7
@@ -212,8 +215,8 @@ def test_default_attacks_resolve_eps_auto_on_the_classifier(tiny, digits, user_s
 
     assert DEFAULT_ATTACKS == ("fgsm:eps=auto", "pgd:eps=auto", "saltpepper")
     # attacks=None: the default attacks; a user's second model, so nothing is trained here
-    hardened = instrument(tiny, digits, ["mismatch"], options(attacks=None, second_model=user_second, max_train=200,
-                                                              **FIXED_SVM))
+    hardened = instrument(tiny, digits, [mismatch(attacks=None, second_model=user_second, max_train=200,
+                                                              **FIXED_SVM)], OPTIONS)
     config = hardened.method("mismatch").config
     strength = config["attack_strength"]
     eps = strength["eps"]
@@ -244,23 +247,22 @@ def test_wrong_input_shape_is_one_line(tiny, digits, tmp_path):
     path = tmp_path / "lenet.pt"
     torch.save(LeNet5().state_dict(), path)  # 28x28 inputs; digits are 8x8
     with pytest.raises(HardenError, match="input shape") as info:
-        instrument(tiny, digits, ["mismatch"],
-                   options(second_model=str(path), second_arch="harden.examples.lenet:LeNet5"))
+        instrument(tiny, digits, [mismatch(second_model=str(path), second_arch="harden.examples.lenet:LeNet5")], OPTIONS)
     assert "\n" not in str(info.value)
 
 
 def test_wrong_class_count_is_one_line(tiny, digits, tmp_path):
     path = export_pt2(SmallMLP(classes=5), digits.train.x[:4], tmp_path / "five.pt2")
     with pytest.raises(HardenError, match="5 outputs; the classifier has 10 classes") as info:
-        instrument(tiny, digits, ["mismatch"], options(second_model=path))
+        instrument(tiny, digits, [mismatch(second_model=path)], OPTIONS)
     assert "\n" not in str(info.value)
 
 
 def test_conflicting_options_are_refused(tiny, digits, user_second):
     with pytest.raises(HardenError, match="not both"):
-        instrument(tiny, digits, ["mismatch"], options(second_model=user_second, train_second=True))
-    with pytest.raises(HardenError, match="--second-model too"):
-        instrument(tiny, digits, ["mismatch"], options(second_arch="harden.examples.lenet:LeNet5"))
+        instrument(tiny, digits, [mismatch(second_model=user_second, train_second=True)], OPTIONS)
+    with pytest.raises(HardenError, match="give second_model too"):
+        instrument(tiny, digits, [mismatch(second_arch="harden.examples.lenet:LeNet5")], OPTIONS)
 
 
 def test_non_finite_rows_give_finite_features(mm):
@@ -308,9 +310,9 @@ def test_degradations_flip_the_model_inside_the_input_range(tiny, digits):
 
 def test_bad_recipe_and_attack_are_one_line(tiny, digits):
     with pytest.raises(HardenError, match="second_recipe"):
-        instrument(tiny, digits, ["mismatch"], options(second_recipe="magic"))
+        instrument(tiny, digits, [mismatch(second_recipe="magic")], OPTIONS)
     with pytest.raises(HardenError, match="attack"):
-        instrument(tiny, digits, ["mismatch"], options(attacks=["nosuchattack"]))
+        instrument(tiny, digits, [mismatch(attacks=["nosuchattack"])], OPTIONS)
 
 
 # --------------------------------------------------------------------------- defaults that transfer
@@ -334,7 +336,7 @@ def test_a_near_constant_softmax_column_is_not_blown_up_by_the_scaler():
 def test_the_second_models_fgsm_eps_follows_the_classifiers_strength(tiny, digits):
     from harden.methods.mismatch import SECOND_EPS_FRACTION
 
-    hardened = instrument(tiny, digits, ["mismatch"], options(max_train=200, attacks=["fgsm:eps=auto"], **FIXED_SVM))
+    hardened = instrument(tiny, digits, [mismatch(max_train=200, attacks=["fgsm:eps=auto"], **FIXED_SVM)], OPTIONS)
     config = hardened.method("mismatch").config
     strength = config["attack_strength"]["eps"]
     assert config["second_training"]["fgsm_eps"] == pytest.approx(SECOND_EPS_FRACTION * strength, rel=1e-5)
@@ -356,7 +358,7 @@ def test_a_second_model_that_cannot_learn_under_fgsm_is_retrained_plain(tiny, di
         return model, facts
 
     monkeypatch.setattr(mm, "_train_second", failing_fgsm)
-    hardened = instrument(tiny, digits, ["mismatch"], options(max_train=200, **FIXED_SVM))
+    hardened = instrument(tiny, digits, [mismatch(max_train=200, **FIXED_SVM)], OPTIONS)
     training = hardened.method("mismatch").config["second_training"]
     assert recipes == ["fgsm", "plain"]
     assert training["recipe"] == "plain" and training["fell_back"]["holdout_accuracy"] == 0.09
@@ -375,10 +377,10 @@ def test_a_second_model_at_chance_is_refused(tiny, digits, monkeypatch):
 
     monkeypatch.setattr(mm, "_train_second", at_chance)
     with pytest.raises(HardenError, match="chance is 10.0%"):
-        instrument(tiny, digits, ["mismatch"], options(max_train=200, **FIXED_SVM))
+        instrument(tiny, digits, [mismatch(max_train=200, **FIXED_SVM)], OPTIONS)
 
 
 def test_second_eps_must_be_auto_or_positive(tiny, digits):
     for bad in ("big", -0.1):
         with pytest.raises(HardenError, match="second_eps"):
-            instrument(tiny, digits, ["mismatch"], options(max_train=200, second_eps=bad, **FIXED_SVM))
+            instrument(tiny, digits, [mismatch(max_train=200, second_eps=bad, **FIXED_SVM)], OPTIONS)

@@ -28,7 +28,7 @@ def nic(tiny_model, digits):
 
 @pytest.fixture(scope="module")
 def nic_voting(tiny_model, digits):
-    return instrument(tiny_model, digits, ["nic"], Options(key="nic-test", extra={"nic_detectors": 3}))
+    return instrument(tiny_model, digits, ["nic:detectors=3"], Options(key="nic-test"))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_last_derived_model_is_the_classifier(nic, tiny_model, digits):
 
 
 def test_without_the_output_probe(tiny_model, digits):
-    hardened = instrument(tiny_model, digits, ["nic"], Options(key="nic-test", extra={"nic_output": False}))
+    hardened = instrument(tiny_model, digits, ["nic:output_probe=false"], Options(key="nic-test"))
     method = hardened.method("nic")
     assert method.head_inputs == method.sites
     assert method.config["parts_per_set"] == [3 + 2]
@@ -96,7 +96,7 @@ def test_out_of_distribution_inputs_score_higher(nic, digits):
 
 @pytest.mark.parametrize("invariants, parts", [("value", 3), ("provenance", 3)])
 def test_each_invariant_kind_alone(tiny_model, digits, invariants, parts):
-    hardened = instrument(tiny_model, digits, ["nic"], Options(key="nic-test", extra={"nic_invariants": invariants}))
+    hardened = instrument(tiny_model, digits, [f"nic:invariants={invariants}"], Options(key="nic-test"))
     method = hardened.method("nic")
     assert method.config["parts_per_set"] == [parts]
     assert method.config["value"] == (invariants == "value")
@@ -127,7 +127,7 @@ def test_g_is_a_keyed_floor_or_ceil_staircase(nic):
 
 def test_head_reduces_and_standardises_in_float64(nic, digits):
     # The float32 mean of a low-variance channel, standardised and through g's ramp, broke export parity on
-    # LeNet-5 (bench/experiments/nic_parity.py); the head works in float64 up to g and emits float32.
+    # LeNet-5; the head works in float64 up to g and emits float32.
     method = nic.method("nic")
     head = method.head
     spatial = head.spatial.index(True)
@@ -209,7 +209,7 @@ def test_bundle_round_trip(nic, digits, tmp_path):
 
 
 def test_composition_with_ctt_lite(tiny_model, digits):
-    hardened = instrument(tiny_model, digits, ["ctt-lite", "nic"], Options(key="nic-test", mask_ratio=0.05),
+    hardened = instrument(tiny_model, digits, ["ctt-lite:mask_ratio=0.05", "nic"], Options(key="nic-test"),
                           policy="any")
     result = export_onnx(hardened)
     graph = OnnxGraph(result.model.SerializeToString())
@@ -231,7 +231,7 @@ def test_voting_sets_export_and_use_the_key(nic_voting, tiny_model, digits):
 
     head = method.head
     assert not torch.equal(head.scale_0_0, head.scale_1_0)  # each set draws its own transform
-    other = instrument(tiny_model, digits, ["nic"], Options(key="another-key", extra={"nic_detectors": 3}))
+    other = instrument(tiny_model, digits, ["nic:detectors=3"], Options(key="another-key"))
     assert not torch.equal(head.scale_0_0, other.method("nic").head.scale_0_0)
     x = digits.test.x
     assert not np.allclose(nic_voting.run(x)["nic.score"], other.run(x)["nic.score"], atol=1e-3)
@@ -245,13 +245,12 @@ def test_same_key_same_transform(tiny_model, digits, nic):
 
 
 def test_bad_options_are_one_line_errors(tiny_model, digits):
-    with pytest.raises(HardenError, match="nic-invariants"):
-        instrument(tiny_model, digits, ["nic"], Options(extra={"nic_invariants": "values"}))
-    with pytest.raises(HardenError, match="nic-detectors"):
-        instrument(tiny_model, digits, ["nic"], Options(extra={"nic_detectors": 0}))
+    with pytest.raises(HardenError, match="invariants='values' is not one of value, provenance, both"):
+        instrument(tiny_model, digits, ["nic:invariants=values"], Options())
+    with pytest.raises(HardenError, match="detectors=.0. must be >= 1"):
+        instrument(tiny_model, digits, ["nic:detectors=0"], Options())
     with pytest.raises(HardenError, match="two derived models"):
-        instrument(tiny_model, digits, ["nic"], Options(layers=["nic=last:1"],
-                                                        extra={"nic_invariants": "provenance", "nic_output": False}))
+        instrument(tiny_model, digits, ["nic:layers=last:1,invariants=provenance,output_probe=false"], Options())
 
 
 def test_provenance_svms_take_their_own_gamma_and_nu(nic):
@@ -274,16 +273,16 @@ def test_provenance_svms_take_their_own_gamma_and_nu(nic):
 
 
 def test_provenance_options_and_their_errors(tiny_model, digits):
-    hardened = instrument(tiny_model, digits, ["nic"], Options(key="nic-test", extra={
-        "nic_invariants": "provenance", "nic_provenance_gamma": 1.0, "nic_provenance_nu": 0.2}))
+    hardened = instrument(tiny_model, digits, ["nic:invariants=provenance,provenance_gamma=1.0,provenance_nu=0.2"],
+                          Options(key="nic-test"))
     (spec,) = hardened.method("nic").detector.sets
     for part in spec.parts:
         assert part.estimator[-1].nu == 0.2
         assert part.estimator[-1].gamma == pytest.approx(1.0 / (part.stop - part.start))
-    with pytest.raises(HardenError, match="nic_provenance_gamma"):
-        instrument(tiny_model, digits, ["nic"], Options(extra={"nic_provenance_gamma": 0}))
-    with pytest.raises(HardenError, match="nic_provenance_nu"):
-        instrument(tiny_model, digits, ["nic"], Options(extra={"nic_provenance_nu": 1.5}))
+    with pytest.raises(HardenError, match="provenance_gamma=.0. must be > 0"):
+        instrument(tiny_model, digits, ["nic:provenance_gamma=0"], Options())
+    with pytest.raises(HardenError, match="provenance_nu=.1.5. must be <= 1"):
+        instrument(tiny_model, digits, ["nic:provenance_nu=1.5"], Options())
 
 
 class SixChannelCNN(torch.nn.Module):

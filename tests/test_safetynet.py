@@ -8,7 +8,7 @@ from harden.errors import HardenError
 from harden.export import export_onnx
 from harden.instrumentation.pipeline import instrument
 from harden.bundle.archive import load_bundle, save_bundle
-from harden.methods.base import Options
+from harden.methods.base import MethodSpec, Options
 from harden.methods.safetynet import VALUE_MERGE, CodeHead, SafetyNet, positive_quantiles
 from harden.export.runtime import OnnxGraph
 
@@ -17,16 +17,18 @@ FPR = 0.05
 FAST = {"max_train": 240, "svm_c": 1.0, "svm_gamma": 0.05, "attacks": ["fgsm:eps=0.2"]}
 
 
-def options(**extra) -> Options:
+OPTIONS = Options(key="sn-test", fpr=FPR)
+
+
+def safetynet(**options) -> MethodSpec:
     # The paper's form (the last site) unless a test says otherwise: most tests check one site's codes by hand.
-    return Options(key="sn-test", fpr=FPR, mask_ratio=0.1, layers=["last:1"], extra=extra)
+    return MethodSpec.of("safetynet", **{"layers": "last:1", **{k: v for k, v in options.items() if v is not None}})
 
 
 def test_defaults_are_every_site_with_quaternary_codes(tiny_model, digits):
     from harden.graph.trace import sites
 
-    hardened = instrument(tiny_model, digits, ["safetynet"],
-                          Options(key="sn-test", fpr=FPR, extra={k: v for k, v in FAST.items()}))
+    hardened = instrument(tiny_model, digits, [MethodSpec.of("safetynet", **FAST)], OPTIONS)
     method = hardened.method("safetynet")
     assert method.sites == [n.name for n in sites(hardened.classifier)]
     assert method.config["levels"] == 3
@@ -34,13 +36,13 @@ def test_defaults_are_every_site_with_quaternary_codes(tiny_model, digits):
 
 @pytest.fixture(scope="module")
 def binary(tiny_model, digits):
-    return instrument(tiny_model, digits, ["safetynet"], options(code="binary", **FAST))
+    return instrument(tiny_model, digits, [safetynet(code="binary", **FAST)], OPTIONS)
 
 
 @pytest.fixture(scope="module")
 def quaternary(tiny_model, digits):
     # The default path: the cross-validated grid picks C and gamma.
-    return instrument(tiny_model, digits, ["safetynet"], options(code="quaternary", max_train=240))
+    return instrument(tiny_model, digits, [safetynet(code="quaternary", max_train=240)], OPTIONS)
 
 
 # --------------------------------------------------------------------------- codes by hand
@@ -259,9 +261,8 @@ def test_manifest_facts(binary, quaternary, digits):
 
 @pytest.mark.parametrize("policy", ["any", "majority"])
 def test_composition_with_ctt_lite_and_several_sites(policy, tiny_model, digits):
-    opts = Options(key="sn-test", fpr=FPR, mask_ratio=0.1, layers=["safetynet=last:2"],
-                   extra={**FAST, "max_train": 160, "max_sv": 60})
-    hardened = instrument(tiny_model, digits, ["ctt-lite", "safetynet"], opts, policy=policy)
+    methods = ["ctt-lite:mask_ratio=0.1", safetynet(**{**FAST, "layers": "last:2", "max_train": 160, "max_sv": 60})]
+    hardened = instrument(tiny_model, digits, methods, OPTIONS, policy=policy)
     x = digits.test.x
     out = hardened.run(x)
     with torch.no_grad():
@@ -309,23 +310,23 @@ def test_bundle_round_trip_and_parity(quaternary, digits, tmp_path):
 
 def test_user_given_eps_auto_is_resolved_once_and_numeric_eps_kept(tiny_model, digits):
     extra = {**FAST, "max_train": 120, "attacks": ["fgsm:eps=auto", "fgsm:eps=0.2", "bim:eps=auto,steps=3"]}
-    config = instrument(tiny_model, digits, ["safetynet"], options(**extra)).method("safetynet").config
+    config = instrument(tiny_model, digits, [safetynet(**extra)], OPTIONS).method("safetynet").config
     eps = config["attack_strength"]["eps"]
     assert config["attacks"] == [f"fgsm:eps={eps:g}", "fgsm:eps=0.2", f"bim:eps={eps:g},steps=3"]
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"code": "ternary"}, "--code"),
+    ({"code": "ternary"}, "code='ternary' is not one of binary, quaternary"),
     ({"attacks": ["pgd:eps=autox"]}, "eps"),
-    ({"max_train": 0}, "--max-train"),
-    ({"svm_c": -1.0}, "--svm-c"),
+    ({"max_train": 0}, "max_train=0 must be >= 1"),
+    ({"svm_c": -1.0}, "svm_c=-1.0 must be > 0"),
     ({"attacks": ["nosuch"]}, "nosuch"),
     ({"reduce": "median"}, "reduce"),
     ({"ramp": 1.5}, "ramp"),
 ])
 def test_bad_options_are_one_line_errors(extra, message, tiny_model, digits):
     with pytest.raises(HardenError, match=message):
-        instrument(tiny_model, digits, ["safetynet"], options(**extra))
+        instrument(tiny_model, digits, [safetynet(**extra)], OPTIONS)
 
 
 # --------------------------------------------------------------------------- the SVM graph

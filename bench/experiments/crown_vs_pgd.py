@@ -1,32 +1,53 @@
-"""Cross-check of CROWN soundness: no image certified robust at eps may be broken by a strong PGD attack.
+"""docs/results/certify.md "No attack breaks a certificate": crown-certified vs PGD-broken test digits of the example LeNet-5."""
 
-    OMP_NUM_THREADS=1 python bench/experiments/crown_vs_pgd.py 0.01
+from __future__ import annotations
 
-PGD: ART, 60 steps of eps/8, 5 random restarts, on the first 200 MNIST test digits of the example LeNet-5.
-"""
-import sys, numpy as np, torch
-sys.path.insert(0, '.')
-torch.set_num_threads(1)
-from bench.latency import load_lenet
+import argparse
+import json
+import sys
 from pathlib import Path
-from harden.graph.trace import trace
-from harden.io.data import load_data
-from harden.certification.certify import certify_samples
-from art.estimators.classification import PyTorchClassifier
-from art.attacks.evasion import ProjectedGradientDescent
-eps = float(sys.argv[1]) if len(sys.argv) > 1 else 0.01
-data = load_data("mnist", seed=0)
-model = load_lenet(Path("out/lenet5_mnist.pt"))
-gm = trace(model)
-x, y = data.test.x[:200], data.test.y[:200]
-cert = certify_samples(gm, [], x, y, eps, (0.0, 1.0), bounds="crown")
-robust = cert["robust"].numpy()
-clf = PyTorchClassifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28), nb_classes=10, clip_values=(0, 1))
-broken = np.zeros(len(x), bool)
-for restart in range(5):
-    atk = ProjectedGradientDescent(clf, eps=eps, eps_step=eps / 8, max_iter=60, num_random_init=1, verbose=False)
-    adv = atk.generate(x.numpy(), y=y.numpy())
-    with torch.no_grad():
-        broken |= model(torch.from_numpy(adv)).argmax(1).numpy() != y.numpy()
-print({"eps": eps, "certified": int(robust.sum()), "pgd_broken": int(broken.sum()),
-       "certified_and_broken": int((robust & broken).sum()), "unknown": int((~robust & ~broken).sum())})
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.experiments.example import load_lenet  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("eps", type=float, nargs="?", default=0.01, help="L-inf radius")
+    parser.add_argument("--checkpoint", default="out/lenet5_mnist.pt")
+    parser.add_argument("--limit", type=int, default=200, help="the first N test digits")
+    parser.add_argument("--restarts", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from art.attacks.evasion import ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    from harden.certification.certify import certify_samples
+    from harden.graph.trace import trace
+    from harden.io.data import load_data
+
+    data = load_data("mnist", seed=0)
+    model = load_lenet(args.checkpoint)
+    x, y = data.test.x[: args.limit], data.test.y[: args.limit]
+    robust = certify_samples(trace(model), [], x, y, args.eps, data.input_range, bounds="crown")["robust"].numpy()
+    classifier = PyTorchClassifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                                   nb_classes=data.num_classes, clip_values=data.input_range)
+    broken = np.zeros(len(x), bool)
+    for _ in range(args.restarts):   # PGD: 60 steps of eps/8 from a random start, per restart
+        attack = ProjectedGradientDescent(classifier, eps=args.eps, eps_step=args.eps / 8, max_iter=60,
+                                          num_random_init=1, verbose=False)
+        adv = attack.generate(x.numpy(), y=y.numpy())
+        with torch.no_grad():
+            broken |= model(torch.from_numpy(adv)).argmax(1).numpy() != y.numpy()
+    print(json.dumps({"eps": args.eps, "certified": int(robust.sum()), "pgd_broken": int(broken.sum()),
+                      "certified_and_broken": int((robust & broken).sum()),
+                      "neither": int((~robust & ~broken).sum())}))
+
+
+if __name__ == "__main__":
+    main()

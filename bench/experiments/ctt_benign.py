@@ -1,11 +1,4 @@
-"""Alarm rate of hardened bundles on clean test digits under small benign changes (not attacks).
-
-    .venv/bin/python -m bench.experiments.ctt_benign out/ctt-strict.hardened [more.hardened ...] [--n 500]
-
-Gaussian noise of std 0.002 / 0.005 / 0.02 (clipped to [0, 1], seed 0), a one-pixel shift to the right and a
-contrast of x0.95, on the first --n digits of the bundled MNIST test split; the alarm is the bundle's combined
-alarm (``HardenedModel.run``, torch). A detector that fires here flags natural re-encodings as adversarial.
-"""
+"""docs/results/ctt.md "trap_placement=quiet": alarm rates of bundles on clean test digits under small benign changes."""
 
 from __future__ import annotations
 
@@ -23,7 +16,9 @@ from harden.io.data import load_data  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    # Gaussian noise of std 0.002 / 0.005 / 0.02 (clipped to [0, 1], seed 0), a one-pixel shift to the right and a
+    # contrast of x0.95 on the first --n digits of the bundled MNIST test split; the bundle's combined alarm (torch).
+    ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("bundles", nargs="+")
     ap.add_argument("--n", type=int, default=500)
     args = ap.parse_args(argv)

@@ -1,14 +1,11 @@
-"""CTT-loose/strict recipe exploration on the example LeNet-5 / bundled MNIST (torch only, no export).
+"""docs/results/ctt.md (proxy figures): CTT fine-tuning on the example LeNet-5, with the exported trap score measured after each check."""
 
-    .venv/bin/python -m bench.experiments.ctt_explore --kind loose --epochs 10 --alpha 1 ... [--set key=value ...]
+# Runs harden's own fine-tuning loop (harden.train.finetune.finetune_ctt) on the masks --method ctt-<kind> draws and
+# after every check (--every) measures, with the trap score as the exported head computes it: the calibration
+# trap-FPR at T, the threshold calibration would set at --fpr, the clean test FPR there, and the detection (alarm
+# rate among originally-correct test inputs) of torch FGSM / PGD at eps 0.1 (--full: also ART BIM, DeepFool, CW)
+# under three trap rules: fixed T (`det`), natural (`hyb_det`) and natural + scaled (`sc_det`).  One JSON line each.
 
-Runs harden's own fine-tuning loop (``harden.train.finetune.finetune_ctt``) on the masks ``--method ctt-<kind>``
-would draw, and after every epoch (``--every``) measures with the trap score exactly as the exported head computes
-it (max over masked neurons of activation - T): calibration trap-FPR at T, the threshold harden's calibration would
-set at --fpr, clean test FPR at that threshold, and detection (alarm rate among originally-correct test inputs) of
-fast torch FGSM / PGD at eps 0.1 and, at the last epoch, ART DeepFool and CW-L2 (``--full``). One JSON line each.
-The numbers are a proxy for ``harden evaluate`` (same score, same calibration rule, torch instead of onnxruntime).
-"""
 
 from __future__ import annotations
 
@@ -30,7 +27,7 @@ from harden.graph.analyse import feature_extractor  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
 from harden.methods.base import FitContext, Options  # noqa: E402
-from harden.methods.ctt import CTTLoose  # noqa: E402
+from harden.methods.ctt import CTTFinetuneOptions, CTTLoose  # noqa: E402
 from harden.train.finetune import FinetuneConfig, finetune_ctt  # noqa: E402
 
 
@@ -62,12 +59,12 @@ def pgd(gm, x, y, eps, steps=10, seed=0):
     return adv.detach()
 
 
-def measure(gm, sites, masks, data, cfg, n_test, full=False):
+def measure(gm, sites, masks, data, cfg, n_test, full=False, confidence=0.9):
     for p in gm.parameters():
         p.requires_grad_(False)
     t = cfg.threshold
     _, cal_raw, cal_per = trap_score(gm, sites, masks, data.calibration.x, t)
-    cal = calibrate(cal_raw[:, None], 1, cfg.fpr)
+    cal = calibrate(cal_raw[:, None], 1, cfg.fpr, confidence)
     thr = cal.thresholds[0]
     x, y = data.test.x[:n_test], data.test.y[:n_test]
     logits, raw, _ = trap_score(gm, sites, masks, x, t)
@@ -80,7 +77,7 @@ def measure(gm, sites, masks, data, cfg, n_test, full=False):
     _, _, train_per = trap_score(gm, sites, masks, data.train.x, t)
     shift = np.maximum(train_per.max(0), 0.0)
     hyb_cal = (cal_per - shift).max(1)
-    hyb_thr = calibrate(hyb_cal[:, None], 1, cfg.fpr).thresholds[0]
+    hyb_thr = calibrate(hyb_cal[:, None], 1, cfg.fpr, confidence).thresholds[0]
     _, _, test_per = trap_score(gm, sites, masks, x, t)
     hyb_raw = (test_per - shift).max(1)
     out["hybrid"] = {"threshold": hyb_thr, "cal_fpr_at_0": float((hyb_cal > 0).mean()),
@@ -94,7 +91,7 @@ def measure(gm, sites, masks, data, cfg, n_test, full=False):
     scale = torch.cat([a.flatten(1).index_select(1, masks[s]) for s, a in zip(sites, pre)], 1).std(0)
     scale = scale.clamp_min(0.01).numpy()
     sc_cal = ((cal_per - shift) / scale).max(1)
-    sc_thr = calibrate(sc_cal[:, None], 1, cfg.fpr).thresholds[0]
+    sc_thr = calibrate(sc_cal[:, None], 1, cfg.fpr, confidence).thresholds[0]
     sc_raw = ((test_per - shift) / scale).max(1)
     out["scaled"] = {"threshold": sc_thr, "test_fpr": float((sc_raw > sc_thr).mean())}
     attacks = {"fgsm0.1": lambda: fgsm(gm, x, y, 0.1), "pgd0.1": lambda: pgd(gm, x, y, 0.1)}
@@ -122,12 +119,21 @@ def measure(gm, sites, masks, data, cfg, n_test, full=False):
     return out
 
 
+def _value(current, text: str):
+    """``text`` as the type of the FinetuneConfig field's current value (a number when it is None)."""
+    if isinstance(current, bool):
+        return text.lower() in ("1", "true", "yes")
+    if current is None:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    return type(current)(text)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", default="out/lenet5_mnist.pt")
     ap.add_argument("--kind", default="loose")
     ap.add_argument("--key", default="0")
-    ap.add_argument("--mask-ratio", type=float, default=0.002)
+    ap.add_argument("--mask-ratio", type=float, default=0.01)
     ap.add_argument("--layers", default=None)
     ap.add_argument("--every", type=int, default=2)
     ap.add_argument("--n-test", type=int, default=300)
@@ -137,6 +143,7 @@ def main(argv=None):
     ap.add_argument("--save-every", default=None, help="save each epoch's state_dict to PREFIX<epoch>.pt")
     ap.add_argument("--load", default=None, help="measure a saved state_dict (no training)")
     ap.add_argument("--set", action="append", default=[], help="FinetuneConfig field=value")
+    ap.add_argument("--fpr-confidence", type=float, default=0.9, help="as harden instrument's (0: empirical quantile)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -144,21 +151,21 @@ def main(argv=None):
     model = LeNet5()
     model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
     gm = trace(model)
-    options = Options(key=args.key, mask_ratio=args.mask_ratio, layers=[args.layers] if args.layers else [])
-    ctx = FitContext(gm=gm, data=data, options=options)
+    given = {"mask_ratio": args.mask_ratio, **({"layers": args.layers} if args.layers else {})}
+    ctx = FitContext(gm=gm, data=data, options=Options(key=args.key),
+                     settings=CTTFinetuneOptions.parse(f"ctt-{args.kind}", given))
     sites, masks, sizes = CTTLoose().plan(ctx)
     cfg = FinetuneConfig(kind=args.kind)
     for item in args.set:
         k, v = item.split("=", 1)
-        cur = getattr(cfg, k)
-        setattr(cfg, k, type(cur)(v) if not isinstance(cur, bool) else v.lower() in ("1", "true", "yes"))
+        setattr(cfg, k, _value(getattr(cfg, k), v))
     head = {"config": {k: v for k, v in cfg.__dict__.items()}, "key": args.key, "mask_ratio": args.mask_ratio,
             "layers": args.layers, "traps": {s: len(m) for s, m in masks.items()}}
     print(json.dumps(head), flush=True)
     start = time.perf_counter()
     if args.load:
         gm.load_state_dict(torch.load(args.load, weights_only=True))
-        print(json.dumps({"loaded": args.load, "final": measure(gm, sites, masks, data, cfg, args.n_test, args.full)}))
+        print(json.dumps({"loaded": args.load, "final": measure(gm, sites, masks, data, cfg, args.n_test, args.full, args.fpr_confidence)}))
         return
 
     def on_epoch(record, g):
@@ -169,13 +176,13 @@ def main(argv=None):
             torch.save(g.state_dict(), f"{args.save_every}{record.epoch}.pt")
         if args.every and (record.epoch % args.every == 0 or record.epoch == cfg.epochs):
             g_copy = __import__("copy").deepcopy(g)
-            line.update(measure(g_copy, sites, masks, data, cfg, args.n_test))
+            line.update(measure(g_copy, sites, masks, data, cfg, args.n_test, confidence=args.fpr_confidence))
         print(json.dumps(line), flush=True)
 
     history, best, _, _ = finetune_ctt(gm, sites, masks, (data.train.x, data.train.y),
                                  (data.calibration.x, data.calibration.y), data.input_range, cfg,
                                  on_epoch=on_epoch)
-    final = measure(gm, sites, masks, data, cfg, args.n_test, full=args.full)
+    final = measure(gm, sites, masks, data, cfg, args.n_test, full=args.full, confidence=args.fpr_confidence)
     print(json.dumps({"best_epoch": best, "final": final, "seconds": round(time.perf_counter() - start, 1)}),
           flush=True)
     if args.save:

@@ -1,21 +1,20 @@
-"""Why minimal-perturbation attacks evade CTT traps: per trap, the clean margin vs the attack's pre-activation change.
+"""docs/results/ctt.md "What decides the outcome": per CTT trap, the clean margin to its alarm against what an attack moves."""
 
-    .venv/bin/python -m bench.experiments.ctt_margins --load /tmp/strict.pt --key readme-demo-key [--n-test 150]
-
-For a fine-tuned LeNet-5 state (``ctt_explore --save``; none: the original model, i.e. ctt-lite's weights) and the
-masks ``--method ctt-*`` draws, the exported thresholds are rebuilt exactly as harden does with the natural trap
-rule (T_j = max(T, natural maximum of the trap's pre-activation on the training split), then one shared shift
-calibrated on the calibration split to --fpr).  A trap j fires on input x' iff z_j(x') > T_j + shift, so with
-z the clean pre-activation of an originally-correct test input:
-
-    margin = T_j + shift - z(x)          how far the trap sits below its alarm on the clean input
-    dz     = z(x_adv) - z(x)             how far the attack moved it
-
-Per site and attack the script prints the distribution of both, the fraction of (input, trap) pairs the attack
-leaves untouched (|dz| <= 1e-4 * the site's natural spread, i.e. float noise) and, for the relu1 traps (whose
-receptive field is a 5x5 input window), how much of the attack's perturbation lands in that window.
-One JSON line per (attack, site) and a per-attack summary line.
-"""
+#   python -m bench.experiments.ctt_margins --bundle out/ctt.hardened --key readme-demo-key --scale std [--n-test 150]
+#
+# For a fine-tuned LeNet-5 state (``ctt_explore --save``; none: the original model, i.e. ctt-lite's weights) and the
+# masks ``--method ctt-*`` draws, the exported thresholds are rebuilt exactly as harden does with the natural trap
+# rule (T_j = max(T, natural maximum of the trap's pre-activation on the training split), then one shared shift
+# calibrated on the calibration split to --fpr).  A trap j fires on input x' iff z_j(x') > T_j + shift, so with
+# z the clean pre-activation of an originally-correct test input:
+#
+#   margin = T_j + shift - z(x)          how far the trap sits below its alarm on the clean input
+#   dz     = z(x_adv) - z(x)             how far the attack moved it
+#
+# Per site and attack the script prints the distribution of both, the fraction of (input, trap) pairs the attack
+# leaves untouched (|dz| <= 1e-4 * the site's natural spread, i.e. float noise) and, for the relu1 traps (whose
+# receptive field is a 5x5 input window), how much of the attack's perturbation lands in that window.
+# One JSON line per (attack, site) and a per-attack summary line.
 
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ from harden.graph.analyse import feature_extractor  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 from harden.io.data import load_data  # noqa: E402
 from harden.methods.base import FitContext, Options  # noqa: E402
-from harden.methods.ctt import CTTLoose  # noqa: E402
+from harden.methods.ctt import CTTFinetuneOptions, CTTLoose  # noqa: E402
 from harden.train.finetune import pre_activation  # noqa: E402
 
 
@@ -72,7 +71,7 @@ def relu1_window_share(delta, mask, size=28, pad=2, k=5):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", default="out/lenet5_mnist.pt")
     ap.add_argument("--load", default=None, help="fine-tuned state_dict (ctt_explore --save); none: the original")
     ap.add_argument("--bundle", default=None, help="take the fine-tuned weights from a .hardened bundle instead")
@@ -80,6 +79,7 @@ def main(argv=None):
     ap.add_argument("--mask-ratio", type=float, default=0.01)
     ap.add_argument("--threshold", type=float, default=1e-4)
     ap.add_argument("--fpr", type=float, default=0.02)
+    ap.add_argument("--fpr-confidence", type=float, default=0.9, help="as harden instrument's (0: empirical quantile)")
     ap.add_argument("--n-test", type=int, default=150)
     ap.add_argument("--attacks", default="fgsm0.1,pgd0.1,deepfool,cw")
     ap.add_argument("--trap-quantile", type=float, default=1.0,
@@ -101,7 +101,8 @@ def main(argv=None):
     model = LeNet5()
     model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
     gm = trace(model)
-    ctx = FitContext(gm=gm, data=data, options=Options(key=args.key, mask_ratio=args.mask_ratio))
+    ctx = FitContext(gm=gm, data=data, options=Options(key=args.key),
+                     settings=CTTFinetuneOptions.parse("ctt-loose", {"mask_ratio": args.mask_ratio}))
     sites, masks_d, _ = CTTLoose().plan(ctx)
     if args.load:
         gm.load_state_dict(torch.load(args.load, weights_only=True))
@@ -136,7 +137,7 @@ def main(argv=None):
     scale = [np.maximum(sp, args.scale_floor) if args.scale == "std" else np.ones_like(sp) for sp in spread]
     _, cal = masked_pre(gm, pres, masks, data.calibration.x)
     cal_raw = np.concatenate([(np.maximum(c, 0) - t) / k for c, t, k in zip(cal, tj, scale)], axis=1).max(1)
-    shift = calibrate(cal_raw[:, None], 1, args.fpr).thresholds[0]
+    shift = calibrate(cal_raw[:, None], 1, args.fpr, args.fpr_confidence).thresholds[0]
     x, y = data.test.x[: args.n_test], data.test.y[: args.n_test]
     logits, clean = masked_pre(gm, pres, masks, x)
     correct = (logits.argmax(1) == y).numpy()

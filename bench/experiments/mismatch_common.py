@@ -1,9 +1,4 @@
-"""Shared pieces of the mismatch experiments: the attack lists, predictions, and one entry point for both kinds.
-
-Quality degradations follow the paper (Monteiro et al., section III-A): Gaussian noise, Gaussian blur and salt and
-pepper, each with a line search for the smallest level that changes the attacked model's decision.  They are
-implemented once, in :func:`harden.methods.mismatch.degrade` (the method can train on them too).
-"""
+"""What the mismatch experiments (mismatch_pool, mismatch_second, mismatch_select) share: attack lists, predictions."""
 
 from __future__ import annotations
 

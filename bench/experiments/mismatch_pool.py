@@ -1,19 +1,18 @@
-"""Adversarial and degraded inputs for the mismatch experiments, cached as one npz per attack and split.
+"""docs/results/mismatch.md: adversarial and degraded inputs against a mismatch bundle's two models, cached per attack and split."""
 
-    .venv/bin/python -m bench.experiments.mismatch_pool --bundle /tmp/mm/mm.hardened --out /tmp/mm/pool \
-        [--train-images 1000] [--eval-limit 300] [--attack fgsm:eps=0.1 ...]
-
-The classifier and the second model are the bundle's (``harden instrument ... --method mismatch``).
-
-* ``train``: ``--train-images`` images of the training split (seeded choice); each attack picks, per image, one of
-  the two models at random (the paper's protocol) and attacks it.  Saved: ``x``, ``y``, ``adv``, ``target``
-  (0 classifier, 1 second model), ``success`` (the target was right on ``x`` and is wrong on ``adv``).
-* ``calibration`` and ``test``: the first ``--eval-limit`` images of the split, attacked against the classifier
-  only (what ``harden evaluate`` does).  Same fields, ``target`` all 0.
-
-Gradient attacks run through harden's ART wrappers; quality degradations (noise, blur, saltpepper) are the line
-searches of :mod:`bench.experiments.mismatch_common`.  Prints one JSON line per attack and split.
-"""
+#     python -m bench.experiments.mismatch_pool --bundle /tmp/mm/mm.hardened --out /tmp/mm/pool \
+#         [--train-images 1000] [--eval-limit 300] [--attack fgsm:eps=0.1 ...]
+#
+# The classifier and the second model are the bundle's (``harden instrument ... --method mismatch``).
+#
+# * ``train``: ``--train-images`` images of the training split (seeded choice); each attack picks, per image, one of
+#   the two models at random (the paper's protocol) and attacks it.  Saved: ``x``, ``y``, ``adv``, ``target``
+#   (0 classifier, 1 second model), ``success`` (the target was right on ``x`` and is wrong on ``adv``).
+# * ``calibration`` and ``test``: the first ``--eval-limit`` images of the split, attacked against the classifier
+#   only (what ``harden evaluate`` does).  Same fields, ``target`` all 0.
+#
+# Gradient attacks run through harden's ART wrappers; quality degradations (noise, blur, saltpepper) are the line
+# searches of harden.attacks.degradations.  Prints one JSON line per attack and split.
 
 from __future__ import annotations
 

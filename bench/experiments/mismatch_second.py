@@ -1,14 +1,13 @@
-"""How should harden train the second model? Transfer of attacks on the classifier to candidate second models.
+"""docs/results/mismatch.md "second_recipe=fgsm": how often candidate second models disagree with the classifier on its adversarial examples."""
 
-    .venv/bin/python -m bench.experiments.mismatch_second --bundle /tmp/mm/mm_pool.hardened --pool /tmp/mm/pool
-
-Decision mismatch only works when an input that fools the classifier does NOT fool the second model the same way.
-For each candidate second model (trained on the training split like ``harden.methods.mismatch`` trains it, with a
-different training recipe), on the CALIBRATION pools of :mod:`bench.experiments.mismatch_pool` (attacks crafted on
-the classifier): the second model's clean accuracy and clean disagreement with the classifier (the natural false
-alarms a mismatch detector has to live with), and, among the successful adversarial examples, how often the
-second model still gives the true class ("right") and how often it disagrees with the classifier.
-"""
+#     python -m bench.experiments.mismatch_second --bundle /tmp/mm/mm_pool.hardened --pool /tmp/mm/pool
+#
+# Decision mismatch only works when an input that fools the classifier does NOT fool the second model the same way.
+# For each candidate second model (trained on the training split like ``harden.methods.mismatch`` trains it, with a
+# different training recipe), on the CALIBRATION pools of :mod:`bench.experiments.mismatch_pool` (attacks crafted on
+# the classifier): the second model's clean accuracy and clean disagreement with the classifier (the natural false
+# alarms a mismatch detector has to live with), and, among the successful adversarial examples, how often the
+# second model still gives the true class ("right") and how often it disagrees with the classifier.
 
 from __future__ import annotations
 

@@ -1,21 +1,20 @@
-"""Which attacks should the mismatch SVM be trained on? Train on each candidate, test on every attack.
+"""docs/results/mismatch.md "attacks": the mismatch SVC trained on each attack or mix, tested on every attack (and Figure 5)."""
 
-    .venv/bin/python -m bench.experiments.mismatch_select --bundle /tmp/mm/mm.hardened --pool /tmp/mm/pool \
-        --eval-split calibration [--fpr 0.05] [--json]
-
-Uses the cached pools of :mod:`bench.experiments.mismatch_pool`.  For each training candidate (one attack, or a mix
-where each training image gets ONE attack of the mix at random, as the method does) the SVM is fitted exactly as
-``harden.methods.mismatch.fit_svm`` fits it (StandardScaler + RBF SVC, grouped 3-fold grid), on natural training
-images (0) and the successful adversarial versions (1), each made against the classifier or the second model at
-random.  The threshold is set on the clean CALIBRATION split (all of it) at ``--fpr``, as calibration does.  Then,
-per test attack (made against the classifier on ``--eval-split``): detection rate among successful adversarial
-examples (originally correct, now misclassified), among all originally-correct ones (``harden evaluate``'s
-definition), and ROC-AUC against the clean inputs of that split.
-
-Selection of the default (``--eval-split calibration``, never the test split): the candidate with the highest
-WORST-CASE detection (successful) over the five gradient attacks; the mean breaks ties.
-Run with ``--eval-split test`` for the reported cross-attack matrix (paper Figure 5).
-"""
+#     python -m bench.experiments.mismatch_select --bundle /tmp/mm/mm.hardened --pool /tmp/mm/pool \
+#         --eval-split calibration [--fpr 0.05] [--json]
+#
+# Uses the cached pools of :mod:`bench.experiments.mismatch_pool`.  For each training candidate (one attack, or a mix
+# where each training image gets ONE attack of the mix at random, as the method does) the SVM is fitted exactly as
+# ``harden.methods.mismatch.fit_svm`` fits it (StandardScaler + RBF SVC, grouped 3-fold grid), on natural training
+# images (0) and the successful adversarial versions (1), each made against the classifier or the second model at
+# random.  The threshold is set on the clean CALIBRATION split (all of it) at ``--fpr``, as calibration does.  Then,
+# per test attack (made against the classifier on ``--eval-split``): detection rate among successful adversarial
+# examples (originally correct, now misclassified), among all originally-correct ones (``harden evaluate``'s
+# definition), and ROC-AUC against the clean inputs of that split.
+#
+# Selection of the default (``--eval-split calibration``, never the test split): the candidate with the highest
+# WORST-CASE detection (successful) over the five gradient attacks; the mean breaks ties.
+# Run with ``--eval-split test`` for the reported cross-attack matrix (paper Figure 5).
 
 from __future__ import annotations
 
@@ -112,7 +111,7 @@ def main(argv=None) -> None:
         features = np.concatenate([f_train_clean[nat_rows], *adv_feats])
         labels = np.r_[np.zeros(len(nat_rows), dtype=np.int64), np.ones(len(adv_rows), dtype=np.int64)]
         groups = np.r_[nat_rows, adv_rows]
-        pipeline, facts = fit_svm(features, labels, groups, c=None, gamma=None, seed=0, check=f_cal_clean)
+        pipeline, facts = fit_svm(features, labels, groups, c=None, gamma=None, seed=0)
         score = lambda f: pipeline.decision_function(f).astype(np.float32)  # noqa: E731
         cal = score(f_cal_clean)
         clean_eval = score(f_eval_clean)

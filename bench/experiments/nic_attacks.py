@@ -1,12 +1,9 @@
-"""Adversarial examples against the example LeNet-5 on bundled MNIST, cached for the NIC experiments.
+"""docs/results/nic.md: adversarial examples of the example LeNet-5, cached (npz) for nic_fusion and nic_heldout_fit."""
 
-    .venv/bin/python -m bench.experiments.nic_attacks --checkpoint /tmp/lenet_nic.pt --split calibration \
-        --limit 300 --out /tmp/nic_adv_calibration.npz
+# The first --limit inputs of the split (seed-0 split of load_data("mnist"), the one harden instrument makes) are
+# attacked with harden's ART wrappers; the npz holds x, y, clean_pred and, per attack label, adv/<label> and
+# pred/<label>.  Prints JSON: per attack the success rate and seconds.
 
-The first ``--limit`` inputs of the split (seed-0 split of ``load_data("mnist")``, the one ``harden instrument``
-makes) are attacked with harden's ART wrappers; the npz holds ``x``, ``y``, ``clean_pred`` and, per attack label,
-``adv/<label>`` and ``pred/<label>``.  Prints JSON: per attack the success rate and seconds.
-"""
 
 from __future__ import annotations
 

@@ -1,22 +1,18 @@
-"""How should NIC fuse its invariant scores?  Offline comparison of fusion rules on the same fitted invariants.
+"""docs/results/nic.md "provenance_gamma 3, provenance_nu 0.05": NIC fitted per setting, its invariant scores fused by each rule."""
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.experiments.nic_fusion --adv /tmp/nicw/adv_cal.npz --fpr 0.05 \
-        --set nic_gamma=10.0 --set nic_nu=0.1
-
-NIC is instrumented once per setting (training split only, key ``--key``); the per-invariant scores
-(``NICDetector.set_scores``) are computed for the held-out training rows (the rows the final SVM is fitted on),
-the clean calibration and test splits and the adversarial examples of ``--adv``
-(``bench/experiments/nic_attacks.py``).  Each fusion rule maps the [N, n_invariants] matrix to one score; its
-threshold is set on the clean calibration split at ``--fpr`` (harden's rule), and per attack the detection of
-successful adversarial examples is printed, with the test FPR.  Rules:
-
-* ``svm``: the fitted final one-class SVM (what NIC does now);
-* ``tail-max`` / ``tail-sum``: each invariant score turned into a benign tail score on the held-out rows
-  (-log of the empirical tail probability, linearly interpolated between the held-out order statistics), then
-  the max / the sum over invariants;
-* ``z-max``: each score standardised by held-out quantiles ((s - median) / (q99 - median)), then the max;
-* ``svm+tail-max``: the max of the SVM's and the invariants' tail scores.
-"""
+# NIC is instrumented once per setting (training split only, key ``--key``); the per-invariant scores
+# (``NICDetector.set_scores``) are computed for the held-out training rows (the rows the final SVM is fitted on),
+# the clean calibration and test splits and the adversarial examples of ``--adv``
+# (``bench/experiments/nic_attacks.py``).  Each fusion rule maps the [N, n_invariants] matrix to one score; its
+# threshold is set on the clean calibration split at ``--fpr`` (the empirical quantile, as ``--fpr-confidence 0``), and per attack the detection of
+# successful adversarial examples is printed, with the test FPR.  Rules:
+#
+# * ``svm``: the fitted final one-class SVM (what NIC does);
+# * ``tail-max`` / ``tail-sum``: each invariant score turned into a benign tail score on the held-out rows
+#   (-log of the empirical tail probability, linearly interpolated between the held-out order statistics), then
+#   the max / the sum over invariants;
+# * ``z-max``: each score standardised by held-out quantiles ((s - median) / (q99 - median)), then the max;
+# * ``svm+tail-max``: the max of the SVM's and the invariants' tail scores.
 
 from __future__ import annotations
 
@@ -58,19 +54,19 @@ def main(argv=None) -> None:
     parser.add_argument("--adv", required=True)
     parser.add_argument("--fpr", type=float, default=0.05)
     parser.add_argument("--key", default="nic-select")
-    parser.add_argument("--set", action="append", default=[], help="NIC option, name=json")
+    parser.add_argument("--set", action="append", default=[], help="NIC option (harden methods nic), name=json; repeatable")
     parser.add_argument("--rule", action="append", default=None, help="only these rules (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     from harden.instrumentation.pipeline import instrument
     from harden.io.data import load_data
-    from harden.methods.base import Options, key_seed
+    from harden.methods.base import MethodSpec, Options, key_seed
 
     extra = parse_sets(args.set)
     model = load_lenet(args.checkpoint)
     data = load_data("mnist", seed=0)
-    hardened = instrument(model, data, ["nic"], Options(key=args.key, fpr=args.fpr, extra=extra))
+    hardened = instrument(model, data, [MethodSpec.of("nic", **extra)], Options(key=args.key, fpr=args.fpr))
     method = hardened.method("nic")
     detector = method.detector
 

@@ -1,15 +1,14 @@
-"""What SafetyNet's detector costs in onnxruntime next to the plain LeNet-5.
+"""docs/results/safetynet.md and docs/BENCHMARKS.md: SafetyNet's SVM as dense ONNX algebra vs skl2onnx's SVMClassifier, beside LeNet-5."""
 
-    # a hardened graph end to end, against the plain classifier exported from the same checkpoint
-    python bench/experiments/safetynet_latency.py --onnx lenet.onnx --checkpoint lenet.pt [--threads 2]
-    # the SVM alone, by number of support vectors: skl2onnx's SVMClassifier vs SafetyNet's MatMul graph
-    # (on raw quaternary codes, exact integer product; and after a StandardScaler, all float64)
-    python bench/experiments/safetynet_latency.py --sizes 200,400,800 [--dim 84]
-
-Both graphs are timed interleaved, round by round, at batch 256 (and 1). Besides wall time (as bench/latency.py)
-it records the process CPU time of each call: with one intra-op thread that is the work done, which stays
-meaningful on a shared, saturated machine where wall time mostly measures the neighbours.
-"""
+#     # a hardened graph end to end, against the plain classifier exported from the same checkpoint
+#     python bench/experiments/safetynet_latency.py --onnx lenet.onnx --checkpoint lenet.pt [--threads 2]
+#     # the SVM alone, by number of support vectors: skl2onnx's SVMClassifier vs SafetyNet's MatMul graph
+#     # (on raw quaternary codes, exact integer product; and after a StandardScaler, all float64)
+#     python bench/experiments/safetynet_latency.py --sizes 200,400,800 [--dim 84]
+#
+# Both graphs are timed interleaved, round by round, at batch 256 (and 1). Besides wall time (as bench/latency.py)
+# it records the process CPU time of each call: with one intra-op thread that is the work done, which stays
+# meaningful on a shared, saturated machine where wall time mostly measures the neighbours.
 
 from __future__ import annotations
 
@@ -97,7 +96,7 @@ def by_size(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--onnx", type=Path)
     p.add_argument("--checkpoint", type=Path, default=Path("out/lenet5_mnist.pt"))
     p.add_argument("--sizes", default="100,200,400,800")

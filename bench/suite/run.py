@@ -3,8 +3,8 @@
     python -m bench.suite --method ctt-strict [--method nic ...] [--pairs cnn-digits,mlp-mnist] [--json]
 
 Each ``--method`` is one run per pair (``a+b`` combines methods under ``--policy any``).  ``--set key=value``
-passes an option to the methods (an ``Options`` field such as ``eps`` or ``layers``, else a method option such
-as ``code`` or ``lr``), which is how alternatives to a default are measured.  ``--split calibration`` measures
+passes an option to every method of the run that has it (``harden methods NAME`` lists them; the same as
+``--method NAME:key=value``), which is how alternatives to a default are measured.  ``--split calibration`` measures
 on the calibration split (where defaults are chosen); the default ``test`` split is only for reporting.
 
 Per pair and method: test accuracy (and the original's), the alarm's false-positive rate on the whole test
@@ -26,7 +26,6 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -44,34 +43,30 @@ DEFAULT_FPR = {"ctt-lite": 0.02, "ctt-loose": 0.02, "ctt-strict": 0.02}
 OTHER_FPR = 0.05
 
 
-def _parse_value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    if text in ("true", "false"):
-        return text == "true"
-    return text
-
-
 def build_options(method_label: str, sets: list[str], fpr: float | None, seed: int, key: str):
-    from harden.methods.base import Options
+    """(method specs, shared Options) of one ``--method`` text: ``name[:k=v,...]``, several joined by ``+`` (a
+    list option inside goes in brackets: ``safetynet:attacks=[fgsm:eps=auto+pgd:eps=auto]+nic``).  Each ``--set
+    k=v`` goes to every method of the combination that has an option k (an error if none has)."""
+    from harden.core.options import split_spec, split_top
+    from harden.methods import load_all  # noqa: F401
+    from harden.methods.base import METHODS, MethodSpec, Options
 
-    names = method_label.split("+")
-    target = fpr if fpr is not None else min(DEFAULT_FPR.get(m, OTHER_FPR) for m in names)
-    option_fields = {f.name for f in fields(Options)} - {"extra"}
-    given, extra = {}, {}
+    texts = split_top(method_label, "+")
+    parsed = [split_spec(text, "method") for text in texts]
+    methods = [(METHODS.get(name), given) for name, given in parsed]
     for entry in sets:
         name, sep, value = entry.partition("=")
         if not sep:
             raise SystemExit(f"--set {entry!r} must be key=value")
         name = name.strip().replace("-", "_")
-        parsed = [_parse_value(v) for v in value.split(";")] if name in ("attacks", "layers") else _parse_value(value)
-        if name == "layers":
-            parsed = [str(v) for v in parsed]
-        (given if name in option_fields else extra)[name] = parsed
-    return names, Options(key=key, seed=seed, fpr=target, extra=extra, **given)
+        takers = [given for cls, given in methods if any(p.name == name for p in cls.option_set.params())]
+        if not takers:
+            raise SystemExit(f"--set {name}: no method of {method_label!r} has that option")
+        for given in takers:
+            given[name] = value
+    specs = [MethodSpec.of(cls.name, **given) for cls, given in methods]
+    target = fpr if fpr is not None else min(DEFAULT_FPR.get(s.name, OTHER_FPR) for s in specs)
+    return specs, Options(key=key, seed=seed, fpr=target)
 
 
 def _state_hash(model: torch.nn.Module) -> str:
@@ -107,13 +102,14 @@ def adversarial(model, library: str, attack: str, x, y, *, eps: float, lp: Loade
     return x_adv, False
 
 
-def _instrumented(lp: LoadedPair, names: list[str], options, args):
+def _instrumented(lp: LoadedPair, names: list, options, args):
     """The bundle of this pair, methods and options, and the seconds instrument took: made once, then read
     from cache/bundles/ (``--fresh`` makes it again)."""
     from harden.api import instrument
     from harden.bundle.archive import load_bundle, save_bundle
 
-    recipe = json.dumps({"names": names, "options": vars(options), "policy": args.policy}, sort_keys=True, default=str)
+    recipe = json.dumps({"methods": [s.label() for s in names], "options": vars(options), "policy": args.policy},
+                        sort_keys=True, default=str)
     tag = hashlib.sha256(f"{lp.pair.name}-{lp.pair.digest()}-{_state_hash(lp.model)}-{recipe}".encode()).hexdigest()[:20]
     path, seconds_path = CACHE / "bundles" / f"{tag}.hardened", CACHE / "bundles" / f"{tag}.json"
     if path.exists() and seconds_path.exists() and not args.fresh:
@@ -156,7 +152,8 @@ def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
     split_fpr = metrics["test_fpr"] if args.split == "test" else metrics["calibration_fpr"]
     detection = {r.attack: r.detection_rate_successful for r in report.rows}
     return {
-        "pair": lp.pair.name, "method": method_label, "options": {k: v for k, v in vars(options).items() if k != "key"},
+        "pair": lp.pair.name, "method": method_label, "methods": [s.label() for s in names],
+        "options": {k: v for k, v in vars(options).items() if k != "key"},
         "split": args.split, "n": len(x), "eps": eps,
         # On the calibration split (where defaults are chosen) accuracy is read there too, never on the test split.
         "accuracy": metrics["test_accuracy"] if args.split == "test" else report.clean_accuracy,

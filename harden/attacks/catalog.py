@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from harden.errors import HardenError
+from harden.core.options import Param, find_param, format_value, resolve, split_spec
 from harden.core.registry import Registry
 
 Value = Union[float, int, str]
@@ -56,7 +57,7 @@ class AttackSpec:
             return self.name
         order = [p.name for p in ATTACKS.get(self.name).params] if self.name in ATTACKS else sorted(self.params)
         keys = [k for k in order if k in self.params] + sorted(k for k in self.params if k not in order)
-        return self.name + ":" + ",".join(f"{k}={_format_value(self.params[k])}" for k in keys)
+        return self.name + ":" + ",".join(f"{k}={format_value(self.params[k])}" for k in keys)
 
     def resolved(self) -> dict[str, Value]:
         """Every parameter of the attack, defaults filled in, validated."""
@@ -67,67 +68,6 @@ class AttackSpec:
 
     def __str__(self) -> str:
         return self.label()
-
-
-def _format_value(value: Value) -> str:
-    if isinstance(value, float):
-        text = repr(value)
-        return text[:-2] if text.endswith(".0") else text
-    return str(value)
-
-
-# --------------------------------------------------------------------------- builders
-
-
-@dataclass(frozen=True)
-class Param:
-    """One attack parameter: its type, default (a value or a function of the other parameters) and valid range."""
-
-    name: str
-    kind: type  # float, int or str
-    default: Default
-    doc: str
-    minimum: float | None = None
-    strict: bool = False  # value must be > minimum rather than >=
-    maximum: float | None = None  # inclusive
-    choices: tuple[str, ...] = ()
-    default_text: str | None = None  # how a computed default reads in the docs
-
-    def describe_default(self) -> str:
-        if self.default_text is not None:
-            return self.default_text
-        return _format_value(self.default) if not callable(self.default) else "computed"
-
-    def convert(self, attack: str, raw: Any) -> Value:
-        """A checked value of this parameter's type from text or a Python value."""
-        where = f"attack {attack!r}: parameter {self.name}"
-        if self.kind is str:
-            value = str(raw).strip()
-            if self.choices and value not in self.choices:
-                raise HardenError(f"{where}={value!r} is not one of {', '.join(self.choices)}")
-            return value
-        if isinstance(raw, bool):
-            raise HardenError(f"{where} must be a number, not {raw!r}")
-        try:
-            number = float(raw.strip()) if isinstance(raw, str) else float(raw)
-        except (TypeError, ValueError):
-            raise HardenError(f"{where}={raw!r} is not a number") from None
-        if not math.isfinite(number):
-            raise HardenError(f"{where}={raw!r} must be finite")
-        if self.kind is int:
-            if not number.is_integer():
-                raise HardenError(f"{where}={raw!r} must be a whole number")
-            value: Value = int(number)
-        else:
-            value = number
-        if self.minimum is not None:
-            bad = value <= self.minimum if self.strict else value < self.minimum
-            if bad:
-                relation = ">" if self.strict else ">="
-                raise HardenError(f"{where}={raw!r} must be {relation} {_format_value(self.minimum)}")
-        if self.maximum is not None and value > self.maximum:
-            raise HardenError(f"{where}={raw!r} must be <= {_format_value(self.maximum)}")
-        return value
 
 
 class AttackBuilder:
@@ -151,28 +91,15 @@ class AttackBuilder:
         self.summary = doc
         lines = [doc, "", "Parameters (name: type = default):"]
         for p in params:
-            kind = "|".join(p.choices) if p.choices else p.kind.__name__
-            lines.append(f"    {p.name}: {kind} = {p.describe_default()}  -- {p.doc}")
+            lines.append(f"    {p.name}: {p.describe_kind()} = {p.describe_default()}  -- {p.doc}")
         self.__doc__ = "\n".join(lines)
 
     def param(self, name: str) -> Param:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise HardenError(
-            f"attack {self.name!r} has no parameter {name!r}; known: {', '.join(p.name for p in self.params) or 'none'}"
-        )
+        return find_param(self.params, f"attack {self.name!r}", name)
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Value]:
         """Defaults filled in (plain ones first, then those computed from other parameters), all checked."""
-        values = {name: self.param(name).convert(self.name, raw) for name, raw in given.items()}
-        for p in self.params:
-            if p.name not in values and not callable(p.default):
-                values[p.name] = p.default
-        for p in self.params:
-            if p.name not in values:
-                values[p.name] = p.convert(self.name, p.default(values))
-        return {p.name: values[p.name] for p in self.params}
+        return resolve(self.params, f"attack {self.name!r}", given)
 
     def __repr__(self) -> str:
         return f"AttackBuilder({self.name!r})"
@@ -437,25 +364,9 @@ for _kind, _what in (("noise", "Gaussian noise, sigma 0.05 to 1.0 of the input r
 
 def parse_attack(text: str) -> AttackSpec:
     """``name`` or ``name:param=value,...`` -> :class:`AttackSpec`; aliases map to their canonical name."""
-    if not isinstance(text, str) or not text.strip():
-        raise HardenError(f"empty attack; write name or name:param=value,... (supported: {', '.join(ATTACKS)})")
-    name, sep, rest = text.strip().partition(":")
-    name = name.strip().lower()
-    if not name:
-        raise HardenError(f"attack {text!r} has no name; write name or name:param=value,...")
+    name, given = split_spec(text, "attack")
     builder = ATTACKS.get(name)
-    params: dict[str, Value] = {}
-    if sep:
-        if not rest.strip():
-            raise HardenError(f"attack {text!r}: nothing after ':'; write {name}:param=value,...")
-        for item in rest.split(","):
-            key, eq, raw = item.partition("=")
-            key = key.strip().lower()
-            if not eq or not key or not raw.strip():
-                raise HardenError(f"attack {text!r}: {item.strip()!r} is not param=value")
-            if key in params:
-                raise HardenError(f"attack {text!r}: parameter {key} is given twice")
-            params[key] = builder.param(key).convert(builder.name, raw)
+    params = {key: builder.param(key).convert(f"attack {builder.name!r}", raw) for key, raw in given.items()}
     spec = AttackSpec(builder.name, params)
     builder.resolve(params)  # computed defaults checked too (e.g. a step derived from eps)
     return spec

@@ -122,3 +122,21 @@ def auto_eps_facts(strength: AttackStrength | None, given: int, max_inputs: int 
     if strength is None:
         return None
     return {"split": "train", "inputs": int(min(given, max_inputs)), "attack": "fgsm", **strength.to_json()}
+
+
+def check_training_attacks(texts, owner: str, extra_names: tuple[str, ...] = ()) -> None:
+    """Every attack text a method will train on parses (``eps=auto`` standing in for a number), or one error
+    line; ``extra_names`` are bare names the method accepts besides attacks (e.g. quality degradations)."""
+    from harden.attacks.catalog import parse_attack
+    from harden.errors import HardenError
+
+    for text in texts:
+        if text.strip().lower() in extra_names:
+            continue
+        found = _auto_items(text)
+        probe = text if not (found and found[2]) else found[0] + ":" + ",".join(
+            "eps=0.1" if i in found[2] else item for i, item in enumerate(found[1]))
+        try:
+            parse_attack(probe)
+        except HardenError as exc:
+            raise HardenError(f"{owner}: attacks: {exc}") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, check_plot_path, emit_json, errors_to_exit, progress_reporter, seal_option, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -19,27 +19,39 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="train | calibration | test"),
         limit: int = typer.Option(None, "--limit", help="Certify at most this many samples."),
         check: int = typer.Option(0, "--check", help="Draw N points per box through the real model; any contradiction fails."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the points --check draws."),
         bounds: str = typer.Option("ibp", "--bounds",
                                    help="ibp | crown-ibp | crown: interval bounds, or backward linear relaxation "
                                         "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown)."),
+        plot: Path = typer.Option(None, "--plot", help="Also draw a PNG: certified fraction against eps, robust and "
+                                                       "detect-or-robust, hardened and original (as harden report)."),
+        seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):
         """Placement of every CTT trap, per-sample robust and detect-or-robust certificates, hardened vs original."""
         with errors_to_exit():
-            from harden.api import certify as certificates
+            from harden.api import certify as certificates, check_certify_arguments
             from harden.bounds.crown import check_method
             from harden.bundle.archive import load_bundle
 
             check_method(bounds)  # before the bundle loads: a typo fails at once
-            hardened, manifest = load_bundle(bundle)
+            if plot is not None:
+                check_plot_path(plot)
+            check_certify_arguments(eps, split, limit, check)
+            hardened, manifest = load_bundle(bundle, seal_key=seal_key)
             with progress_reporter(not json_out) as progress:
                 report = certificates(hardened, manifest, eps or None, data=data, split=split, limit=limit,
                                       check=check, seed=seed, bounds=bounds, progress=progress)
+            if plot is not None:
+                from harden.report.plots import certified_figure, write_png
+
+                write_png(certified_figure(report), plot)
             if json_out:
                 emit_json(report)
             else:
                 _print(report)
+                if plot is not None:
+                    stdout.print(f"wrote {plot}", highlight=False)
             if report.get("check") and any(c["violations"] for c in report["check"].values()):
                 raise typer.Exit(1)
 

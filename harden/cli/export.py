@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from harden.export.parity import RELATIVE_TOLERANCE
-from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, seal_option, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
     def export(
         bundle: Path = typer.Argument(..., help="A .hardened bundle from `harden instrument`."),
         output: Path = typer.Option(None, "--output", "-o", help="ONNX file to write (default: BUNDLE's name + .onnx)."),
+        seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):
         """Export BUNDLE to ONNX; onnxruntime must match torch + scikit-learn on held-out data or nothing is written."""
@@ -23,10 +24,10 @@ def register(app: typer.Typer) -> None:
             from harden.io.atomic import check_output_path
             from harden.bundle.archive import load_bundle
 
-            out = check_output_path(output or bundle.with_suffix(".onnx"))
+            out = check_output_path(output or bundle.with_suffix(".onnx"), inputs=[bundle])
             with progress_reporter(not json_out) as progress:
                 progress("loading bundle", 0.1)
-                hardened, manifest = load_bundle(bundle)
+                hardened, manifest = load_bundle(bundle, seal_key=seal_key)
                 progress("exporting and checking parity", 0.4)
                 result = export_onnx(hardened, out, source=bundle)
             outputs = [o.name for o in result.model.graph.output]

@@ -7,17 +7,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, stdout
+from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, seal_option, stdout
 from harden.errors import HardenError
 
 
 def _describe_onnx(path: Path) -> dict:
     from harden.export.runtime import OnnxGraph
 
+    from harden.bundle.manifest import validate_manifest
+
     graph = OnnxGraph(path)
     manifest = graph.manifest
     if not manifest:
-        raise HardenError(f"{path} is an ONNX file but not one exported by harden (no harden.bundle.manifest metadata)")
+        raise HardenError(f"{path} is an ONNX file but not one exported by harden (no harden.manifest metadata)")
+    validate_manifest(manifest, f"{path}: harden.manifest")
     session = graph.session
     return {
         "kind": "onnx",
@@ -29,25 +32,41 @@ def _describe_onnx(path: Path) -> dict:
     }
 
 
-def _describe_bundle(path: Path) -> dict:
-    from harden.bundle.archive import read_manifest
+def _describe_bundle(path: Path, seal_key: str | None) -> dict:
+    from harden.bundle.archive import load_bundle
 
-    manifest = read_manifest(path)
+    # the whole bundle is checked (graph, arrays, golden outputs), not only its manifest: what inspect shows
+    # is what the other commands would use
+    hardened, manifest = load_bundle(path, seal_key=seal_key)
     return {"kind": "bundle", "file": str(path), "outputs": [{"name": n} for n in manifest["outputs"]],
-            "manifest": manifest}
+            "manifest": manifest, "seal": hardened.seal_state}
 
 
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect(
         target: Path = typer.Argument(..., help="A .hardened bundle or an ONNX file exported by harden."),
+        recipe: bool = typer.Option(False, "--recipe", help="Print the recipe (TOML) that made it: "
+                                                            "`harden instrument MODEL --recipe FILE --key KEY` makes it again."),
+        seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):
         """Show methods, sites, outputs, thresholds, calibration figures and the key fingerprint (never the key)."""
         with errors_to_exit():
             if not target.is_file():
                 raise HardenError(f"no file at {target}")
-            info = _describe_onnx(target) if target.suffix == ".onnx" else _describe_bundle(target)
+            info = _describe_onnx(target) if target.suffix == ".onnx" else _describe_bundle(target, seal_key)
+            if recipe:
+                from harden.instrumentation.recipe import to_toml
+
+                made_by = info["manifest"].get("recipe")
+                if made_by is None:
+                    raise HardenError(f"{target} records no recipe (made by an older harden)")
+                if json_out:
+                    emit_json(made_by)
+                else:
+                    typer.echo(to_toml(made_by), nl=False)
+                return
             if json_out:
                 emit_json(info)
                 return
@@ -83,3 +102,9 @@ def _print(info: dict) -> None:
         stdout.print(line, highlight=False)
     outputs = ", ".join(o["name"] for o in info["outputs"])
     stdout.print(f"outputs: {outputs}", highlight=False)
+    seal = info.get("seal")
+    if seal:
+        stdout.print({"verified": "seal: verified with the given key",
+                      "unverified": "seal: present, not checked (pass --seal-key or set HARDEN_SEAL_KEY)",
+                      "none": "seal: none (the bundle reproduces its own reference outputs; nothing proves who made "
+                              "it: docs/SECURITY.md)"}[seal], highlight=False)

@@ -8,97 +8,98 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, stdout
+from harden.cli.common import JSON_OPTION, console, emit_json, errors_to_exit, progress_reporter, seal_option, stdout
+
+
+METHOD_HELP = ("Detection method, NAME or NAME:key=value,... (e.g. ctt-strict:eps=auto, safetynet:layers=all); "
+               "repeat for several. `harden methods` lists the methods, `harden methods NAME` their options.")
+# Built-in values of the settings a recipe or a flag may give (flags win over the recipe).
+DEFAULTS = {"seed": 0, "fpr": 0.02, "fpr_confidence": 0.9, "policy": "any", "input_range": "0,1", "limit": None,
+            "device": "cpu"}
 
 
 def register(app: typer.Typer) -> None:
     @app.command("instrument")
     def instrument(
         model: Path = typer.Argument(..., help="model.pt2, or model.pt with --arch"),
-        data: str = typer.Option(..., "--data", help="mnist, digits, x.npz, an image folder, or x.pt"),
-        method: list[str] = typer.Option(..., "--method", "-m", help="Detection method; repeat for several (ctt-lite, ...)."),
+        data: str = typer.Option(None, "--data", help="mnist, digits, x.npz, an image folder, or x.pt (or the recipe's)."),
+        method: list[str] = typer.Option(None, "--method", "-m", help=METHOD_HELP),
+        recipe: Path = typer.Option(None, "--recipe", help="A TOML recipe: data, fpr, policy, seed and every method's "
+                                                           "options ([methods.NAME] tables); flags win over it."),
         output: Path = typer.Option(None, "--output", "-o", help="Bundle to write (default: MODEL's name + .hardened)."),
-        arch: str = typer.Option(None, "--arch", help="package.module:factory building the model for a state_dict"),
+        arch: str = typer.Option(None, "--arch", help="package.module:factory building the model for a state_dict."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a whole pickled module (runs code from the file)."),
         key: str = typer.Option(None, "--key", help="Secret key seeding masks and randomisation (default: a fresh random key, printed once)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the data split and of training."),
-        layers: list[str] = typer.Option(None, "--layers", help="all | last:K | name,name, or METHOD=SPEC for one method; repeatable (default: each method's own)."),
-        mask_ratio: float = typer.Option(0.01, "--mask-ratio", help="CTT: fraction of each site's neurons that are traps (at least one)."),
-        quantile: float = typer.Option(1.0, "--quantile", help="ctt-lite: per-neuron threshold quantile on the training split (1 = maximum)."),
-        fpr: float = typer.Option(0.02, "--fpr", help="Target false-positive rate of the combined alarm on new clean data (see --fpr-confidence)."),
-        fpr_confidence: float = typer.Option(0.9, "--fpr-confidence", help="Probability that the alarm's true false-positive rate on new data is at most --fpr (needs a large enough calibration split: 114 inputs for --fpr 0.02 at 0.9); 0 = the plain empirical quantile of the calibration split (the old behaviour, no promise)."),
-        policy: str = typer.Option("any", "--policy", help="any | majority | k:N methods must alarm."),
-        input_range: str = typer.Option("0,1", "--input-range", help="The model's input range lo,hi."),
+        seed: int = typer.Option(None, "--seed", help="Seed of the data split and of training [default: 0]."),
+        fpr: float = typer.Option(None, "--fpr", help="Target false-positive rate of the combined alarm on new clean data (see --fpr-confidence) [default: 0.02]."),
+        fpr_confidence: float = typer.Option(None, "--fpr-confidence", help="Probability that the alarm's true false-positive rate on new data is at most --fpr (needs a large enough calibration split: 114 inputs for --fpr 0.02 at 0.9); 0 = the plain empirical quantile of the calibration split, no promise [default: 0.9]."),
+        policy: str = typer.Option(None, "--policy", help="any | majority | k:N methods must alarm [default: any]."),
+        input_range: str = typer.Option(None, "--input-range", help="The model's input range lo,hi [default: 0,1]."),
         limit: int = typer.Option(None, "--limit", help="Use only this many samples of the data (quick runs)."),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda (training and bound propagation)."),
-        eps: str = typer.Option("scaled", "--eps", help="CTT-loose/strict: L-inf radius of the certified box used in fine-tuning (input units); scaled (default: 0.02 x the FGSM eps that halves the model's calibration accuracy, the paper's 3e-3 on MNIST, 1e-4 on CIFAR); or auto (the paper's grid search: FGSM detection and accuracy on the calibration split; see harden.train.eps_search)."),
-        threshold: float = typer.Option(1e-4, "--threshold", help="CTT-loose/strict: trap threshold T."),
-        epochs: int = typer.Option(None, "--epochs", help="CTT-loose/strict: exactly this many fine-tuning epochs, no early stop (instead of --steps)."),
-        steps: int = typer.Option(None, "--steps", help="CTT-loose/strict: fine-tuning step budget (default 600); stops earlier once the calibration L_C converges (--patience)."),
-        patience: int = typer.Option(None, "--patience", help="CTT-loose/strict: stop after this many calibration checks without a 1% better L_C (default 3; 0: train the whole --steps)."),
-        alpha: float = typer.Option(None, "--alpha", help="CTT: weight of L_C (L_D's is alpha x --detection-weight)."),
-        alpha_growth: float = typer.Option(None, "--alpha-growth", help="CTT: alpha is multiplied by this every --alpha-every epochs."),
-        alpha_every: int = typer.Option(None, "--alpha-every", help="CTT: epochs between alpha increases."),
-        lr: float = typer.Option(None, "--lr", help="Fine-tuning learning rate (RMSProp, no weight decay; default 3e-4)."),
-        detection_weight: float = typer.Option(None, "--detection-weight", help="CTT: weight of L_D relative to L_C."),
-        fire_margin: float = typer.Option(None, "--fire-margin", help="CTT: L_C asks the certified bound to clear T + this (0: the paper)."),
-        trap_rule: str = typer.Option(None, "--trap-rule", help="CTT-loose/strict exported trap thresholds: fixed (T) | natural (max(T, natural maximum on the training split))."),
-        trap_scale: str = typer.Option(None, "--trap-scale", help="CTT-loose/strict: std (the calibrated shift moves each trap by its natural spread; default) | none (one shift for all)."),
-        anneal: str = typer.Option(None, "--anneal", help="CTT: what alpha's growth applies to: detection (L_D only, after L_C; default) | both."),
-        trap_placement: str = typer.Option(None, "--trap-placement", help="CTT: uniform (keyed traps anywhere; default) | quiet (only positions constant on the training split: catches DeepFool, but alarms on slightly noisy inputs)."),
-        code: str = typer.Option(None, "--code", help="SafetyNet: binary | quaternary (default quaternary)."),
-        attack: list[str] = typer.Option(None, "--attack", help="Attacks making adversarial training examples (SafetyNet, mismatch), e.g. pgd:eps=0.1 or pgd:eps=auto (eps=auto: the eps at which FGSM halves the classifier's accuracy on the training split); default SafetyNet pgd:eps=auto, mismatch fgsm:eps=auto pgd:eps=auto saltpepper; repeatable."),
-        svm_c: float = typer.Option(None, "--svm-c", help="SVM C (default: cross-validated grid)."),
-        svm_gamma: float = typer.Option(None, "--svm-gamma", help="RBF gamma (default: cross-validated grid)."),
-        max_train: int = typer.Option(None, "--max-train", help="Cap on detector training examples."),
-        max_sv: int = typer.Option(None, "--max-sv", help="SafetyNet: support-vector budget (the SVM's cost per input grows with it; default 500)."),
-        nic_detectors: int = typer.Option(None, "--nic-detectors", help="NIC: K randomised detector sets, majority vote."),
-        nic_invariants: str = typer.Option(None, "--nic-invariants", help="NIC: value | provenance | both."),
-        second_model: Path = typer.Option(None, "--second-model", help="Mismatch: the second model (.pt2, or .pt with --second-arch)."),
-        second_arch: str = typer.Option(None, "--second-arch", help="Mismatch: package.module:factory of the second model."),
-        train_second: bool = typer.Option(False, "--train-second", help="Mismatch: train a structurally different second model."),
+        device: str = typer.Option(None, "--device", help="cpu or cuda (training and bound propagation) [default: cpu]."),
+        seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):
         """Instrument MODEL with the chosen methods and write a .hardened bundle."""
         with errors_to_exit():
+            from harden.errors import HardenError
+            from harden.instrumentation.pipeline import instrument as run_instrument
+            from harden.instrumentation.recipe import Recipe, load_recipe
             from harden.io.atomic import check_output_path
             from harden.bundle.archive import save_bundle
             from harden.io.data import load_data, parse_input_range
             from harden.io.model import load_model
-            from harden.instrumentation.pipeline import instrument as run_instrument
             from harden.methods.base import Options
 
-            out = check_output_path(output or Path(model.name).with_suffix(".hardened"))
+            from harden.bundle.seal import resolve_key
+            from harden.core.arguments import check_limit
+            from harden.detectors.policy import policy_k
+
+            plan = (load_recipe(recipe) if recipe else Recipe()).with_methods(method or [])
+            given = {"data": data, "seed": seed, "fpr": fpr, "fpr_confidence": fpr_confidence, "policy": policy,
+                     "input_range": input_range, "limit": limit, "device": device}
+            settings = {**DEFAULTS, **plan.shared, **{k: v for k, v in given.items() if v is not None}}
+            if not settings.get("data"):
+                raise HardenError("give --data (or a recipe with data = ...)")
+            if not plan.methods:
+                raise HardenError("choose at least one --method (or a recipe with [methods.NAME] tables); "
+                                  "`harden methods` lists them")
+            specs = plan.specs()
+            # every check that needs no model or data runs first: a typo costs nothing
+            inputs = [model, recipe, *_input_files(settings["data"], specs)]
+            out = check_output_path(output or Path(model.name).with_suffix(".hardened"), inputs=inputs)
             generated_key = key is None
             key = key if key is not None else secrets.token_hex(16)
-            from harden.errors import HardenError
-            from harden.train.eps_search import parse_eps
-
-            eps = parse_eps(eps)
-            if eps == "auto" and not {"ctt-loose", "ctt-strict"} & set(method):
-                raise HardenError(f"--eps {eps} sets the fine-tuning eps of ctt-loose or ctt-strict; add one of them or give a number")
-            extra = {"epochs": epochs, "steps": steps, "patience": patience, "alpha": alpha, "alpha_growth": alpha_growth, "alpha_every": alpha_every,
-                     "lr": lr, "detection_weight": detection_weight, "fire_margin": fire_margin,
-                     "trap_rule": trap_rule, "trap_scale": trap_scale, "anneal": anneal, "trap_placement": trap_placement,
-                     "code": code, "attacks": attack or None, "svm_c": svm_c, "svm_gamma": svm_gamma,
-                     "max_train": max_train, "max_sv": max_sv, "nic_detectors": nic_detectors, "nic_invariants": nic_invariants,
-                     "second_model": str(second_model) if second_model else None, "second_arch": second_arch,
-                     "train_second": train_second or None, "trust_pickle": trust_pickle or None}
-            options = Options(key=key, seed=seed, layers=list(layers or []), mask_ratio=mask_ratio, quantile=quantile,
-                              fpr=fpr, fpr_confidence=fpr_confidence, eps=eps, threshold=threshold, device=device,
-                              extra={k: v for k, v in extra.items() if v is not None})
+            seal_key = resolve_key(seal_key)
+            check_limit(settings["limit"])
+            bounds = settings["input_range"]
+            bounds = parse_input_range(bounds if isinstance(bounds, str) else ",".join(map(str, bounds)))
+            policy_k(str(settings["policy"]), len(specs))
+            options = Options(key=key, seed=settings["seed"], fpr=settings["fpr"],
+                              fpr_confidence=settings["fpr_confidence"], device=settings["device"],
+                              trust_pickle=trust_pickle).check()
             net = load_model(model, arch, trust_pickle)
-            dataset = load_data(data, seed=seed, input_range=parse_input_range(input_range), limit=limit)
+            dataset = load_data(settings["data"], seed=settings["seed"], input_range=bounds, limit=settings["limit"])
             with progress_reporter(not json_out) as progress:
-                hardened = run_instrument(net, dataset, list(method), options, policy=policy, progress=progress)
+                hardened = run_instrument(net, dataset, specs, options, policy=settings["policy"], progress=progress)
                 progress("writing bundle", 1.0)
-                manifest = save_bundle(hardened, out)
+                manifest = save_bundle(hardened, out, seal_key=seal_key, inputs=inputs)
             if json_out:
                 emit_json({"bundle": str(out), "manifest": manifest})
                 return
             if generated_key:
                 console.print(f"key (keep it secret; needed to re-instrument identically): {key}", highlight=False)
             _print_summary(out, manifest)
+
+
+def _input_files(data, specs) -> list[Path]:
+    """The files a run reads besides the model and the recipe: its data and any model a method loads."""
+    files = [Path(data)] if isinstance(data, str) and Path(data).exists() else []
+    for spec in specs:
+        second = spec.settings.to_dict().get("second_model")
+        if second:
+            files.append(Path(second))
+    return files
 
 
 def _print_finetuning(method: dict) -> None:

@@ -18,6 +18,11 @@ def _example_input(data: str | None, input_shape: str | None, input_range: str) 
             shape = tuple(int(v) for v in input_shape.replace("x", ",").split(","))
         except ValueError:
             raise HardenError(f"--input-shape {input_shape!r} must look like 1,28,28") from None
+        if len(shape) != 3 or min(shape) < 1:
+            raise HardenError(f"--input-shape {input_shape!r} must be three sizes >= 1 (channels, height, width)")
+        from harden.core.limits import check_elements
+
+        check_elements((2, *shape), f"--input-shape {input_shape}")
         return torch.zeros((2, *shape))
     if data:
         from harden.io.data import load_data, parse_input_range
@@ -34,7 +39,7 @@ def register(app: typer.Typer) -> None:
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a whole pickled module (runs code from the file)."),
         data: str = typer.Option(None, "--data", help="Data to take the input shape from (mnist, digits, x.npz, folder, x.pt)."),
         input_shape: str = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28 (instead of --data)."),
-        input_range: str = typer.Option("0,1", "--input-range"),
+        input_range: str = typer.Option("0,1", "--input-range", help="The model's input range lo,hi (for --data)."),
         json_out: bool = JSON_OPTION,
     ):
         """List every node: name, module path, canonical op, output shape, and which nodes are sites."""
@@ -47,6 +52,9 @@ def register(app: typer.Typer) -> None:
             gm = trace(load_model(model, arch, trust_pickle))
             example = _example_input(data, input_shape, input_range)
             if example is not None:
+                from harden.graph.sizes import check_sizes
+
+                check_sizes(gm, tuple(example.shape), "the model")   # no tensor above the caps, before it runs
                 infos = describe(gm, example)
             else:
                 infos = [

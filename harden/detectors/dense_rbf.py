@@ -8,7 +8,7 @@ reasons:
   this graph (bench/experiments/safetynet_latency.py);
 * precision: the ML operators run in float32 and the signed sum over support vectors cancels, so they drift
   1e-5..1e-3 from scikit-learn (libsvm works in double); NIC's exports sat at 2.6e-5..2.3e-4 against the
-  1e-4 parity tolerance that way (bench/experiments/nic_parity.py, docs/results/nic.md).
+  1e-4 parity tolerance that way (measured on LeNet-5).
 
 The graph computes ``sum_s dual_s exp(-gamma |x - s|^2) + intercept`` with
 ``-gamma |x - s|^2 = 2 gamma x.s - gamma |s|^2 - gamma |x|^2``: one MatMul against every support vector,

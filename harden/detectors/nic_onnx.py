@@ -15,7 +15,7 @@ How the estimators are written is a *kernel* of :data:`KERNELS`:
   every part of a set in one block (one Exp over all the parts' kernels, one MatMul with their dual
   coefficients).  The issue asked for skl2onnx in float32; this deliberately deviates: within ~1e-6 of
   scikit-learn instead of ~1e-5, and a fraction of the cost (onnxruntime's SVM operator loops over
-  (input, support vector) pairs).  Measured on LeNet-5 (bench/experiments/nic_parity.py, docs/results/nic.md).
+  (input, support vector) pairs).  Measured on LeNet-5.
 * ``skl2onnx``: each estimator converted by skl2onnx (``ai.onnx.ml`` SVM operator, float32); kept to compare.
 
 Between the stages the scores are float32, exactly as :class:`harden.methods.nic.NICDetector` rounds them, so

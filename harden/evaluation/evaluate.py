@@ -24,6 +24,7 @@ A rate or AUC over an empty set is ``None`` (null in JSON), never NaN.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -57,6 +58,8 @@ class AttackRow:
     n_correct: int = 0                        # originally correct (the detection denominators)
     n_successful: int = 0                     # of those, misclassified after the attack
     params: dict[str, Any] = field(default_factory=dict)  # every attack parameter, defaults filled in
+    # per detector, the ROC curve behind its AUC ({"fpr": [...], "tpr": [...]}); in JSON only when asked
+    roc_curves: dict[str, dict | None] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -67,19 +70,28 @@ class EvaluationReport:
     rows: list[AttackRow]
     n_clean: int
 
-    def to_json(self) -> dict:
-        """Plain JSON types only; NaN never appears (empty sets are null)."""
+    def to_dict(self, curves: bool = False) -> dict:
+        """Plain JSON types only; NaN never appears (empty sets are null).  ``curves``: keep each row's ROC
+        curves (``roc_curves``), which the plots draw."""
+        rows = [asdict(row) for row in self.rows]
+        if not curves:
+            for row in rows:
+                del row["roc_curves"]
         out = {
             "clean_accuracy": self.clean_accuracy,
             "clean_fpr": self.clean_fpr,
             "per_method_fpr": dict(self.per_method_fpr),
             "n_clean": self.n_clean,
-            "rows": [asdict(row) for row in self.rows],
+            "rows": rows,
         }
         return _jsonable(out)
 
+    def to_json(self) -> str:
+        """The report as JSON text (what `harden evaluate --json` prints)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
     @classmethod
-    def from_json(cls, data: dict) -> "EvaluationReport":
+    def from_dict(cls, data: dict) -> "EvaluationReport":
         names = {f.name for f in fields(AttackRow)}
         rows = [AttackRow(**{k: v for k, v in row.items() if k in names}) for row in data["rows"]]
         return cls(clean_accuracy=data["clean_accuracy"], clean_fpr=data["clean_fpr"],
@@ -109,13 +121,15 @@ def _mean(values: np.ndarray) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def roc_auc(clean_scores: np.ndarray, adv_scores: np.ndarray) -> float | None:
-    """ROC-AUC of adversarial (positive) against clean (negative) scores; None if either side is empty.
+def roc(clean_scores: np.ndarray, adv_scores: np.ndarray) -> dict | None:
+    """The ROC curve of adversarial (positive) against clean (negative) scores and its area:
+    ``{"fpr": [...], "tpr": [...], "auc": float}``; None if either side is empty.
 
     Non-finite scores are mapped to the ends of the float range (NaN counts as
     most suspicious: the graph raises its alarm on non-finite input anyway).
+    The area is the trapezoid under exactly these points (what ``roc_auc_score`` computes).
     """
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import auc, roc_curve
 
     if len(clean_scores) == 0 or len(adv_scores) == 0:
         return None
@@ -123,7 +137,14 @@ def roc_auc(clean_scores: np.ndarray, adv_scores: np.ndarray) -> float | None:
     top = np.finfo(np.float64).max
     scores = np.nan_to_num(scores, nan=top, posinf=top, neginf=-top)
     labels = np.concatenate([np.zeros(len(clean_scores)), np.ones(len(adv_scores))])
-    return float(roc_auc_score(labels, scores))
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": float(auc(fpr, tpr))}
+
+
+def roc_auc(clean_scores: np.ndarray, adv_scores: np.ndarray) -> float | None:
+    """ROC-AUC of adversarial (positive) against clean (negative) scores; None if either side is empty."""
+    curve = roc(clean_scores, adv_scores)
+    return None if curve is None else curve["auc"]
 
 
 def method_names(out: dict[str, np.ndarray]) -> list[str]:
@@ -186,6 +207,7 @@ def _row(label: str, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, correct: n
         l2 = _mean(np.linalg.norm(delta, axis=1)[correct])
         linf = _mean((np.abs(delta).max(axis=1) if delta.shape[1] else np.zeros(len(x)))[correct])
     methods = method_names(clean)
+    curves = {d: roc(clean[d], adv[d][correct]) if d in adv else None for d in _detectors(clean)}
     return AttackRow(
         attack=label,
         n=len(x_adv),
@@ -194,13 +216,14 @@ def _row(label: str, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, correct: n
         detection_rate_successful=_rate(adv["alarm"][successful]),
         mean_l2=l2,
         mean_linf=linf,
-        roc_auc={d: roc_auc(clean[d], adv[d][correct]) if d in adv else None for d in _detectors(clean)},
+        roc_auc={d: None if c is None else c["auc"] for d, c in curves.items()},
         per_method_detection={m: _rate(adv[m + ALARM_SUFFIX][correct]) if m + ALARM_SUFFIX in adv else None
                               for m in methods},
         seconds=seconds,
         n_correct=int(correct.sum()),
         n_successful=int(successful.sum()),
         params=params,
+        roc_curves={d: None if c is None else {"fpr": c["fpr"], "tpr": c["tpr"]} for d, c in curves.items()},
     )
 
 

@@ -97,5 +97,5 @@ def export_onnx(hardened: HardenedModel, path: str | Path | None = None,
     parity = compare(golden, OnnxGraph(data).run(golden["input"]), "onnxruntime",
                      rounding_of(golden, _float64_reference(hardened, golden["input"])))
     if path is not None:
-        atomic_write_bytes(Path(path), data)
+        atomic_write_bytes(Path(path), data, inputs=[source])
     return ExportResult(model, parity, torch_parity, Path(path) if path else None)

@@ -13,11 +13,17 @@ Nothing in a document is ever executed or imported by name.  Loading resolves:
   ``nn.Module`` subclass defined under ``torch.nn.modules``; a module is
   rebuilt with ``cls.__new__`` + ``nn.Module.__init__`` and its stored plain
   attributes (no constructor runs);
+- module classes only from ``MODULE_CLASSES`` (the layers of image classifiers);
 - call_function targets only from an allowlist: harden's op tables
   (``harden.graph.ops.FUNCTION_SPELLINGS``, ``OUT_OF_PLACE_FUNCTIONS``),
-  ``getattr`` (with a fixed set of attribute names), ``operator.getitem`` and
-  side-effect-free ATen OpOverloads (not mutating, no file arguments);
+  ``PURE_FUNCTIONS``, ``getattr`` (with a fixed set of attribute names),
+  ``operator.getitem`` and the ATen overloads of ``harden.core.aten_ops.ATEN_OPS``,
+  never a mutating one; every ATen call's arguments are checked against the op's schema
+  (:func:`check_aten_call`: literal types, strided layout, CPU device, real dtypes);
 - call_method targets only from a list of Tensor method names.
+
+Sizes are a separate check (:func:`harden.graph.sizes.check_sizes`): which
+tensors a graph creates depends on its input's shape, known to the bundle.
 
 fx compiles a GraphModule's ``forward`` from Python source it generates from
 the graph, so every string that reaches that source (node names, placeholder
@@ -70,6 +76,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harden.core.aten_ops import ATEN_OPS
+from harden.core.limits import MAX_TOTAL_ELEMENTS, check_elements
 from harden.errors import HardenError
 
 FORMAT = 1
@@ -114,6 +122,20 @@ PURE_FUNCTIONS = (
     torch.pow, torch.where, torch.maximum, torch.minimum, torch.square, torch.addmm, torch.einsum,
 )
 
+# torch.nn module classes a graph file may rebuild (by name, without running a constructor): the layers of
+# image classifiers.  Namespaces (Sequential, ModuleList, ModuleDict) hold children only.
+MODULE_CLASSES: frozenset[str] = frozenset({
+    "Module", "Sequential", "ModuleList", "ModuleDict",
+    "Conv1d", "Conv2d", "Linear", "Bilinear", "Identity", "Flatten", "Unflatten",
+    "BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LocalResponseNorm",
+    "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
+    "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "ZeroPad2d", "ConstantPad2d", "ReflectionPad2d", "ReplicationPad2d",
+    "Dropout", "Dropout1d", "Dropout2d", "AlphaDropout",
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "Hardtanh", "Sigmoid", "Tanh", "SiLU", "GELU", "Hardswish",
+    "Hardsigmoid", "Mish", "ELU", "SELU", "CELU", "Softplus", "Softsign", "Softshrink", "Hardshrink",
+    "Tanhshrink", "LogSigmoid", "Softmax", "LogSoftmax",
+})
+
 # Namespaces searched, in order, for a human-readable function name.
 _FUNCTION_NAMESPACES = (("operator", operator), ("builtins", builtins), ("torch", torch),
                         ("torch.nn.functional", F))
@@ -151,21 +173,28 @@ def allowed_functions() -> Mapping[str, Callable]:
     table: dict[str, Callable] = {}
     for fn in candidates:
         name = _function_name(fn)
-        if name is not None and name not in table:
+        if name is not None and name not in table and not isinstance(fn, torch._ops.OpOverload):
             table[name] = fn
+    for name in sorted(ATEN_OPS):   # the one list of ATen overloads (harden.core.aten_ops)
+        op = _aten_overload(name)
+        if op is not None and not _mutating(op):
+            table.setdefault(name, op)
     return MappingProxyType(table)
 
 
-def _aten_problem(op: torch._ops.OpOverload) -> str | None:
-    """Why an ATen op outside the explicit allowlist may not be stored, or None."""
-    schema = op._schema
-    if schema.is_mutable:
-        return "it mutates its arguments"
-    for arg in schema.arguments:
-        lowered = arg.name.lower()
-        if "file" in lowered or "path" in lowered:
-            return f"it takes a file argument ({arg.name!r})"
-    return None
+def _aten_overload(name: str) -> torch._ops.OpOverload | None:
+    match = _ATEN.match(name)
+    if match is None:
+        return None
+    try:
+        op = getattr(getattr(torch.ops.aten, match.group(1)), match.group(2))
+    except (AttributeError, RuntimeError):
+        return None  # an op this torch does not have: the table may list ops of newer versions
+    return op if isinstance(op, torch._ops.OpOverload) else None
+
+
+def _mutating(fn: Any) -> bool:
+    return isinstance(fn, torch._ops.OpOverload) and fn._schema.is_mutable
 
 
 def _resolve_function(name: Any, node_name: str) -> Callable:
@@ -174,22 +203,73 @@ def _resolve_function(name: Any, node_name: str) -> Callable:
     table = allowed_functions()
     if name in table:
         return table[name]
-    match = _ATEN.match(name)
-    if match is None:
-        raise HardenError(
-            f"graph node {node_name!r} calls {name!r}, which is not an allowed function "
-            "(harden's op spellings, getattr, operator.getitem and ATen ops only)"
-        )
-    try:
-        op = getattr(getattr(torch.ops.aten, match.group(1)), match.group(2))
-    except (AttributeError, RuntimeError):
-        raise HardenError(f"graph node {node_name!r} calls {name!r}, which is not an ATen op in this torch") from None
-    if not isinstance(op, torch._ops.OpOverload):
-        raise HardenError(f"graph node {node_name!r} calls {name!r}, which is not an ATen op overload")
-    problem = _aten_problem(op)
-    if problem:
-        raise HardenError(f"graph node {node_name!r} calls {name!r}, which is refused: {problem}")
-    return op
+    raise HardenError(
+        f"graph node {node_name!r} calls {name!r:.80}, which is not an allowed function (harden's op spellings, "
+        "getattr, operator.getitem and the ATen ops of harden.core.aten_ops.ATEN_OPS only)"
+    )
+
+
+# ----------------------------------------------------------------------------- ATen argument checks
+
+_SCHEMA_TYPE = re.compile(r"^(Optional|List)\[(.*)\]$")
+_REAL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
+                          torch.int16, torch.int32, torch.int64, torch.bool})
+_MAX_STRING = 64
+
+
+def _value_fits(kind: str, value: Any) -> bool:
+    """Whether a literal (or a node) may stand for an argument of schema type ``kind``."""
+    match = _SCHEMA_TYPE.match(kind)
+    if match:
+        outer, inner = match.groups()
+        if outer == "Optional":
+            return value is None or _value_fits(inner, value)
+        return isinstance(value, (list, tuple)) and all(_value_fits(inner, v) for v in value)
+    if isinstance(value, fx.Node):  # a tensor or a symbolic size computed by the graph
+        return kind in ("Tensor", "int", "float", "number", "bool", "SymInt")
+    if kind == "Tensor":  # torch.export passes Python scalars where a Tensor is wrapped (x + 2)
+        return type(value) in (int, float, bool)
+    if kind in ("int", "SymInt"):
+        return type(value) in (int, bool)
+    if kind == "float":
+        return type(value) in (int, float)
+    if kind in ("number", "Scalar"):
+        return type(value) in (int, float, bool)
+    if kind == "bool":
+        return type(value) is bool
+    if kind == "str":
+        return isinstance(value, str) and len(value) <= _MAX_STRING
+    if kind == "ScalarType":
+        return isinstance(value, torch.dtype) and value in _REAL_DTYPES
+    if kind == "Layout":
+        return value is torch.strided
+    if kind == "MemoryFormat":
+        return isinstance(value, torch.memory_format)
+    if kind == "Device":
+        return isinstance(value, torch.device) and value.type == "cpu"
+    return False  # Tensor literals, generators, storages, streams, ...: never from a file
+
+
+def check_aten_call(op: torch._ops.OpOverload, args: tuple, kwargs: dict, node_name: str) -> None:
+    """Refuse an ATen call whose arguments do not fit the op's schema (count, names, literal types)."""
+    schema = op._schema
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    by_name = {a.name: a for a in schema.arguments}
+    if len(args) > len(positional):
+        raise HardenError(f"graph node {node_name!r}: {op} takes {len(positional)} positional arguments, got {len(args)}")
+    bound = list(zip(positional, args))
+    for key, value in kwargs.items():
+        if key not in by_name or key in {a.name for a, _ in bound}:
+            raise HardenError(f"graph node {node_name!r}: {op} has no keyword argument {key!r} (or got it twice)")
+        bound.append((by_name[key], value))
+    given = {a.name for a, _ in bound}
+    missing = [a.name for a in schema.arguments if a.name not in given and not a.has_default_value()]
+    if missing:
+        raise HardenError(f"graph node {node_name!r}: {op} misses argument(s) {', '.join(missing)}")
+    for argument, value in bound:
+        if not _value_fits(str(argument.real_type), value):
+            raise HardenError(f"graph node {node_name!r}: argument {argument.name!r} of {op} must be "
+                              f"{argument.real_type}, got {_kind(value)} {value!r:.40}")
 
 
 # torch.nn module classes that torch.nn does not export by name: nn.MultiheadAttention's output projection.
@@ -199,8 +279,8 @@ EXTRA_MODULE_CLASSES: Mapping[str, type] = MappingProxyType({
 
 
 def _nn_class(name: Any) -> type | None:
-    """``getattr(torch.nn, name)`` when it is an nn.Module class defined under torch.nn.modules."""
-    if not isinstance(name, str) or not _IDENT.match(name):
+    """``getattr(torch.nn, name)`` for a name of MODULE_CLASSES (an nn.Module class under torch.nn.modules)."""
+    if not isinstance(name, str) or name not in MODULE_CLASSES:
         return None
     cls = EXTRA_MODULE_CLASSES.get(name) or getattr(nn, name, None)
     if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("torch.nn.modules"):
@@ -411,16 +491,14 @@ class _Saver:
         if name is not None and table.get(name) is fn:
             if fn is getattr:
                 _check_getattr(node.name, node.args, node.kwargs)
+            if isinstance(fn, torch._ops.OpOverload):
+                check_aten_call(fn, node.args, node.kwargs, node.name)
             return name
-        if isinstance(fn, torch._ops.OpOverload) and fn.namespace == "aten":
-            problem = _aten_problem(fn)
-            if problem is None:
-                return str(fn)
-            raise HardenError(f"graph node {node.name!r} calls {fn}, which a harden graph file refuses: {problem}")
         spelling = name or repr(fn)
         raise HardenError(
             f"graph node {node.name!r} calls {spelling}, which a harden graph file cannot store "
-            "(allowed: harden's op spellings, getattr, operator.getitem and side-effect-free ATen ops)"
+            "(allowed: harden's op spellings, getattr, operator.getitem and the ATen ops of "
+            "harden.core.aten_ops.ATEN_OPS)"
         )
 
     # -- modules
@@ -575,6 +653,7 @@ class _Loader:
         if not isinstance(arrays, dict):
             raise HardenError(f"graph file: arrays must be a dict, got {_kind(arrays)}")
         self.arrays = arrays
+        self.elements = 0
         self.tensors: dict[str, torch.Tensor] = {}
         self.modules: dict[str, nn.Module] = {}
 
@@ -652,13 +731,16 @@ class _Loader:
         requires_grad = _field(entry, "requires_grad", bool, where)
         if not all(type(s) is int and s >= 0 for s in shape):
             raise HardenError(f"{where}: malformed shape {shape!r:.60}")
+        self.elements += check_elements(shape, where)
+        if self.elements > MAX_TOTAL_ELEMENTS:
+            raise HardenError(f"{where}: the graph's tensors exceed {MAX_TOTAL_ELEMENTS:,} elements together")
         if qualname not in self.arrays:
             raise HardenError(f"graph file: missing array for tensor {qualname!r}")
         array = self.arrays[qualname]
         if not isinstance(array, np.ndarray):
             raise HardenError(f"graph file: array {qualname!r} is a {_kind(array)}, not a numpy array")
         storage = _torch_dtype(entry["bits"], where) if "bits" in entry else dtype
-        expected = torch.empty(0, dtype=storage).numpy().dtype
+        expected = torch.empty(0, dtype=storage, device="cpu").numpy().dtype
         if array.dtype != expected or list(array.shape) != shape:
             raise HardenError(
                 f"graph file: array {qualname!r} is {array.dtype}{list(array.shape)}, expected {expected}{shape}"
@@ -717,6 +799,8 @@ def _build_graph(nodes_spec: list, gm: fx.GraphModule) -> fx.Graph:
             raise HardenError(f"{where}: malformed arguments for a {op} node")
         if target is getattr:
             _check_getattr(name, args, kwargs)
+        if isinstance(target, torch._ops.OpOverload):
+            check_aten_call(target, args, kwargs, name)
         if op == "get_attr" and not isinstance(_resolve_attr(gm, target), torch.Tensor):
             raise HardenError(f"{where}: get_attr target {target!r} is not a tensor of the graph file")
         if op == "call_module":

@@ -138,3 +138,12 @@ class HardenedModel:
 
     def method(self, name: str) -> FittedMethod:
         return next(m for m in self.methods if m.name == name)
+
+
+def original_classifier(hardened: HardenedModel) -> fx.GraphModule:
+    """The user's model before any fine-tuning (same graph, original weights)."""
+    if hardened.original_state is None:
+        return hardened.classifier
+    original = copy.deepcopy(hardened.classifier)
+    original.load_state_dict(hardened.original_state)
+    return original

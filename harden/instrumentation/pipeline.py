@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -14,11 +14,13 @@ import torch.nn as nn
 from harden.detectors.calibration import calibrate, check_split
 from harden.errors import HardenError
 from harden.graph.analyse import check_input_shape
+from harden.graph.sizes import check_sizes
 from harden.graph.trace import trace
 from harden.instrumentation.hardened import LOGITS_OUTPUT, HardenedModel
+from harden.instrumentation.recipe import recipe_of
 from harden.io.data import Dataset
 from harden.methods import load_all  # noqa: F401  (registers every method)
-from harden.methods.base import METHODS, FitContext, Options, key_fingerprint
+from harden.methods.base import METHODS, FitContext, MethodSpec, Options, key_fingerprint, parse_method
 from harden.detectors.policy import AlarmPolicy, policy_k
 
 GOLDEN_SAMPLES = 256
@@ -40,40 +42,52 @@ def _golden_inputs(data: Dataset) -> np.ndarray:
 def instrument(
     model: nn.Module,
     data: Dataset,
-    methods: list[str],
+    methods: Sequence[str | MethodSpec],
     options: Options | None = None,
     *,
     policy: str = "any",
     progress: Callable[[str, float], None] = lambda message, fraction: None,
 ) -> HardenedModel:
-    """Add every requested method's detector to ``model`` and calibrate the combined alarm."""
-    options = options or Options()
+    """Add every requested method's detector to ``model`` and calibrate the combined alarm.
+
+    ``methods``: ``name`` or ``name:key=value,...`` texts (the CLI's ``--method``) or :class:`MethodSpec`s.
+    """
+    options = (options or Options()).check()
     if not methods:
         raise HardenError("choose at least one --method")
-    if len(set(methods)) != len(methods):
-        raise HardenError(f"a --method is given twice: {', '.join(methods)}")
-    classes = [METHODS.get(name) for name in methods]
-    finetuning = [c.name for c in classes if c.finetunes]
+    specs = [parse_method(m) for m in methods]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise HardenError(f"a --method is given twice: {', '.join(names)}")
+    finetuning = [s.name for s in specs if METHODS.get(s.name).finetunes]
     if len(finetuning) > 1:
         raise HardenError(f"only one fine-tuning method at a time; got {', '.join(finetuning)}")
-    k = policy_k(policy, len(methods))
+    k = policy_k(policy, len(specs))
     # Fine-tuning changes the weights every other method is fitted on, so it runs first.
-    classes.sort(key=lambda c: not c.finetunes)
+    order = sorted(specs, key=lambda s: not METHODS.get(s.name).finetunes)
 
     started = time.perf_counter()
     # A traced graph shares parameters with the user's model; fine-tuning must never change the caller's object.
     gm = copy.deepcopy(trace(model))
+    check_sizes(gm, (2, *data.input_shape), "the model")   # no tensor above the caps, before anything runs
     check_input_shape(gm, data.train.x[:2])
+    with torch.no_grad():
+        outputs = gm(data.train.x[:2]).shape[1]
+    if outputs < data.num_classes:
+        raise HardenError(f"the data's labels reach {data.num_classes - 1} but the model has {outputs} outputs: "
+                          f"labels must lie in 0..{outputs - 1}")
     if 0 < options.fpr < 1 and len(data.calibration) >= 2:
         check_split(len(data.calibration), options.fpr, options.fpr_confidence)  # fail before minutes of fitting
     original_state = copy.deepcopy(gm.state_dict())
     with torch.no_grad():
         original_test_logits = gm(data.test.x).numpy()
-    ctx = FitContext(gm=gm, data=data, options=options, progress=progress)
     fitted = []
-    for cls in classes:
-        progress(f"fitting {cls.name}", 0.0)
-        fitted.append(cls().fit(ctx))
+    for spec in order:
+        progress(f"fitting {spec.name}", 0.0)
+        ctx = FitContext(gm=gm, data=data, options=options, settings=spec.settings, progress=progress)
+        method = METHODS.get(spec.name)().fit(ctx)
+        method.config["options"] = spec.settings.to_dict()
+        fitted.append(method)
     hardened = HardenedModel(gm, fitted, original_state=original_state if finetuning else None)
 
     progress("calibrating", 0.0)
@@ -86,11 +100,11 @@ def instrument(
     hardened.facts = {
         "bundle_id": uuid.uuid4().hex,
         "input": {"shape": list(data.input_shape), "range": list(data.input_range)},
-        "num_classes": data.num_classes,
+        "num_classes": int(outputs),   # the model's outputs (>= the data's classes)
         "data": {"name": data.name, "split": data.split},
-        "eps": options.eps if isinstance(options.eps, (int, float)) else None,  # a CTT fit resolves a rule to its number
-        "options": {"layers": options.layers, "mask_ratio": options.mask_ratio, "quantile": options.quantile,
-                    "threshold": options.threshold, "seed": options.seed, **options.extra},
+        # The default eps of `harden certify`: the box a CTT fit trained on (a rule like "scaled" resolved).
+        "eps": next((m.config["eps"] for m in fitted if isinstance(m.config.get("eps"), (int, float))), None),
+        "recipe": recipe_of(data, specs, options, policy),
         "policy": {"text": policy, "k": k, "methods": len(fitted)},
         "fpr_target": options.fpr,
         "fpr_confidence": options.fpr_confidence,
@@ -113,3 +127,4 @@ def instrument(
     }
     hardened.golden = {"input": golden_x, **hardened.run(golden_x)}
     return hardened
+

@@ -13,7 +13,6 @@ One ``.npz`` per set, read with ``allow_pickle=False``:
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +61,9 @@ def load_adversarial(path: Path, *, input_shape: tuple[int, ...], num_classes: i
     name = f"--adversarial {path}"
     if not path.is_file():
         raise HardenError(f"{name}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            content = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise HardenError(f"{name}: not a readable .npz ({exc})") from None
+    from harden.io.safezip import read_npz
+
+    content = read_npz(path, name)   # within the size caps, never unpickled
     unknown = sorted(set(content) - set(KEYS))
     if "x" not in content or "y" not in content or unknown:
         raise HardenError(f"{name}: needs arrays 'x' and 'y' (and optionally 'x_clean'); "

@@ -41,6 +41,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 _GRAY_MODES = ("1", "L", "LA")
 _COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 _SPLIT_NAMES = ("train", "calibration", "test")
+MAX_IMAGE_PIXELS = 1 << 26  # one image of a folder data set (Pillow's own bomb check warns far later)
 
 
 @dataclass(frozen=True)
@@ -223,19 +224,13 @@ def _from_arrays(x, y, where: str) -> _Raw:
 def _load_npz(path: Path) -> _Raw:
     if not zipfile.is_zipfile(path):
         raise HardenError(f"cannot read {path}: not an .npz (zip) archive of arrays")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = sorted(archive.files)
-            if "x" not in keys or "y" not in keys:
-                raise HardenError(f"{path}: expected arrays 'x' and 'y', found {keys or 'none'}")
-            x, y = archive["x"], archive["y"]
-    except HardenError:
-        raise
-    except ValueError as exc:  # object arrays need pickle, which is refused
-        raise HardenError(f"cannot read {path}: {str(exc).splitlines()[0]} (pickled arrays are refused)") from None
-    except Exception as exc:  # BadZipFile, OSError, EOFError, ...
-        raise HardenError(f"cannot read {path} as .npz: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return _from_arrays(x, y, str(path))
+    from harden.io.safezip import read_npz
+
+    arrays = read_npz(path, str(path))   # within the size caps; object (pickled) arrays are refused
+    keys = sorted(arrays)
+    if "x" not in keys or "y" not in keys:
+        raise HardenError(f"{path}: expected arrays 'x' and 'y', found {keys or 'none'}")
+    return _from_arrays(arrays["x"], arrays["y"], str(path))
 
 
 def _tensor_to_numpy(value, name: str, where: str) -> np.ndarray:
@@ -294,18 +289,25 @@ def _load_folder(root: Path) -> _Raw:
         raise HardenError(f"{root}: expected one sub-folder of images per class, found none")
     images, labels, modes = [], [], []
     size, size_file = None, None
+    unreadable: list[str] = []   # every file that is not a readable image, named together in one line
     for label, folder in enumerate(classes):
-        files = sorted(p for p in folder.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        unreadable += [str(p) for p in entries if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES]
+        files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise HardenError(f"{folder}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
         for file in files:
             try:
                 with Image.open(file) as im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:
+                        raise HardenError(f"{file} is {im.width}x{im.height}, above {MAX_IMAGE_PIXELS:,} pixels")
                     im.load()
                     image = im.copy()
-            except Exception as exc:
-                raise HardenError(f"cannot read image {file}: {type(exc).__name__}: {exc}") from None
+            except HardenError:
+                raise
+            except Exception:  # noqa: BLE001 - Pillow raises many types for a file that is not an image
+                unreadable.append(str(file))
+                continue
             if image.mode not in _GRAY_MODES + _COLOUR_MODES:
                 raise HardenError(f"{file}: image mode {image.mode!r} is not supported; use 8-bit grayscale or RGB")
             if size is None:
@@ -315,6 +317,10 @@ def _load_folder(root: Path) -> _Raw:
             images.append(image)
             labels.append(label)
             modes.append(image.mode)
+    if unreadable:
+        shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        raise HardenError(f"{root}: cannot read images from {len(unreadable)} file(s) of the class folders: {shown}; "
+                          "remove or move them (every entry of a class folder must be an image)")
     colour = any(m in _COLOUR_MODES for m in modes)
     target = "RGB" if colour else "L"
     arrays = [np.asarray(im.convert(target), dtype=np.uint8) for im in images]
@@ -408,6 +414,10 @@ def load_data(
     fractions = _check_fractions(fractions)
 
     raw = _read_source(spec)
+    classes = np.unique(raw.y)
+    if classes.size < 2:
+        raise HardenError(f"{raw.origin}: every label is {int(classes[0]) if classes.size else 'missing'}; "
+                          "a classifier's data needs at least two classes")
     x_all = _to_range(raw, input_range)
     y_all = torch.from_numpy(np.array(raw.y, dtype=np.int64, order="C"))
     total = len(y_all)

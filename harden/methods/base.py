@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from harden.core.options import OptionSet, option
 from harden.errors import HardenError
 from harden.io.data import Dataset
 from harden.core.registry import Registry
@@ -28,34 +29,39 @@ LOGITS = "@logits"  # head argument: the classifier's logits
 
 @dataclass
 class Options:
-    """Everything the CLI can say about how to instrument; methods read what concerns them."""
+    """The settings every method shares (the CLI's flags); each method's own options are its :class:`OptionSet`."""
 
     key: str = "0"
     seed: int = 0
-    layers: list[str] = field(default_factory=list)  # "SPEC" for every method, or "method=SPEC"
-    mask_ratio: float = 0.01
-    quantile: float = 1.0
     fpr: float = 0.02
     fpr_confidence: float = 0.9   # P(true FPR on new data <= fpr); 0 = the plain empirical quantile
-    eps: float | str = "scaled"  # CTT box: a number, "scaled" or "auto" (harden.train.eps_search)
-    threshold: float = 1e-4
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)   # method-specific settings, by option name
+    trust_pickle: bool = False    # a method that loads a model of the user's (mismatch) may unpickle it
 
-    def layers_for(self, method: str) -> str | None:
-        """This method's --layers: its own ``method=SPEC`` if given, else a bare SPEC, else None (default)."""
-        bare = None
-        for entry in self.layers:
-            name, sep, spec = entry.partition("=")
-            if sep and name.strip() == method:
-                return spec.strip()
-            if not sep:
-                bare = entry.strip()
-        return bare
+    def check(self) -> "Options":
+        """The shared settings in their valid ranges (one HardenError line naming the flag); each method's own
+        options are checked by its OptionSet."""
+        from harden.core.arguments import check_device, check_fpr, check_key
 
-    def get(self, name: str, default: Any = None) -> Any:
-        value = self.extra.get(name)
-        return default if value is None else value
+        check_key(self.key)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise HardenError(f"--seed must be a whole number, got {self.seed!r:.40}")
+        check_fpr(self.fpr)
+        confidence = self.fpr_confidence
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 <= confidence < 1.0:
+            raise HardenError(f"--fpr-confidence must lie in [0, 1), got {confidence!r:.40}")
+        self.device = check_device(self.device)
+        return self
+
+
+def layers_option(default: str) -> Any:
+    """The ``layers`` option of a method that instruments sites."""
+    return option(default, "sites to instrument: all | last:K | [name,name] (node names or module paths; "
+                           "`harden layers` lists them)")
+
+
+class NoOptions(OptionSet):
+    """A method without options of its own."""
 
 
 @dataclass
@@ -63,6 +69,7 @@ class FitContext:
     gm: fx.GraphModule          # the traced classifier (may be fine-tuned in place by a method)
     data: Dataset
     options: Options
+    settings: OptionSet = field(default_factory=NoOptions)   # this method's own options, parsed and checked
     progress: Callable[[str, float], None] = lambda message, fraction: None
 
 
@@ -89,10 +96,11 @@ class FittedMethod:
 
 
 class Method:
-    """Base class: subclasses set ``name`` and implement ``fit`` and ``build_head``."""
+    """Base class: subclasses set ``name`` (and ``option_set``, their options) and implement ``fit`` and ``build_head``."""
 
     name: ClassVar[str]
     finetunes: ClassVar[bool] = False
+    option_set: ClassVar[type[OptionSet]] = NoOptions
 
     def fit(self, ctx: FitContext) -> FittedMethod:
         raise NotImplementedError
@@ -111,6 +119,35 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method by name with its options parsed and checked."""
+
+    name: str
+    settings: OptionSet
+
+    def label(self) -> str:
+        """``name:key=value,...`` of the options that differ from the defaults (parses back to this spec)."""
+        return self.settings.label(self.name)
+
+    @classmethod
+    def of(cls, name: str, **options: Any) -> "MethodSpec":
+        """From Python values: ``MethodSpec.of("ctt-strict", eps=0.003, steps=200)``."""
+        method = METHODS.get(name)
+        return cls(method.name, method.option_set.parse(f"method {method.name!r}", options))
+
+
+def parse_method(spec: "str | MethodSpec") -> MethodSpec:
+    """``name`` or ``name:key=value,...`` (the CLI's --method) -> a checked :class:`MethodSpec`."""
+    if isinstance(spec, MethodSpec):
+        return spec
+    from harden.core.options import split_spec
+
+    name, given = split_spec(spec, "method")
+    method = METHODS.get(name)
+    return MethodSpec(method.name, method.option_set.parse(f"method {method.name!r}", given))
+
+
 def key_seed(key: str, purpose: str) -> int:
     """A 63-bit seed derived from the user's key; different purposes give independent streams."""
     digest = hashlib.sha256(f"harden:{purpose}:{key}".encode()).digest()
@@ -122,9 +159,9 @@ def key_fingerprint(key: str) -> str:
     return hashlib.sha256(f"harden-key-fingerprint:{key}".encode()).hexdigest()[:16]
 
 
-def select_sites(site_names: list[str], paths: dict[str, str], spec: str | None, default: str) -> list[str]:
-    """Resolve ``--layers all | last:K | name,name`` (names may be node names or module paths)."""
-    spec = (spec or default).strip()
+def select_sites(site_names: list[str], paths: dict[str, str], spec: str) -> list[str]:
+    """Resolve a method's ``layers`` option: ``all | last:K | name,name`` (names may be node names or module paths)."""
+    spec = spec.strip()
     if not site_names:
         raise HardenError("the model has no element-wise activation (ReLU, GELU, SiLU, hardswish, sigmoid, ...) "
                           "to instrument")
@@ -134,9 +171,11 @@ def select_sites(site_names: list[str], paths: dict[str, str], spec: str | None,
         try:
             k = int(spec.split(":", 1)[1])
         except ValueError:
-            raise HardenError(f"--layers {spec!r}: last:K needs a whole number K") from None
+            raise HardenError(f"layers {spec!r}: last:K needs a whole number K") from None
         if k < 1:
-            raise HardenError(f"--layers {spec!r}: K must be at least 1")
+            raise HardenError(f"layers {spec!r}: K must be at least 1")
+        if k > len(site_names):
+            raise HardenError(f"layers {spec!r}: the model has only {len(site_names)} site(s): {', '.join(site_names)}")
         return list(site_names[-k:])
     by_path = {}
     for name in site_names:
@@ -148,11 +187,11 @@ def select_sites(site_names: list[str], paths: dict[str, str], spec: str | None,
         elif part in by_path and len(by_path[part]) == 1:
             chosen.append(by_path[part][0])
         elif part in by_path:
-            raise HardenError(f"--layers: module {part!r} is called at several nodes ({', '.join(by_path[part])}); name one")
+            raise HardenError(f"layers: module {part!r} is called at several nodes ({', '.join(by_path[part])}); name one")
         else:
-            raise HardenError(f"--layers: {part!r} is not a site; sites are: {', '.join(site_names)}")
+            raise HardenError(f"layers: {part!r} is not a site; sites are: {', '.join(site_names)}")
     if not chosen:
-        raise HardenError("--layers selects no site")
+        raise HardenError("layers selects no site")
     return list(dict.fromkeys(chosen))
 
 

@@ -21,12 +21,15 @@ share: one key gives the same traps in either form.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from harden.core.options import OptionSet, option
 from harden.graph.analyse import collect, describe
 from harden.graph.trace import module_path, site_keys, sites as graph_sites
 from harden.methods.base import (
@@ -35,9 +38,12 @@ from harden.methods.base import (
     Method,
     key_fingerprint,
     key_seed,
+    layers_option,
     register_method,
     select_sites,
 )
+from harden.train.eps_search import EPS_RULES
+from harden.train.finetune import ANNEAL, DEFAULT_STEPS, TRAP_RULES, TRAP_SCALES, FinetuneConfig
 
 
 class TrapHead(nn.Module):
@@ -123,29 +129,89 @@ def quiet_masks(ctx: FitContext, chosen: list[str], masks: dict[str, torch.Tenso
     return out
 
 
+_FT = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+
+
+@dataclass(frozen=True)
+class CTTOptions(OptionSet):
+    """What every CTT variant takes: where the traps go."""
+
+    layers: str = layers_option("all")
+    mask_ratio: float = option(0.01, "fraction of each site's neurons that are traps (at least one per site)",
+                               minimum=0.0, strict=True, maximum=1.0)
+    trap_placement: str = option("uniform", "uniform: keyed traps anywhere | quiet: only positions constant on the "
+                                            "training split (catches DeepFool, but alarms on slightly noisy inputs)",
+                                 choices=TRAP_PLACEMENTS)
+
+
+@dataclass(frozen=True)
+class CTTLiteOptions(CTTOptions):
+    quantile: float = option(1.0, "per-trap threshold: this quantile of the neuron on the training split "
+                                  "(1 = its natural maximum)", minimum=0.0, strict=True, maximum=1.0)
+
+
+@dataclass(frozen=True)
+class CTTFinetuneOptions(CTTOptions):
+    """Fine-tuning with cross-entropy + alpha (L_C + detection_weight L_D) on interval bounds of an eps-box."""
+
+    eps: float | str = option("scaled", "L-inf radius of the certified box in fine-tuning (input units); scaled: "
+                                        "0.02 x the FGSM eps that halves the model's calibration accuracy (the paper's "
+                                        "3e-3 on MNIST); auto: the paper's grid search (harden.train.eps_search)",
+                              minimum=0.0, strict=True, keywords=EPS_RULES)
+    threshold: float = option(_FT["threshold"], "trap threshold T of the losses", minimum=0.0, strict=True)
+    steps: int | None = option(None, "optimisation step budget; stops earlier once the calibration L_C converges "
+                                     "(patience)", minimum=1, default_text=str(DEFAULT_STEPS))
+    epochs: int | None = option(None, "exactly this many epochs, no early stop (instead of steps)", minimum=1)
+    check_every: int | None = option(None, "steps between calibration checks (default: one epoch, clamped to "
+                                           "[10, 50])", minimum=1)
+    patience: int = option(_FT["patience"], "stop after this many checks without a 1% better calibration L_C "
+                                            "(0: train the whole budget)", minimum=0)
+    min_improvement: float = option(_FT["min_improvement"], "relative L_C improvement that resets the patience",
+                                    minimum=0.0, maximum=0.999)
+    alpha: float = option(_FT["alpha"], "weight of L_C", minimum=0.0, strict=True)
+    alpha_growth: float = option(_FT["alpha_growth"], "alpha is multiplied by this every alpha_every epochs",
+                                 minimum=0.0, strict=True)
+    alpha_every: int = option(_FT["alpha_every"], "epochs between alpha increases (0: never)", minimum=0)
+    lr: float | None = option(None, "learning rate (RMSProp, no weight decay)", minimum=0.0, strict=True,
+                              default_text="3e-4")
+    detection_weight: float = option(_FT["detection_weight"], "weight of L_D relative to L_C", minimum=0.0)
+    fire_margin: float = option(_FT["fire_margin"], "L_C asks the certified bound to clear T + this (0: the paper)",
+                                minimum=0.0)
+    loose_weight: float = option(_FT["loose_weight"], "ctt-strict: weight of the added L_LC term that keeps traps "
+                                                      "sensitive", minimum=0.0)
+    anneal: str = option(_FT["anneal"], "what alpha's growth applies to: detection (L_D only, after L_C) | both",
+                         choices=ANNEAL)
+    trap_rule: str = option(_FT["trap_rule"], "exported trap thresholds: fixed (T) | natural (max(T, the natural "
+                                              "maximum on the training split))", choices=TRAP_RULES)
+    trap_scale: str = option(_FT["trap_scale"], "std: the calibrated shift moves each trap by its natural spread | "
+                                                "none: one shift for all", choices=TRAP_SCALES)
+    batch_size: int = option(_FT["batch_size"], "training batch size", minimum=1)
+
+    def check(self, owner: str) -> None:
+        from harden.errors import HardenError
+
+        if self.steps is not None and self.epochs is not None:
+            raise HardenError(f"{owner}: give steps or epochs, not both")
+
+    def finetune_overrides(self) -> dict[str, Any]:
+        """The FinetuneConfig fields these options set (None: the config's own default)."""
+        names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"eps", "threshold"}
+        return {k: v for k, v in self.to_dict().items() if k in names and v is not None}
+
+
 class _CTTBase(Method):
     """Site choice and masks shared by every CTT variant."""
 
-    default_layers = "all"
-
     def plan(self, ctx: FitContext) -> tuple[list[str], dict[str, torch.Tensor], dict[str, int]]:
-        if not 0.0 < ctx.options.mask_ratio <= 1.0:
-            from harden.errors import HardenError
-
-            raise HardenError(f"--mask-ratio must lie in (0, 1]; got {ctx.options.mask_ratio}")
+        settings = ctx.settings
         site_nodes = graph_sites(ctx.gm)
         paths = {n.name: module_path(n) for n in site_nodes}
-        chosen = select_sites([n.name for n in site_nodes], paths, ctx.options.layers_for(self.name), self.default_layers)
+        chosen = select_sites([n.name for n in site_nodes], paths, settings.layers)
         infos = {i.name: i for i in describe(ctx.gm, ctx.data.train.x[:2])}
         sizes = {s: int(np.prod(infos[s].shape)) for s in chosen}
         self.seeds = site_keys(ctx.gm, [n for n in site_nodes if n.name in chosen])
-        masks = make_masks(ctx.options.key, sizes, ctx.options.mask_ratio, self.seeds)
-        placement = ctx.options.get("trap_placement") or "uniform"
-        if placement not in TRAP_PLACEMENTS:
-            from harden.errors import HardenError
-
-            raise HardenError(f"--trap-placement must be one of {', '.join(TRAP_PLACEMENTS)}; got {placement!r}")
-        if placement == "quiet":
+        masks = make_masks(ctx.options.key, sizes, settings.mask_ratio, self.seeds)
+        if settings.trap_placement == "quiet":
             masks = quiet_masks(ctx, chosen, masks, self.seeds)
         return chosen, masks, sizes
 
@@ -162,8 +228,8 @@ class _CTTBase(Method):
             "site_keys": [getattr(self, "seeds", {}).get(s, s) for s in chosen],
             "sizes": [sizes[s] for s in chosen],
             "counts": [len(masks[s]) for s in chosen],
-            "mask_ratio": ctx.options.mask_ratio,
-            "trap_placement": ctx.options.get("trap_placement") or "uniform",
+            "mask_ratio": ctx.settings.mask_ratio,
+            "trap_placement": ctx.settings.trap_placement,
             "key_fingerprint": key_fingerprint(ctx.options.key),
             **extra,
             "trap_scaled": scales is not None,
@@ -180,14 +246,11 @@ class CTTLite(_CTTBase):
     """No training: T per masked neuron = its natural upper bound on the training split (or a high quantile)."""
 
     name = "ctt-lite"
+    option_set = CTTLiteOptions
 
     def fit(self, ctx: FitContext) -> FittedMethod:
         chosen, masks, sizes = self.plan(ctx)
-        q = ctx.options.quantile
-        if not 0.0 < q <= 1.0:
-            from harden.errors import HardenError
-
-            raise HardenError(f"--quantile must lie in (0, 1]; got {q}")
+        q = ctx.settings.quantile
         masked = collect(ctx.gm, chosen, ctx.data.train.x, lambda site, a: a.index_select(1, masks[site]))
         thresholds = {
             s: (masked[s].amax(dim=0) if q >= 1.0 else torch.quantile(masked[s], q, dim=0)) for s in chosen
@@ -199,27 +262,25 @@ class _CTTFinetuned(_CTTBase):
     """CTT-loose / CTT-strict: T fixed small, the classifier fine-tuned with the CTT losses."""
 
     finetunes = True
+    option_set = CTTFinetuneOptions
     kind: str
 
     def fit(self, ctx: FitContext) -> FittedMethod:
-        from harden.train.eps_search import parse_eps
-        from harden.train.finetune import FinetuneConfig, finetune_ctt, history_json
+        from harden.train.finetune import finetune_ctt, history_json
 
         chosen, masks, sizes = self.plan(ctx)
-        o = ctx.options
-        # Defaults live in FinetuneConfig alone; only what the user gave overrides them.
-        given = {name: o.get(name) for name in FINETUNE_OPTIONS if o.get(name) is not None}
-        o.eps = parse_eps(o.eps)   # a number, "auto" (the grid search) or "scaled" (harden.train.eps_search)
+        o, s = ctx.options, ctx.settings
+        eps = s.eps   # a number, "auto" (the grid search) or "scaled" (harden.train.eps_search)
         extra: dict[str, Any] = {}
-        if o.eps == "scaled":
+        if eps == "scaled":
             from harden.train.eps_search import SCALED_FRACTION, scaled_eps
 
-            o.eps, strength = scaled_eps(ctx.gm, ctx.data.calibration.x, ctx.data.calibration.y,
-                                         ctx.data.input_range, ctx.data.num_classes)
+            eps, strength = scaled_eps(ctx.gm, ctx.data.calibration.x, ctx.data.calibration.y,
+                                       ctx.data.input_range, ctx.data.num_classes)
             extra["eps_rule"] = {"rule": "scaled", "fraction": SCALED_FRACTION, "attack": strength.to_json()}
-        auto = o.eps == "auto"
-        cfg = FinetuneConfig(kind=self.kind, threshold=o.threshold, fpr=o.fpr, seed=o.seed, device=o.device,
-                             **({} if auto else {"eps": o.eps}), **given)
+        auto = eps == "auto"
+        cfg = FinetuneConfig(kind=self.kind, threshold=s.threshold, fpr=o.fpr, seed=o.seed, device=o.device,
+                             **({} if auto else {"eps": eps}), **s.finetune_overrides())
         cfg.check()
         train = (ctx.data.train.x, ctx.data.train.y)
         calibration = (ctx.data.calibration.x, ctx.data.calibration.y)
@@ -228,24 +289,17 @@ class _CTTFinetuned(_CTTBase):
 
             search = search_eps(ctx.gm, chosen, masks, train, calibration, ctx.data.input_range,
                                 ctx.data.num_classes, cfg,
-                                lambda t, s: self.finish(ctx, chosen, masks, sizes, t, {}, s), progress=ctx.progress)
-            cfg.eps = search.eps
+                                lambda t, sc: self.finish(ctx, chosen, masks, sizes, t, {}, sc), progress=ctx.progress)
             # The manifest's eps (the default of `harden certify`) is the chosen number, never "auto".
-            o.eps = search.eps
+            cfg.eps = search.eps
             extra["eps_search"] = search.to_json()
         history, best, thresholds, scales = finetune_ctt(ctx.gm, chosen, masks, train, calibration,
                                                          ctx.data.input_range, cfg, ctx.progress)
-        extra.update({"threshold": o.threshold, "eps": cfg.eps, "trap_rule": cfg.trap_rule,
+        extra.update({"threshold": s.threshold, "eps": cfg.eps, "trap_rule": cfg.trap_rule,
                       "finetune": {**cfg.__dict__, "best_epoch": best, "best_step": history[best - 1].step if best else 0,
                                    "steps_taken": history[-1].step, "stop_reason": history[-1].stop},
                       "_history": history_json(history)})
         return self.finish(ctx, chosen, masks, sizes, thresholds, extra, scales)
-
-
-# Fine-tuning settings a user may give (CLI flags / Options.extra), by FinetuneConfig field name.
-FINETUNE_OPTIONS = ("steps", "epochs", "check_every", "patience", "min_improvement", "alpha", "alpha_growth",
-                    "alpha_every", "lr", "detection_weight", "fire_margin", "loose_weight", "anneal", "trap_rule",
-                    "trap_scale", "batch_size")
 
 
 @register_method

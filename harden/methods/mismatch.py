@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -49,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harden.attacks.degradations import DEGRADATIONS, degrade  # noqa: F401  (re-exported: the method trains on them)
+from harden.core.options import OptionSet, option
 from harden.errors import HardenError
 from harden.methods.base import (
     INPUT,
@@ -149,18 +152,27 @@ def _cnn(spec: dict) -> nn.Module:
 
 def _placeholder_arrays(doc: dict) -> dict[str, np.ndarray]:
     """Zero arrays of every tensor a graph document names (the real values come from the head's state_dict)."""
+    from harden.core.limits import MAX_TOTAL_ELEMENTS, check_elements
+
     arrays: dict[str, np.ndarray] = {}
+    total = 0
 
     def visit(module: Any, prefix: str) -> None:
+        nonlocal total
         if not isinstance(module, dict) or "same_as" in module:
             return
         for group in ("parameters", "buffers", "tensor_attributes"):
             for name, entry in module.get(group, []):
                 if isinstance(entry, dict) and "dtype" in entry:
-                    dtype = getattr(torch, entry.get("bits", entry["dtype"]), None)
+                    dtype = getattr(torch, entry.get("bits", entry["dtype"]), None) \
+                        if isinstance(entry.get("bits", entry["dtype"]), str) else None
                     if not isinstance(dtype, torch.dtype):
                         raise HardenError(f"mismatch: unknown dtype {entry['dtype']!r} in the second model's graph")
-                    arrays[prefix + name] = np.zeros(entry["shape"], dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+                    # a bundle's graph states these shapes: capped before numpy allocates them
+                    total += check_elements(entry.get("shape"), f"mismatch: second model tensor {prefix + name!r}")
+                    if total > MAX_TOTAL_ELEMENTS:
+                        raise HardenError(f"mismatch: the second model's tensors exceed {MAX_TOTAL_ELEMENTS:,} elements")
+                    arrays[prefix + name] = np.zeros(entry["shape"], dtype=torch.empty(0, dtype=dtype, device="cpu").numpy().dtype)
         for name, child in module.get("children", []):
             visit(child, f"{prefix}{name}.")
 
@@ -333,15 +345,9 @@ def _second_eps(ctx: FitContext, strength) -> tuple[float, Any]:
     """(FGSM eps of the second model's training, in input units; the AttackStrength, computed if needed)."""
     from harden.attacks.strength import resolve_auto_eps
 
-    value = ctx.options.get("second_eps", DEFAULT_SECOND_EPS)
-    if str(value).strip().lower() != "auto":
-        try:
-            eps = float(value)
-        except (TypeError, ValueError):
-            raise HardenError(f"second_eps must be 'auto' or a number in input units; got {value!r}") from None
-        if not eps > 0:
-            raise HardenError(f"second_eps must be positive; got {eps:g}")
-        return eps, strength
+    value = ctx.settings.second_eps
+    if value != "auto":
+        return float(value), strength
     if strength is None:
         _, strength = resolve_auto_eps(["fgsm:eps=auto"], ctx.gm, ctx.data.train.x, ctx.data.train.y,
                                        input_range=ctx.data.input_range, num_classes=ctx.data.num_classes,
@@ -396,6 +402,10 @@ def graph_spec(gm: fx.GraphModule) -> dict:
 
 
 def _check_fits(second: nn.Module, example: torch.Tensor, num_classes: int, what: str) -> None:
+    if isinstance(second, fx.GraphModule):   # a graph from a file: no tensor above the caps before it runs
+        from harden.graph.sizes import check_sizes
+
+        check_sizes(second, tuple(example.shape), what)
     try:
         with torch.no_grad():
             out = second(example)
@@ -443,28 +453,12 @@ def _parse_attacks(ctx: FitContext):
     from harden.attacks.catalog import parse_attack
 
     options, data = ctx.options, ctx.data
-    attacks = options.get("attacks", list(DEFAULT_ATTACKS))
-    if isinstance(attacks, str):
-        attacks = [attacks]
-    if not attacks:
-        raise HardenError("mismatch needs at least one --attack to make adversarial training examples")
+    attacks = list(ctx.settings.attacks)
     attacks, strength = resolve_auto_eps(attacks, ctx.gm, data.train.x, data.train.y, input_range=data.input_range,
                                          num_classes=data.num_classes,
                                          seed=key_seed(options.key, f"mismatch:auto-eps:{options.seed}"))
     specs = [Degradation(a.strip().lower()) if a.strip().lower() in DEGRADATIONS else parse_attack(a) for a in attacks]
     return specs, strength
-
-
-def _svm_settings(options) -> tuple[float | None, float | None, int]:
-    c, gamma = options.get("svm_c"), options.get("svm_gamma")
-    if c is not None and not float(c) > 0:
-        raise HardenError(f"--svm-c must be positive; got {c}")
-    if gamma is not None and not float(gamma) > 0:
-        raise HardenError(f"--svm-gamma must be positive; got {gamma}")
-    max_train = options.get("max_train", DEFAULT_MAX_TRAIN)
-    if isinstance(max_train, bool) or int(max_train) != max_train or int(max_train) < 20:
-        raise HardenError(f"--max-train must be a whole number of at least 20; got {max_train!r}")
-    return (None if c is None else float(c)), (None if gamma is None else float(gamma)), int(max_train)
 
 
 @torch.no_grad()
@@ -579,11 +573,39 @@ def fit_svm(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, c: 
 # --------------------------------------------------------------------------- the method
 
 
+@dataclass(frozen=True)
+class MismatchOptions(OptionSet):
+    second_model: str | None = option(None, "the second model (.pt2, or .pt with second_arch); none: train one")
+    second_arch: str | None = option(None, "package.module:factory of second_model's architecture")
+    train_second: bool = option(False, "train a structurally different second model (the default when no "
+                                       "second_model is given)")
+    second_recipe: str = option(DEFAULT_SECOND_RECIPE, "how the trained second model learns: fgsm (batches doubled "
+                                                       "with FGSM examples) | plain | transfer", choices=SECOND_RECIPES)
+    second_eps: float | str = option(DEFAULT_SECOND_EPS, "FGSM eps of the second model's training (input units); "
+                                                         "auto: half the eps at which FGSM halves the classifier's "
+                                                         "accuracy", minimum=0.0, strict=True, keywords=("auto",))
+    attacks: tuple[str, ...] = option(DEFAULT_ATTACKS, "attacks (and quality degradations) making the adversarial "
+                                                       "training examples, against either model at random")
+    svm_c: float | None = option(None, "SVC C (default: cross-validated grid)", minimum=0.0, strict=True)
+    svm_gamma: float | None = option(None, "RBF gamma (default: cross-validated grid)", minimum=0.0, strict=True)
+    max_train: int = option(DEFAULT_MAX_TRAIN, "detector training rows (natural + adversarial)", minimum=20)
+
+    def check(self, owner: str) -> None:
+        from harden.attacks.strength import check_training_attacks
+
+        check_training_attacks(self.attacks, owner, extra_names=tuple(DEGRADATIONS))
+        if self.second_model and self.train_second:
+            raise HardenError(f"{owner}: give either second_model or train_second, not both")
+        if self.second_arch and not self.second_model:
+            raise HardenError(f"{owner}: second_arch names the architecture of second_model; give second_model too")
+
+
 @register_method
 class Mismatch(Method):
     """Softmax outputs of the classifier and a structurally different second model; an RBF SVC on them."""
 
     name = "mismatch"
+    option_set = MismatchOptions
 
     def fit(self, ctx: FitContext) -> FittedMethod:
         from harden.attacks.strength import auto_eps_facts
@@ -591,13 +613,9 @@ class Mismatch(Method):
 
         started = time.perf_counter()
         options, data = ctx.options, ctx.data
-        c, gamma, max_train = _svm_settings(options)
-        path, arch = options.get("second_model"), options.get("second_arch")
-        train_flag = bool(options.get("train_second", False))
-        if path and train_flag:
-            raise HardenError("give either --second-model or --train-second, not both")
-        if arch and not path:
-            raise HardenError("--second-arch names the architecture of --second-model; give --second-model too")
+        s = ctx.settings
+        c, gamma, max_train = s.svm_c, s.svm_gamma, s.max_train
+        path, arch, train_flag = s.second_model, s.second_arch, s.train_second
 
         example = data.train.x[:2]
         with torch.no_grad():
@@ -610,7 +628,7 @@ class Mismatch(Method):
         ctx.progress("mismatch: second model", 0.02)
 
         if path:
-            second, spec = _user_second(str(path), arch, bool(options.get("trust_pickle", False)))
+            second, spec = _user_second(str(path), arch, options.trust_pickle)
             what = f"the second model {Path(path).name}"
             _check_fits(second, example, num_classes, what)
             kinds = layer_sequence(second)
@@ -625,7 +643,7 @@ class Mismatch(Method):
                                   "give a structurally different one with --second-model")
             spec = candidates[0]
             seed = key_seed(options.key, f"mismatch:second:{options.seed}") % 2**63
-            recipe = str(options.get("second_recipe", DEFAULT_SECOND_RECIPE))
+            recipe = s.second_recipe
             second_eps, strength = _second_eps(ctx, strength) if recipe != "plain" else (0.0, strength)
             second, training = _train_second(spec, data.train.x, data.train.y, seed, options.device, ctx.progress,
                                              recipe=recipe, input_range=data.input_range, classifier=ctx.gm,

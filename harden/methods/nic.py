@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from harden.core.options import OptionSet, option
 from harden.errors import HardenError
 from harden.graph.analyse import batches, channels_last, describe, feature_extractor
 from harden.graph.trace import module_path, sites as graph_sites
@@ -48,6 +49,7 @@ from harden.methods.base import (
     Method,
     key_fingerprint,
     key_seed,
+    layers_option,
     register_method,
     select_sites,
 )
@@ -57,7 +59,7 @@ REDUCTIONS = ("mean", "max", "meanmax")
 
 # Defaults chosen by measurement across FGSM, BIM, PGD, DeepFool and CW on LeNet-5 / MNIST, with adversarial
 # examples made on the CALIBRATION split (never the test split the results are reported on); see
-# docs/results/nic.md and bench/experiments/nic_select.py.
+# docs/results/nic.md.
 DEFAULT_NU = 0.01          # one-class SVMs of the invariants (few support vectors: see DEFAULT_GAMMA)
 DEFAULT_FINAL_NU = 0.1     # the final one-class SVM over the invariant scores
 # RBF gamma = DEFAULT_GAMMA / n_features (features are standardised; 1.0 is sklearn's 'scale').  Measured on
@@ -86,7 +88,7 @@ SCALE_RANGE = (4.0, 16.0)  # g: per-feature scale, uniform in this range (steps 
 # difference in a feature by 1/ramp; with gamma 10/n_features, 0.05 broke export parity (1.3e-4 to 1.9e-4 > 1e-4)
 # while 0.2 kept it at 2.6e-5 to 7.3e-5 over four keys, at the same detection (calibration pools, 5% FPR).
 # (That was with a float32 head and float32 SVMs; with the float64 standardisation and SVMs the differences are
-# 1e-5 to 3e-5 for every invariant setting: bench/experiments/nic_parity.py, docs/results/nic.md.)
+# 1e-5 to 3e-5 for every invariant setting, measured on LeNet-5.)
 DEFAULT_RAMP = 0.2
 DEFAULT_OUTPUT_PROBE = True  # the classifier's softmax is the last derived model of the provenance chain
 
@@ -124,7 +126,7 @@ class NICHead(nn.Module):
                 if self.provenance:
                     self.add_module(f"probe_{k}_{i}", nn.Linear(d, self.num_classes))
 
-    # Float64 from the reduction to the standardised features, rounded to float32 for g.  Measured (bench/experiments/nic_parity.py):
+    # Float64 from the reduction to the standardised features, rounded to float32 for g.  Measured on LeNet-5:
     # in float32 the per-channel mean of relu1 (576 positions) differed between torch and onnxruntime by 1.5e-7
     # (summation order; the activations themselves were identical); the standardisation multiplies that by 1/std
     # (std 0.015) and g's ramp by 1/ramp, and the value invariant's score differed by 2.2e-4 > the 1e-4 export
@@ -153,7 +155,7 @@ class NICHead(nn.Module):
         runs in the blocked (NCHWc) layout of the convolutions around it; ``"sum"``, a ReduceSum over the last
         axis then a float64 division, for a map onnxruntime keeps in plain NCHW anyway (its blocked kernels take
         channel counts that are a multiple of the block, 8 here), where an average pool of kernel ``(1, W)`` is
-        slow.  Measured with onnxruntime's profiler at batch 256 on LeNet-5 (bench/experiments/nic_profile.py):
+        slow.  Measured with onnxruntime's profiler at batch 256 on LeNet-5:
         relu1 [6, 28, 28] AveragePool 544 us, ReduceSum 282 us; relu2 [16, 10, 10] AveragePool (blocked) 89 us +
         a 25 us reorder, ReduceSum 197 us + a 222 us reorder.  Bundles without the field used "avgpool".
         """
@@ -313,70 +315,38 @@ class NICDetector:
 # --------------------------------------------------------------------------- fitting
 
 
-@dataclass
-class NICSettings:
-    sets: int
-    invariants: str
-    nu: float
-    final_nu: float
-    gamma: float | None          # absolute gamma (--svm-gamma) or None for gamma_factor / n_features
-    gamma_factor: float
-    final_gamma_factor: float
-    reduce: str
-    transform: bool
-    ramp: float
-    max_train: int
-    holdout: float
-    output_probe: bool
-    provenance_gamma_factor: float | None = DEFAULT_PROVENANCE_GAMMA   # None: gamma_factor
-    provenance_nu: float | None = DEFAULT_PROVENANCE_NU                # None: nu
-
-    @classmethod
-    def from_options(cls, options) -> "NICSettings":
-        sets = options.get("nic_detectors", 1)
-        if isinstance(sets, bool) or not isinstance(sets, (int, np.integer)) or sets < 1:
-            raise HardenError(f"--nic-detectors must be a whole number >= 1; got {sets!r}")
-        invariants = str(options.get("nic_invariants", "both")).strip().lower()
-        if invariants not in INVARIANTS:
-            raise HardenError(f"--nic-invariants {invariants!r} is not one of {', '.join(INVARIANTS)}")
-        reduce = str(options.get("nic_reduce", DEFAULT_REDUCE)).strip().lower()
-        if reduce not in REDUCTIONS:
-            raise HardenError(f"nic_reduce {reduce!r} is not one of {', '.join(REDUCTIONS)}")
-        nu, final_nu = float(options.get("nic_nu", DEFAULT_NU)), float(options.get("nic_final_nu", DEFAULT_FINAL_NU))
-        for label, v in (("nic_nu", nu), ("nic_final_nu", final_nu)):
-            if not 0.0 < v <= 1.0:
-                raise HardenError(f"{label} must lie in (0, 1]; got {v}")
-        gamma = options.get("svm_gamma", None)
-        if gamma is not None and not float(gamma) > 0:
-            raise HardenError(f"--svm-gamma must be positive; got {gamma}")
-        factor = float(options.get("nic_gamma", DEFAULT_GAMMA))
-        final_factor = float(options.get("nic_final_gamma", DEFAULT_FINAL_GAMMA))
-        if not (factor > 0 and final_factor > 0):
-            raise HardenError(f"nic_gamma and nic_final_gamma must be positive; got {factor}, {final_factor}")
-        max_train = int(options.get("max_train", DEFAULT_MAX_TRAIN))
-        if max_train < 10:
-            raise HardenError(f"--max-train must be at least 10; got {max_train}")
-        holdout = float(options.get("nic_holdout", DEFAULT_HOLDOUT))
-        if not 0.0 <= holdout < 1.0:
-            raise HardenError(f"nic_holdout must lie in [0, 1); got {holdout}")
-        ramp = float(options.get("nic_ramp", DEFAULT_RAMP))
-        if not 0.0 < ramp <= 1.0:
-            raise HardenError(f"nic_ramp must lie in (0, 1]; got {ramp}")
-        prov_factor = options.get("nic_provenance_gamma", DEFAULT_PROVENANCE_GAMMA)
-        prov_nu = options.get("nic_provenance_nu", DEFAULT_PROVENANCE_NU)
-        if prov_factor is not None and not float(prov_factor) > 0:
-            raise HardenError(f"nic_provenance_gamma must be positive; got {prov_factor}")
-        if prov_nu is not None and not 0.0 < float(prov_nu) <= 1.0:
-            raise HardenError(f"nic_provenance_nu must lie in (0, 1]; got {prov_nu}")
-        return cls(int(sets), invariants, nu, final_nu, None if gamma is None else float(gamma), factor, final_factor,
-                   reduce, bool(options.get("nic_transform", True)), ramp, max_train, holdout,
-                   bool(options.get("nic_output", DEFAULT_OUTPUT_PROBE)),
-                   None if prov_factor is None else float(prov_factor), None if prov_nu is None else float(prov_nu))
+@dataclass(frozen=True)
+class NICOptions(OptionSet):
+    layers: str = layers_option("all")
+    detectors: int = option(1, "K randomised detector sets, majority vote", minimum=1)
+    invariants: str = option("both", "value | provenance | both", choices=INVARIANTS)
+    reduce: str = option(DEFAULT_REDUCE, "conv features per channel: mean | max | meanmax", choices=REDUCTIONS)
+    nu: float = option(DEFAULT_NU, "nu of the invariants' one-class SVMs", minimum=0.0, strict=True, maximum=1.0)
+    final_nu: float = option(DEFAULT_FINAL_NU, "nu of the final one-class SVM over the invariant scores",
+                             minimum=0.0, strict=True, maximum=1.0)
+    svm_gamma: float | None = option(None, "absolute RBF gamma of every SVM (default: gamma / number of features)",
+                                     minimum=0.0, strict=True)
+    gamma: float = option(DEFAULT_GAMMA, "RBF gamma of the invariants' SVMs, times 1 / number of features",
+                          minimum=0.0, strict=True)
+    final_gamma: float = option(DEFAULT_FINAL_GAMMA, "the final SVM's gamma, times 1 / number of invariants",
+                                minimum=0.0, strict=True)
+    provenance_gamma: float | None = option(DEFAULT_PROVENANCE_GAMMA, "the provenance SVMs' gamma factor (none: gamma)",
+                                            minimum=0.0, strict=True)
+    provenance_nu: float | None = option(DEFAULT_PROVENANCE_NU, "the provenance SVMs' nu (none: nu)", minimum=0.0,
+                                         strict=True, maximum=1.0)
+    max_train: int = option(DEFAULT_MAX_TRAIN, "cap on training rows per one-class SVM", minimum=10)
+    holdout: float = option(DEFAULT_HOLDOUT, "fraction of the training split held out to fit the final SVM",
+                            minimum=0.0, maximum=0.999)
+    ramp: float = option(DEFAULT_RAMP, "width of the keyed transforms' ramps (fraction of a step)", minimum=0.0,
+                         strict=True, maximum=1.0)
+    transform: bool = option(True, "keyed non-differentiable transforms g (random scaling with floor or ceil)")
+    output_probe: bool = option(DEFAULT_OUTPUT_PROBE, "the classifier's softmax is the last derived model of the "
+                                                      "provenance chain")
 
     def gamma_for(self, n_features: int, provenance: bool = False) -> float:
-        if self.gamma is not None:
-            return self.gamma
-        factor = self.provenance_gamma_factor if provenance and self.provenance_gamma_factor is not None else self.gamma_factor
+        if self.svm_gamma is not None:
+            return self.svm_gamma
+        factor = self.provenance_gamma if provenance and self.provenance_gamma is not None else self.gamma
         return factor / max(1, n_features)
 
     def nu_for(self, provenance: bool = False) -> float:
@@ -458,14 +428,14 @@ class NIC(Method):
     """Value + provenance invariants (one-class SVMs on benign data), a final one-class SVM; K randomised sets."""
 
     name = "nic"
-    default_layers = "all"
+    option_set = NICOptions
 
     def fit(self, ctx: FitContext) -> FittedMethod:
         started = time.perf_counter()
-        settings = NICSettings.from_options(ctx.options)
+        settings = ctx.settings
         site_nodes = graph_sites(ctx.gm)
         paths = {n.name: module_path(n) for n in site_nodes}
-        chosen = select_sites([n.name for n in site_nodes], paths, ctx.options.layers_for(self.name), self.default_layers)
+        chosen = select_sites([n.name for n in site_nodes], paths, settings.layers)
         value = settings.invariants in ("value", "both")
         n_probes = len(chosen) + int(settings.output_probe)
         provenance = settings.invariants in ("provenance", "both") and n_probes >= 2
@@ -488,7 +458,7 @@ class NIC(Method):
         dims = [c * (2 if sp and settings.reduce == "meanmax" else 1) for c, sp in zip(channels, spatial)]
         config: dict[str, Any] = {
             "sites": chosen, "dims": dims, "spatial": spatial, "channels_last": last, "reduce": settings.reduce,
-            "rows": rows, "sets": settings.sets,
+            "rows": rows, "sets": settings.detectors,
             "num_classes": num_classes, "value": value, "provenance": provenance, "transform": settings.transform,
             "ramp": settings.ramp, "scale_range": list(SCALE_RANGE), "output_probe": provenance and settings.output_probe,
         }
@@ -510,7 +480,7 @@ class NIC(Method):
         z = [(r - getattr(head, f"mean_{i}")) / getattr(head, f"std_{i}") for i, r in enumerate(reduced)]
 
         probe_accuracy: list[list[float]] = []
-        for k in range(settings.sets):
+        for k in range(settings.detectors):
             if settings.transform:
                 for i, (scale, ceil) in enumerate(_draw_transform(ctx.options.key, k, dims)):
                     getattr(head, f"scale_{k}_{i}").copy_(scale)
@@ -527,7 +497,7 @@ class NIC(Method):
                         held = rows_b if len(rows_b) and rows_b is not rows_a else rows_a
                         accs.append(float((probe(gz[held]).argmax(1) == train.y[held]).float().mean()))
                 probe_accuracy.append(accs)
-            ctx.progress("nic: probes", 0.1 + 0.2 * (k + 1) / settings.sets)
+            ctx.progress("nic: probes", 0.1 + 0.2 * (k + 1) / settings.detectors)
 
         with torch.no_grad():
             features = head.eval().from_standardised(z, logits).numpy().astype(np.float32)
@@ -551,13 +521,13 @@ class NIC(Method):
                 svm = _one_class(settings.nu_for(is_provenance), settings.gamma_for(part.stop - part.start, is_provenance))
                 # Value features are standardised in the head; the probes' softmaxes are standardised here.
                 part.estimator = (svm if j < n_value else make_pipeline(StandardScaler(), svm)).fit(x_a)
-                ctx.progress("nic: invariants", 0.3 + 0.6 * (k + (j + 1) / len(parts)) / settings.sets)
+                ctx.progress("nic: invariants", 0.3 + 0.6 * (k + (j + 1) / len(parts)) / settings.detectors)
             inv_b = np.stack([-NICDetector._decision(p.estimator, features[rows_b, p.start : p.stop]) for p in parts], 1)
             inv_b = inv_b.astype(np.float32)
-            final = make_pipeline(StandardScaler(), _one_class(settings.final_nu, settings.final_gamma_factor / len(parts)))
+            final = make_pipeline(StandardScaler(), _one_class(settings.final_nu, settings.final_gamma / len(parts)))
             final.fit(inv_b)
             spec = SetSpec(parts, final)
-            if settings.sets > 1:
+            if settings.detectors > 1:
                 # Majority vote as one raw score: each set's score is normalised so that 0 sits at its own
                 # (1 - fpr) quantile on the held-out benign rows and one unit is its (1 - fpr) quantile minus its
                 # median.  The raw score is the m-th largest of the K normalised scores, m = K // 2 + 1 (the median
@@ -569,16 +539,16 @@ class NIC(Method):
                 spread = q_hi - float(np.median(raw_b))
                 spec.loc, spec.spread = q_hi, spread if spread > 1e-9 else 1.0
             sets.append(spec)
-        vote = settings.sets // 2 + 1 if settings.sets > 1 else None
+        vote = settings.detectors // 2 + 1 if settings.detectors > 1 else None
         detector = NICDetector(self.name, n_features, sets, vote)
 
         config.update({
             "nu": settings.nu, "final_nu": settings.final_nu,
-            "gamma": settings.gamma if settings.gamma is not None else f"{settings.gamma_factor:g}/n_features",
-            "final_gamma": f"{settings.final_gamma_factor:g}/n_invariants",
+            "gamma": settings.svm_gamma if settings.svm_gamma is not None else f"{settings.gamma:g}/n_features",
+            "final_gamma": f"{settings.final_gamma:g}/n_invariants",
             "provenance_nu": settings.nu_for(provenance=True),
-            "provenance_gamma": (settings.gamma if settings.gamma is not None else
-                                 f"{settings.gamma_factor if settings.provenance_gamma_factor is None else settings.provenance_gamma_factor:g}/n_features"),
+            "provenance_gamma": (settings.svm_gamma if settings.svm_gamma is not None else
+                                 f"{settings.gamma if settings.provenance_gamma is None else settings.provenance_gamma:g}/n_features"),
             "invariants": settings.invariants, "vote": vote, "n_features": n_features,
             "parts_per_set": [len(s.parts) for s in sets],
             "probe_accuracy": probe_accuracy, "train_rows": [int(len(rows_a)), int(len(rows_b))],

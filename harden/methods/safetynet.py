@@ -32,6 +32,7 @@ calibration sets the threshold.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,6 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from harden.detectors.dense_rbf import RbfSvmDetector  # noqa: F401  (re-exported: SafetyNet's detector)
+from harden.core.options import OptionSet, option
 from harden.errors import HardenError
 from harden.graph.analyse import channels_last, describe, feature_extractor
 from harden.graph.ops import RECTIFIER_OPS, canonical_op
@@ -50,6 +52,7 @@ from harden.methods.base import (
     Method,
     key_fingerprint,
     key_seed,
+    layers_option,
     register_method,
     select_sites,
 )
@@ -327,82 +330,66 @@ def _site_values(gm: fx.GraphModule, head: CodeHead, sites: list[str], x: torch.
     return [torch.cat(p) for p in parts]
 
 
-def _code_name(ctx: FitContext) -> str:
-    code = str(ctx.options.get("code", DEFAULT_CODE)).strip().lower()
-    if code not in CODES:
-        raise HardenError(f"--code {code!r} is not one of {', '.join(CODES)}")
-    return code
+@dataclass(frozen=True)
+class SafetyNetOptions(OptionSet):
+    layers: str = layers_option(DEFAULT_LAYERS)
+    code: str = option(DEFAULT_CODE, "binary (active or not) | quaternary (three thresholds per unit)",
+                       choices=tuple(CODES))
+    attacks: tuple[str, ...] = option(DEFAULT_ATTACKS, "attacks making the adversarial training examples (eps=auto: "
+                                                       "the eps at which FGSM halves the classifier's accuracy on the "
+                                                       "training split)")
+    max_train: int = option(DEFAULT_MAX_TRAIN, "natural training inputs (as many adversarial ones are made)",
+                            minimum=1)
+    max_sv: int = option(DEFAULT_MAX_SV, "support-vector budget (the SVM's cost per input grows with it)", minimum=1)
+    svm_c: float | None = option(None, "SVM C (default: cross-validated grid)", minimum=0.0, strict=True)
+    svm_gamma: float | None = option(None, "RBF gamma (default: cross-validated grid)", minimum=0.0, strict=True)
+    reduce: str = option(DEFAULT_REDUCE, "conv sites: grid (max-pool to about grid x grid cells per channel) | none "
+                                         "| max | mean", choices=REDUCTIONS)
+    grid: int = option(GRID, "cells per side of the grid reduction", minimum=1)
+    code_quantiles: tuple[float, ...] = option(CODES["quaternary"], "quaternary: the three quantiles of each unit's "
+                                                                     "positive activations that split its levels")
+    ramp: float = option(RAMP_FRACTION, "width of each level's ramp, a fraction of the site's 99th percentile "
+                                        "(0: steps)", minimum=0.0, maximum=0.999)
+    success_only: bool = option(False, "train on the adversarial examples that fool the classifier only")
+    scaler: bool = option(False, "standardise the codes before the SVM")
 
+    def check(self, owner: str) -> None:
+        from harden.attacks.strength import check_training_attacks
 
-def _attack_texts(ctx: FitContext) -> list[str]:
-    attacks = ctx.options.get("attacks", list(DEFAULT_ATTACKS))
-    if isinstance(attacks, str):
-        attacks = [attacks]
-    attacks = [str(a) for a in attacks]
-    if not attacks:
-        raise HardenError("safetynet needs at least one --attack to make adversarial training examples")
-    return attacks
-
-
-def _positive_int(value: Any, what: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise HardenError(f"{what} must be a whole number; got {value!r}") from None
-    if number < 1:
-        raise HardenError(f"{what} must be at least 1; got {number}")
-    return number
-
-
-def _svm_param(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise HardenError(f"{what} must be a number; got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise HardenError(f"{what} must be positive; got {value!r}")
-    return number
+        check_training_attacks(self.attacks, owner)
+        if self.code != "binary" and (len(self.code_quantiles) != 3 or not all(0.0 <= q < 1.0 for q in self.code_quantiles)):
+            raise HardenError(f"{owner}: quaternary codes need three code_quantiles in [0, 1); got "
+                              f"{list(self.code_quantiles)}")
 
 
 @register_method
 class SafetyNet(Method):
+    """Quantised codes of late ReLU units (binary or quaternary) and an RBF SVM trained on natural vs adversarial
+    codes."""
+
     name = NAME
+    option_set = SafetyNetOptions
 
     def fit(self, ctx: FitContext) -> FittedMethod:
         from harden.attacks.strength import auto_eps_facts, resolve_auto_eps
         from harden.attacks.catalog import parse_attack, run_attack
 
-        options, data, gm = ctx.options, ctx.data, ctx.gm
-        code = _code_name(ctx)
+        options, data, gm, s = ctx.options, ctx.data, ctx.gm, ctx.settings
+        code = s.code
         # eps=auto (the default): the eps at which FGSM halves this classifier's accuracy, measured once on a
         # seeded subset of the TRAINING split, substituted before the texts are parsed.
         ctx.progress("safetynet: attack strength", 0.01)
-        texts, strength = resolve_auto_eps(_attack_texts(ctx), gm, data.train.x, data.train.y,
+        texts, strength = resolve_auto_eps(list(s.attacks), gm, data.train.x, data.train.y,
                                            input_range=data.input_range, num_classes=data.num_classes,
                                            seed=key_seed(options.key, f"safetynet:auto-eps:{options.seed}"))
         specs = [parse_attack(text) for text in texts]
-        max_train = _positive_int(options.get("max_train", DEFAULT_MAX_TRAIN), "--max-train")
-        max_sv = _positive_int(options.get("max_sv", DEFAULT_MAX_SV), "--max-sv")
-        grid = _positive_int(options.get("grid", GRID), "safetynet grid")
-        svm_c = _svm_param(options.get("svm_c"), "--svm-c")
-        svm_gamma = _svm_param(options.get("svm_gamma"), "--svm-gamma")
-        reduce = str(options.get("reduce", DEFAULT_REDUCE)).strip().lower()
-        if reduce not in REDUCTIONS:
-            raise HardenError(f"safetynet reduce {reduce!r} is not one of {', '.join(REDUCTIONS)}")
-        success_only = bool(options.get("success_only", False))
-        scaler = bool(options.get("scaler", False))
-        quantiles = tuple(float(q) for q in options.get("code_quantiles", CODES[code])) if code != "binary" else ()
-        if code != "binary" and (len(quantiles) != 3 or not all(0.0 <= q < 1.0 for q in quantiles)):
-            raise HardenError(f"safetynet quaternary codes need three quantiles in [0, 1); got {list(quantiles)}")
-        ramp = float(options.get("ramp", RAMP_FRACTION))
-        if not 0.0 <= ramp < 1.0:
-            raise HardenError(f"safetynet ramp must lie in [0, 1) (a fraction of each site's scale); got {ramp:g}")
+        max_train, max_sv, grid, svm_c, svm_gamma = s.max_train, s.max_sv, s.grid, s.svm_c, s.svm_gamma
+        reduce, success_only, scaler, ramp = s.reduce, s.success_only, s.scaler, s.ramp
+        quantiles = tuple(s.code_quantiles) if code != "binary" else ()
 
         site_nodes = graph_sites(gm)
         paths = {n.name: module_path(n) for n in site_nodes}
-        chosen = select_sites([n.name for n in site_nodes], paths, options.layers_for(self.name), DEFAULT_LAYERS)
+        chosen = select_sites([n.name for n in site_nodes], paths, s.layers)
         infos = {i.name: i for i in describe(gm, data.train.x[:2])}
         nodes = {n.name: n for n in site_nodes}
         shapes = [list(infos[s].shape) for s in chosen]
