@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.suite.pairs import load_pair  # noqa: E402
+from bench.suite.pairs import PAIRS, Pair, load_pair  # noqa: E402
 from bench.suite.run import SUITE_KEY, build_options  # noqa: E402
 from harden.export import export_onnx  # noqa: E402
 from harden.export.runtime import OnnxGraph  # noqa: E402
@@ -36,6 +37,11 @@ from harden.instrumentation.pipeline import instrument  # noqa: E402
 
 TARGETS = {"instrument_s": 60.0, "export_s": 60.0, "crown_s_per_image": 5.0,
            "latency_ratio": {"ctt-lite": 1.02, "nic": 1.10, "safetynet": 1.10}}
+
+
+def zoo_pair(family: str, epochs: int) -> Pair:
+    """A family of tests/zoo.py at full size on the resnet18-shapes pair's data and recipe (fewer epochs)."""
+    return replace(PAIRS["resnet18-shapes"], name=f"zoo-{family}-shapes", arch=f"zoo:{family}", epochs=epochs)
 
 
 def _hardened(lp, method: str, sets: list[str]):
@@ -203,7 +209,10 @@ PARTS = {"instrument": part_instrument, "certify": part_certify, "latency": part
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=list(PARTS), required=True)
-    parser.add_argument("--pair", default="resnet18-shapes")
+    parser.add_argument("--pair", default="resnet18-shapes",
+                        help="a suite pair, or zoo:FAMILY (tests/zoo.py at full size on the suite's 32x32 shapes, "
+                             "trained --pair-epochs epochs; cached like a pair)")
+    parser.add_argument("--pair-epochs", type=int, default=2, help="zoo:FAMILY: training epochs")
     parser.add_argument("--method", action="append", default=None, help="latency/parity: repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option")
     parser.add_argument("--images", type=int, default=10, help="certify: test images")
@@ -231,7 +240,7 @@ def main() -> None:
     if args.part == "matrix":
         result = {"part": "matrix", **part_matrix(None, args)}
     else:
-        lp = load_pair(args.pair)
+        lp = load_pair(zoo_pair(args.pair[4:], args.pair_epochs) if args.pair.startswith("zoo:") else args.pair)
         result = {"pair": args.pair, "part": args.part, "targets": TARGETS, "model": lp.facts,
                   **PARTS[args.part](lp, args)}
     print(json.dumps(result, indent=None if args.json else 2))

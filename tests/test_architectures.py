@@ -200,7 +200,7 @@ def test_every_method_on_every_family_exports_with_parity_and_evaluates(form, fi
     assert len(last) >= len(FAMILIES)
     hardened = harden.instrument(model, data, _specs(second_model, ",".join(last.values())),
                                  Options(key=KEY, fpr=0.1, fpr_confidence=0))
-    assert [m.name for m in hardened.methods] == METHODS
+    assert sorted(m.name for m in hardened.methods) == sorted(METHODS)
     assert {canonical_op(gm, n) for n in sites(gm) if n.name in hardened.method("safetynet").sites} >= \
         set().union(*EXPECTED_SITE_OPS.values())
     onnx_path = tmp_path / "model.onnx"
@@ -289,3 +289,13 @@ def test_site_keys_name_module_path_op_and_position():
     keys = site_keys(gm, sites(gm))
     assert keys["layer1_0_relu"] == "layer1.0.relu/relu/0"
     assert keys["layer1_0_relu_1"] == "layer1.0.relu/relu/1"   # the block's one ReLU module, called twice
+
+
+def test_every_in_place_op_a_program_may_hold_has_its_out_of_place_twin_allowed():
+    from harden.core.aten_ops import ATEN_OPS, INPLACE_ATEN_OPS
+
+    for name in INPLACE_ATEN_OPS:
+        _, op, overload = name.split(".")
+        mutating = getattr(getattr(torch.ops.aten, op), overload)
+        assert mutating._schema.is_mutable, name
+        assert f"aten.{op[:-1]}.{overload}" in ATEN_OPS, name

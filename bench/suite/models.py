@@ -188,5 +188,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build(arch: str, shape, classes: int, seed: int) -> nn.Module:
+    """``arch``: a key of ARCHITECTURES, or ``zoo:FAMILY`` (a family of tests/zoo.py at full size)."""
     torch.manual_seed(seed)
+    if arch.startswith("zoo:"):
+        return zoo.build(arch[4:], shape[0], classes, size="full", seed=seed)
     return ARCHITECTURES[arch](tuple(shape), classes)

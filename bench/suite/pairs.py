@@ -124,12 +124,15 @@ class LoadedPair:
     facts: dict
 
 
-def load_pair(name: str, *, small: bool = False, cache: bool = True) -> LoadedPair:
+def load_pair(name: str | Pair, *, small: bool = False, cache: bool = True) -> LoadedPair:
     """The trained pair (from the cache when its recipe is unchanged).  ``small``: 300 samples and 2 epochs, for
-    tests of the pipeline itself (never cached)."""
-    if name not in PAIRS:
+    tests of the pipeline itself (never cached).  ``name`` may be a Pair outside the suite (bench/ scripts)."""
+    if isinstance(name, Pair):
+        pair = name
+    elif name not in PAIRS:
         raise KeyError(f"unknown pair {name!r}; pairs: {', '.join(PAIRS)}")
-    pair = PAIRS[name]
+    else:
+        pair = PAIRS[name]
     if small:
         pair = replace(pair, limit=300, epochs=2)
         cache = False

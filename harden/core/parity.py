@@ -29,7 +29,7 @@ class ParityReport:
     alarm_mismatches: dict[str, int]
     threshold_ties: dict[str, int]
     tolerance: dict[str, float]   # per value output: see the module docstring
-    rounding: dict[str, float]    # per value output: max |float32 reference - float64-classifier reference|
+    rounding: dict[str, float]    # per value output where measured: max |float32 - float64-classifier reference|
 
     def to_json(self) -> dict:
         return {"samples": self.samples, "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
@@ -113,7 +113,7 @@ def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], what: 
     if problems:
         raise HardenError(f"{what} parity failed: " + "; ".join(problems))
     samples = len(next(iter(reference.values())))
-    return ParityReport(samples, diffs, mismatches, ties, tolerances, {k: rounding.get(k, 0.0) for k in diffs})
+    return ParityReport(samples, diffs, mismatches, ties, tolerances, {k: rounding[k] for k in diffs if k in rounding})
 
 
 def _tolerance(ref: np.ndarray, rounding: float) -> float:

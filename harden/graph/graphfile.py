@@ -134,6 +134,7 @@ MODULE_CLASSES: frozenset[str] = frozenset({
     "ReLU", "ReLU6", "LeakyReLU", "PReLU", "Hardtanh", "Sigmoid", "Tanh", "SiLU", "GELU", "Hardswish",
     "Hardsigmoid", "Mish", "ELU", "SELU", "CELU", "Softplus", "Softsign", "Softshrink", "Hardshrink",
     "Tanhshrink", "LogSigmoid", "Softmax", "LogSoftmax",
+    "MultiheadAttention", "NonDynamicallyQuantizableLinear",   # a transformer's attention and its projection
 })
 
 # Namespaces searched, in order, for a human-readable function name.

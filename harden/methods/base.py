@@ -133,6 +133,8 @@ class MethodSpec:
     @classmethod
     def of(cls, name: str, **options: Any) -> "MethodSpec":
         """From Python values: ``MethodSpec.of("ctt-strict", eps=0.003, steps=200)``."""
+        from harden.methods import load_all  # noqa: F401  (registers every method, whatever the caller imported)
+
         method = METHODS.get(name)
         return cls(method.name, method.option_set.parse(f"method {method.name!r}", options))
 
