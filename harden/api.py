@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
+from harden.core.progress import Progress, part, resolve_progress
 from harden.instrumentation.hardened import HardenedModel
 from harden.io.data import Dataset, load_data as _load_data
 
@@ -20,10 +20,10 @@ def load_data(spec: str, **kwargs) -> Dataset:
 
 
 def instrument(model, data: Dataset, methods: list[str], options=None, *, policy: str = "any",
-               progress: Callable[[str, float], None] = lambda m, f: None) -> HardenedModel:
+               progress: Progress | bool | None = None) -> HardenedModel:
     from harden.instrumentation.pipeline import instrument as _instrument
 
-    return _instrument(model, data, methods, options, policy=policy, progress=progress)
+    return _instrument(model, data, methods, options, policy=policy, progress=resolve_progress(progress))
 
 
 def save_bundle(hardened: HardenedModel, path, *, seal_key: str | None = None, inputs=()) -> dict:
@@ -68,19 +68,19 @@ def scorer_for(hardened: HardenedModel, onnx_path: Path | None, source=None):
 
 def evaluate(hardened: HardenedModel, manifest: dict, attacks: list[str], *, onnx_path: Path | None = None,
              data: str | None = None, split: str = "test", limit: int | None = 500, seed: int = 0,
-             progress: Callable[[str], None] | None = None, adversarial: list[Path] = ()):
+             progress: Progress | bool | None = None, adversarial: list[Path] = ()):
     """Attacks (ART) against the classifier, and adversarial sets crafted elsewhere (``adversarial``: .npz
     files, :mod:`harden.io.adversarial`); alarms and scores read from the ONNX graph in onnxruntime."""
     from harden.evaluation.bundle import evaluate_bundle
 
     return evaluate_bundle(hardened, manifest, attacks, onnx_path=onnx_path, data=data, split=split, limit=limit,
-                           seed=seed, progress=progress, adversarial=adversarial)
+                           seed=seed, progress=resolve_progress(progress), adversarial=adversarial)
 
 
 def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0.1, norm: str = "linf",
                       steps: int = 100, onnx_path: Path | None = None, data: str | None = None, split: str = "test",
                       limit: int | None = 500, attackers: tuple[str, ...] | None = None, proxy: Path | None = None,
-                      progress: Callable[[str], None] | None = None, seal_key: str | None = None) -> dict:
+                      progress: Progress | bool | None = None, seal_key: str | None = None) -> dict:
     """Type II attacks (key known: smoothed surrogates of the detectors as shipped; key unknown: the attacker's
     own model of the keyed parts, or a proxy bundle hardened with another key) beside the detector-blind
     baseline, every final input judged by the exported graph."""
@@ -88,7 +88,7 @@ def evaluate_adaptive(hardened: HardenedModel, manifest: dict, *, eps: float = 0
 
     return evaluate_adaptive_bundle(hardened, manifest, eps=eps, norm=norm, steps=steps, onnx_path=onnx_path,
                                     data=data, split=split, limit=limit, attackers=attackers, proxy=proxy,
-                                    progress=progress, seal_key=seal_key)
+                                    progress=resolve_progress(progress), seal_key=seal_key)
 
 
 def check_certify_arguments(eps, split: str, limit, check: int) -> None:
@@ -121,7 +121,7 @@ def original_classifier(hardened: HardenedModel):
 
 def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = None, *, data: str | None = None,
             split: str = "test", limit: int | None = None, check: int = 0, seed: int = 0, bounds: str = "ibp",
-            progress: Callable[[str, float], None] = lambda m, f: None) -> dict:
+            progress: Progress | bool | None = None) -> dict:
     """Placement, robust and detect-or-robust certificates (hardened vs original), and the sampling check.
 
     ``bounds``: ``ibp`` (interval), ``crown-ibp`` (backward linear-relaxation margin on interval intermediates)
@@ -130,11 +130,11 @@ def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = N
     from harden.certification.bundle import certify_bundle
 
     return certify_bundle(hardened, manifest, eps, data=data, split=split, limit=limit, check=check, seed=seed,
-                          bounds=bounds, progress=progress)
+                          bounds=bounds, progress=resolve_progress(progress))
 
 
 def make_report(hardened: HardenedModel, manifest: dict, path, settings=None, *, onnx_path: Path | None = None,
-                target: Path | None = None, progress: Callable[[str, float], None] = lambda m, f: None) -> dict:
+                target: Path | None = None, progress: Progress | bool | None = None) -> dict:
     """``harden report``: measure every figure once (:class:`harden.report.settings.ReportSettings`), write ONE
     self-contained HTML file to ``path`` atomically, and return the figures as JSON.  ``onnx_path``: the exported
     file to judge and time (else a fresh export of the bundle); ``target``: the file the report is about (its title)."""
@@ -144,7 +144,8 @@ def make_report(hardened: HardenedModel, manifest: dict, path, settings=None, *,
     from harden.report.settings import ReportSettings
 
     check_output_path(Path(path))   # before minutes of attacks
+    say = resolve_progress(progress)
     figures = collect(hardened, manifest, settings or ReportSettings(), onnx_path=onnx_path,
-                      target=target or onnx_path, progress=lambda m, f: progress(m, 0.95 * f))
-    write_html(figures, path, progress=lambda m, f: progress(f"[plots] {m}", 0.95 + 0.05 * f))
+                      target=target or onnx_path, progress=part(say, 0.0, 0.95))
+    write_html(figures, path, progress=part(lambda m, f: say(f"[plots] {m}", f), 0.95, 1.0))
     return figures

@@ -186,9 +186,13 @@ def test_limit_progress_and_table(setup):
 
     model, x, y = setup
     messages = []
-    report = run(model, novelty_scorer(model, x), x, y, attacks=(FGSM, PGD), limit=10, progress=messages.append)
+    report = run(model, novelty_scorer(model, x), x, y, attacks=(FGSM, PGD), limit=10,
+                 progress=lambda m, f: messages.append((m, f)))
     assert report.n_clean == 10 and all(r.n == 10 for r in report.rows)
-    assert any("fgsm:eps=0.2" in m for m in messages) and any("pgd" in m for m in messages)
+    assert any("fgsm:eps=0.2" in m for m, _ in messages) and any("pgd" in m for m, _ in messages)
+    fractions = [f for _, f in messages]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert len(set(fractions)) == len(fractions)   # every step moves the bar
 
     table = render_table(report)
     assert [c.header for c in table.columns] == ["attack", "acc", "det", "det(succ)", "l2", "linf", "AUC", "s"]

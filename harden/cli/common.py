@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from harden.errors import HardenError
 
@@ -156,7 +156,7 @@ def progress_reporter(enabled: bool) -> Iterator[Callable[[str, float], None]]:
     if not enabled:
         yield lambda message, fraction: None
         return
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("starting", total=1.0)
 

@@ -8,6 +8,7 @@ import typer
 
 from harden.attacks.defaults import DEFAULT_ATTACKS
 from harden.cli.attacks import ATTACK_NAMES
+from harden.core.progress import part
 from harden.cli.common import JSON_OPTION, check_plot_path, console, emit_json, errors_to_exit, progress_reporter, seal_option, stdout
 from harden.errors import HardenError
 
@@ -75,17 +76,19 @@ def register(app: typer.Typer) -> None:
             hardened, manifest = load_bundle(bundle_path, seal_key=seal_key)
             report, adaptive_report = None, None
             with progress_reporter(not json_out) as progress:
-                if attack or adversarial or not adaptive:
+                plain = bool(attack or adversarial or not adaptive)
+                split_at = 0.5 if plain and adaptive else 1.0
+                if plain:
                     attacks = attack or ([] if adversarial or adaptive else list(DEFAULT_ATTACKS))
                     report = run_evaluate(hardened, manifest, attacks, onnx_path=onnx_path, data=data,
-                                          split=split, limit=limit, seed=seed, progress=lambda m: progress(m, 0.5),
+                                          split=split, limit=limit, seed=seed, progress=part(progress, 0.0, split_at),
                                           adversarial=adversarial or [])
                 if adaptive:
                     adaptive_report = evaluate_adaptive(
                         hardened, manifest, eps=adaptive_eps, norm=adaptive_norm, steps=adaptive_steps,
                         onnx_path=onnx_path, data=data, split=split, limit=limit,
                         attackers=tuple(adaptive_attacker) if adaptive_attacker else None, proxy=adaptive_proxy,
-                        progress=lambda m: progress(m, 0.5), seal_key=seal_key)
+                        progress=part(progress, split_at if plain else 0.0, 1.0), seal_key=seal_key)
             if plot is not None:
                 _plot(report, manifest, plot)
             if json_out:

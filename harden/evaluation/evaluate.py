@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from harden.attacks.catalog import AttackSpec, run_attack
+from harden.core.progress import Progress, silent
 from harden.errors import HardenError
 
 Scorer = Callable[[np.ndarray], dict[str, np.ndarray]]
-Progress = Callable[[str], None]
 
 SCORE_SUFFIX = ".score"
 ALARM_SUFFIX = ".alarm"
@@ -263,9 +263,10 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
     x, y = _first(x, y, limit)
     x = x.astype(np.float32)
     y = y.astype(np.int64)
-    say = progress or (lambda message: None)
+    say = progress or silent
+    steps = 1 + 2 * len(attacks) + len(given)   # clean scoring; each attack's run and scoring; each given set
 
-    say(f"scoring {len(x)} clean inputs")
+    say(f"scoring {len(x)} clean inputs", 0.0)
     clean = _score(scorer, x, num_classes, "the clean inputs")
     clean_pred = clean["logits"].argmax(axis=1)
     correct = clean_pred == y
@@ -275,16 +276,17 @@ def evaluate(model: torch.nn.Module, scorer: Scorer, x: np.ndarray, y: np.ndarra
     rows: list[AttackRow] = []
     for i, spec in enumerate(attacks, 1):
         label = spec.label()
-        say(f"attack {i}/{len(attacks)}: {label} on {len(x)} inputs")
+        say(f"attack {i}/{len(attacks)}: {label} on {len(x)} inputs", (2 * i - 1) / steps)
         start = time.perf_counter()
         x_adv = run_attack(model, spec, x, y, input_range=input_range, num_classes=num_classes, seed=seed)
-        say(f"attack {i}/{len(attacks)}: scoring {label}")
+        say(f"attack {i}/{len(attacks)}: scoring {label}", 2 * i / steps)
         adv = _score(scorer, x_adv, num_classes, f"the {label} examples")
         rows.append(_row(label, x, x_adv, y, correct, clean, adv, time.perf_counter() - start,
                          dict(spec.resolved())))
-    for given_set in given:
-        say(f"scoring {given_set.label}: {len(given_set.x)} inputs")
+    for j, given_set in enumerate(given):
+        say(f"scoring {given_set.label}: {len(given_set.x)} inputs", (1 + 2 * len(attacks) + j) / steps)
         rows.append(_given_row(scorer, given_set, clean, num_classes))
+    say("done", 1.0)
 
     return EvaluationReport(
         clean_accuracy=float(np.mean(correct)),
@@ -369,7 +371,7 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
     from harden.evaluation.adaptive import ATTACKERS, KEY_KNOWN, KEY_UNKNOWN, adaptive_attack
 
     x, y = _first(np.asarray(x, dtype=np.float32), np.asarray(y).astype(np.int64), limit)
-    say = progress or (lambda message: None)
+    say = progress or silent
     clean = _score(scorer, x, num_classes, "the clean inputs")
     correct = clean["logits"].argmax(axis=1) == y
     explicit = attackers is not None
@@ -396,8 +398,11 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
         same_as_known = True
     else:
         same_as_known = False
-    for label, attacker, lams, supports in rows:
-        say(f"adaptive attack ({label}) on {len(x)} inputs")
+    # restarts per row: the fraction done follows the work, not the row count (type_i is one restart)
+    work = [len(lams) * len(supports) for _, _, lams, supports in rows] + ([1] if original is not None else [])
+    total = float(sum(work))
+    for i, (label, attacker, lams, supports) in enumerate(rows):
+        say(f"adaptive attack ({label}) on {len(x)} inputs", sum(work[:i]) / total)
         start = time.perf_counter()
         try:
             attack = adaptive_attack(hardened, x, y, replace(settings, attacker=attacker), input_range=input_range,
@@ -422,7 +427,7 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
             "seconds": time.perf_counter() - start,
         }
     if original is not None:
-        say(f"adaptive attack (undefended original) on {len(x)} inputs")
+        say(f"adaptive attack (undefended original) on {len(x)} inputs", sum(work[:-1]) / total)
         start = time.perf_counter()
         result["original"] = _original_row(hardened, original, x, y, settings, input_range)
         result["original"]["seconds"] = time.perf_counter() - start
@@ -434,4 +439,5 @@ def evaluate_adaptive(hardened, scorer: Scorer, x: np.ndarray, y: np.ndarray, se
             row = result.get(label)
             if row and row.get("success") is not None:
                 row["gain"] = base - row["success"]   # what the detector removes against this attacker
+    say("done", 1.0)
     return _jsonable(result)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from harden.core.progress import part
 from harden.detectors.calibration import calibrate, check_split
 from harden.errors import HardenError
 from harden.graph.analyse import check_input_shape
@@ -82,15 +83,16 @@ def instrument(
     with torch.no_grad():
         original_test_logits = gm(data.test.x).numpy()
     fitted = []
-    for spec in order:
-        progress(f"fitting {spec.name}", 0.0)
-        ctx = FitContext(gm=gm, data=data, options=options, settings=spec.settings, progress=progress)
+    for i, spec in enumerate(order):
+        share = part(progress, 0.95 * i / len(order), 0.95 * (i + 1) / len(order))   # each method reports 0..1
+        share(f"fitting {spec.name}", 0.0)
+        ctx = FitContext(gm=gm, data=data, options=options, settings=spec.settings, progress=share)
         method = METHODS.get(spec.name)().fit(ctx)
         method.config["options"] = spec.settings.to_dict()
         fitted.append(method)
     hardened = HardenedModel(gm, fitted, original_state=original_state if finetuning else None)
 
-    progress("calibrating", 0.0)
+    progress("calibrating", 0.95)
     raw_cal = hardened.raw_scores(hardened.torch_outputs(data.calibration.x))
     cal = calibrate(raw_cal, k, options.fpr, options.fpr_confidence)
     hardened.policy = AlarmPolicy(cal.thresholds, cal.scales, k)

@@ -91,6 +91,7 @@ def atomic_path(path: Path, inputs: Iterable[str | Path | None] = ()) -> Iterato
                 raise HardenError(f"cannot write {path}: {exc.strerror}") from None
             raise
         try:
+            os.chmod(tmp, _new_file_mode())   # mkstemp makes 0600; the output gets what any new file would
             os.replace(tmp, path)
         except OSError as exc:
             raise HardenError(f"cannot write {path}: {exc.strerror}") from None
@@ -98,6 +99,13 @@ def atomic_path(path: Path, inputs: Iterable[str | Path | None] = ()) -> Iterato
         _PENDING.discard(tmp)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _new_file_mode() -> int:
+    """0666 less the process umask: the mode open() would give a new file."""
+    mask = os.umask(0)   # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def remove_pending() -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Callable
 
 import harden
+from harden.core.progress import Progress
 from harden.bundle.data import bundle_data, split_of
 from harden.certification.bundle import certify_bundle
 from harden.detectors.calibration import describe
@@ -24,7 +24,6 @@ from harden.instrumentation.hardened import HardenedModel
 from harden.report.series import certified_series, strength_series
 from harden.report.settings import Plan, ReportSettings, plan
 
-Progress = Callable[[str, float], None]
 STAGES = ("attacks", "certificates", "latency")
 
 
@@ -75,20 +74,10 @@ def _stage(progress: Progress, index: int) -> Progress:
     return report
 
 
-def _counted(report: Progress, expected: int) -> Callable[[str], None]:
-    """Evaluation says one message per step (the clean inputs, then each attack's run and scoring)."""
-    done = [0]
-
-    def say(message: str) -> None:
-        report(message, done[0] / expected)
-        done[0] += 1
-    return say
-
-
 def _attacks(hardened, manifest, settings: ReportSettings, the_plan: Plan, graph: OnnxGraph, progress: Progress) -> dict:
     labels = the_plan.attack_labels
     report = evaluate_bundle(hardened, manifest, labels, data=settings.data, split=settings.split, limit=settings.limit,
-                             seed=settings.seed, graph=graph, progress=_counted(progress, 1 + 2 * len(labels)))
+                             seed=settings.seed, graph=graph, progress=progress)
     evaluation = report.to_dict(curves=True)
     evaluation["roc_attacks"] = list(the_plan.roc_attacks)
     groups = [(s["attack"], s["labels"]) for s in the_plan.strength]
