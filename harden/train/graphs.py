@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from harden.graph.ops import canonical_op
+
+
+# Sites whose activation f satisfies f(z) > T <=> z > T for the small T >= 0 the traps use: their losses and
+# thresholds are taken on the pre-activation z, whose bounds carry gradient where f's own lower bound is flat at 0.
+_ON_PRE_ACTIVATION = frozenset({"relu", "relu6"})
+
 
 def pre_activation(gm: fx.GraphModule, site: str) -> str:
-    """The node a site's ReLU reads: its bounds carry gradient where the ReLU's own lower bound is flat at 0."""
+    """The node a site's traps are trained and thresholded on: a ReLU's (or ReLU6's) input, where the comparison
+    with T is the same and the bounds keep a gradient; any other activation's own output (GELU, SiLU, a sigmoid
+    gate: f(z) > T holds above some other z, so thresholds are compared where the exported check compares)."""
     node = next(n for n in gm.graph.nodes if n.name == site)
+    if canonical_op(gm, node) not in _ON_PRE_ACTIVATION:
+        return node.name
     return node.all_input_nodes[0].name
 
 
