@@ -50,7 +50,7 @@ def _objective(hardened, data):
 
 @pytest.fixture(scope="module")
 def strict_pair(tiny_model, digits):
-    method = "ctt-strict:mask_ratio=0.05,eps=0.01,epochs=3,lr=1e-3,alpha=0.5"
+    method = "ctt-strict:mask_ratio=0.05,eps=0.01,epochs=3,lr=3e-4,alpha=0.5"
     first = instrument(tiny_model, digits, [method], Options(key="ft"))
     second = instrument(tiny_model, digits, [method], Options(key="ft"))
     return first, second
