@@ -20,10 +20,11 @@ def load_data(spec: str, **kwargs) -> Dataset:
 
 
 def instrument(model, data: Dataset, methods: list[str], options=None, *, policy: str = "any",
-               progress: Progress | bool | None = None) -> HardenedModel:
+               progress: Progress | bool | None = None, finetune: str | None = None) -> HardenedModel:
     from harden.instrumentation.pipeline import instrument as _instrument
 
-    return _instrument(model, data, methods, options, policy=policy, progress=resolve_progress(progress))
+    return _instrument(model, data, methods, options, policy=policy, progress=resolve_progress(progress),
+                       finetune=finetune)
 
 
 def save_bundle(hardened: HardenedModel, path, *, seal_key: str | None = None, inputs=()) -> dict:
@@ -123,18 +124,22 @@ def original_classifier(hardened: HardenedModel):
 
 def certify(hardened: HardenedModel, manifest: dict, eps: list[float] | None = None, *, data: str | None = None,
             split: str = "test", limit: int | None = None, check: int = 0, seed: int = 0, bounds: str = "ibp",
-            progress: Progress | bool | None = None, device: str = "cpu", batch_size: int = 256) -> dict:
+            threats: list[str] | None = None, progress: Progress | bool | None = None, device: str = "cpu",
+            batch_size: int = 256) -> dict:
     """Placement, robust and detect-or-robust certificates (hardened vs original), and the sampling check.
 
     ``bounds``: ``ibp`` (interval), ``crown-ibp`` (backward linear-relaxation margin on interval intermediates)
-    or ``crown`` (backward linear relaxation throughout; tightest, slowest).  ``device``: where bounds and the
-    check's points are computed.  ``batch_size``: samples bounded at once.  Under torchrun the batches are split
-    across the ranks, and every rank returns the same merged report.
+    or ``crown`` (backward linear relaxation throughout; tightest, slowest).
+    ``threats``: ``flow:delta=D[,tv=T]`` texts (:mod:`harden.certification.flow`) certified instead of the
+    L-inf boxes of ``eps`` (``linf`` stands for those boxes); results are keyed by each threat's label.
+    ``device``: where bounds and the check's points are computed.  ``batch_size``: samples bounded at once.
+    Under torchrun the batches are split across the ranks, and every rank returns the same merged report.
     """
     from harden.certification.bundle import certify_bundle
 
     return certify_bundle(hardened, manifest, eps, data=data, split=split, limit=limit, check=check, seed=seed,
-                          bounds=bounds, progress=resolve_progress(progress), device=device, batch_size=batch_size)
+                          bounds=bounds, threats=threats, progress=resolve_progress(progress), device=device,
+                          batch_size=batch_size)
 
 
 def make_report(hardened: HardenedModel, manifest: dict, path, settings=None, *, onnx_path: Path | None = None,

@@ -230,6 +230,11 @@ _activation("hardswish/functional", lambda m, x: F.hardswish(x * 4.0 - 2.0), "ha
 _activation("mish/module", lambda m, x: m.act(x * 3.0 - 1.5), "mish", "mul", "sub", act=lambda: nn.Mish())
 _activation("elu/module", lambda m, x: m.act(x), act=lambda: nn.ELU(0.5))
 _activation("elu/functional", lambda m, x: F.elu(x))
+_activation("hardsigmoid/module", lambda m, x: m.act(x * 8.0 - 4.0), "hardsigmoid", "mul", "sub",
+            act=lambda: nn.Hardsigmoid())
+_activation("hardsigmoid/functional", lambda m, x: F.hardsigmoid(x * 8.0 - 4.0), "hardsigmoid", "mul", "sub")
+_activation("floordiv/operator", lambda m, x: (x * 4.0) // 1.5, "floordiv", "mul")
+_activation("unsqueeze/squeeze", lambda m, x: torch.squeeze(x.unsqueeze(1), 1), "unsqueeze", "squeeze")
 _activation("softplus/module", lambda m, x: m.act(x), act=lambda: nn.Softplus(beta=2.0, threshold=1.0))
 _activation("softplus/functional", lambda m, x: F.softplus(x))
 _activation("identity/dropout-module", lambda m, x: m.drop(x), act=None, drop=lambda: nn.Dropout(0.3))
@@ -455,6 +460,103 @@ def _(s, rng):
 @spelling("mean/spatial", "img->vec")
 def _(s, rng):
     return Block(lambda m, x: x.mean((2, 3))), ("vec", s[1])
+
+
+@spelling("layer_norm/module", "vec")
+def _(s, rng):
+    norm = nn.LayerNorm(s[1])
+    with torch.no_grad():
+        norm.weight.copy_(_tensor(s[1], rng=rng))
+        norm.bias.copy_(_tensor(s[1], rng=rng) * 0.3)
+    return Block(lambda m, x: m.norm(x * 3.0), norm=norm), s
+
+
+@spelling("layer_norm/channels-last", "img", "layer_norm", "permute", "mul", "add")
+def _(s, rng):
+    # channels kept apart (a spread offset): a row of nearly equal entries makes the model's own float32 layer
+    # norm err by more than the tests' rounding tolerance
+    c = s[1]
+    return Block(lambda m, x: F.layer_norm((x * 3.0 + m.spread).permute(0, 2, 3, 1), (c,), m.w, m.b, 1e-6)
+                 .permute(0, 3, 1, 2), spread=torch.arange(c, dtype=torch.float32).reshape(1, c, 1, 1) * 2.0,
+                 w=_param(c, rng=rng, scale=1.0), b=_param(c, rng=rng, scale=0.3)), s
+
+
+@spelling("matmul/constant", "vec")
+def _(s, rng):
+    out = rng.randint(1, 5)
+    return Block(lambda m, x: x @ m.w, w=_param(s[1], out, rng=rng)), ("vec", out)
+
+
+@spelling("matmul/interval-interval", "img", "matmul", "transpose", "mul")
+def _(s, rng):
+    _, c, h, w = s
+    return Block(lambda m, x: torch.matmul(x, x.transpose(-1, -2) * 0.5)), ("img", c, h, h)
+
+
+@spelling("scaled_dot_product_attention/functional", "img", "scaled_dot_product_attention", "mul")
+def _(s, rng):
+    return Block(lambda m, x: F.scaled_dot_product_attention(x * 3.0, x, x)), s
+
+
+@spelling("multi_head_attention/module", "img", "multi_head_attention", "flatten", "transpose", "reshape",
+          "getitem", "size")
+def _(s, rng):
+    _, c, h, w = s
+    attention = nn.MultiheadAttention(c, 1, batch_first=True)
+
+    def forward(m, x):
+        tokens = x.flatten(2).transpose(1, 2)
+        out, _ = m.attention(tokens, tokens, tokens, need_weights=False)
+        return out.transpose(1, 2).reshape(x.size(0), c, h, w)
+
+    return Block(forward, attention=attention), s
+
+
+@spelling("chunk/method", "img", "chunk", "getitem", "cat", "mul")
+def _(s, rng):
+    def forward(m, x):
+        a, b = x.chunk(2, dim=2)
+        return torch.cat([b, a * 0.5], dim=2)
+
+    return Block(forward), ("img", s[1], s[2] - s[2] // 2 + s[2] // 2, s[3])
+
+
+@spelling("split/torch", "img", "split", "getitem", "cat", "neg")
+def _(s, rng):
+    def forward(m, x):
+        a, b = torch.split(x, [1, x.shape[3] - 1], dim=3)
+        return torch.cat([-b, a], dim=3)
+
+    return Block(forward), s
+
+
+@spelling("unbind/method", "img", "unbind", "getitem", "unsqueeze", "cat", "mul")
+def _(s, rng):
+    def forward(m, x):
+        rows = x.unbind(2)
+        return torch.cat([rows[i].unsqueeze(2) * (1.0 + i) for i in range(s[2])], dim=2)
+
+    return Block(forward), s
+
+
+@spelling("expand/channel", "img", "expand", "getitem")
+def _(s, rng):
+    return Block(lambda m, x: x[:, :1].expand(-1, 3, -1, -1)), ("img", 3, s[2], s[3])
+
+
+@spelling("unflatten/method", "img", "unflatten", "flatten")
+def _(s, rng):
+    return Block(lambda m, x: x.flatten(2).unflatten(2, (s[2], s[3]))), s
+
+
+@spelling("adaptive_max_pool2d/module", "img")
+def _(s, rng):
+    return Block(lambda m, x: m.pool(x), pool=nn.AdaptiveMaxPool2d((2, 2))), ("img", s[1], 2, 2)
+
+
+@spelling("adaptive_max_pool2d/functional", "img")
+def _(s, rng):
+    return Block(lambda m, x: F.adaptive_max_pool2d(x, 1)), ("img", s[1], 1, 1)
 
 
 @spelling("mean/torch-dim-list", "img->vec")

@@ -40,7 +40,7 @@ def run_ranks(task, folder: Path, size: int = 2):
 # ------------------------------------------------------------------------------------------------ workloads
 
 INSTRUMENT = {"limit": 600}   # 360 train, 120 calibration, 120 test digits
-FINETUNE = {"steps": 20, "lr": 1e-3}
+FINETUNE = {"steps": 20, "lr": 3e-4}
 ATTACKS = ["pgd:eps=0.1,steps=3", "noise"]   # both random: PGD starts at a random point
 
 

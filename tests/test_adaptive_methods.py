@@ -23,6 +23,7 @@ from harden.methods.ctt import TrapHead
 from harden.detectors.policy import AlarmPolicy
 
 MM = {"attacks": ["fgsm:eps=0.2"], "max_train": 300, "svm_c": 10.0, "svm_gamma": 0.05}
+LAN = {"g_steps": 200, "f2_steps": 300, "beta": 2.0}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest's: tiny models run fastest on one thread
@@ -30,12 +31,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest's: tiny models r
 
 @pytest.fixture(scope="module")
 def bundles(tiny_model, digits, tmp_path_factory):
-    """ctt-lite, nic and mismatch on the tiny CNN, each through a bundle round trip."""
+    """ctt-lite, nic, mismatch and lan on the tiny CNN, each through a bundle round trip."""
     folder = tmp_path_factory.mktemp("adaptive-methods")
     made = {
         "ctt-lite": instrument(tiny_model, digits, ["ctt-lite:mask_ratio=0.05"], Options(key="am", fpr=0.05)),
         "nic": instrument(tiny_model, digits, ["nic"], Options(key="am", fpr=0.05)),
         "mismatch": instrument(tiny_model, digits, [MethodSpec.of("mismatch", **MM)], Options(key="am", fpr=0.05)),
+        "lan": instrument(tiny_model, digits, [MethodSpec.of("lan", **LAN)], Options(key="am", fpr=0.05)),
     }
     out = {}
     for name, hardened in made.items():
@@ -59,7 +61,7 @@ def _raw(hardened, x, smooth, **knowledge):
     return target(x, smooth=smooth)[1]["m"]
 
 
-@pytest.mark.parametrize("name", ["ctt-lite", "nic", "mismatch"])
+@pytest.mark.parametrize("name", ["ctt-lite", "nic", "mismatch", "lan"])
 def test_exact_surrogate_is_the_shipped_detector(bundles, digits, name):
     hardened = bundles[name]
     x = digits.test.x[:150]
@@ -212,11 +214,12 @@ def test_key_unknown_nic_redraws_the_transforms(bundles, digits):
     assert torch.equal(known.smooth_head.probe_0_0.weight, unknown.smooth_head.probe_0_0.weight)
 
 
-def test_key_unknown_mismatch_needs_a_proxy(bundles, digits):
+@pytest.mark.parametrize("name", ["mismatch", "lan"])
+def test_key_unknown_mismatch_and_lan_need_a_proxy(bundles, digits, name):
     from harden.methods.surrogates import KEY_UNKNOWN, Knowledge
 
     with pytest.raises(HardenError, match="adaptive-proxy"):
-        surrogates_for(bundles["mismatch"], Knowledge(KEY_UNKNOWN, digits.train.x))
+        surrogates_for(bundles[name], Knowledge(KEY_UNKNOWN, digits.train.x))
 
 
 def test_proxy_attack_is_judged_by_the_target(tiny_model, bundles, digits):

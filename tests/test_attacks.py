@@ -151,6 +151,7 @@ QUICK = {
     "noise": "noise",
     "blur": "blur",
     "saltpepper": "saltpepper",
+    "stadv": "stadv:budget=0,delta=0.5,steps=10,search_steps=1,lr=0.05",
 }
 
 

@@ -42,6 +42,8 @@ EXPORTED = frozenset({
     "batch_norm/module2d", "identity/dropout-functional[img]", "reshape/view-size", "relu6/hardtanh-module[img]",
     "conv1d/functional", "max_pool2d/functional-ceil", "avg_pool2d/functional", "adaptive_avg_pool2d/module",
     "leaky_relu/negative-slope[vec]", "hardtanh/functional-kw[img]", "permute/method", "transpose/torch",
+    "layer_norm/module", "scaled_dot_product_attention/functional", "multi_head_attention/module", "chunk/method",
+    "hardsigmoid/module[img]", "adaptive_max_pool2d/module",
 })
 
 
@@ -56,6 +58,13 @@ def _tol(iv: Interval) -> torch.Tensor:
     return (RTOL * scale).reshape((-1,) + (1,) * (iv.lo.dim() - 1))
 
 
+def _entries(bound, value):
+    """(bound, value) pairs of a node: itself, or each item of a tuple-valued node (chunk, attention...)."""
+    if isinstance(bound, (tuple, list)) and isinstance(value, (tuple, list)) and len(bound) == len(value):
+        return [pair for b, v in zip(bound, value) for pair in _entries(b, v)]
+    return [(bound, value)]
+
+
 def check_graph(gm: fx.GraphModule, x: torch.Tensor, eps: float, input_range, n_points: int, seed: int) -> set[str]:
     """The three properties on one graph and batch; returns the rule keys that ran."""
     names = _checked(gm)
@@ -64,13 +73,13 @@ def check_graph(gm: fx.GraphModule, x: torch.Tensor, eps: float, input_range, n_
         point = propagate(gm, Interval.point(x), record=names)
         real = real_values(gm, x)
         for name in names:
-            iv, v = point.nodes[name], real[name]
-            if isinstance(iv, Interval):
-                tol = RTOL * max(1.0, float(v.abs().max()) if v.numel() else 1.0)
-                assert torch.allclose(iv.lo, v, rtol=0, atol=tol), f"eps=0 lower bound != forward at {name}"
-                assert torch.allclose(iv.hi, v, rtol=0, atol=tol), f"eps=0 upper bound != forward at {name}"
-            else:
-                assert iv == v or (isinstance(v, torch.Tensor) and torch.equal(iv, v)), name
+            for iv, v in _entries(point.nodes[name], real[name]):
+                if isinstance(iv, Interval):
+                    tol = RTOL * max(1.0, float(v.abs().max()) if v.numel() else 1.0)
+                    assert torch.allclose(iv.lo, v, rtol=0, atol=tol), f"eps=0 lower bound != forward at {name}"
+                    assert torch.allclose(iv.hi, v, rtol=0, atol=tol), f"eps=0 upper bound != forward at {name}"
+                elif iv is not None:   # None: a value without bounds (max pooling's indices)
+                    assert iv == v or (isinstance(v, torch.Tensor) and torch.equal(iv, v)), name
 
         box = Interval.from_box(x, eps, input_range)
         bounds = propagate(gm, box, record=names)
@@ -81,9 +90,9 @@ def check_graph(gm: fx.GraphModule, x: torch.Tensor, eps: float, input_range, n_
         assert torch.equal(bare.lo, bounds.output.lo) and torch.equal(bare.hi, bounds.output.hi)
         assert torch.equal(box.lo, box_lo) and torch.equal(box.hi, box_hi), "propagate wrote into the input box"
         for name in names:
-            iv = bounds.nodes[name]
-            if isinstance(iv, Interval):
-                assert bool((iv.lo <= iv.hi + _tol(iv)).all()), f"lo > hi at {name}"
+            for iv, _ in _entries(bounds.nodes[name], real[name]):
+                if isinstance(iv, Interval):
+                    assert bool((iv.lo <= iv.hi + _tol(iv)).all()), f"lo > hi at {name}"
         generator = torch.Generator().manual_seed(seed)
         for k in range(n_points):
             u = torch.rand(x.shape, generator=generator)
@@ -92,13 +101,13 @@ def check_graph(gm: fx.GraphModule, x: torch.Tensor, eps: float, input_range, n_
             p = box.lo + u * (box.hi - box.lo)
             values = real_values(gm, p)
             for name in names:
-                iv, v = bounds.nodes[name], values[name]
-                if not isinstance(iv, Interval):
-                    continue
-                tol = _tol(iv)
-                below, above = (iv.lo - tol - v).max(), (v - iv.hi - tol).max()
-                assert below <= 0 and above <= 0, (
-                    f"point {k} escapes the bounds at node {name}: below by {float(below):.3g}, above by {float(above):.3g}")
+                for iv, v in _entries(bounds.nodes[name], values[name]):
+                    if not isinstance(iv, Interval):
+                        continue
+                    tol = _tol(iv)
+                    below, above = (iv.lo - tol - v).max(), (v - iv.hi - tol).max()
+                    assert below <= 0 and above <= 0, (f"point {k} escapes the bounds at node {name}: below by "
+                                                       f"{float(below):.3g}, above by {float(above):.3g}")
     with torch.enable_grad():  # with autograd on, nothing runs in place: the same bounds up to rounding
         graded = propagate(gm, box).output
     tol = _tol(bounds.output)

@@ -50,7 +50,7 @@ def _objective(hardened, data):
 
 @pytest.fixture(scope="module")
 def strict_pair(tiny_model, digits):
-    method = "ctt-strict:mask_ratio=0.05,eps=0.01,epochs=3,lr=1e-3,alpha=0.5"
+    method = "ctt-strict:mask_ratio=0.05,eps=0.01,epochs=3,lr=3e-4,alpha=0.5"
     first = instrument(tiny_model, digits, [method], Options(key="ft"))
     second = instrument(tiny_model, digits, [method], Options(key="ft"))
     return first, second
@@ -223,3 +223,17 @@ def test_ctt_strict_graph_agrees_at_every_onnxruntime_level_and_as_portable_floa
     from portability import check_every_runtime_setting
 
     check_every_runtime_setting(strict_pair[0])
+def test_a_finetuning_that_kept_the_users_weights_is_no_finetuned_bundle(tiny_model, digits, tmp_path, one_thread):
+    from harden.bundle.archive import load_bundle, save_bundle
+    from harden.graph.trace import trace
+
+    # a learning rate that wrecks the classifier at every check: the training keeps the original weights
+    hardened = instrument(tiny_model, digits, ["ctt-strict:mask_ratio=0.05,eps=0.01,epochs=1,lr=50"],
+                          Options(key="ft"))
+    assert hardened.methods[0].config["finetune"]["best_epoch"] == 0
+    for key, value in trace(tiny_model).state_dict().items():
+        assert torch.equal(hardened.classifier.state_dict()[key], value), key
+    assert hardened.original_state is None
+    save_bundle(hardened, tmp_path / "kept.hardened")
+    _, manifest = load_bundle(tmp_path / "kept.hardened")
+    assert manifest["finetuned"] is False

@@ -90,7 +90,8 @@ def test_quiet_placement_draws_traps_among_constant_positions(tiny_model, digits
     assert method.config["trap_placement"] == "quiet"
     gm = hardened.classifier
     _, *pre = feature_extractor(gm, [pre_activation(gm, s) for s in method.sites])(digits.train.x)
-    uniform = make_masks("q", dict(zip(method.sites, method.config["sizes"])), 0.05)
+    uniform = make_masks("q", dict(zip(method.sites, method.config["sizes"])), 0.05,
+                         dict(zip(method.sites, method.config["site_keys"])))
     quiet_sites = 0
     for i, (site, a) in enumerate(zip(method.sites, pre)):
         std = a.flatten(1).std(dim=0)

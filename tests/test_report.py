@@ -310,3 +310,19 @@ def test_bad_input_is_one_line_and_no_file(bundle, exported, tmp_path, monkeypat
              "--strength-eps", 0.2, "--certify-eps", 0.01, "--certify-limit", 5, "--latency-rounds", 1)
     one_line_error(invoke("report", exported, "-o", out, *cheap), "drawing failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_roc_curve_on_the_log_axis_is_the_same_piecewise_linear_curve():
+    from harden.report.plots import _on_log_axis
+
+    fpr, tpr = [0.0, 0.0, 0.002, 0.1, 0.1, 1.0], [0.0, 0.4, 0.5, 0.6, 0.9, 1.0]
+    xs, ys = _on_log_axis({"fpr": fpr, "tpr": tpr})
+    # the original points, in order, and nothing outside them
+    position = [int(np.flatnonzero((xs == x) & (ys == y))[0]) for x, y in zip(fpr, tpr)]
+    assert position == sorted(position) and position[0] == 0 and position[-1] == len(xs) - 1
+    # every added point lies on its sloped segment, and each such segment is sampled densely in log FPR
+    for (x0, y0, x1, y1), a, b in zip(zip(fpr, tpr, fpr[1:], tpr[1:]), position, position[1:]):
+        inside = slice(a + 1, b)
+        assert np.allclose(ys[inside], y0 + (y1 - y0) * (xs[inside] - x0) / (x1 - x0) if x1 > x0 else [])
+        if x1 > x0 and y1 != y0:
+            assert b - a > 10 and np.all(np.diff(xs[a:b + 1]) > 0)

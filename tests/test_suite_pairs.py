@@ -28,7 +28,7 @@ def test_pairs_cover_sizes_shapes_and_architectures():
         archs.add(PAIRS[name].arch)
         sizes.append(len(lp_data.train))
     assert {(1, 8, 8), (1, 28, 28), (3, 32, 32)} <= shapes
-    assert archs == {"lenet5", "cnn", "mlp", "resnet", "mobilenet", "vgg"}
+    assert archs == {"lenet5", "cnn", "mlp", "resnet", "mobilenet", "vgg", "resnet18"}
     assert min(sizes) <= 900 and max(sizes) >= 3900
 
 

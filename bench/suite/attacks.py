@@ -19,6 +19,10 @@ from harden.attacks.catalog import AttackSpec, run_attack
 
 LIBRARIES = ("art", "foolbox")
 ATTACK_NAMES = ("fgsm", "bim", "pgd", "deepfool", "cw")
+HARDEN_ONLY = ("stadv",)
+"""Attacks only harden's catalog has (``--attacks ...,stadv``): crafted through the "art" library's path, skipped
+for foolbox."""
+KNOWN_ATTACKS = ATTACK_NAMES + HARDEN_ONLY
 LINF = ("fgsm", "bim", "pgd")
 
 
@@ -68,5 +72,7 @@ def craft(library: str, model: torch.nn.Module, name: str, x: np.ndarray, y: np.
         return run_attack(model, art_spec(name, eps), x, y, input_range=input_range, num_classes=num_classes,
                           seed=seed)
     if library == "foolbox":
+        if name in HARDEN_ONLY:
+            raise ValueError(f"foolbox has no {name}")
         return foolbox_adversarial(model, name, x, y, eps=eps, input_range=input_range, seed=seed)
     raise ValueError(f"unknown attack library {library!r}; known: {', '.join(LIBRARIES)}")

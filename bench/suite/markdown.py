@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.suite.attacks import ATTACK_NAMES, LIBRARIES
+from bench.suite.attacks import KNOWN_ATTACKS, LIBRARIES
 
 
 def _pct(v) -> str:
@@ -25,7 +25,7 @@ def _det(row: dict, attack: str) -> str:
 
 def method_table(label: str, block: dict) -> str:
     rows, worst = block["rows"], block["worst"]
-    attacks = [a for a in ATTACK_NAMES if any(f"{lib}.{a}" in rows[0]["detection"] for lib in LIBRARIES)]
+    attacks = [a for a in KNOWN_ATTACKS if any(f"{lib}.{a}" in rows[0]["detection"] for lib in LIBRARIES)]
     head = ["pair", "attack eps", "accuracy (original)", f"{rows[0]['split']} FPR / target"] + attacks + ["min AUC", "instrument s"]
     lines = [f"**{label}** ({rows[0]['split']} split; {rows[0]['n']} inputs attacked a pair; detection = % of "
              "successful adversarial examples alarmed, ART/foolbox)", "",

@@ -3,6 +3,7 @@
 Each factory takes the input shape (C, H, W) and the number of classes and returns an untrained module whose
 every layer is an ``nn.Module`` attribute, so torch.fx names nodes after them.  They differ in what matters to
 a detector: depth, normalisation, residual adds, depthwise convolutions, ReLU6, dropout, no convolution at all.
+``resnet18`` is torchvision's at its real size (from tests/zoo.py, which copies torchvision's block patterns).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from harden.examples.lenet import LeNet5
+from tests import zoo
 
 
 def lenet5(shape, classes: int) -> nn.Module:
@@ -169,6 +171,11 @@ class VGG(nn.Module):
         return self.fc2(self.drop2(self.relu5(self.fc1(x))))
 
 
+def resnet18(shape, classes: int) -> nn.Module:
+    """torchvision's ResNet-18 at full width (11.2M parameters; 7x7/2 stem and max pool), built by tests/zoo.py."""
+    return zoo.resnet18(shape[0], classes, size="full")
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lenet5,
     "cnn": PlainCNN,
@@ -176,9 +183,13 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet": ResNet,
     "mobilenet": MobileNet,
     "vgg": VGG,
+    "resnet18": resnet18,
 }
 
 
 def build(arch: str, shape, classes: int, seed: int) -> nn.Module:
+    """``arch``: a key of ARCHITECTURES, or ``zoo:FAMILY`` (a family of tests/zoo.py at full size)."""
     torch.manual_seed(seed)
+    if arch.startswith("zoo:"):
+        return zoo.build(arch[4:], shape[0], classes, size="full", seed=seed)
     return ARCHITECTURES[arch](tuple(shape), classes)

@@ -57,6 +57,7 @@ PAIRS: dict[str, Pair] = {p.name: p for p in (
     Pair("vgg-digits", "digits", "vgg", limit=None, fractions=(0.5, 0.25, 0.25), epochs=25, lr=1e-3),  # dropout
     Pair("resnet-shapes", "shapes:6600", "resnet", limit=None, epochs=20, lr=3e-3),    # 3,960 train, 32x32x3
     Pair("mobilenet-shapes", "shapes:3000", "mobilenet", limit=None, epochs=40, lr=5e-3),  # depthwise ReLU6
+    Pair("resnet18-shapes", "shapes:6600", "resnet18", limit=None, epochs=8, lr=1e-3),   # torchvision's, 11.2M
 )}
 
 
@@ -123,12 +124,15 @@ class LoadedPair:
     facts: dict
 
 
-def load_pair(name: str, *, small: bool = False, cache: bool = True) -> LoadedPair:
+def load_pair(name: str | Pair, *, small: bool = False, cache: bool = True) -> LoadedPair:
     """The trained pair (from the cache when its recipe is unchanged).  ``small``: 300 samples and 2 epochs, for
-    tests of the pipeline itself (never cached)."""
-    if name not in PAIRS:
+    tests of the pipeline itself (never cached).  ``name`` may be a Pair outside the suite (bench/ scripts)."""
+    if isinstance(name, Pair):
+        pair = name
+    elif name not in PAIRS:
         raise KeyError(f"unknown pair {name!r}; pairs: {', '.join(PAIRS)}")
-    pair = PAIRS[name]
+    else:
+        pair = PAIRS[name]
     if small:
         pair = replace(pair, limit=300, epochs=2)
         cache = False

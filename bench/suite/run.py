@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.suite.attacks import ATTACK_NAMES, LIBRARIES, craft
+from bench.suite.attacks import ATTACK_NAMES, HARDEN_ONLY, KNOWN_ATTACKS, LIBRARIES, craft
 from bench.suite.pairs import CACHE, PAIRS, LoadedPair, load_pair
 from harden.attacks.strength import half_accuracy_eps
 from harden.errors import HardenError
@@ -139,6 +139,8 @@ def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
     sets, crafted = [], {}
     for library in args.libraries:
         for attack in args.attacks:
+            if library != "art" and attack in HARDEN_ONLY:
+                continue
             t0 = time.perf_counter()
             x_adv, cached = adversarial(hardened.classifier, library, attack, x, y, eps=eps, lp=lp,
                                         split=args.split, seed=args.seed)
@@ -227,7 +229,7 @@ def render(method_label: str, rows: list[dict], worst_cols: dict):
                         f"det = % of successful adversarial examples alarmed, ART/foolbox)")
     for column in ("pair", "eps", "acc (orig)", "FPR / target"):
         table.add_column(column, no_wrap=True)
-    attacks = sorted({a.split(".", 1)[1] for a in first["detection"]}, key=ATTACK_NAMES.index)
+    attacks = sorted({a.split(".", 1)[1] for a in first["detection"]}, key=KNOWN_ATTACKS.index)
     for attack in attacks:
         table.add_column(attack, justify="right", no_wrap=True)
     table.add_column("min AUC", justify="right")
@@ -287,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.libraries = [s for s in args.libraries.split(",") if s]
     args.attacks = [s for s in args.attacks.split(",") if s]
+    if set(args.attacks) - set(KNOWN_ATTACKS):
+        parser.error(f"unknown attack(s) {', '.join(sorted(set(args.attacks) - set(KNOWN_ATTACKS)))}; "
+                     f"known: {', '.join(KNOWN_ATTACKS)}")
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     unknown = [p for p in pairs if p not in PAIRS]
     if unknown:

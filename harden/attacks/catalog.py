@@ -77,11 +77,13 @@ class AttackBuilder:
     ``black_box`` attacks only query predictions (they may query ``target_model``);
     ``linf_bound`` names the parameter that bounds the L-inf perturbation (or
     says ``None``, for L2 / L0 / unbounded attacks); ``targeted`` attacks receive
-    random target classes (never the true one) instead of the true labels.
+    random target classes (never the true one) instead of the true labels (a function of the
+    resolved parameters when a parameter decides it).
     """
 
     def __init__(self, name: str, params: tuple[Param, ...], make: Callable, *, black_box: bool,
-                 linf_bound: Callable[[dict], float | None] | None, targeted: bool, doc: str):
+                 linf_bound: Callable[[dict], float | None] | None, targeted: bool | Callable[[dict], bool],
+                 doc: str):
         self.name = name
         self.params = params
         self.make = make
@@ -93,6 +95,9 @@ class AttackBuilder:
         for p in params:
             lines.append(f"    {p.name}: {p.describe_kind()} = {p.describe_default()}  -- {p.doc}")
         self.__doc__ = "\n".join(lines)
+
+    def is_targeted(self, params: dict) -> bool:
+        return bool(self.targeted(params)) if callable(self.targeted) else bool(self.targeted)
 
     def param(self, name: str) -> Param:
         return find_param(self.params, f"attack {self.name!r}", name)
@@ -109,7 +114,8 @@ ATTACKS: Registry[AttackBuilder] = Registry("attack")
 
 
 def _attack(name: str, *params: Param, aliases: tuple[str, ...] = (), black_box: bool = False,
-            linf_bound: Callable[[dict], float | None] | None = None, targeted: bool = False):
+            linf_bound: Callable[[dict], float | None] | None = None,
+            targeted: bool | Callable[[dict], bool] = False):
     """Register the decorated ``make(estimator, params, batch_size)`` under ``name`` (and aliases)."""
 
     def decorate(make: Callable) -> AttackBuilder:
@@ -325,6 +331,40 @@ def _boundary(estimator, p, batch_size):
     return BoundaryAttack(estimator, batch_size=batch_size, targeted=False, delta=p["delta"], epsilon=p["epsilon"],
                           max_iter=p["max_iter"], num_trial=p["num_trial"], sample_size=p["sample_size"],
                           init_size=p["init_size"], verbose=False)
+
+
+@_attack(
+    "stadv",
+    Param("tau", float, 0.1, "first weight of the flow loss (Eq. 7; the thesis's 0.1), then searched in [0, 1000]",
+          minimum=0.0, maximum=1000.0),
+    Param("budget", float, 7.0, "total-variation budget of the flow (Eq. 14; the thesis's 7.0); 0 = none",
+          minimum=0.0),
+    Param("delta", float, 0.0, "largest flow component per pixel, in pixels; 0 = none (the thesis's attack)",
+          minimum=0.0),
+    Param("targeted", bool, False, "aim at a random other class instead of any wrong one"),
+    Param("kappa", float, 0.0, "margin the goal must be reached by (Eq. 5's k, as -kappa)", minimum=0.0),
+    Param("steps", int, 100, "Adam steps per tau", minimum=1),
+    Param("search_steps", int, 5, "taus tried per input (binary search, section 4.2)", minimum=1),
+    Param("lr", float, 0.01, "Adam's step size, in pixels", minimum=0.0, strict=True),
+    targeted=lambda p: p["targeted"],
+)
+def _stadv(estimator, p, batch_size):
+    """Spatially transformed adversarial examples (Xiao et al. 2018; thesis 001, 2.3 and 4.2): a flow per pixel.
+
+    Each pixel samples the input at its position plus its flow, bilinearly
+    (Eq. 4; border-clamped). Adam minimises the C&W margin (Eq. 5) + tau x the
+    flow's total variation (Eq. 6), or its excess over the budget (Eq. 14);
+    tau is binary-searched per input in [0, 1000] (success raises it, failure
+    lowers it). Every iterate is projected into the budget (components clipped
+    to delta, the field scaled to TV <= budget) before it is judged, so what is
+    returned always lies inside it; among successes the smallest TV is kept.
+    Not an ART attack: harden's own, on torch's grid_sample.
+    """
+    from harden.attacks.stadv import StAdvAttack, StAdvSettings
+
+    settings = StAdvSettings(tau=p["tau"], budget=p["budget"], delta=p["delta"], targeted=p["targeted"],
+                             kappa=p["kappa"], steps=p["steps"], search_steps=p["search_steps"], lr=p["lr"])
+    return StAdvAttack(estimator.model, settings, batch_size, estimator._device)
 
 
 class _DegradationAttack:
@@ -555,7 +595,7 @@ def run_attack(model: torch.nn.Module, spec: AttackSpec, x: np.ndarray, y: np.nd
         except ValueError as exc:  # ART's own parameter checks
             raise HardenError(f"attack {spec.label()}: {exc}") from None
         labels = y
-        if builder.targeted:
+        if builder.is_targeted(params):
             rng = np.random.default_rng(seed)
             labels = (y + rng.integers(1, num_classes, size=len(y))) % num_classes
         onehot = np.eye(num_classes, dtype=np.float32)[labels]

@@ -83,6 +83,16 @@ def sigmoid(call: Call) -> Interval:
     return _monotone(call, _input(call), torch.sigmoid, torch.sigmoid_)
 
 
+_HARDSIGMOID = (("input", REQUIRED), ("inplace", False))
+
+
+@BOUND_RULES.register("hardsigmoid")
+def hardsigmoid(call: Call) -> Interval:
+    """hardsigmoid(x) = clamp(x / 6 + 1 / 2, 0, 1) is monotone: [f(l), f(u)]."""
+    x = interval_arg(call, call.bind(_HARDSIGMOID, _no_params)["input"], "the input")
+    return _monotone(call, x, F.hardsigmoid, lambda t: F.hardsigmoid(t, inplace=True))
+
+
 @BOUND_RULES.register("tanh")
 def tanh(call: Call) -> Interval:
     """tanh is monotone: [tanh(l), tanh(u)]."""
@@ -254,5 +264,5 @@ def softplus(call: Call) -> Interval:
     return Interval(lo, hi)
 
 
-FRESH_OUTPUTS.update({"relu", "relu6", "hardtanh", "leaky_relu", "sigmoid", "tanh", "silu", "hardswish", "mish",
-                      "gelu", "elu", "softplus"})
+FRESH_OUTPUTS.update({"relu", "relu6", "hardtanh", "leaky_relu", "sigmoid", "hardsigmoid", "tanh", "silu",
+                      "hardswish", "mish", "gelu", "elu", "softplus"})

@@ -119,6 +119,19 @@ def hardtanh(back: Back) -> None:
     relax_elementwise(back, x, *clamp_relaxation(x, a, b))
 
 
+@backward_rule("hardsigmoid", relaxes=_unstable_at(-3.0, 3.0))
+def hardsigmoid(back: Back) -> None:
+    """hardsigmoid(x) = clamp(y, 0, 1), y = x / 6 + 1 / 2: the clamp's relaxation in y, mapped back to x."""
+    x = _input(back)
+
+    def relaxation():
+        y = Interval(x.lo / 6 + 0.5, x.hi / 6 + 0.5)
+        ls, lb, us, ub = clamp_relaxation(y, 0.0, 1.0)
+        return ls / 6, lb + ls * 0.5, us / 6, ub + us * 0.5
+
+    relax_elementwise(back, x, *back.remember("hardsigmoid", x, relaxation))
+
+
 @backward_rule("leaky_relu", relaxes=_unstable_at(0.0))
 def leaky_relu(back: Back) -> None:
     """f(x) = x (x >= 0), s x (x < 0).  For s <= 1 f is convex: chord above, slope 1 or s below (adaptive);

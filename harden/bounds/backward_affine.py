@@ -229,11 +229,52 @@ def mean(back: Back) -> None:
 
 @backward_rule("getitem")
 def getitem(back: Back) -> None:
-    """x[idx] selects entries (idx leaves the batch dim whole): the adjoint scatters A back."""
-    obj = back.call.args[0]
+    """x[idx] selects entries (idx leaves the batch dim whole): the adjoint scatters A back; an item of a
+    tuple of values (chunk, split, unbind) passes A to that item, whose node's rule takes it from there."""
+    obj, index = back.call.args[0], back.call.args[1]
+    if isinstance(obj, (tuple, list)):
+        if not isinstance(index, int) or not isinstance(obj[index], Interval):
+            raise back.call.fail("only an input-dependent item of a tuple, by a whole-number index, has a rule")
+        back.emit(obj[index], back.A)
+        return
     if not isinstance(obj, Interval):
         raise back.call.fail("an item of a tuple of values has no backward rule")
     avg_pool2d(back)
+
+
+def _pieces_back(back: Back) -> None:
+    """A tuple of pieces of one input (``back.A`` holds coefficients by piece index): their adjoint, by autograd
+    on the op itself, pieces without coefficients counting as 0."""
+    x = interval_arg(back.call, back.call.first_input, "the input")
+    given = back.A if isinstance(back.A, dict) else {}
+    rows = next(iter(given.values())).shape[0] if given else 0
+    fn = _replay(back.call, x)
+    with torch.enable_grad():
+        probe = torch.zeros((rows,) + tuple(x.shape[1:]), dtype=x.lo.dtype, device=x.lo.device, requires_grad=True)
+        pieces = fn(probe)
+        if any(p.shape[0] != rows for p in pieces):
+            raise back.call.fail("the op splits along the batch dim; no backward rule")
+        outputs = [p for i, p in enumerate(pieces) if i in given]
+        (coefficients,) = torch.autograd.grad(outputs, probe, [given[i] for i in range(len(pieces)) if i in given])
+    back.emit(x, coefficients)
+
+
+@backward_rule("chunk")
+def chunk(back: Back) -> None:
+    """chunk: each piece's coefficients go back to its slice of the input."""
+    _pieces_back(back)
+
+
+@backward_rule("split")
+def split(back: Back) -> None:
+    """split: each piece's coefficients go back to its slice of the input."""
+    _pieces_back(back)
+
+
+@backward_rule("unbind")
+def unbind(back: Back) -> None:
+    """unbind: each slice's coefficients go back to its index of the input."""
+    _pieces_back(back)
 
 
 @backward_rule("slice")
@@ -282,6 +323,32 @@ def permute(back: Back) -> None:
 def transpose(back: Back) -> None:
     """transpose of non-batch dims: A transposed back."""
     permute(back)
+
+
+@backward_rule("unsqueeze")
+def unsqueeze(back: Back) -> None:
+    """unsqueeze of a non-batch dim: A moved back (by autograd)."""
+    permute(back)
+
+
+@backward_rule("squeeze")
+def squeeze(back: Back) -> None:
+    """squeeze of non-batch dims: A moved back (by autograd)."""
+    permute(back)
+
+
+@backward_rule("unflatten")
+def unflatten(back: Back) -> None:
+    """unflatten of a non-batch dim: A moved back (by autograd)."""
+    permute(back)
+
+
+@backward_rule("matmul")
+def matmul(back: Back) -> None:
+    """x @ W or W @ x for a constant W is linear in x: its adjoint applied to A (a product of two input-dependent
+    values has no rule: its interval stands in)."""
+    x = _only_interval(back.call)
+    _vjp(back, x, _replay(back.call, x))
 
 
 @backward_rule("identity")

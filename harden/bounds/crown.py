@@ -64,6 +64,19 @@ def box_lower(A: torch.Tensor, box: Interval, rows: torch.Tensor) -> torch.Tenso
     return flat_sum(A.clamp(min=0) * lo + A.clamp(max=0) * hi)
 
 
+def _has_intervals(value) -> bool:
+    """An Interval, or a tuple of values with one (chunk, split, unbind, attention's (output, weights))."""
+    return isinstance(value, Interval) or (isinstance(value, (tuple, list))
+                                           and any(isinstance(v, Interval) for v in value))
+
+
+def _box_lower_of(A, value, rows: torch.Tensor) -> torch.Tensor:
+    """:func:`box_lower` of a node's value: an Interval, or (``A`` a dict by item) a tuple of them."""
+    if isinstance(A, dict):
+        return sum(box_lower(a, value[i], rows) for i, a in A.items())
+    return box_lower(A, value, rows)
+
+
 class LinearBounds:
     """The backward passes of one graph; :meth:`bound_graph` runs the forward pass, :meth:`margin_lower` the spec."""
 
@@ -198,17 +211,28 @@ class LinearBounds:
         return Call(self.gm, node, self.keys[node], tuple(args), dict(kwargs), module)
 
     def _collect(self, node: fx.Node, back: Back, values: dict, pending: dict) -> None:
-        owners: dict[int, fx.Node] = {}
+        """File each contribution of ``back`` under the input node whose value it is: an Interval input's
+        coefficients as a tensor; those of an item of a tuple-valued input (chunk, split, unbind) as
+        ``{item index: tensor}``, which that node's own rule then passes on."""
+        owners: dict[int, tuple[fx.Node, int | None]] = {}
         for source in node.all_input_nodes:
             value = values.get(source.name)
             if isinstance(value, Interval):
-                owners.setdefault(id(value), source)
+                owners.setdefault(id(value), (source, None))
+            elif isinstance(value, (tuple, list)):
+                for index, item in enumerate(value):
+                    if isinstance(item, Interval):
+                        owners.setdefault(id(item), (source, index))
         for value, coefficients in back.contributions:
-            source = owners.get(id(value))
-            if source is None:
+            owner = owners.get(id(value))
+            if owner is None:
                 raise HardenError(f"bounds: backward rule of node {node.name!r} ({self.keys[node]}) returned "
                                   "coefficients for a value that is not one of its inputs")
-            if source in pending:
+            source, index = owner
+            if index is not None:
+                items = pending.setdefault(source, {})
+                items[index] = items[index] + coefficients if index in items else coefficients
+            elif source in pending:
                 pending[source] = pending[source] + coefficients
             else:
                 pending[source] = coefficients
@@ -225,7 +249,7 @@ class LinearBounds:
             if A is None:
                 continue
             if n.op == "placeholder" or n.name in stop:
-                total = total + box_lower(A, values[n.name], rows)
+                total = total + _box_lower_of(A, values[n.name], rows)
                 continue
             if self.windowed and not pending and self._maps.get(n) is not None:
                 chain = self._maps[n]
@@ -237,7 +261,7 @@ class LinearBounds:
                         return total + lower
             back = self._backward(n, values, A, rows)
             if back is None:   # no relaxation: the node's own interval bounds the rest of the pass from below
-                total = total + box_lower(A, values[n.name], rows)
+                total = total + _box_lower_of(A, values[n.name], rows)
                 continue
             total = total + back.bias
             self._collect(n, back, values, pending)
@@ -254,12 +278,12 @@ class LinearBounds:
             try:
                 rule.backward(back)
             except HardenError:
-                if not isinstance(values.get(node.name), Interval):
+                if not _has_intervals(values.get(node.name)):
                     raise
             else:
                 self.rules_used.add(self.keys[node])
                 return back
-        if not isinstance(values.get(node.name), Interval):
+        if not _has_intervals(values.get(node.name)):
             raise HardenError(f"bounds: node {node.name!r} ({op_spelling(self.gm, node)}) has no backward rule "
                               "and no interval of its own to stand in for one")
         self.interval_only.add(self.keys[node])

@@ -94,4 +94,17 @@ def adaptive_avg_pool2d(call: Call) -> Interval:
     return x.map_channelwise(lambda t: F.adaptive_avg_pool2d(t, p["output_size"]))
 
 
+@BOUND_RULES.register("adaptive_max_pool2d")
+def adaptive_max_pool2d(call: Call):
+    """adaptive max is monotone: [adaptive_max(l), adaptive_max(u)] (ATen's indices: None, no bounds)."""
+    # the indices differ across the box: a graph that reads them fails there
+    p = call.bind((("input", REQUIRED), ("output_size", REQUIRED), ("return_indices", False)),
+                  lambda m: {"output_size": m.output_size, "return_indices": m.return_indices})
+    x = interval_arg(call, p["input"], "the input")
+    out = x.map_channelwise(lambda t: F.adaptive_max_pool2d(t, p["output_size"]))
+    if p["return_indices"] or call.target is torch.ops.aten.adaptive_max_pool2d.default:
+        return (out, None)
+    return out
+
+
 FRESH_OUTPUTS.update({"max_pool2d", "avg_pool2d"})

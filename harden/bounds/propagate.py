@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 # Importing the rule families registers them.
-from harden.bounds import activations, arith, linear, norm, pooling, shape  # noqa: F401
+from harden.bounds import activations, arith, attention, linear, norm, pooling, shape  # noqa: F401
 from harden.bounds.interval import Interval
 from harden.bounds.rules import BOUND_RULES, FRESH_OUTPUTS, Call
 from harden.errors import HardenError, UnsupportedOpsError

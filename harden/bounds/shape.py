@@ -49,6 +49,90 @@ def transpose(call: Call) -> Interval:
     return x.map(lambda t: torch.transpose(t, p["dim0"], p["dim1"]))
 
 
+def _on_ends(call: Call, x: Interval):
+    """The node's own op on each end point: exact for ops that only move, copy or select entries."""
+    node = call.node
+
+    def run(t):
+        args = tuple(t if a is x else a for a in call.args)
+        kwargs = {k: (t if v is x else v) for k, v in call.kwargs.items()}
+        if node.op == "call_module":
+            return call.module(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    return run(x.lo), run(x.hi)
+
+
+def _moved(call: Call):
+    """Bounds of a pure move (unsqueeze, squeeze, unflatten, expand) of its one interval argument."""
+    x = interval_arg(call, call.first_input, "the input")
+    others = [a for a in list(call.args[1:]) + list(call.kwargs.values()) if isinstance(a, Interval)]
+    if others:
+        raise call.fail("only the moved tensor may depend on the input")
+    lo, hi = _on_ends(call, x)
+    return Interval(lo, hi)
+
+
+@BOUND_RULES.register("unsqueeze")
+def unsqueeze(call: Call) -> Interval:
+    """unsqueeze moves entries: [unsqueeze(l), unsqueeze(u)]."""
+    return _moved(call)
+
+
+@BOUND_RULES.register("squeeze")
+def squeeze(call: Call) -> Interval:
+    """squeeze moves entries: [squeeze(l), squeeze(u)]."""
+    return _moved(call)
+
+
+@BOUND_RULES.register("unflatten")
+def unflatten(call: Call) -> Interval:
+    """unflatten moves entries: [unflatten(l), unflatten(u)]."""
+    return _moved(call)
+
+
+@BOUND_RULES.register("expand")
+def expand(call: Call) -> Interval:
+    """expand repeats entries: [expand(l), expand(u)]."""
+    return _moved(call)
+
+
+def _pieces(call: Call, x: Interval) -> tuple:
+    lo, hi = _on_ends(call, x)
+    return tuple(Interval(a, b) for a, b in zip(lo, hi))
+
+
+@BOUND_RULES.register("chunk")
+def chunk(call: Call) -> tuple:
+    """chunk splits into pieces: one interval per piece, [chunk(l)_i, chunk(u)_i]."""
+    return _pieces(call, interval_arg(call, call.first_input, "the input"))
+
+
+@BOUND_RULES.register("split")
+def split(call: Call) -> tuple:
+    """split into pieces: one interval per piece, [split(l)_i, split(u)_i]."""
+    return _pieces(call, interval_arg(call, call.first_input, "the input"))
+
+
+@BOUND_RULES.register("unbind")
+def unbind(call: Call) -> tuple:
+    """unbind along a dim: one interval per slice, [unbind(l)_i, unbind(u)_i]."""
+    return _pieces(call, interval_arg(call, call.first_input, "the input"))
+
+
+@BOUND_RULES.register("floordiv")
+def floordiv(call: Call) -> Interval:
+    """x // c for a constant c: floor(x / c) is monotone, [min, max] of floor(l / c), floor(u / c)."""
+    # (shape arithmetic such as channels // groups has no bounds: it runs concretely)
+    x, c = call.args[0], call.args[1] if len(call.args) > 1 else None
+    if not isinstance(x, Interval) or isinstance(c, Interval) or c is None:
+        raise call.fail("only an input-dependent value floor-divided by a constant is supported")
+    lo, hi = torch.floor_divide(x.lo, c), torch.floor_divide(x.hi, c)
+    return Interval(torch.minimum(lo, hi), torch.maximum(lo, hi))
+
+
 @BOUND_RULES.register("getitem")
 def getitem(call: Call):
     """x[idx] selects entries: [l[idx], u[idx]]; an item of a tuple of values is that value."""

@@ -8,9 +8,11 @@ from typing import Callable
 
 import torch
 
-from harden.bounds.crown import check_method
 from harden.bundle.data import SPLITS, bundle_data, split_of
-from harden.certification.certify import BOUND_LABELS, Trap, certify_samples, check_certificates
+from harden.certification.certify import (BOUND_LABELS, Trap, certify_samples, check_bound_method,
+                                          check_certificates)
+from harden.certification.flow import parse_threat
+from harden.certification.sdp import certify_sdp, check_sdp
 from harden.core.arguments import check_choice, check_count, check_device, check_eps, check_limit
 from harden.errors import HardenError
 from harden.instrumentation.hardened import HardenedModel, original_classifier
@@ -46,22 +48,33 @@ def check_certify_arguments(eps, split: str, limit, check: int) -> None:
 
 def certify_bundle(hardened: HardenedModel, manifest: dict, eps: list[float] | None = None, *, data: str | None = None,
                    split: str = "test", limit: int | None = None, check: int = 0, seed: int = 0, bounds: str = "ibp",
+                   threats: list[str] | None = None,
                    progress: Callable[[str, float], None] = lambda m, f: None, device: str = "cpu",
                    batch_size: int = 256) -> dict:
     """Placement, robust and detect-or-robust certificates (hardened vs original), and the sampling check.
 
-    ``bounds``: ``ibp`` (interval), ``crown-ibp`` (backward linear-relaxation margin on interval intermediates)
-    or ``crown`` (backward linear relaxation throughout; tightest, slowest).  ``device``: where bounds and the
-    check's points are computed (``cuda``: the models are copied there; the bundle's stay on the CPU).
-    ``batch_size``: samples bounded at once.  Under torchrun the batches are split across the ranks, and every
-    rank returns the same merged report.
+    ``bounds``: ``ibp`` (interval), ``crown-ibp`` (backward linear-relaxation margin on interval intermediates),
+    ``crown`` (backward linear relaxation throughout; tightest, slowest) or ``sdp`` (two-layer networks only).
+    ``threats``: ``flow:delta=D[,tv=T]`` texts (:mod:`harden.certification.flow`) certified instead of the
+    L-inf boxes of ``eps`` (``linf`` stands for those boxes); results are keyed by each threat's label.
+    ``device``: where bounds and the check's points are computed (``cuda``: the models are copied there; the
+    bundle's stay on the CPU).  ``batch_size``: samples bounded at once.  Under torchrun the batches are split
+    across the ranks, and every rank returns the same merged report.
     """
-    check_method(bounds)
+    check_bound_method(bounds)
     check_certify_arguments(eps, split, limit, check)
     check_count(batch_size, "--batch-size", 1)
     device = check_device(device)
     input_range = tuple(manifest["input"]["range"])
-    eps_list = [check_eps(value, input_range) for value in (list(eps) if eps else [float(manifest.get("eps") or 3e-3)])]
+    parsed = [parse_threat(t) for t in threats or []]
+    if any(t is None for t in parsed) or not parsed:
+        eps_list = [check_eps(value, input_range)
+                    for value in (list(eps) if eps else [float(manifest.get("eps") or 3e-3)])]
+    else:
+        if eps:
+            raise HardenError("--eps sets the L-inf box; with only flow threats, add --threat linf to certify it too")
+        eps_list = []
+    sets = [(f"{value:g}", value) for value in eps_list] + [(t.label(), t) for t in parsed if t is not None]
     part = split_of(bundle_data(manifest, data), split)
     x, y = first_rows(part.x, limit), part.y[:limit] if limit is not None else part.y
     traps = ctt_traps(hardened)
@@ -84,17 +97,22 @@ def certify_bundle(hardened: HardenedModel, manifest: dict, eps: list[float] | N
                  "alarm needs other methods to agree"),
         "results": {}, "check": {} if check else None, "interval_only": [],
     }
-    steps = len(eps_list) * (3 if check else 2)
+    steps = len(sets) * (3 if check else 2)
     done = 0
-    for value in eps_list:
-        text = f"{value:g}"
-        progress(f"eps {text}: bounds of the hardened model", done / steps)
-        hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds,
-                                        with_placement=bool(traps), batch_size=batch_size)
+    for text, value in sets:
+        words = _threat_words(text)
+        progress(f"{words}: bounds of the hardened model", done / steps)
+        if bounds == "sdp":
+            hardened_cert = certify_sdp(gm, x, y, value, input_range)
+        else:
+            hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds,
+                                            with_placement=bool(traps), batch_size=batch_size)
         place = hardened_cert.get("placement", [])
         done += 1
-        progress(f"eps {text}: bounds of the original model", done / steps)
-        original_cert = certify_samples(original, [], x, y, value, input_range, bounds=bounds, batch_size=batch_size)
+        progress(f"{words}: bounds of the original model", done / steps)
+        original_cert = (certify_sdp(original, x, y, value, input_range) if bounds == "sdp" else
+                         certify_samples(original, [], x, y, value, input_range, bounds=bounds,
+                                         batch_size=batch_size))
         report["interval_only"] = sorted(set(report["interval_only"]) | set(hardened_cert["interval_only"])
                                          | set(original_cert["interval_only"]))
         done += 1
@@ -105,15 +123,26 @@ def certify_bundle(hardened: HardenedModel, manifest: dict, eps: list[float] | N
             "margin_method": hardened_cert["margin_method"],
         }
         if check:
-            progress(f"eps {text}: {check} points per box through the real model", done / steps)
-            points = min(2048, batch_size * check)   # points through the model at once: at most a batch's boxes
-            results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds,
-                                          batch_points=points)]
-            if original is not gm:
-                results.append(check_certificates(original, [], x, y, value, input_range, check, seed, bounds=bounds,
-                                                  batch_points=points))
-            merged = {"points": sum(r.points for r in results), "violations": sum(r.violations for r in results),
-                      "examples": [e for r in results for e in r.to_dict()["examples"]]}
-            report["check"][text] = merged
+            progress(f"{words}: {check} points per sample through the real model", done / steps)
+            if bounds == "sdp":
+                results = [check_sdp(gm, x, y, value, input_range, hardened_cert["robust"], check, seed)]
+                if original is not gm:
+                    results.append(check_sdp(original, x, y, value, input_range, original_cert["robust"], check, seed))
+            else:
+                points = min(2048, batch_size * check)   # points through the model at once: at most a batch's boxes
+                results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds,
+                                              batch_points=points)]
+                if original is not gm:
+                    results.append(check_certificates(original, [], x, y, value, input_range, check, seed,
+                                                      bounds=bounds, batch_points=points))
+                results = [r.to_dict() for r in results]
+            report["check"][text] = {"points": sum(r["points"] for r in results),
+                                     "violations": sum(r["violations"] for r in results),
+                                     "examples": [e for r in results for e in r["examples"]]}
             done += 1
     return report
+
+
+def _threat_words(key: str) -> str:
+    """A results key as words: ``eps 0.1`` for an L-inf box, the threat's own label otherwise."""
+    return key if key.startswith("flow") else f"eps {key}"

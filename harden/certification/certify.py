@@ -15,7 +15,7 @@ GraphModule, the traps as the detector sees them and a batch of samples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.fx as fx
@@ -23,6 +23,8 @@ import torch.fx as fx
 from harden.bounds import Interval, propagate, run_recorded
 from harden.bounds.crown import LinearBounds, check_method
 from harden.bounds.linear import linear_parts
+from harden.bounds.margin import (PRE_ACTIVATION_LIMIT, final_linear, folded_margin_lower,
+                                  subtracted_margin_lower)
 from harden.bounds.propagate import BoundResult, input_dependent
 from harden.bounds.rules import Call
 from harden.core.distributed import chunk_seed, gather, map_chunks
@@ -61,7 +63,7 @@ def _check_inputs(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, ep
         raise HardenError(f"trap node(s) {', '.join(map(repr, missing))} are not in the graph")
     if not isinstance(x, (torch.Tensor, LazyImages)) or x.dim() < 1:
         raise HardenError("certify needs a batch of inputs [N, ...]")
-    if float(torch.as_tensor(eps).min()) < 0:
+    if not is_input_set(eps) and float(torch.as_tensor(eps).min()) < 0:
         raise HardenError(f"eps must be >= 0; got {eps}")
     if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):
         raise HardenError(f"labels must have shape [{x.shape[0]}]; got {tuple(y.shape)}")
@@ -79,6 +81,67 @@ def _eps_for(eps, rows: slice, x: torch.Tensor):
         part = eps[rows].to(x.device, x.dtype)
         return part.reshape((-1,) + (1,) * (x.dim() - 1))
     return float(eps)
+
+
+class InputSet(Protocol):
+    """A threat: per sample, the inputs an attacker may reach.  Certificates hold over :meth:`box` narrowed by
+    :meth:`clamps`; :meth:`draw` gives members of the set for the sampling check."""
+
+    def box(self, x: torch.Tensor, rows: slice) -> Interval:
+        """A box containing each sample's set (``x`` is rows ``rows`` of the whole batch)."""
+
+    def clamps(self, gm: fx.GraphModule, x: torch.Tensor, rows: slice) -> dict[str, Callable]:
+        """Sound narrowings of node intervals that the box alone misses (may be empty)."""
+
+    def draw(self, x: torch.Tensor, rows: slice, n_points: int, generator: torch.Generator) -> torch.Tensor:
+        """[N, P, ...] members of each sample's set, the sample itself (or its nearest member) first."""
+
+
+@dataclass
+class LinfBall:
+    """The L-inf ball of radius ``eps`` (a number or one per sample [N]) clipped to the input range."""
+
+    eps: float | torch.Tensor
+    input_range: Sequence[float] | None
+
+    def box(self, x: torch.Tensor, rows: slice) -> Interval:
+        return Interval.from_box(x, _eps_for(self.eps, rows, x), self.input_range)
+
+    def clamps(self, gm: fx.GraphModule, x: torch.Tensor, rows: slice) -> dict[str, Callable]:
+        return {}
+
+    def draw(self, x: torch.Tensor, rows: slice, n_points: int, generator: torch.Generator) -> torch.Tensor:
+        return draw_points(self.box(x, rows), n_points, generator, anchor=x)
+
+
+def is_input_set(value) -> bool:
+    return all(callable(getattr(value, name, None)) for name in ("box", "clamps", "draw"))
+
+
+def as_input_set(eps, input_range) -> InputSet:
+    """``eps`` itself when it is an :class:`InputSet`, else the L-inf ball of that radius."""
+    return eps if is_input_set(eps) else LinfBall(eps, input_range)
+
+
+def merge_clamps(*tables: dict[str, Callable] | None) -> dict[str, Callable]:
+    """One clamp per node: several on the same node run in turn (each is sound, so their composition is)."""
+    by_node: dict[str, list[Callable]] = {}
+    for table in tables:
+        for name, fn in (table or {}).items():
+            by_node.setdefault(name, []).append(fn)
+
+    def chain(fns):
+        if len(fns) == 1:
+            return fns[0]
+
+        def run(iv):
+            for fn in fns:
+                iv = fn(iv)
+            return iv
+
+        return run
+
+    return {name: chain(fns) for name, fns in by_node.items()}
 
 
 def trap_clamps(traps: Sequence[Trap], device, dtype=torch.float32) -> tuple[dict[str, Callable], list[torch.Tensor]]:
@@ -109,15 +172,6 @@ def trap_clamps(traps: Sequence[Trap], device, dtype=torch.float32) -> tuple[dic
         return clamp
 
     return {node: make(entries) for node, entries in by_node.items()}, always
-
-
-PRE_ACTIVATION_LIMIT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    # relu(z) <= T  <=>  z <= T (for T >= 0; for T < 0 every input alarms anyway)
-    "relu": lambda t: t,
-    # relu6(z) <= T  <=>  z <= T while T < 6; from T >= 6 on every z qualifies
-    "relu6": lambda t: torch.where(t < 6.0, t, torch.full_like(t, float("inf"))),
-}
-"""Per trap activation: the largest pre-activation z whose activation stays <= T (no alarm)."""
 
 
 def pre_activation_clamps(gm: fx.GraphModule, traps: Sequence[Trap], device,
@@ -159,20 +213,6 @@ def _alarm(values: dict[str, torch.Tensor], traps: Sequence[Trap], n: int, devic
     return alarm
 
 
-def _final_linear(gm: fx.GraphModule) -> fx.Node | None:
-    """The logits node when it is a linear layer (any spelling) fed by the input: its margin can be folded."""
-    last = output_node(gm).args[0]
-    if isinstance(last, fx.Node) and canonical_op(gm, last) == "linear" and last in input_dependent(gm):
-        return last
-    return None
-
-
-def _true_margin_lower(logit_margin_lower: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """min over j != y of a [N, K] lower bound of logit_y - logit_j."""
-    inf = torch.full_like(logit_margin_lower[:, :1], float("inf"))
-    return logit_margin_lower.scatter(1, y.unsqueeze(1), inf).amin(dim=1)
-
-
 def margin_lower_bound(gm: fx.GraphModule, result: BoundResult, y: torch.Tensor, fold: fx.Node | None) -> torch.Tensor:
     """Per sample, a lower bound of min_{j != y} (logit_y - logit_j) over the box.
 
@@ -189,19 +229,13 @@ def margin_lower_bound(gm: fx.GraphModule, result: BoundResult, y: torch.Tensor,
         x, weight, bias = linear_parts(Call(gm, fold, "linear", tuple(args), dict(kwargs), module))
         _check_labels(y, weight.shape[0])
         if x.dim() == 2:
-            diff = weight[y].unsqueeze(1) - weight.unsqueeze(0)           # [N, K, d]: W_y - W_j
-            centre = torch.einsum("nkd,nd->nk", diff, x.centre)
-            radius = torch.einsum("nkd,nd->nk", diff.abs(), x.radius)
-            if bias is not None:
-                centre = centre + (bias[y].unsqueeze(1) - bias.unsqueeze(0))
-            return _true_margin_lower(centre - radius, y)
+            return folded_margin_lower(x, weight, bias, y)
     logits = result.output
     if not isinstance(logits, Interval) or logits.dim() != 2:
         raise HardenError(f"certify needs logits [N, K]; the graph's output has shape "
                           f"{tuple(getattr(logits, 'shape', ()))}")
     _check_labels(y, logits.shape[1])
-    lower = logits.lo.gather(1, y.unsqueeze(1)) - logits.hi                # [N, K]: l_y - u_j
-    return _true_margin_lower(lower, y)
+    return subtracted_margin_lower(logits, y)
 
 
 def _check_labels(y: torch.Tensor, classes: int) -> None:
@@ -261,6 +295,7 @@ def placement(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, i
     bound pass (no second pass).
     """
     _check_inputs(gm, traps, x, eps)
+    threat = as_input_set(eps, input_range)
     engine = _engine(gm, bounds)
     nodes = {t.node for t in traps}
     tally = _PlacementTally(traps)
@@ -268,8 +303,9 @@ def placement(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, eps, i
         for rows in _chunks(x.shape[0], batch_size):
             xb = x[rows]
             _, natural = run_recorded(gm, xb, nodes)
-            box = Interval.from_box(xb, _eps_for(eps, rows, xb), input_range)
-            result = propagate(gm, box, record=nodes) if engine is None else engine.bound_graph(box, bounds)
+            box, extra = threat.box(xb, rows), threat.clamps(gm, xb, rows)
+            result = (propagate(gm, box, record=nodes, clamp=extra) if engine is None
+                      else engine.bound_graph(box, bounds, clamp=extra))
             tally.add(natural, result, xb)
     return tally.rows()
 
@@ -307,18 +343,19 @@ def _engine(gm: fx.GraphModule, bounds: str) -> LinearBounds | None:
     return None if check_method(bounds) == "ibp" else LinearBounds(gm)
 
 
-def _bound_batch(gm, traps, xb, yb, eps, input_range, fold, record: set[str], engine: LinearBounds | None = None,
-                 method: str = "ibp") -> _BatchBounds:
-    box = Interval.from_box(xb, eps, input_range)
+def _bound_batch(gm, traps, xb, yb, threat: InputSet, rows: slice, fold, record: set[str],
+                 engine: LinearBounds | None = None, method: str = "ibp") -> _BatchBounds:
+    box, extra = threat.box(xb, rows), threat.clamps(gm, xb, rows)
     record = set(record) | _margin_record(fold)
-    plain, margin = _bounds_and_margin(gm, box, yb, fold, record, engine, method)
+    plain, margin = _bounds_and_margin(gm, box, yb, fold, record, engine, method, extra or None)
     robust = margin > 0
     if not traps:
         never = torch.zeros_like(robust)
         return _BatchBounds(plain, plain, robust, robust.clone(), never, margin, margin)
     clamps, always_parts = trap_clamps(traps, xb.device, xb.dtype)
     pre = pre_activation_clamps(gm, traps, xb.device, xb.dtype) if engine is not None else None
-    clamped, margin_detect = _bounds_and_margin(gm, box, yb, fold, record, engine, method, clamps, pre)
+    clamped, margin_detect = _bounds_and_margin(gm, box, yb, fold, record, engine, method,
+                                                merge_clamps(extra, clamps), pre)
     always = torch.stack(always_parts).any(dim=0)
     detect_or_robust = always | (margin_detect > 0)
     return _BatchBounds(plain, clamped, robust, detect_or_robust, always, margin, margin_detect)
@@ -326,7 +363,8 @@ def _bound_batch(gm, traps, xb, yb, eps, input_range, fold, record: set[str], en
 
 def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
                     input_range, batch_size: int = 256, bounds: str = "ibp", with_placement: bool = False) -> dict:
-    """Per-sample certificates over the eps-box around each input (clipped to ``input_range``).
+    """Per-sample certificates over the eps-box around each input (clipped to ``input_range``), or over the
+    set an :class:`InputSet` passed as ``eps`` gives each input (``input_range`` is then unused).
 
     Returns bool tensors ``robust`` (label y everywhere in the box),
     ``detect_or_robust`` (every input of the box keeps label y or raises the CTT
@@ -339,9 +377,10 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     pass (with crown that pass is the costly part, so it is not run twice).
     """
     _check_inputs(gm, traps, x, eps, y)
+    threat = as_input_set(eps, input_range)
     trap_nodes = {t.node for t in traps} if with_placement else set()
     engine = _engine(gm, bounds)
-    fold = _final_linear(gm)
+    fold = final_linear(gm)
     keys = ("robust", "detect_or_robust", "always_alarm", "margin", "margin_detect")
     y = y.to(device=x.device, dtype=torch.int64)
 
@@ -349,8 +388,7 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
         """Certificates of one batch; under torchrun each rank takes its own batches (harden.core.distributed)."""
         with torch.no_grad():
             xb = x[rows].to(y.device)   # data read on demand arrives on the CPU
-            b = _bound_batch(gm, traps, xb, y[rows], _eps_for(eps, rows, x), input_range, fold, trap_nodes,
-                             engine, bounds)
+            b = _bound_batch(gm, traps, xb, y[rows], threat, rows, fold, trap_nodes, engine, bounds)
             tally = None
             if with_placement:
                 tally = _PlacementTally(traps)
@@ -437,8 +475,9 @@ def _tolerance(iv: Interval, rtol: float) -> torch.Tensor:
 def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
                        input_range, n_points: int, seed: int = 0, *, batch_points: int = 2048,
                        rtol: float = 1e-5, max_details: int = 100, bounds: str = "ibp") -> CheckResult:
-    """Draw ``n_points`` per box (the sample, random vertices, uniform points), run the real model on them
-    (the CTT check done in torch) and count every contradiction:
+    """Draw ``n_points`` per box (the sample, random vertices, uniform points; or, when ``eps`` is an
+    :class:`InputSet`, the members its ``draw`` gives), run the real model on them (the CTT check done in
+    torch) and count every contradiction:
 
     * a node value outside its interval (``bound``), or, for a point that does not
       alarm, outside its interval propagated with the traps clamped (``clamped-bound``);
@@ -450,11 +489,12 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
     Tolerance: rtol * max(1, the node's largest |bound| for that sample), for float rounding.
     """
     _check_inputs(gm, traps, x, eps, y)
+    threat = as_input_set(eps, input_range)
     if n_points < 1:
         raise HardenError(f"--check needs at least one point per box; got {n_points}")
     method = bounds  # (``bounds`` names each node-bound table in the loop below)
     engine = _engine(gm, method)
-    fold = _final_linear(gm)
+    fold = final_linear(gm)
     dependent = input_dependent(gm)
     checked = [n.name for n in gm.graph.nodes if n in dependent and n.op != "output"]
     logits_name = output_node(gm).args[0].name
@@ -473,10 +513,8 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
 
         generator = torch.Generator().manual_seed(chunk_seed(seed, rows, "check"))
         xb, yb = x[rows].to(y.device), y[rows]
-        eps_b = _eps_for(eps, rows, x)
-        b = _bound_batch(gm, traps, xb, yb, eps_b, input_range, fold, set(checked), engine, method)
-        box = Interval.from_box(xb, eps_b, input_range)
-        points = draw_points(box, n_points, generator, anchor=xb)
+        b = _bound_batch(gm, traps, xb, yb, threat, rows, fold, set(checked), engine, method)
+        points = threat.draw(xb, rows, n_points, generator)
         nb = xb.shape[0]
         flat = points.reshape((nb * n_points,) + tuple(xb.shape[1:]))
         logits, values = run_recorded(gm, flat, checked)
@@ -536,4 +574,14 @@ BOUND_LABELS = {
     "ibp": "interval (IBP)",
     "crown-ibp": "crown-ibp (intermediate bounds by intervals, margin by a backward linear relaxation)",
     "crown": "crown (intermediate and margin bounds by backward linear relaxation)",
+    "sdp": "sdp (two-layer networks: the semidefinite certificate of the thesis, Eq. 10-13; CTT traps not "
+           "modelled, detect-or-robust reported equal to robust)",
 }
+BOUND_METHODS = tuple(BOUND_LABELS)
+
+
+def check_bound_method(method: str) -> str:
+    """``--bounds``: one of :data:`BOUND_METHODS` (sdp only for two-layer networks, checked when it runs)."""
+    if method not in BOUND_METHODS:
+        raise HardenError(f"--bounds {method!r} is not one of {', '.join(BOUND_METHODS)}")
+    return method

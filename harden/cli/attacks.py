@@ -10,7 +10,7 @@ from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, stdout
 
 # Named in `harden evaluate --help` without importing the attack library (a test keeps this list complete).
 ATTACK_NAMES = ("fgsm", "bim", "pgd", "deepfool", "cw", "jsma", "hopskipjump", "boundary", "noise", "blur",
-                "saltpepper")
+                "saltpepper", "stadv")
 
 
 def register(app: typer.Typer) -> None:

@@ -23,10 +23,16 @@ def register(app: typer.Typer) -> None:
         check: int = typer.Option(0, "--check", help="Draw N points per box through the real model; any contradiction fails."),
         seed: int = typer.Option(0, "--seed", help="Seed of the points --check draws."),
         bounds: str = typer.Option("ibp", "--bounds",
-                                   help="ibp | crown-ibp | crown: interval bounds, or backward linear relaxation "
-                                        "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown)."),
+                                   help="ibp | crown-ibp | crown | sdp: interval bounds, or backward linear relaxation "
+                                        "with intermediate bounds from intervals (crown-ibp) or from backward passes (crown), "
+                                        "or (two-layer networks only) the thesis's semidefinite certificate, solved with SCS."),
+        threat: list[str] = typer.Option(None, "--threat",
+                                         help="linf (the L-inf box of --eps; the default) or flow:delta=D[,tv=T]: every "
+                                              "pixel moved by its own flow, each component <= D pixels, total variation "
+                                              "(Eq. 6) <= T; repeatable."),
         plot: Path = typer.Option(None, "--plot", help="Also draw a PNG: certified fraction against eps, robust and "
-                                                       "detect-or-robust, hardened and original (as harden report)."),
+                                                       "detect-or-robust, hardened and original (as harden report); "
+                                                       "with flow threats only, against their delta."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (bound propagation and the --check points)."),
         batch_size: int = typer.Option(256, "--batch-size", help="Samples bounded at once (memory), the unit split across --workers."),
         workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
@@ -36,10 +42,13 @@ def register(app: typer.Typer) -> None:
         """Placement of every CTT trap, per-sample robust and detect-or-robust certificates, hardened vs original."""
         with errors_to_exit():
             from harden.api import certify as certificates, check_certify_arguments
-            from harden.bounds.crown import check_method
             from harden.bundle.archive import load_bundle
+            from harden.certification.certify import check_bound_method
+            from harden.certification.flow import parse_threat
 
-            check_method(bounds)  # before the bundle loads (and before ranks start): a typo fails at once
+            check_bound_method(bounds)  # before the bundle loads (and before ranks start): a typo fails at once
+            for text in threat or []:
+                parse_threat(text)
             if plot is not None:
                 check_plot_path(plot)
             check_certify_arguments(eps, split, limit, check)
@@ -51,8 +60,8 @@ def register(app: typer.Typer) -> None:
                 hardened, manifest = load_bundle(bundle, seal_key=seal_key)
                 with progress_reporter(not json_out) as progress:
                     report = certificates(hardened, manifest, eps or None, data=data, split=split, limit=limit,
-                                          check=check, seed=seed, bounds=bounds, progress=progress,
-                                          device=rank_device(device), batch_size=batch_size)
+                                          check=check, seed=seed, bounds=bounds, threats=threat or None,
+                                          progress=progress, device=rank_device(device), batch_size=batch_size)
                 if plot is not None:   # every rank takes part in the write; rank 0 alone keeps the file
                     from harden.report.plots import certified_figure, write_png
 
@@ -75,7 +84,8 @@ def _print(report: dict) -> None:
         stdout.print(f"note: no linear relaxation for {', '.join(report['interval_only'])}: the backward passes "
                      "use those nodes' interval bounds (sound, looser)", highlight=False)
     for eps_text, result in report["results"].items():
-        table = Table(title=f"eps = {eps_text}: placement of masked neurons (fraction of samples x neurons)")
+        where = _where(eps_text)
+        table = Table(title=f"{where}: placement of masked neurons (fraction of samples x neurons)")
         for column in ("site", "neurons", "natural <= T", "hi >= T (sub-optimal)", "lo >= T (optimal)"):
             table.add_column(column)
         for row in result["placement"]:
@@ -83,7 +93,7 @@ def _print(report: dict) -> None:
                           f"{row['upper_reaches']:.4f}", f"{row['lower_reaches']:.4f}")
         if result["placement"]:
             stdout.print(table)
-        certs = Table(title=f"eps = {eps_text}: per-sample certificates")
+        certs = Table(title=f"{where}: per-sample certificates")
         for column in ("model", "robust", "detect-or-robust", "always alarms"):
             certs.add_column(column)
         for name in ("hardened", "original"):
@@ -92,6 +102,11 @@ def _print(report: dict) -> None:
         stdout.print(certs)
     for eps_text, check in (report.get("check") or {}).items():
         verdict = "[green]no contradiction[/]" if not check["violations"] else f"[bold red]{check['violations']} contradiction(s)[/]"
-        stdout.print(f"--check at eps {eps_text}: {check['points']} points through the real model: {verdict}")
+        stdout.print(f"--check at {_where(eps_text)}: {check['points']} points through the real model: {verdict}")
         for line in check.get("examples", [])[:5]:
             stdout.print(f"  {line}", highlight=False)
+
+
+def _where(key: str) -> str:
+    """A results key as a title: ``eps = 0.1`` for an L-inf box, the flow threat's label as it is."""
+    return key if key.startswith("flow") else f"eps = {key}"

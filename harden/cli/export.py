@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from harden.export.parity import RELATIVE_TOLERANCE
 from harden.cli.common import JSON_OPTION, emit_json, errors_to_exit, progress_reporter, seal_option, stdout
 
 
@@ -37,8 +38,10 @@ def register(app: typer.Typer) -> None:
                 return
             worst = max(result.parity.max_abs_diff.values(), default=0.0)
             ties = sum(result.parity.threshold_ties.values())
+            share = result.parity.worst_ratio()
             stdout.print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB{', float32 throughout' if target == 'portable' else ''}), "
                          f"outputs: {', '.join(outputs)}", highlight=False)
             stdout.print(
-                f"parity on {result.parity.samples} held-out inputs: max difference {worst:.2e} (tolerance 1e-4), "
-                f"alarms identical ({ties} float tie(s) at a threshold)", highlight=False)
+                f"parity on {result.parity.samples} held-out inputs: max difference {worst:.2e}, at most "
+                f"{share:.0%} of its tolerance ({RELATIVE_TOLERANCE:g} of each output's magnitude), alarms identical "
+                f"({ties} float tie(s) at a threshold)", highlight=False)

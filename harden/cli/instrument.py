@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(None, "--limit", help="Use only this many samples of the data (quick runs)."),
         device: str = typer.Option(None, "--device", help="cpu or cuda (training and bound propagation) [default: cpu]."),
         workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
+        finetune: str = typer.Option(None, "--finetune", help="A fine-tuning objective applied to the classifier before the methods are fitted (or the recipe's finetune = ...): flow:delta=D[,kappa=,steps=,ramp=,lr=,batch_size=,check_every=,seed=] (certified training against flow fields of at most D pixels; see docs/results/flow.md)."),
         seal_key: str = seal_option(),
         json_out: bool = JSON_OPTION,
     ):
@@ -60,7 +61,7 @@ def register(app: typer.Typer) -> None:
 
             plan = (load_recipe(recipe) if recipe else Recipe()).with_methods(method or [])
             given = {"data": data, "seed": seed, "fpr": fpr, "fpr_confidence": fpr_confidence, "policy": policy,
-                     "input_range": input_range, "limit": limit, "device": device}
+                     "input_range": input_range, "limit": limit, "device": device, "finetune": finetune}
             settings = {**DEFAULTS, **plan.shared, **{k: v for k, v in given.items() if v is not None}}
             if not settings.get("data"):
                 raise HardenError("give --data (or a recipe with data = ...)")
@@ -74,6 +75,11 @@ def register(app: typer.Typer) -> None:
             generated_key = key is None
             seal_key = resolve_key(seal_key)
             check_limit(settings["limit"])
+            finetune = settings.get("finetune")
+            if finetune:
+                from harden.train.flow_objective import parse_objective
+
+                parse_objective(finetune)   # a typo fails before the model loads
             bounds = settings["input_range"]
             bounds = parse_input_range(bounds if isinstance(bounds, str) else ",".join(map(str, bounds)))
             policy_k(str(settings["policy"]), len(specs))
@@ -92,7 +98,8 @@ def register(app: typer.Typer) -> None:
                 net = load_model(model, arch, trust_pickle)
                 dataset = load_data(settings["data"], seed=settings["seed"], input_range=bounds, limit=settings["limit"])
                 with progress_reporter(not json_out) as progress:
-                    hardened = run_instrument(net, dataset, specs, options, policy=settings["policy"], progress=progress)
+                    hardened = run_instrument(net, dataset, specs, options, policy=settings["policy"], progress=progress,
+                                              finetune=finetune)
                     progress("writing bundle", 1.0)
                     manifest = save_bundle(hardened, out, seal_key=seal_key, inputs=inputs)
                 if json_out:
@@ -163,9 +170,28 @@ def _print_eps_search(method: dict) -> None:
                  "eps (none that accurate: the most accurate)", highlight=False)
 
 
+def _print_objective(facts: dict | None) -> None:
+    """--finetune: one row per calibration check; the kept one is marked."""
+    if not facts:
+        return
+    table = Table(title=f"--finetune {facts['objective']} (calibration split: clean accuracy, certified by interval "
+                        f"bounds at delta {facts['settings']['delta']:g})")
+    for column in ("step", "delta", "kappa", "loss", "cal acc", "certified", "certified & correct", "s"):
+        table.add_column(column, justify="right")
+    for r in facts["history"]:
+        mark = "*" if r["step"] == facts["kept_step"] else ""
+        table.add_row(f"{r['step']}{mark}", f"{r['delta']:.3g}", f"{r['kappa']:.3g}",
+                      "-" if r["loss"] is None else f"{r['loss']:.3f}", f"{r['accuracy']:.3f}",
+                      f"{r['certified']:.3f}", f"{r['certified_correct']:.3f}", f"{r['seconds']:.1f}")
+    stdout.print(table)
+    stdout.print("* kept check: the most calibration inputs certified and correct (ties: the more accurate)",
+                 highlight=False)
+
+
 def _print_summary(out: Path, manifest: dict) -> None:
     from harden.detectors.calibration import describe
 
+    _print_objective(manifest.get("finetune"))
     for m in manifest["methods"]:
         _print_eps_search(m)
         _print_finetuning(m)

@@ -32,6 +32,7 @@ ATEN_OPS: frozenset[str] = frozenset({
     "aten.max_pool2d.default", "aten.max_pool1d.default", "aten.avg_pool2d.default", "aten.avg_pool1d.default",
     "aten.adaptive_avg_pool2d.default", "aten.adaptive_avg_pool1d.default", "aten.adaptive_max_pool2d.default",
     "aten.dropout.default", "aten.pad.default", "aten.constant_pad_nd.default",
+    "aten.scaled_dot_product_attention.default",
     # activations
     "aten.relu.default", "aten.relu6.default", "aten.hardtanh.default", "aten.leaky_relu.default",
     "aten.sigmoid.default", "aten.tanh.default", "aten.silu.default", "aten.gelu.default",
@@ -51,4 +52,14 @@ ATEN_OPS: frozenset[str] = frozenset({
     "aten.argmax.default", "aten.var.correction", "aten.std.correction", "aten.logsumexp.default",
     "aten.eq.Scalar", "aten.gt.Scalar", "aten.lt.Scalar", "aten.ge.Scalar", "aten.le.Scalar",
     "aten.isfinite.default", "aten.logical_not.default",
+})
+
+# In-place forms a ``.pt2`` program may hold (torch.export keeps ``nn.ReLU(inplace=True)`` as ``relu_``, a residual
+# ``out += identity`` as ``add_``): each the in-place twin of an op above.  harden rewrites them out of place when it
+# loads the program (``harden.core.inplace``), before any graph is traced or stored, so a bundle never holds one.
+INPLACE_ATEN_OPS: frozenset[str] = frozenset({
+    "aten.relu_.default", "aten.hardtanh_.default", "aten.leaky_relu_.default", "aten.silu_.default",
+    "aten.hardswish_.default", "aten.hardsigmoid_.default", "aten.sigmoid_.default", "aten.mish_.default",
+    "aten.elu_.default", "aten.gelu_.default", "aten.dropout_.default", "aten.clamp_.default",
+    "aten.add_.Tensor", "aten.sub_.Tensor", "aten.mul_.Tensor", "aten.div_.Tensor",
 })

@@ -11,7 +11,7 @@ import torch
 
 from harden.errors import HardenError
 from harden.export.merge import connect, dedupe_opsets, prefixed
-from harden.export.parity import ParityReport, compare
+from harden.export.parity import ParityReport, compare, rounding_of
 from harden.export.portable import PORTABLE_SCORE_TOLERANCE, TARGETS, float32_throughout
 from harden.export.torch_graph import export_module
 from harden.core.opsets import OPSET
@@ -80,6 +80,15 @@ def build_onnx(hardened: HardenedModel, source: str | Path | None = None) -> onn
     return merged
 
 
+def _float64_reference(hardened: HardenedModel, x):
+    """The outputs with the classifier in float64, or None for a classifier that will not run so (one that casts
+    to float32 itself): its tolerances are then relative to each output's magnitude alone."""
+    try:
+        return hardened.run(x, float64_classifier=True)
+    except (RuntimeError, TypeError):
+        return None
+
+
 def export_onnx(hardened: HardenedModel, path: str | Path | None = None,
                 source: str | Path | None = None, target: str = "default") -> ExportResult:
     """Export, compare onnxruntime with the Python side on the bundle's held-out inputs, then write.
@@ -100,6 +109,7 @@ def export_onnx(hardened: HardenedModel, path: str | Path | None = None,
     data = model.SerializeToString()
     what = "onnxruntime" if target == "default" else f"--target {target} (float32 throughout): onnxruntime"
     parity = compare(golden, OnnxGraph(data).run(golden["input"]), what,
+                     rounding_of(golden, _float64_reference(hardened, golden["input"])),
                      score_tolerance=PORTABLE_SCORE_TOLERANCE if target == "portable" else None)
     if path is not None:
         atomic_write_bytes(Path(path), data, inputs=[source])

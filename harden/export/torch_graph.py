@@ -15,6 +15,38 @@ from harden.errors import HardenError
 from harden.core.opsets import IR_VERSION, OPSET
 
 
+_REGISTRIES: dict = {}
+
+
+@contextlib.contextmanager
+def _registry_once():
+    """The exporter rebuilds its table of ATen -> ONNX functions from torchlib on every call (about 4 s on this
+    class of CPU, most of a small model's export): keep one per opset for the process, during harden's calls
+    only.  harden passes no custom translations, so the table is never changed."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:   # another torch layout: export as it is
+        yield
+        return
+    original = _registration.ONNXRegistry.__dict__.get("from_torchlib")
+    if not isinstance(original, classmethod):
+        yield
+        return
+
+    def cached(cls, opset_version=None, **kwargs):
+        key = (cls, opset_version, tuple(sorted(kwargs.items())))
+        if key not in _REGISTRIES:
+            args = {} if opset_version is None else {"opset_version": opset_version}
+            _REGISTRIES[key] = original.__func__(cls, **args, **kwargs)
+        return _REGISTRIES[key]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = original
+
+
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints progress lines and warnings for every call; harden shows its own progress."""
@@ -42,7 +74,7 @@ def export_module(
     if varargs_after is not None:  # forward(a, *rest): torch.export wants the rest as one nested tuple
         dynamic = (*dynamic[:varargs_after], dynamic[varargs_after:])
     try:
-        with _quiet():
+        with _quiet(), _registry_once():
             program = torch.onnx.export(
                 module,
                 example,

@@ -122,3 +122,23 @@ def collect(
 
 def output_name(gm: fx.GraphModule) -> str:
     return output_node(gm).args[0].name
+
+
+_LAST_DIM_READERS = frozenset({"linear", "layer_norm"})
+
+
+def channels_last(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when the node's features lie along its last dim: every reader (through identities such as eval
+    dropout) is a linear layer or a layer norm, which act on the last dim (a transformer's tokens x features,
+    ConvNeXt's permuted [N, H, W, C] block).  Methods that pool per channel then pool along the other dims."""
+    readers, stack, seen = [], list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if canonical_op(gm, user) == "identity":
+            stack.extend(user.users)
+        else:
+            readers.append(user)
+    return bool(readers) and all(canonical_op(gm, r) in _LAST_DIM_READERS for r in readers)

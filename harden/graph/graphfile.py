@@ -134,6 +134,7 @@ MODULE_CLASSES: frozenset[str] = frozenset({
     "ReLU", "ReLU6", "LeakyReLU", "PReLU", "Hardtanh", "Sigmoid", "Tanh", "SiLU", "GELU", "Hardswish",
     "Hardsigmoid", "Mish", "ELU", "SELU", "CELU", "Softplus", "Softsign", "Softshrink", "Hardshrink",
     "Tanhshrink", "LogSigmoid", "Softmax", "LogSoftmax",
+    "MultiheadAttention", "NonDynamicallyQuantizableLinear",   # a transformer's attention and its projection
 })
 
 # Namespaces searched, in order, for a human-readable function name.
@@ -272,11 +273,17 @@ def check_aten_call(op: torch._ops.OpOverload, args: tuple, kwargs: dict, node_n
                               f"{argument.real_type}, got {_kind(value)} {value!r:.40}")
 
 
+# torch.nn module classes that torch.nn does not export by name: nn.MultiheadAttention's output projection.
+EXTRA_MODULE_CLASSES: Mapping[str, type] = MappingProxyType({
+    "NonDynamicallyQuantizableLinear": nn.modules.linear.NonDynamicallyQuantizableLinear,
+})
+
+
 def _nn_class(name: Any) -> type | None:
     """``getattr(torch.nn, name)`` for a name of MODULE_CLASSES (an nn.Module class under torch.nn.modules)."""
     if not isinstance(name, str) or name not in MODULE_CLASSES:
         return None
-    cls = getattr(nn, name, None)
+    cls = EXTRA_MODULE_CLASSES.get(name) or getattr(nn, name, None)
     if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("torch.nn.modules"):
         return cls
     return None

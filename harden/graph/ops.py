@@ -19,8 +19,12 @@ import torch.nn.functional as F
 
 aten = torch.ops.aten
 
-# Operations whose output is a CTT/SafetyNet/NIC site (a rectified activation).
-SITE_OPS = frozenset({"relu", "relu6"})
+# Operations whose output is a CTT/SafetyNet/NIC site: every element-wise activation (design section 5, "Sites
+# beyond rectifiers"), the gates of squeeze-excitation (sigmoid, hardsigmoid) included.
+SITE_OPS = frozenset({"relu", "relu6", "hardtanh", "leaky_relu", "elu", "gelu", "silu", "hardswish", "mish",
+                      "sigmoid", "hardsigmoid", "tanh", "softplus"})
+# Sites whose natural values sit at 0 on a half-line (rectifiers): "active" means above 0 there.
+RECTIFIER_OPS = frozenset({"relu", "relu6"})
 
 MODULE_SPELLINGS: dict[type, str] = {
     nn.Conv1d: "conv1d",
@@ -35,6 +39,7 @@ MODULE_SPELLINGS: dict[type, str] = {
     nn.SiLU: "silu",
     nn.GELU: "gelu",
     nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid",
     nn.Mish: "mish",
     nn.ELU: "elu",
     nn.Softplus: "softplus",
@@ -43,6 +48,10 @@ MODULE_SPELLINGS: dict[type, str] = {
     nn.MaxPool2d: "max_pool2d",
     nn.AvgPool2d: "avg_pool2d",
     nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
+    nn.AdaptiveMaxPool2d: "adaptive_max_pool2d",
+    nn.LayerNorm: "layer_norm",
+    nn.MultiheadAttention: "multi_head_attention",
+    nn.Unflatten: "unflatten",
     nn.Flatten: "flatten",
     nn.Dropout: "identity",
     nn.Dropout1d: "identity",
@@ -61,20 +70,32 @@ _FUNCTION_TABLE: list[tuple[str, list[Any]]] = [
     ("relu6", [F.relu6, aten.relu6.default]),
     ("hardtanh", [F.hardtanh, F.hardtanh_, aten.hardtanh.default, aten.hardtanh_.default]),
     ("leaky_relu", [F.leaky_relu, F.leaky_relu_, aten.leaky_relu.default, aten.leaky_relu_.default]),
-    ("sigmoid", [torch.sigmoid, F.sigmoid, aten.sigmoid.default]),
-    ("tanh", [torch.tanh, F.tanh, aten.tanh.default]),
-    ("silu", [F.silu, aten.silu.default]),
-    ("gelu", [F.gelu, aten.gelu.default]),
-    ("hardswish", [F.hardswish, aten.hardswish.default]),
-    ("mish", [F.mish, aten.mish.default]),
-    ("elu", [F.elu, aten.elu.default]),
+    ("sigmoid", [torch.sigmoid, F.sigmoid, torch.sigmoid_, aten.sigmoid.default, aten.sigmoid_.default]),
+    ("tanh", [torch.tanh, F.tanh, torch.tanh_, aten.tanh.default, aten.tanh_.default]),
+    ("silu", [F.silu, aten.silu.default, aten.silu_.default]),
+    ("gelu", [F.gelu, aten.gelu.default, aten.gelu_.default]),
+    ("hardswish", [F.hardswish, aten.hardswish.default, aten.hardswish_.default]),
+    ("hardsigmoid", [F.hardsigmoid, aten.hardsigmoid.default, aten.hardsigmoid_.default]),
+    ("mish", [F.mish, aten.mish.default, aten.mish_.default]),
+    ("elu", [F.elu, F.elu_, aten.elu.default, aten.elu_.default]),
     ("softplus", [F.softplus, aten.softplus.default]),
     ("batch_norm", [F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default]),
     ("max_pool2d", [F.max_pool2d, torch.max_pool2d, aten.max_pool2d.default]),
     ("avg_pool2d", [F.avg_pool2d, aten.avg_pool2d.default]),
     ("adaptive_avg_pool2d", [F.adaptive_avg_pool2d, aten.adaptive_avg_pool2d.default]),
+    ("adaptive_max_pool2d", [F.adaptive_max_pool2d, aten.adaptive_max_pool2d.default]),
+    ("layer_norm", [F.layer_norm, aten.layer_norm.default]),
+    ("scaled_dot_product_attention", [F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default]),
+    ("matmul", [torch.matmul, operator.matmul, torch.bmm, aten.matmul.default, aten.bmm.default]),
     ("flatten", [torch.flatten, aten.flatten.using_ints]),
     ("reshape", [torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default]),
+    ("unflatten", [torch.unflatten, aten.unflatten.int]),
+    ("squeeze", [torch.squeeze, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims]),
+    ("unsqueeze", [torch.unsqueeze, aten.unsqueeze.default]),
+    ("expand", [aten.expand.default]),
+    ("chunk", [torch.chunk, aten.chunk.default]),
+    ("split", [torch.split, aten.split.Tensor, aten.split_with_sizes.default]),
+    ("unbind", [torch.unbind, aten.unbind.int]),
     ("permute", [torch.permute, aten.permute.default]),
     ("transpose", [torch.transpose, aten.transpose.int]),
     ("add", [operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor, aten.add.Scalar]),
@@ -96,6 +117,7 @@ _FUNCTION_TABLE: list[tuple[str, list[Any]]] = [
     ("select", [aten.select.int]),  # x[:, i] in torch.export graphs
     ("size", [aten.sym_size.int]),
     ("getattr", [getattr]),  # x.shape / x.ndim in symbolically traced graphs
+    ("floordiv", [operator.floordiv]),  # shape arithmetic: channels // groups (ShuffleNet's channel shuffle)
 ]
 
 FUNCTION_SPELLINGS: dict[Any, str] = {fn: key for key, fns in _FUNCTION_TABLE for fn in fns}
@@ -104,8 +126,10 @@ METHOD_SPELLINGS: dict[str, str] = {
     "relu": "relu", "relu_": "relu",
     "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
     "tanh": "tanh", "tanh_": "tanh",
-    "flatten": "flatten",
+    "flatten": "flatten", "unflatten": "unflatten",
     "view": "reshape", "reshape": "reshape",
+    "squeeze": "squeeze", "unsqueeze": "unsqueeze", "expand": "expand",
+    "chunk": "chunk", "split": "split", "unbind": "unbind", "matmul": "matmul", "bmm": "matmul",
     "permute": "permute", "transpose": "transpose",
     "add": "add", "add_": "add", "sub": "sub", "sub_": "sub",
     "mul": "mul", "mul_": "mul", "div": "div", "div_": "div", "neg": "neg",
@@ -188,8 +212,11 @@ def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 OUT_OF_PLACE_FUNCTIONS: dict[Callable, Callable] = {
     torch.relu_: torch.relu,
+    torch.sigmoid_: torch.sigmoid,
+    torch.tanh_: torch.tanh,
     F.hardtanh_: F.hardtanh,
     F.leaky_relu_: F.leaky_relu,
+    F.elu_: F.elu,
     operator.iadd: operator.add,
     operator.isub: operator.sub,
     operator.imul: operator.mul,
@@ -197,8 +224,51 @@ OUT_OF_PLACE_FUNCTIONS: dict[Callable, Callable] = {
     aten.relu_.default: aten.relu.default,
     aten.hardtanh_.default: aten.hardtanh.default,
     aten.leaky_relu_.default: aten.leaky_relu.default,
+    aten.sigmoid_.default: aten.sigmoid.default,
+    aten.tanh_.default: aten.tanh.default,
+    aten.silu_.default: aten.silu.default,
+    aten.gelu_.default: aten.gelu.default,
+    aten.hardswish_.default: aten.hardswish.default,
+    aten.hardsigmoid_.default: aten.hardsigmoid.default,
+    aten.mish_.default: aten.mish.default,
+    aten.elu_.default: aten.elu.default,
     aten.add_.Tensor: aten.add.Tensor,
     aten.sub_.Tensor: aten.sub.Tensor,
     aten.mul_.Tensor: aten.mul.Tensor,
     aten.div_.Tensor: aten.div.Tensor,
+    aten.mul_.Scalar: aten.mul.Scalar,
+    aten.add_.Scalar: aten.add.Scalar,
 }
+
+# Calls that only check something at run time (shapes, the batch size) and return nothing: dropped at trace time.
+ASSERTIONS: frozenset = frozenset({
+    torch._assert, torch._assert_async, aten._assert_async.default, aten._assert_async.msg,
+    aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
+})
+
+
+def is_assertion(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in ASSERTIONS
+
+
+# Functions that are the identity in eval mode, by qualified name (a model's library need not be installed to
+# read its graph): name -> (position, keyword) of the ``training`` argument.  torchvision wraps stochastic depth
+# for torch.fx, so it stays one call in a symbolically traced graph; in eval it returns its input.
+EVAL_IDENTITIES: dict[str, tuple[int, str]] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": (3, "training"),
+}
+
+
+def eval_identity_input(node: fx.Node) -> fx.Node | None:
+    """The input an eval-mode identity call returns (stochastic depth with training=False), else None."""
+    if node.op != "call_function":
+        return None
+    name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
+    if name not in EVAL_IDENTITIES:
+        return None
+    position, keyword = EVAL_IDENTITIES[name]
+    training = node.args[position] if len(node.args) > position else node.kwargs.get(keyword, True)
+    source = node.args[0] if node.args else None
+    if training is False and isinstance(source, fx.Node):
+        return source
+    return None

@@ -29,11 +29,13 @@ def head_attr(method_name: str) -> str:
     return "harden_" + method_name.replace("-", "_").replace(".", "_")
 
 
-def instrument_graph(classifier: fx.GraphModule, methods: list[FittedMethod]) -> fx.GraphModule:
+def instrument_graph(classifier: fx.GraphModule, methods: list[FittedMethod],
+                     head_dtype: torch.dtype | None = None) -> fx.GraphModule:
     """The classifier graph plus every method head; returns (logits, input_finite, *method outputs).
 
     The logits node is the classifier's own, untouched, so logits stay
-    bit-identical to the input model's in eval mode.
+    bit-identical to the input model's in eval mode.  ``head_dtype``: every head
+    argument is cast to it first (a float64 classifier feeding the float32 heads).
     """
     gm = fx.GraphModule(classifier, copy.deepcopy(classifier.graph))
     graph = gm.graph
@@ -50,6 +52,13 @@ def instrument_graph(classifier: fx.GraphModule, methods: list[FittedMethod]) ->
     for method in methods:
         args = [x if a == INPUT else logits if a == LOGITS else nodes[a] for a in method.head_inputs]
         gm.add_submodule(head_attr(method.name), method.head)
+        if head_dtype is not None:
+            cast = []
+            for a in args:
+                with graph.inserting_after(a):
+                    cast.append(graph.call_method("to", (a, head_dtype)))
+                order[cast[-1]] = order.get(a, -1) + 0.5
+            args = cast
         last = max(args, key=lambda n: order.get(n, -1))
         with graph.inserting_after(last):
             outputs.append(graph.call_module(head_attr(method.name), tuple(args)))
@@ -89,9 +98,10 @@ class HardenedModel:
         return names
 
     @torch.no_grad()
-    def torch_outputs(self, x: torch.Tensor, batch_size: int = 512) -> dict[str, np.ndarray]:
+    def torch_outputs(self, x: torch.Tensor, batch_size: int = 512, graph: fx.GraphModule | None = None
+                      ) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {}
-        graph = self.graph
+        graph = graph if graph is not None else self.graph
         for start in range(0, len(x), batch_size):
             outs = graph(x[start : start + batch_size])
             for name, value in zip(self.output_names(), outs):
@@ -106,15 +116,23 @@ class HardenedModel:
             columns.append(m.detector.score(feats) if m.detector is not None else feats)
         return np.stack([np.asarray(c, dtype=np.float32).reshape(-1) for c in columns], axis=1)
 
-    def run(self, x: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
-        """Every output of the ONNX contract, computed with torch and the detectors."""
+    def run(self, x: torch.Tensor | np.ndarray, float64_classifier: bool = False) -> dict[str, np.ndarray]:
+        """Every output of the ONNX contract, computed with torch and the detectors.
+
+        ``float64_classifier``: the classifier runs in float64 (its heads and detectors as ever): how far that
+        moves each output is what float32 rounding in the classifier does to it (export parity's tolerance).
+        """
         if self.policy is None:
             raise RuntimeError("the model is not calibrated yet")
         if isinstance(x, LazyImages):   # data read on demand: a batch at a time
             parts = [self.run(batch) for batch in x.batches(RUN_BATCH)]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self.run(x[:0])
         x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        out = self.torch_outputs(x)
+        if float64_classifier:
+            graph = instrument_graph(copy.deepcopy(self.classifier).double(), self.methods, head_dtype=torch.float32)
+            out = self.torch_outputs(x.double(), graph=graph)
+        else:
+            out = self.torch_outputs(x)
         raw = self.raw_scores(out)
         with torch.no_grad():
             policy_out = self.policy(torch.from_numpy(out[FINITE_OUTPUT]), *torch.from_numpy(raw).unbind(1))

@@ -23,6 +23,7 @@ from harden.io.data import Dataset
 from harden.methods import load_all  # noqa: F401  (registers every method)
 from harden.methods.base import METHODS, FitContext, MethodSpec, Options, key_fingerprint, parse_method
 from harden.detectors.policy import AlarmPolicy, policy_k
+from harden.train.flow_objective import finetune_flow, parse_objective
 
 GOLDEN_SAMPLES = 256
 
@@ -48,10 +49,13 @@ def instrument(
     *,
     policy: str = "any",
     progress: Callable[[str, float], None] = lambda message, fraction: None,
+    finetune: str | None = None,
 ) -> HardenedModel:
     """Add every requested method's detector to ``model`` and calibrate the combined alarm.
 
     ``methods``: ``name`` or ``name:key=value,...`` texts (the CLI's ``--method``) or :class:`MethodSpec`s.
+    ``finetune``: a fine-tuning objective (``flow:delta=D,...``, :mod:`harden.train.flow_objective`) applied to
+    the classifier before any method is fitted; the original weights are kept in the bundle.
     """
     options = (options or Options()).check()
     if not methods:
@@ -63,6 +67,10 @@ def instrument(
     finetuning = [s.name for s in specs if METHODS.get(s.name).finetunes]
     if len(finetuning) > 1:
         raise HardenError(f"only one fine-tuning method at a time; got {', '.join(finetuning)}")
+    objective = parse_objective(finetune) if finetune else None
+    if objective is not None and finetuning:
+        raise HardenError(f"--finetune and the fine-tuning method {finetuning[0]} would both train the classifier; "
+                          "choose one")
     k = policy_k(policy, len(specs))
     # Fine-tuning changes the weights every other method is fitted on, so it runs first.
     order = sorted(specs, key=lambda s: not METHODS.get(s.name).finetunes)
@@ -83,15 +91,26 @@ def instrument(
     with torch.no_grad():   # in batches: data larger than memory is read on demand
         original_test_logits = np.concatenate([gm(data.test.x[i:i + 512]).numpy()
                                                for i in range(0, len(data.test), 512)])
+    finetune_facts = None
+    first = 0.0   # where the methods' fitting starts on the bar: after --finetune's share when it runs
+    if objective is not None:
+        first = 0.45
+        tuning = part(progress, 0.0, first)
+        tuning("fine-tuning (--finetune)", 0.0)
+        finetune_facts = finetune_flow(gm, data, objective, tuning)
     fitted = []
+    span = 0.95 - first
     for i, spec in enumerate(order):
-        share = part(progress, 0.95 * i / len(order), 0.95 * (i + 1) / len(order))   # each method reports 0..1
+        share = part(progress, first + span * i / len(order), first + span * (i + 1) / len(order))   # each reports 0..1
         share(f"fitting {spec.name}", 0.0)
         ctx = FitContext(gm=gm, data=data, options=options, settings=spec.settings, progress=share)
         method = METHODS.get(spec.name)().fit(ctx)
         method.config["options"] = spec.settings.to_dict()
         fitted.append(method)
-    hardened = HardenedModel(gm, fitted, original_state=original_state if finetuning else None)
+    # a fine-tuning that kept the user's weights (no check accurate enough) leaves a plain, not a fine-tuned, bundle
+    changed = (bool(finetuning) or objective is not None) and \
+        any(not torch.equal(v, gm.state_dict()[k]) for k, v in original_state.items())
+    hardened = HardenedModel(gm, fitted, original_state=original_state if changed else None)
 
     progress("calibrating", 0.95)
     raw_cal = hardened.raw_scores(hardened.torch_outputs(data.calibration.x))
@@ -107,12 +126,13 @@ def instrument(
         "data": {"name": data.name, "split": data.split},
         # The default eps of `harden certify`: the box a CTT fit trained on (a rule like "scaled" resolved).
         "eps": next((m.config["eps"] for m in fitted if isinstance(m.config.get("eps"), (int, float))), None),
-        "recipe": recipe_of(data, specs, options, policy),
+        "recipe": recipe_of(data, specs, options, policy, objective.text() if objective else None),
         "policy": {"text": policy, "k": k, "methods": len(fitted)},
         "fpr_target": options.fpr,
         "fpr_confidence": options.fpr_confidence,
         "key_fingerprint": key_fingerprint(options.key),
         "seed": options.seed,
+        "finetune": finetune_facts,
         "thresholds": {m.name: t for m, t in zip(fitted, cal.thresholds)},
         "scales": {m.name: s for m, s in zip(fitted, cal.scales)},
         "metrics": {

@@ -36,7 +36,7 @@ else:  # pragma: no cover
 
 # The settings a recipe may hold besides its methods, with the type each must have.
 SHARED = {"data": str, "input_range": (str, list), "limit": int, "seed": int, "fpr": float,
-          "fpr_confidence": float, "policy": str, "device": str}
+          "fpr_confidence": float, "policy": str, "device": str, "finetune": str}
 
 
 @dataclass
@@ -98,8 +98,10 @@ def recipe_from_dict(document: dict[str, Any], where: str = "recipe") -> Recipe:
     return recipe
 
 
-def recipe_of(data: Dataset, specs: Sequence[MethodSpec], options: Options, policy: str) -> dict[str, Any]:
-    """What made a bundle (for its manifest): shared settings and every method's options, all resolved."""
+def recipe_of(data: Dataset, specs: Sequence[MethodSpec], options: Options, policy: str,
+              finetune: str | None = None) -> dict[str, Any]:
+    """What made a bundle (for its manifest): shared settings and every method's options, all resolved
+    (``finetune``: the fine-tuning objective's text with every option, when one ran)."""
     return {
         "data": data.name,
         "input_range": list(data.input_range),
@@ -109,6 +111,7 @@ def recipe_of(data: Dataset, specs: Sequence[MethodSpec], options: Options, poli
         "fpr_confidence": options.fpr_confidence,
         "policy": policy,
         "device": options.device,
+        **({"finetune": finetune} if finetune else {}),
         "methods": {s.name: s.settings.to_dict() for s in specs},
     }
 

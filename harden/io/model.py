@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from harden.core.inplace import needs_functionalisation
 from harden.errors import HardenError
 
 
@@ -58,6 +59,8 @@ def _load_exported(path: Path) -> nn.Module:
 
     program = load_program(path)
     _check_dynamic_batch(program, path)
+    if needs_functionalisation(program.graph):
+        program = _functional(program, path)
     with quiet_torch_logs():
         try:
             return program.module()
@@ -68,6 +71,20 @@ def _load_exported(path: Path) -> nn.Module:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _functional(program, path: Path):
+    """The program without in-place ops whose rename would change what they compute (a fill_ of a slice whose
+    base is read later): torch.export's functionalisation rewrites each mutation as the value it produces; no
+    op is decomposed further.  (Other in-place ops, hardswish_ or silu_, are renamed at trace time.)"""
+    from harden.io.pt2 import quiet_torch_logs
+
+    try:
+        with quiet_torch_logs():
+            return program.run_decompositions({})
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        raise HardenError(f"{path}: its in-place ops cannot be rewritten out of place by torch.export: "
+                          f"{_first_line(exc)}") from None
 
 
 def _check_dynamic_batch(program, path: Path) -> None:

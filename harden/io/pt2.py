@@ -9,7 +9,8 @@ itself first (:func:`check_program`) and lets torch see it only when every part 
 
 - only the members a program needs (no ``data/aotinductor``, executorch, opaque or custom objects);
 - every pickle names only tensor and container globals (:mod:`harden.io.pickles`);
-- every node target is an ATen overload of ``harden.core.aten_ops.ATEN_OPS`` or a listed Python operator;
+- every node target is an ATen overload of ``harden.core.aten_ops.ATEN_OPS`` (or its in-place twin in
+  ``INPLACE_ATEN_OPS``, rewritten out of place at load) or a listed Python operator;
 - every shape expression is spelled with sympy's constructors only (no attribute, no other name);
 - no guard code; every stated tensor size within :mod:`harden.core.limits`.
 
@@ -30,7 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
-from harden.core.aten_ops import ATEN_OPS
+from harden.core.aten_ops import ATEN_OPS, INPLACE_ATEN_OPS
 from harden.core.limits import MAX_MEMBER_BYTES, MAX_TOTAL_ELEMENTS, check_elements
 from harden.errors import HardenError
 from harden.io.pickles import check_torch_archive
@@ -105,7 +106,7 @@ def _check_target(target: Any, where: str) -> None:
     if match is None:
         raise HardenError(f"{where} calls {target!r:.80}, which is not an ATen op; harden loads programs of ATen ops "
                           "only (no Python functions, higher-order or custom ops)")
-    if f"aten.{match.group(1)}.{match.group(2)}" not in ATEN_OPS:
+    if f"aten.{match.group(1)}.{match.group(2)}" not in ATEN_OPS | INPLACE_ATEN_OPS:
         raise HardenError(f"{where} calls {target!r:.80}, which is not in harden's ATen allowlist "
                           "(harden.core.aten_ops.ATEN_OPS)")
 

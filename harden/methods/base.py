@@ -133,6 +133,8 @@ class MethodSpec:
     @classmethod
     def of(cls, name: str, **options: Any) -> "MethodSpec":
         """From Python values: ``MethodSpec.of("ctt-strict", eps=0.003, steps=200)``."""
+        from harden.methods import load_all  # noqa: F401  (registers every method, whatever the caller imported)
+
         method = METHODS.get(name)
         return cls(method.name, method.option_set.parse(f"method {method.name!r}", options))
 
@@ -163,7 +165,8 @@ def select_sites(site_names: list[str], paths: dict[str, str], spec: str) -> lis
     """Resolve a method's ``layers`` option: ``all | last:K | name,name`` (names may be node names or module paths)."""
     spec = spec.strip()
     if not site_names:
-        raise HardenError("the model has no ReLU/ReLU6 site to instrument")
+        raise HardenError("the model has no element-wise activation (ReLU, GELU, SiLU, hardswish, sigmoid, ...) "
+                          "to instrument")
     if spec == "all":
         return list(site_names)
     if spec.startswith("last:"):

@@ -3,6 +3,20 @@
 The check is a gather of the masked positions (``index_select``), not a
 full-tensor multiply by the mask, so its cost does not grow with the size of
 the activation: the paper's point is near-zero runtime overhead.
+
+A site is any element-wise activation (:data:`harden.graph.ops.SITE_OPS`).  A trap
+fires when its neuron exceeds its threshold, whatever the activation: ctt-lite's
+threshold is the neuron's natural upper bound on the training split, which a GELU,
+SiLU or squeeze-excitation gate has as a ReLU does.  ctt-loose/strict's T is a
+small value above the activation's resting value (0 for every activation harden
+marks but tanh, -1), which every one of them reaches on a half-line of
+pre-activations (a GELU below ~T, a sigmoid gate below ~-9): L_D pushes natural
+inputs onto that half-line.  The certificates intersect each masked neuron's
+interval with (-inf, threshold]; that means the same for any activation and is
+checked by sampling (``harden certify --check``).  Masks are drawn per site from
+the key and the site's key (:func:`harden.graph.trace.site_keys`: module path,
+op and position), which a state_dict + --arch model and its torch.export program
+share: one key gives the same traps in either form.
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ import torch.nn as nn
 
 from harden.core.options import OptionSet, option
 from harden.graph.analyse import collect, describe
-from harden.graph.trace import module_path, sites as graph_sites
+from harden.graph.trace import module_path, site_keys, sites as graph_sites
 from harden.methods.base import (
     FitContext,
     FittedMethod,
@@ -30,6 +44,7 @@ from harden.methods.base import (
 )
 from harden.train.eps_search import EPS_RULES
 from harden.train.finetune import ANNEAL, DEFAULT_STEPS, TRAP_RULES, TRAP_SCALES, FinetuneConfig
+from harden.train.objectives import OBJECTIVES
 
 
 class TrapHead(nn.Module):
@@ -73,11 +88,14 @@ class TrapHead(nn.Module):
         return torch.stack(per_site, dim=1).amax(dim=1)
 
 
-def make_masks(key: str, site_sizes: dict[str, int], ratio: float) -> dict[str, torch.Tensor]:
-    """Sorted flat positions per site; at least one neuron per site; the key seeds every choice."""
+def make_masks(key: str, site_sizes: dict[str, int], ratio: float,
+               seeds: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Sorted flat positions per site; at least one neuron per site; the key seeds every choice, per site by
+    ``seeds[site]`` (a key both forms of a model share: :func:`harden.graph.trace.site_keys`), else its name."""
+    seeds = seeds or {}
     masks = {}
     for site, size in site_sizes.items():
-        generator = torch.Generator().manual_seed(key_seed(key, f"ctt-mask:{site}"))
+        generator = torch.Generator().manual_seed(key_seed(key, f"ctt-mask:{seeds.get(site, site)}"))
         count = max(1, min(size, int(round(ratio * size))))
         masks[site] = torch.randperm(size, generator=generator)[:count].sort().values
     return masks
@@ -87,7 +105,8 @@ TRAP_PLACEMENTS = ("uniform", "quiet")
 QUIET_STD = 1e-3  # a position is "quiet" when its pre-activation's std over the training split is below this
 
 
-def quiet_masks(ctx: FitContext, chosen: list[str], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def quiet_masks(ctx: FitContext, chosen: list[str], masks: dict[str, torch.Tensor],
+                seeds: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Per site, the same number of traps drawn (seeded by the key) among the positions whose pre-activation is
     constant on the training split (e.g. a conv window that only ever sees background); sites with too few such
     positions fill up with the key's uniform choice.  Such a trap sits exactly at its natural threshold, so any
@@ -102,7 +121,7 @@ def quiet_masks(ctx: FitContext, chosen: list[str], masks: dict[str, torch.Tenso
     for site, std in zip(chosen, stds):
         count = len(masks[site])
         eligible = torch.nonzero(std < QUIET_STD).flatten()
-        generator = torch.Generator().manual_seed(key_seed(ctx.options.key, f"ctt-quiet:{site}"))
+        generator = torch.Generator().manual_seed(key_seed(ctx.options.key, f"ctt-quiet:{(seeds or {}).get(site, site)}"))
         picked = eligible[torch.randperm(len(eligible), generator=generator)[:count]]
         if len(picked) < count:
             rest = masks[site][~torch.isin(masks[site], picked)][: count - len(picked)]
@@ -112,6 +131,7 @@ def quiet_masks(ctx: FitContext, chosen: list[str], masks: dict[str, torch.Tenso
 
 
 _FT = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+OBJECTIVE_NAMES = tuple(OBJECTIVES.names())
 
 
 @dataclass(frozen=True)
@@ -153,7 +173,8 @@ class CTTFinetuneOptions(CTTOptions):
     alpha: float = option(_FT["alpha"], "weight of L_C", minimum=0.0, strict=True)
     alpha_growth: float = option(_FT["alpha_growth"], "alpha is multiplied by this every alpha_every epochs",
                                  minimum=0.0, strict=True)
-    alpha_every: int = option(_FT["alpha_every"], "epochs between alpha increases (0: never)", minimum=0)
+    alpha_every: int | None = option(None, "epochs between alpha increases (0: never)", minimum=0,
+                                     default_text="4; 0 for detect-or-robust and robust")
     lr: float | None = option(None, "learning rate (RMSProp, no weight decay)", minimum=0.0, strict=True,
                               default_text="3e-4")
     detection_weight: float = option(_FT["detection_weight"], "weight of L_D relative to L_C", minimum=0.0)
@@ -168,6 +189,16 @@ class CTTFinetuneOptions(CTTOptions):
     trap_scale: str = option(_FT["trap_scale"], "std: the calibrated shift moves each trap by its natural spread | "
                                                 "none: one shift for all", choices=TRAP_SCALES)
     batch_size: int = option(_FT["batch_size"], "training batch size", minimum=1)
+    # The fine-tuning objective (issue 14; harden.train.objectives, docs/results/detect-or-robust.md).
+    objective: str = option(_FT["objective"], "what fine-tuning minimises: ctt (the paper's L_D + L_C) | "
+                                              "detect-or-robust (every input of the eps-box keeps its label or alarms, "
+                                              "by interval bounds: the certificate harden certify reports) | robust "
+                                              "(the label alone, traps ignored: the baseline)", choices=OBJECTIVE_NAMES)
+    cert_margin: float = option(_FT["cert_margin"], "detect-or-robust / robust: the hinge asks the certified "
+                                                    "margin's lower bound to clear this", minimum=0.0)
+    eps_warmup: float | None = option(None, "share of the step budget over which the training eps grows from 0 to "
+                                            "eps", minimum=0.0, maximum=1.0,
+                                      default_text="0.5 for detect-or-robust and robust, 0 for ctt")
 
     def check(self, owner: str) -> None:
         from harden.errors import HardenError
@@ -191,9 +222,10 @@ class _CTTBase(Method):
         chosen = select_sites([n.name for n in site_nodes], paths, settings.layers)
         infos = {i.name: i for i in describe(ctx.gm, ctx.data.train.x[:2])}
         sizes = {s: int(np.prod(infos[s].shape)) for s in chosen}
-        masks = make_masks(ctx.options.key, sizes, settings.mask_ratio)
+        self.seeds = site_keys(ctx.gm, [n for n in site_nodes if n.name in chosen])
+        masks = make_masks(ctx.options.key, sizes, settings.mask_ratio, self.seeds)
         if settings.trap_placement == "quiet":
-            masks = quiet_masks(ctx, chosen, masks)
+            masks = quiet_masks(ctx, chosen, masks, self.seeds)
         return chosen, masks, sizes
 
     def finish(self, ctx: FitContext, chosen, masks, sizes, thresholds: dict[str, torch.Tensor], extra: dict,
@@ -206,6 +238,7 @@ class _CTTBase(Method):
                 getattr(head, f"scales_{i}").copy_(scales[site].float())
         config: dict[str, Any] = {
             "sites": chosen,
+            "site_keys": [getattr(self, "seeds", {}).get(s, s) for s in chosen],
             "sizes": [sizes[s] for s in chosen],
             "counts": [len(masks[s]) for s in chosen],
             "mask_ratio": ctx.settings.mask_ratio,

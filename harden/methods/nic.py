@@ -41,7 +41,7 @@ import torch.nn as nn
 from harden.core.distributed import map_chunks
 from harden.core.options import OptionSet, option
 from harden.errors import HardenError
-from harden.graph.analyse import batches, describe, feature_extractor
+from harden.graph.analyse import batches, channels_last, describe, feature_extractor
 from harden.graph.trace import module_path, sites as graph_sites
 from harden.methods.base import (
     LOGITS,
@@ -107,6 +107,8 @@ class NICHead(nn.Module):
         self.reduce_mode = str(config.get("reduce", DEFAULT_REDUCE))
         # per site, how row means are taken in float32 (see spatial_mean); bundles without the field: "avgpool"
         self.rows = [str(r) for r in config.get("rows", ["avgpool"] * len(self.dims))]
+        # per site, whether its features lie along the last dim (tokens x features): moved to dim 1 first
+        self.channels_last = [bool(c) for c in config.get("channels_last", [False] * len(self.dims))]
         self.sets = int(config["sets"])
         self.num_classes = int(config["num_classes"])
         self.value = bool(config["value"])
@@ -135,6 +137,8 @@ class NICHead(nn.Module):
 
     def reduce(self, i: int, activation: torch.Tensor) -> torch.Tensor:
         """The site's reduced features, float64."""
+        if self.channels_last[i] and activation.dim() > 2:
+            activation = activation.movedim(-1, 1)
         if not self.spatial[i]:
             return activation.flatten(1).double()
         if self.reduce_mode == "max":
@@ -457,11 +461,15 @@ class NIC(Method):
         if int(train.y.max()) >= num_classes:
             raise HardenError(f"labels go up to {int(train.y.max())} but the model has {num_classes} outputs")
         spatial = [len(infos[s].shape) > 1 for s in chosen]
-        channels = [int(infos[s].shape[0]) if sp else int(np.prod(infos[s].shape)) for s, sp in zip(chosen, spatial)]
+        nodes = {n.name: n for n in site_nodes}
+        last = [sp and channels_last(ctx.gm, nodes[s]) for s, sp in zip(chosen, spatial)]
+        channels = [int(infos[s].shape[-1 if cl else 0]) if sp else int(np.prod(infos[s].shape))
+                    for s, sp, cl in zip(chosen, spatial, last)]
         rows = ["avgpool" if c % ROW_BLOCK == 0 else "sum" for c in channels]
         dims = [c * (2 if sp and settings.reduce == "meanmax" else 1) for c, sp in zip(channels, spatial)]
         config: dict[str, Any] = {
-            "sites": chosen, "dims": dims, "spatial": spatial, "reduce": settings.reduce, "rows": rows, "sets": settings.detectors,
+            "sites": chosen, "dims": dims, "spatial": spatial, "channels_last": last, "reduce": settings.reduce,
+            "rows": rows, "sets": settings.detectors,
             "num_classes": num_classes, "value": value, "provenance": provenance, "transform": settings.transform,
             "ramp": settings.ramp, "scale_range": list(SCALE_RANGE), "output_probe": provenance and settings.output_probe,
         }

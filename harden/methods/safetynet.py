@@ -3,7 +3,11 @@
 Each chosen site's units are quantised into a code (``--code binary``: the unit
 is active or not; ``--code quaternary``: how many of three per-unit thresholds
 it exceeds, the thresholds being quantiles of that unit's positive activations
-on the training split).  Each level rises over a narrow one-sided ramp above its
+on the training split).  At a site that is no rectifier (GELU, SiLU, hardswish,
+a squeeze-excitation gate, ...) a unit has no "inactive" value: its thresholds
+are quantiles of all its values on the training split (binary: the median).
+Features that lie along the last dim (a transformer's tokens x features) are
+moved to the channel axis before the reduction.  Each level rises over a narrow one-sided ramp above its
 threshold (``ramp``, 0.001 of the site's scale) instead of a step, so that the
 rounding difference between torch and onnxruntime moves a code by a fraction of
 a level, never a whole one (docs/results/safetynet.md).  The quantisation is a
@@ -39,7 +43,8 @@ import torch.nn as nn
 from harden.detectors.dense_rbf import RbfSvmDetector  # noqa: F401  (re-exported: SafetyNet's detector)
 from harden.core.options import OptionSet, option
 from harden.errors import HardenError
-from harden.graph.analyse import describe, feature_extractor
+from harden.graph.analyse import channels_last, describe, feature_extractor
+from harden.graph.ops import RECTIFIER_OPS, canonical_op
 from harden.graph.trace import module_path, sites as graph_sites
 from harden.methods.base import (
     FitContext,
@@ -87,7 +92,7 @@ class CodeHead(nn.Module):
     """
 
     def __init__(self, dims: Sequence[int], levels: int, reduce: Sequence[str], kernels: Sequence[int] | None = None,
-                 ramps: Sequence[float] | None = None):
+                 ramps: Sequence[float] | None = None, channels_last: Sequence[bool] | None = None):
         super().__init__()
         if len(dims) != len(reduce):
             raise ValueError("one reduction per site")
@@ -97,11 +102,15 @@ class CodeHead(nn.Module):
         # per site, the width over which a level's count rises from 0 to 1 above its threshold (0: a hard step;
         # bundles written before ramps existed)
         self.ramps = [float(w) for w in (ramps if ramps is not None else [0.0] * len(self.dims))]
+        # per site, whether its features lie along the last dim (moved to dim 1 before the reduction)
+        self.channels_last = [bool(c) for c in (channels_last if channels_last is not None else [False] * len(self.dims))]
         for i, d in enumerate(self.dims):
             self.register_buffer(f"thresholds_{i}", torch.zeros(int(levels), d, dtype=torch.float32))
 
     def reduced(self, i: int, activation: torch.Tensor) -> torch.Tensor:
         how = self.reduce[i]
+        if self.channels_last[i] and activation.dim() > 2:
+            activation = activation.movedim(-1, 1)
         if how == "none" or activation.dim() <= 2:
             return activation.flatten(1)
         if how == "grid":
@@ -143,8 +152,9 @@ def reduction_plan(shape: Sequence[int], how: str, grid: int) -> tuple[str, int,
     return "grid", k, channels * cells
 
 
-def positive_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
-    """``[len(quantiles), D]``: per unit, quantiles of its strictly positive values (0 for a unit never positive).
+def positive_quantiles(values: torch.Tensor, quantiles: Sequence[float], positive_only: bool = True) -> torch.Tensor:
+    """``[len(quantiles), D]``: per unit, quantiles of its strictly positive values (0 for a unit never positive);
+    of all its values with ``positive_only=False`` (a site that is no rectifier).
 
     Each threshold is then moved to the middle of the gap between the observed
     values around it (keeping which training values lie above it), so no
@@ -163,7 +173,7 @@ def positive_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> torc
     out = torch.zeros(len(q), values.shape[1], dtype=torch.float32)
     if len(q) == 0:
         return out
-    positive = values > 0
+    positive = values > 0 if positive_only else torch.isfinite(values)
     for j in range(values.shape[1]):
         column = values[positive[:, j], j].sort().values
         if not column.numel():
@@ -172,7 +182,8 @@ def positive_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> torc
         lows, highs = _value_clusters(torch.unique(column).double())
         above = torch.searchsorted(lows, raw.double(), right=True)  # first cluster wholly above the quantile
         for level, k in enumerate(above.tolist()):
-            low = float(highs[k - 1]) if k > 0 else 0.0
+            floor = 0.0 if positive_only else float(lows[0]) - max(abs(float(lows[0])) * 1e-3, 1e-6)
+            low = float(highs[k - 1]) if k > 0 else floor
             high = float(lows[k]) if k < len(lows) else low + max(abs(low) * 1e-3, 1e-6)
             out[level, j] = (low + high) / 2
     return torch.cummax(out, dim=0).values
@@ -187,8 +198,8 @@ VALUE_MERGE = 1e-4
 RAMP_FRACTION = 1e-3
 
 
-def ramp_width(values: torch.Tensor, fraction: float = RAMP_FRACTION) -> float:
-    positive = values[values > 0]
+def ramp_width(values: torch.Tensor, fraction: float = RAMP_FRACTION, positive_only: bool = True) -> float:
+    positive = values[values > 0] if positive_only else values[torch.isfinite(values)].abs()
     if not positive.numel() or fraction == 0:
         return 0.0
     sample = positive.flatten()[:: max(1, positive.numel() // 1_000_000)].float()
@@ -380,19 +391,25 @@ class SafetyNet(Method):
         paths = {n.name: module_path(n) for n in site_nodes}
         chosen = select_sites([n.name for n in site_nodes], paths, s.layers)
         infos = {i.name: i for i in describe(gm, data.train.x[:2])}
+        nodes = {n.name: n for n in site_nodes}
         shapes = [list(infos[s].shape) for s in chosen]
-        plans = [reduction_plan(shape, reduce, grid) for shape in shapes]
+        last = [len(shape) > 1 and channels_last(gm, nodes[s]) for s, shape in zip(chosen, shapes)]
+        rectified = [canonical_op(gm, nodes[s]) in RECTIFIER_OPS for s in chosen]
+        plans = [reduction_plan(shape[-1:] + shape[:-1] if moved else shape, reduce, grid)
+                 for shape, moved in zip(shapes, last)]
         site_reduce, kernels, dims = [p[0] for p in plans], [p[1] for p in plans], [p[2] for p in plans]
         levels = max(1, len(quantiles))
-        head = CodeHead(dims, levels, site_reduce, kernels).eval()
+        head = CodeHead(dims, levels, site_reduce, kernels, channels_last=last).eval()
 
         # Thresholds: binary = 0; quaternary = quantiles of each unit's positive activations on the training split.
+        # A site that is no rectifier: quantiles of all the unit's values (binary: the median).
         ctx.progress("safetynet: code thresholds", 0.05)
         values = _site_values(gm, head, chosen, data.train.x)
-        head.ramps = [ramp_width(v, ramp) for v in values]
-        if code != "binary":
-            for i, v in enumerate(values):
-                getattr(head, f"thresholds_{i}").copy_(positive_quantiles(v, quantiles))
+        head.ramps = [ramp_width(v, ramp, positive_only=r) for v, r in zip(values, rectified)]
+        for i, (v, r) in enumerate(zip(values, rectified)):
+            site_quantiles = quantiles if code != "binary" else (() if r else (0.5,))
+            if site_quantiles:
+                getattr(head, f"thresholds_{i}").copy_(positive_quantiles(v, site_quantiles, positive_only=r))
 
         # Natural (0) and adversarial (1) examples from one seeded subset of the training split; each attack
         # perturbs its own share of the subset, so there are about as many adversarial as natural examples.
@@ -445,6 +462,8 @@ class SafetyNet(Method):
             "reduce": site_reduce,
             "kernels": kernels,
             "ramps": list(head.ramps),
+            "channels_last": last,
+            "rectified": rectified,
             "code": code,
             "levels": levels,
             "quantiles": list(quantiles),
@@ -465,4 +484,4 @@ class SafetyNet(Method):
     @classmethod
     def build_head(cls, config: dict[str, Any]) -> nn.Module:
         return CodeHead(config["dims"], config["levels"], config["reduce"], config.get("kernels"),
-                        config.get("ramps")).eval()
+                        config.get("ramps"), config.get("channels_last")).eval()

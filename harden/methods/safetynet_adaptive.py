@@ -66,6 +66,7 @@ class SafetyNetSurrogate:
             commutes = canonical_op(gm, node) == "relu" and self.head.reduce[i] in PRE_ACTIVATION_REDUCTIONS
             self.nodes.append(before.name if commutes and hasattr(before, "name") else site)
         self.svm = svm_parameters(method.detector)
+        self.rectified = list(method.config.get("rectified", [True] * len(method.head_inputs)))
         self.unit_scale: list[torch.Tensor] = []
 
     def _reduced(self, i: int, value: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,8 @@ class SafetyNetSurrogate:
         self.unit_scale = []
         for i, a in enumerate(acts):
             r = self._reduced(i, a)
+            if not self.rectified[i]:   # no inactive value: the scale of its values either side of 0
+                r = r.abs()
             positive = (r > 0).double()
             mean = (r * positive).sum(0) / positive.sum(0).clamp_min(1)
             fallback = mean[mean > 0].mean() if bool((mean > 0).any()) else torch.tensor(1.0, dtype=torch.float64)

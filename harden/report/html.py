@@ -98,7 +98,7 @@ def _summary(report: dict) -> str:
         ("input", f"{'x'.join(map(str, s['input']['shape']))} in {s['input']['range']}, {s['num_classes']} classes"),
         ("classifier", "fine-tuned by a method (the original weights are kept for comparison)" if s["finetuned"]
          else "weights as given"),
-        ("box eps (CTT fine-tuning)", sig(s["eps"]) if s["eps"] else "-"),
+        ("box eps (CTT)", sig(s["eps"]) if s["eps"] else "-"),
         ("bundle", f"{s['bundle_id']}, created {s['created']} by harden {s['harden']}"),
     ]
     dl = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in facts)

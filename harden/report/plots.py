@@ -77,7 +77,7 @@ def draw_roc(fig, evaluation: dict, labels: list[str] | None = None, policy: str
         if not curves:
             raise HardenError(f"attack {row['attack']}: the evaluation holds no ROC curves (made without curves=True)")
         chance = np.concatenate([[0.0], np.geomspace(min(1.0, 0.5 / max(1, evaluation["n_clean"])), 1.0, 200)])
-        ax.plot(chance, chance, color="0.8", linestyle="--", linewidth=0.8)
+        ax.plot(chance, chance, color="0.8", linestyle="--", linewidth=0.8, label="chance")
         # a method whose curve is the combined one (e.g. the only method) is drawn once, as the combined curve
         same = [d for d in curves if d != COMBINED and curves[d] is not None and curves[d] == curves.get(COMBINED)]
         for detector in [d for d in curves if d != COMBINED and d not in same] + [COMBINED]:
@@ -90,9 +90,9 @@ def draw_roc(fig, evaluation: dict, labels: list[str] | None = None, policy: str
                 name = " = ".join([_detector_label(d, policy) for d in same] + [name])
             text = f"{name} (AUC {auc:.3f})" if auc is not None else name
             if detector == COMBINED:
-                ax.plot(curve["fpr"], curve["tpr"], color="black", linewidth=1.8, label=text)
+                ax.plot(*_on_log_axis(curve), color="black", linewidth=1.8, label=text)
             else:
-                ax.plot(curve["fpr"], curve["tpr"], color=_method_colour(methods, name), linewidth=1.2, label=text)
+                ax.plot(*_on_log_axis(curve), color=_method_colour(methods, name), linewidth=1.2, label=text)
         if row["detection_rate"] is not None:
             ax.plot([evaluation["clean_fpr"]], [row["detection_rate"]], marker="o", color="crimson", linestyle="none",
                     label=f"alarm as shipped ({100 * evaluation['clean_fpr']:.1f}% FPR, "
@@ -113,7 +113,8 @@ def draw_strength(fig, series: list[dict], clean_fpr: float | None = None, polic
     """One panel per attack: detection and accuracy under attack against the attack's eps."""
     if not series:
         raise HardenError("no attack was run at several eps: nothing to draw against attack strength")
-    _title(fig, "detection against attack strength")
+    _title(fig, "detection (among the inputs classified correctly before the attack) and accuracy under attack, "
+                "against the attack's eps")
     for ax, s in zip(_grid(fig, len(series), columns), series):
         eps = s["eps"]
         methods = sorted(s["per_method_detection"])
@@ -130,11 +131,29 @@ def draw_strength(fig, series: list[dict], clean_fpr: float | None = None, polic
         if clean_fpr is not None:
             ax.axhline(clean_fpr, color="crimson", linewidth=0.8, linestyle="-.", label="false-positive rate (clean)")
         ax.set_title(s["attack"], fontsize=9)
+        _eps_axis(ax, eps)
         ax.set_xlabel("attack eps (input units)")
         ax.set_ylabel("fraction")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         _legend_below(ax)
+
+
+def _on_log_axis(curve: dict, points: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve's points, with points added along each sloped segment: the curve is linear between its
+    points in FPR, which a log axis would draw as a straight line in log space (ties give long such segments)."""
+    fpr, tpr = np.asarray(curve["fpr"], dtype=float), np.asarray(curve["tpr"], dtype=float)
+    xs, ys = [fpr[:1]], [tpr[:1]]
+    for x0, y0, x1, y1 in zip(fpr[:-1], tpr[:-1], fpr[1:], tpr[1:]):
+        if x1 > x0 and y1 != y0:
+            # from FPR 0 the segment runs through the axis' linear part (below 1/n >= 1e-4), then its log part
+            x = np.geomspace(x0, x1, points)[1:] if x0 > 0 else np.geomspace(min(x1, 1e-4), x1, points)
+            xs.append(x)
+            ys.append(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+        else:
+            xs.append([x1])
+            ys.append([y1])
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _fpr_axis(ax, n_clean: int) -> None:
@@ -143,10 +162,18 @@ def _fpr_axis(ax, n_clean: int) -> None:
     squeezes into its first tick."""
     floor = 1.0 / max(1, n_clean)
     ax.set_xscale("symlog", linthresh=floor, linscale=0.3)
-    ax.set_xlim(0.0, 1.0)
+    ax.set_xlim(0.0, 1.25)   # a margin past FPR 1, where a curve's last (vertical) segment would hide in the frame
     ticks = [0.0] + [t for t in (0.001, 0.01, 0.1, 1.0) if t >= floor]
     ax.set_xticks(ticks, ["0"] + [f"{t:g}" for t in ticks[1:]])
     ax.set_xlabel("false-positive rate (clean, log scale)")
+
+
+def _eps_axis(ax, eps: list[float]) -> None:
+    """A log eps axis ticked at the grid's values when the grid spans a factor of ten or more."""
+    if len(eps) > 1 and min(eps) > 0 and max(eps) / min(eps) >= 10:
+        ax.set_xscale("log")
+        ax.set_xticks(eps, [f"{e:g}" for e in eps])
+        ax.minorticks_off()
 
 
 def _legend_below(ax) -> None:
@@ -178,11 +205,8 @@ def draw_certified(fig, certification: dict) -> None:
             continue   # no CTT method: detect-or-robust equals robust
         label = f"{model}: {'detect-or-robust' if kind == 'detect_or_robust' else 'robust'}"
         ax.plot(eps, series[model][kind], label=label, **style)
-    if len(eps) > 1 and min(eps) > 0 and max(eps) / min(eps) >= 10:
-        ax.set_xscale("log")
-        ax.set_xticks(eps, [f"{e:g}" for e in eps])
-        ax.minorticks_off()
-    ax.set_xlabel("eps (L-inf box radius, input units)")
+    _eps_axis(ax, eps)
+    ax.set_xlabel(series.get("axis", "eps (L-inf box radius, input units)"))
     ax.set_ylabel("certified fraction of samples")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3, which="both")

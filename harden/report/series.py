@@ -45,10 +45,25 @@ def strength_series(rows: list[dict], groups: list[tuple[str, list[str]]] | None
 
 
 def certified_series(report: dict) -> dict:
-    """The certified fractions of ``harden certify``'s report in eps order, hardened and original."""
-    items = sorted(report["results"].items(), key=lambda item: float(item[0]))
-    series = {"eps": [float(text) for text, _ in items]}
+    """The certified fractions of ``harden certify``'s report, hardened and original, along one axis: the L-inf
+    eps of its box results, or (a report of flow threats only) the flow's delta, every threat with the same tv."""
+    results = report["results"]
+    boxes = [(float(text), text) for text in results if not text.startswith("flow")]
+    if boxes:
+        points, axis = boxes, "eps (L-inf box radius, input units)"
+    else:
+        from harden.certification.flow import parse_threat
+
+        threats = {text: parse_threat(text) for text in results}
+        budgets = {t.tv for t in threats.values()}
+        if len(budgets) > 1:
+            raise HardenError("--plot draws one TV budget at a time: certify the flow threats of one tv per plot")
+        tv = budgets.pop() if budgets else None
+        points = [(t.delta, text) for text, t in threats.items()]
+        axis = "flow delta (pixels per component)" + (f", TV <= {tv:g}" if tv is not None else "")
+    points.sort()
+    series = {"eps": [value for value, _ in points], "axis": axis}
     for model in ("hardened", "original"):
-        series[model] = {kind: [result[model][kind] for _, result in items]
+        series[model] = {kind: [results[text][model][kind] for _, text in points]
                          for kind in ("robust", "detect_or_robust", "always_alarm")}
     return series

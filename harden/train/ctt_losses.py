@@ -55,3 +55,11 @@ def certification_hinge(masked_bound: torch.Tensor, threshold: float, margin: fl
     """:func:`certification_loss` on the bound (hi for loose, lo for strict) already gathered at the masked
     positions, shape [N, count]."""
     return torch.relu(threshold + margin - masked_bound).sum(dim=1)
+
+
+def certificate_hinge(margin: torch.Tensor, always: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
+    """The detect-or-robust (or robust) certificate as a loss, per sample: ``relu(kappa - m)``, m a lower bound
+    of the true class's margin over the box (intersected with the no-alarm region), and 0 where every input of
+    the box alarms (``always``).  With kappa = 0 it is zero exactly where the certificate (m > 0, or always)
+    holds, up to the boundary m = 0; kappa > 0 asks the bound to clear zero by kappa."""
+    return torch.where(always, torch.zeros_like(margin), torch.relu(kappa - margin))

@@ -59,7 +59,8 @@ from harden.bounds.propagate import propagate
 from harden.core.distributed import agree, map_chunks
 from harden.errors import HardenError
 from harden.graph.analyse import feature_extractor
-from harden.train.ctt_losses import certification_hinge, detection_hinge, detection_loss
+from harden.train.graphs import bounds_graph, pre_activation  # noqa: F401  (pre_activation: public here too)
+from harden.train.objectives import OBJECTIVES
 from harden.train.parallel import DataParallel
 from harden.train.stacked_bounds import stacked_runner
 
@@ -69,6 +70,7 @@ ANNEAL = ("both", "detection")
 # all (LeNet-5 100/100/100% FGSM/BIM/PGD and 99% DeepFool, the MLP 65-73%), against lr 1e-4 with L_D at 0.01
 # (72-97% and 0%) and lr 1e-3 (the MLP 0%); no setting tried detects on the digits CNN/VGG or the shapes pairs.
 KIND_DEFAULTS = {"strict": {"lr": 3e-4}, "loose": {"lr": 3e-4}}
+COMMON_DEFAULTS = {"alpha_every": 4, "eps_warmup": 0.0}
 # The step budget when --epochs is not given.  Provisional (600 = ~6 epochs of 3,000 MNIST digits): to be chosen by
 # measurement across the model/data suite.  The one place this number lives.
 DEFAULT_STEPS = 600
@@ -95,8 +97,9 @@ class FinetuneConfig:
     min_improvement: float = 0.01  # relative improvement of the calibration L_C that resets the patience count
     alpha: float = 1.0         # the weight of L_C (anneal "detection": alpha * detection_weight is L_D's)
     alpha_growth: float = 1.5
-    alpha_every: int = 4       # epochs (passes over the training split) between alpha increases, in both modes
-    lr: float | None = None    # None: the kind's default (KIND_DEFAULTS)
+    alpha_every: int | None = None  # epochs between alpha increases, in both modes (0: never); None: 4, or the
+    #                                  objective's default
+    lr: float | None = None    # None: the objective's default, else the kind's (KIND_DEFAULTS)
     detection_weight: float = 0.3   # w_D: L_D's weight relative to L_C (chosen across the suite; see KIND_DEFAULTS)
     quiet_margin: float = 0.0  # L_D pushes natural pre-activations below T - quiet_margin (0: the paper's L_D)
     fire_margin: float = 0.0   # L_C asks the certified bound to clear T + fire_margin (0: the paper)
@@ -106,6 +109,10 @@ class FinetuneConfig:
     trap_scale: str = "std"    # "std": the calibrated shift moves each trap by its natural spread (see above)
     scale_floor: float = 0.01  # smallest trap scale (a trap that never varies on the training split)
     eps_ramp_to: float = 0.0   # > 0: the training eps grows linearly from eps (first epoch) to this (last epoch)
+    objective: str = "ctt"     # what fine-tuning minimises (harden.train.objectives: ctt, detect-or-robust, robust)
+    cert_margin: float = 0.0   # certificate objectives: the hinge asks the margin's lower bound to clear this
+    eps_warmup: float | None = None  # share of the step budget over which the training eps grows from 0 to eps
+    #                                  (per step; 0: none); None: the objective's default
     batch_size: int = 64
     fpr: float = 0.02          # an epoch qualifies when its calibration trap-FPR is at most this
     max_accuracy_drop: float = 0.01
@@ -113,9 +120,12 @@ class FinetuneConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name, value in KIND_DEFAULTS.get(self.kind, {}).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        objective = OBJECTIVES.find(self.objective)
+        # The objective's defaults first (it knows its loss), then the kind's, then the common ones.
+        for table in (objective.defaults if objective else {}, KIND_DEFAULTS.get(self.kind, {}), COMMON_DEFAULTS):
+            for name, value in table.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if self.steps is None and self.epochs is None:
             self.steps = DEFAULT_STEPS
 
@@ -144,6 +154,11 @@ class FinetuneConfig:
                 raise HardenError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
         if self.alpha_every < 0:
             raise HardenError(f"--alpha-every must be >= 0 (0: never); got {self.alpha_every}")
+        OBJECTIVES.get(self.objective)   # an unknown name lists the registered ones
+        if not 0.0 <= self.eps_warmup <= 1.0:
+            raise HardenError(f"eps_warmup must lie in [0, 1] (a share of the step budget); got {self.eps_warmup}")
+        if not self.cert_margin >= 0:
+            raise HardenError(f"cert_margin must be >= 0; got {self.cert_margin}")
         if not self.eps >= 0:
             raise HardenError(f"--eps must be >= 0; got {self.eps}")
         if not self.eps_ramp_to >= 0:
@@ -193,34 +208,6 @@ def _better(candidate: EpochRecord, best: EpochRecord | None, baseline_accuracy:
     return candidate.fpr + candidate.cal_l_c < best.fpr + best.cal_l_c
 
 
-def pre_activation(gm: fx.GraphModule, site: str) -> str:
-    """The node a site's ReLU reads: its bounds carry gradient where the ReLU's own lower bound is flat at 0."""
-    node = next(n for n in gm.graph.nodes if n.name == site)
-    return node.all_input_nodes[0].name
-
-
-def bounds_graph(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """A copy of ``gm`` that stops at ``names`` and returns them as a tuple: bounds are never propagated past
-    the last trap (the classifier's later layers cost time and carry no gradient to the CTT losses).
-    Parameters are shared with ``gm``."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    wanted = set(names)
-    copied: dict[str, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            break
-        env[node] = graph.node_copy(node, lambda n: env[n])
-        copied[node.name] = env[node]
-        if wanted <= copied.keys():
-            break
-    graph.output(tuple(copied[n] for n in names))
-    truncated = fx.GraphModule(gm, graph)
-    truncated.graph.eliminate_dead_code()  # needs the owning module for its purity check
-    truncated.recompile()
-    return truncated
-
-
 class _Traps:
     """The graphs and masks the losses need, built once per fine-tuning run."""
 
@@ -229,7 +216,8 @@ class _Traps:
         self.sites = list(sites)
         self.masks = [masks[s] for s in self.sites]
         self.cfg = cfg
-        self.eps = cfg.eps          # this epoch's training eps (``eps_ramp_to`` moves it)
+        self.gm = gm
+        self.eps = cfg.eps          # this step's training eps (``eps_ramp_to`` and ``eps_warmup`` move it)
         self.input_range = input_range
         pre = [pre_activation(gm, s) for s in self.sites]
         self.natural = feature_extractor(gm, pre)          # logits and each site's pre-activation
@@ -239,6 +227,7 @@ class _Traps:
         # first batch checks it against the general path (``forward``) before it is trusted.
         self.stacked = stacked_runner(gm, dict(zip(pre, self.masks)))
         self.stacked_checked = False
+        self.objective = OBJECTIVES.get(cfg.objective)(self)
 
     def general(self, x: torch.Tensor, box: Interval):
         """(logits, per site (natural, lower, upper) at the masked positions): natural pass plus ``propagate``."""
@@ -266,19 +255,8 @@ class _Traps:
         return self.stacked(x, box, self.pre)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor):
-        """Cross-entropy, L_D and L_C as trained (batch means)."""
-        cfg = self.cfg
-        # L_C on the ReLU's input bounds: [relu(b) >= T] == [b >= T] for T > 0, so the loss is zero exactly
-        # where the paper's is, but relu(T - b) keeps a gradient when b < 0 (relu(T - relu(b)) has none there).
-        logits, sites = self.forward(x)
-        ce = F.cross_entropy(logits, y)
-        t = cfg.threshold
-        l_d = sum(detection_hinge(nat, t, cfg.quiet_margin) for nat, _, _ in sites)
-        bound = 1 if cfg.kind == "strict" else 2          # lo for L_SC, hi for L_LC
-        l_c = sum(certification_hinge(s[bound], t, cfg.fire_margin) for s in sites)
-        if cfg.kind == "strict" and cfg.loose_weight:
-            l_c = l_c + cfg.loose_weight * sum(certification_hinge(hi, t, cfg.fire_margin) for _, _, hi in sites)
-        return ce, l_d.mean(), l_c.mean()
+        """Cross-entropy, L_D and L_C as trained (batch means), by the configured objective."""
+        return self.objective.losses(x, y)
 
     @torch.no_grad()
     def thresholds(self, x: torch.Tensor, batch: int = 500) -> list[torch.Tensor]:
@@ -308,37 +286,12 @@ class _Traps:
         return [torch.cat(p).std(dim=0).clamp_min(self.cfg.scale_floor).to(m.device)
                 for p, m in zip(parts, self.masks)]
 
-    @torch.no_grad()
     def score(self, x: torch.Tensor, y: torch.Tensor, thresholds: list[torch.Tensor],
               batch: int = 500) -> tuple[float, float, float, float, float]:
-        """Accuracy, trap FPR (some masked neuron above its threshold, as the exported head computes it before
-        calibration), the paper's L_D at T and the paper's certification loss (no margin) at ``thresholds``,
-        on a held-out split; last, the certification loss at T itself (what training lowers, and what the
-        convergence rule watches).  Chunks are split across ranks and summed in chunk order."""
-        kind = self.cfg.kind
-
-        def chunk_sums(rows: slice) -> tuple[int, int, float, float, float]:
-            xb, yb = x[rows], y[rows]
-            logits, *pre = self.natural(xb)
-            correct = int((logits.argmax(1) == yb).sum())
-            fired = torch.zeros(len(xb), dtype=torch.bool, device=xb.device)
-            for a, m, t in zip(pre, self.masks, thresholds):
-                fired |= (a.flatten(1).index_select(1, m) > t).any(dim=1)
-            l_d = float(sum(detection_loss(torch.relu(a), m, self.cfg.threshold)
-                            for a, m in zip(pre, self.masks)).sum())
-            l_c, at_t = 0.0, 0.0
-            bounds = propagate(self.bounds, Interval.from_box(xb, self.eps, self.input_range)).output
-            for b, m, t in zip(bounds, self.masks, thresholds):
-                bound = getattr(b, "hi" if kind == "loose" else "lo").flatten(1).index_select(1, m)
-                l_c += float(torch.relu(t - bound).sum())
-                at_t += float(torch.relu(self.cfg.threshold - bound).sum())
-            return correct, int(fired.sum()), l_d, l_c, at_t
-
-        correct, alarms, l_d_sum, l_c_sum, at_t = 0, 0, 0.0, 0.0, 0.0
-        for c, a, d, lc, t in map_chunks(len(x), batch, chunk_sums):
-            correct, alarms, l_d_sum, l_c_sum, at_t = correct + c, alarms + a, l_d_sum + d, l_c_sum + lc, at_t + t
-        n = len(x)
-        return correct / n, alarms / n, l_d_sum / n, l_c_sum / n, at_t / n
+        """The objective's calibration figures: accuracy, trap FPR (before calibration), the paper's L_D at T, the
+        objective's figure at ``thresholds`` (lower is better; the kept-check rule) and the figure convergence
+        watches (``harden.train.objectives``)."""
+        return self.objective.score(x, y, thresholds, batch)
 
 
 class _Objective(torch.nn.Module):
@@ -398,7 +351,9 @@ def finetune_ctt(
     dp = DataParallel(_Objective(gm, traps), device)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    baseline_accuracy, _, _, _, reference = traps.score(x_cal, y_cal, traps.thresholds(x_train))
+    thresholds = traps.thresholds(x_train)
+    traps.objective.refresh(thresholds)
+    baseline_accuracy, _, _, _, reference = traps.score(x_cal, y_cal, thresholds)
     history: list[EpochRecord] = []
     original_state = copy.deepcopy(gm.state_dict())
     best, best_state = None, original_state
@@ -409,7 +364,9 @@ def finetune_ctt(
     else:
         total, every, patience = cfg.steps, cfg.check_every or default_check_every(batches), cfg.patience
     planned_epochs = math.ceil(total / batches)
-    label = f"ctt-{cfg.kind}"
+    label = f"ctt-{cfg.kind}" + ("" if cfg.objective == "ctt" else f" ({cfg.objective})")
+    warmup = round(cfg.eps_warmup * total)
+    watch_from = traps.objective.watch_from(total)
     stale, stop = 0, "epochs" if cfg.epochs is not None else "step budget"
     sums, count, started = torch.zeros(3), 0, time.perf_counter()
     for step in range(total):
@@ -422,6 +379,8 @@ def finetune_ctt(
             if cfg.eps_ramp_to > 0:
                 traps.eps = cfg.eps + (cfg.eps_ramp_to - cfg.eps) * epoch / max(1, planned_epochs - 1)
             order = torch.randperm(len(x_train), generator=generator).to(device)
+        if warmup:   # the training eps grows from 0 to eps over the first steps (IBP training's ramp)
+            traps.eps = cfg.eps * min(1.0, (step + 1) / warmup)
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         rows, weight = dp.shard(idx)
         ce, l_d, l_c = dp.module(x_train[rows], y_train[rows])
@@ -434,7 +393,9 @@ def finetune_ctt(
         progress(f"{label} step {step + 1}/{total}", (step + 1) / total)
         if (step + 1) % every and step + 1 < total:
             continue
-        accuracy, fpr, cal_l_d, cal_l_c, cal_l_c_at_t = traps.score(x_cal, y_cal, traps.thresholds(x_train))
+        thresholds = traps.thresholds(x_train)
+        accuracy, fpr, cal_l_d, cal_l_c, cal_l_c_at_t = traps.score(x_cal, y_cal, thresholds)
+        traps.objective.refresh(thresholds)
         ce_m, l_d_m, l_c_m = (float(v) / count for v in dp.sum(sums))
         record = EpochRecord(len(history) + 1, step + 1, alpha, ce_m, l_d_m, l_c_m, accuracy, fpr, cal_l_d, cal_l_c,
                              time.perf_counter() - started)
@@ -450,9 +411,10 @@ def finetune_ctt(
         # (the untrained model's to begin with) by a relative min_improvement for `patience` checks in a row.
         # Not the L_C at the exported thresholds: with trap_rule "natural" those rise with the traps' natural
         # values, so that loss stays flat while the traps still learn, and training stopped after ~3 checks.
+        # Checks before ``watch_from`` (an eps schedule still moving) do not count towards it.
         if cal_l_c_at_t < reference * (1.0 - cfg.min_improvement):
             reference, stale = cal_l_c_at_t, 0
-        else:
+        elif step + 1 > watch_from:
             stale += 1
         if patience and stale >= patience:
             stop = "converged"

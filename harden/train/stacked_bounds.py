@@ -12,7 +12,11 @@ a handful of layer kinds, so this module runs the graph once on ``[x, lo, hi]`` 
   values stacked on the channels, channels-last (``_Channels``), which ReLU and pooling keep; a linear layer or
   batch norm on values stacked on the batch (3N samples);
 - a ReLU read only by a max pooling runs after it instead (``_pool_before_activation``);
-- after the last trap site only the natural part goes on (to the logits).
+- after the last trap site (or the ``through`` node, the input of the logits layer, when the margin's bounds are
+  wanted) only the natural part goes on (to the logits).
+
+Caps (the detect-or-robust certificate): each trap's upper bound is intersected with its no-alarm limit right
+where it is recorded, so every later bound is that of the inputs that raise no alarm.
 
 These are the same interval rules as ``harden.bounds`` (paper 000, eq. 3-4), so the values equal
 ``propagate``'s to rounding.  Any other op makes :func:`stacked_runner` return None and the caller keeps the
@@ -167,16 +171,35 @@ def _channel_indices(indices: torch.Tensor, c: int, hw: int) -> torch.Tensor:
     return torch.cat([pixel * 3 * c + part * c + channel for part in range(3)])
 
 
+def _capped(value: torch.Tensor, indices: torch.Tensor, cap: torch.Tensor, channels: bool, n: int) -> torch.Tensor:
+    """``value`` (stacked [natural, lower, upper]) with the upper part at flat positions ``indices`` lowered to
+    ``cap``: one element-wise minimum against a dense limit (+inf elsewhere), differentiable in ``cap`` too."""
+    if channels:
+        c3, hw = value.shape[1], value.shape[2:].numel()
+        positions = _channel_indices(indices, c3 // 3, hw)[2 * len(indices):]      # the upper part
+        dense = torch.full((c3 * hw,), float("inf"), dtype=value.dtype, device=value.device).scatter(0, positions, cap)
+        limit = dense.reshape(1, *value.shape[2:], c3).permute(0, 3, 1, 2)       # channels-last, like value
+        return torch.minimum(value, limit)
+    per_sample = value.shape[1:].numel()
+    dense = torch.full((3, 1, per_sample), float("inf"), dtype=value.dtype, device=value.device)
+    dense = dense.index_put((torch.tensor([2], device=value.device), torch.tensor([0], device=value.device),
+                             indices), cap)
+    return torch.minimum(value.reshape(3, n, per_sample), dense).reshape(value.shape)
+
+
 class _Stacked(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, wanted: dict[str, torch.Tensor], last: fx.Node,
-                 dependent: set[fx.Node]):
+                 dependent: set[fx.Node], through: str | None = None):
         super().__init__(gm, garbage_collect_values=True)
         self.wanted = dict(wanted)
         self.last = last
+        self.through = through
         self.dependent = dependent
         self.n = 0
         self.natural_only = False
+        self.caps: dict[str, torch.Tensor] = {}
         self.recorded: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.full: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.overwritten = {n for n in gm.graph.nodes if any(is_inplace(gm, u) for u in n.users)}
         self.keys = {n: canonical_op(gm, n) for n in gm.graph.nodes}
 
@@ -207,9 +230,13 @@ class _Stacked(fx.Interpreter):
                 indices = _channel_indices(indices, value.shape[1] // 3, value.shape[2:].numel())
             value, masked = _Tap.apply(value, indices, channels)
             self.recorded[n.name] = masked.chunk(3, dim=1) if channels else masked.split(self.n)
-            if n in self.overwritten:
+            if n.name in self.caps:
+                value = _capped(value, self.wanted[n.name], self.caps[n.name], channels, self.n)
+            elif n in self.overwritten:
                 value = value.clone()  # an in-place user (ReLU(inplace=True)) would overwrite what was recorded
             result = _Channels(value) if channels else value
+        if n.name == self.through:
+            self.full = tuple(_batch(result).split(self.n))
         if n is self.last:
             # Past the last trap only the natural values are needed: keep the natural part of every live value.
             self.natural_only = True
@@ -231,10 +258,12 @@ class _Stacked(fx.Interpreter):
         radius = AFFINE_MODULES[type(module)](module)((hi - lo) * 0.5)
         return torch.cat([natural, centre - radius, centre + radius])
 
-    def forward(self, x: torch.Tensor, box: Interval, order: list[str]):
-        self.n, self.natural_only, self.recorded = len(x), False, {}
+    def forward(self, x: torch.Tensor, box: Interval, order: list[str], caps: dict[str, torch.Tensor] | None = None):
+        self.n, self.natural_only, self.recorded, self.full = len(x), False, {}, None
+        self.caps = dict(caps or {})
         logits = self.run(torch.cat([x, box.lo, box.hi]))
-        return logits, [self.recorded[name] for name in order]
+        records = [self.recorded[name] for name in order]
+        return (logits, records) if self.through is None else (logits, records, self.full)
 
 
 def _batch(value):
@@ -299,15 +328,20 @@ def _plain_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     return not gm.get_submodule(node.target).return_indices
 
 
-def stacked_runner(gm: fx.GraphModule, masks: dict[str, torch.Tensor]):
-    """``run(x, box, order) -> (logits, [(natural, lower, upper) at the masked positions, per name in order])``
-    over one stacked pass, or None when the graph holds an op this module does not stack (the caller then
-    uses the natural pass plus ``propagate``).  ``masks`` maps node names to flat positions."""
+def stacked_runner(gm: fx.GraphModule, masks: dict[str, torch.Tensor], through: str | None = None):
+    """``run(x, box, order, caps=None) -> (logits, [(natural, lower, upper) at the masked positions, per name in
+    order])`` over one stacked pass, or None when the graph holds an op this module does not stack (the caller
+    then uses the natural pass plus ``propagate``).  ``masks`` maps node names to flat positions.
+
+    ``caps`` (name -> limits [count]): the upper bounds at those masked positions are lowered to the limits
+    before later layers read them (what is recorded is the bound before).  ``through``: bounds go on to that
+    node (the logits layer's input) and ``run`` returns its whole (natural, lower, upper) third."""
     names = list(masks)
-    if not stackable(gm, names):
+    if not stackable(gm, names + ([through] if through else [])):
         return None
-    gm = _pool_before_activation(gm, set(names))
+    gm = _pool_before_activation(gm, set(names) | ({through} if through else set()))
     dependent = input_dependent(gm)
-    last = [n for n in gm.graph.nodes if n.name in set(names)][-1]
-    interpreter = _Stacked(gm, masks, last, dependent)
+    ends = set(names) | ({through} if through else set())
+    last = [n for n in gm.graph.nodes if n.name in ends][-1]
+    interpreter = _Stacked(gm, masks, last, dependent, through)
     return interpreter.forward
