@@ -13,7 +13,7 @@ The Python API mirrors the CLI::
 __version__ = "0.1.0"
 
 _API = ("load_model", "load_data", "instrument", "save_bundle", "load_bundle", "export_onnx", "certify", "evaluate",
-        "make_report")
+        "evaluate_adaptive", "make_report")
 __all__ = list(_API)
 
 

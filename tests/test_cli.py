@@ -58,7 +58,7 @@ def test_export_inspect_round(bundle, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["outputs"] == ["logits", "score", "alarm", "ctt-lite.score", "ctt-lite.alarm"]
-    assert doc["parity"]["max_abs_diff"]["logits"] <= 1e-4
+    assert doc["parity"]["abs_diff"]["logits"] <= 1e-4
     for target in (bundle, out):
         shown = invoke("inspect", target, "--json")
         assert shown.exit_code == 0, shown.output

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from harden.bounds import Interval, propagate
 from harden.bounds.backward import BACKWARD_RULES
 from harden.bounds.crown import LinearBounds, check_method
-from harden.certification.certify import _final_linear, margin_lower_bound
+from harden.bounds.margin import final_linear as _final_linear
+from harden.certification.certify import margin_lower_bound
 from harden.errors import HardenError, UnsupportedOpsError
 from harden.graph.trace import trace
 

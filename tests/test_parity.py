@@ -77,8 +77,10 @@ def test_export_reports_plain_float_figures_with_the_rounding_it_measured(digits
     report = export_onnx(hardened).parity
     doc = report.to_json()
     json.dumps(doc, allow_nan=False)
-    for field in ("max_abs_diff", "tolerance", "float32_rounding"):
+    for field in ("abs_diff", "tolerance", "float32_rounding"):
         assert all(type(v) is float for v in doc[field].values()), (field, doc[field])
+    assert type(report.max_abs_diff) is float and report.max_abs_diff == max(report.abs_diff.values())
+    assert doc["max_abs_diff"] == report.max_abs_diff
     assert doc["float32_rounding"]["logits"] > 0.0       # the float64 run moved the logits: it was measured
     assert report.worst_ratio() <= 1.0
-    assert all(report.max_abs_diff[k] <= report.tolerance[k] for k in report.max_abs_diff)
+    assert all(report.abs_diff[k] <= report.tolerance[k] for k in report.abs_diff)

@@ -167,7 +167,7 @@ def run_one(lp: LoadedPair, method_label: str, args, say) -> dict:
         "successful": {r.attack: r.n_successful for r in report.rows},
         "auc": {r.attack: r.roc_auc.get("score") for r in report.rows},
         "instrument_seconds": round(instrument_s, 1),
-        "parity": max(exported.parity.max_abs_diff.values(), default=0.0),
+        "parity": exported.parity.max_abs_diff,
         "attacks": crafted,
         "calibration": metrics.get("calibration"),
         **({"adaptive": adaptive} if adaptive is not None else {}),

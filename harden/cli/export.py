@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
                 emit_json({"onnx": str(out), "target": target, "outputs": outputs, "parity": result.parity.to_json(),
                            "bundle_round_trip": result.torch_parity.to_json(), "size_bytes": out.stat().st_size})
                 return
-            worst = max(result.parity.max_abs_diff.values(), default=0.0)
+            worst = result.parity.max_abs_diff
             ties = sum(result.parity.threshold_ties.values())
             share = result.parity.worst_ratio()
             stdout.print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB{', float32 throughout' if target == 'portable' else ''}), "
