@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -31,6 +30,7 @@ from bench.suite.pairs import PAIRS, Pair, load_pair  # noqa: E402
 from bench.suite.run import SUITE_KEY, build_options  # noqa: E402
 from harden.export import export_onnx  # noqa: E402
 from harden.export.runtime import OnnxGraph  # noqa: E402
+from harden.export.latency import time_pair  # noqa: E402
 from harden.export.torch_graph import export_module  # noqa: E402
 from harden.graph.trace import trace  # noqa: E402
 from harden.instrumentation.pipeline import instrument  # noqa: E402
@@ -82,24 +82,6 @@ def _traps(hardened):
     from harden.api import ctt_traps
 
     return ctt_traps(hardened)
-
-
-def time_pair(plain: OnnxGraph, hardened: OnnxGraph, x: np.ndarray, rounds: int) -> tuple[float, float]:
-    """Median seconds per call of each, measured alternately."""
-    feed_p, feed_h = {plain.input_name: x}, {hardened.input_name: x}
-    for _ in range(3):
-        plain.session.run(None, feed_p)
-        hardened.session.run(None, feed_h)
-    tp, th = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        plain.session.run(None, feed_p)
-        t1 = time.perf_counter()
-        hardened.session.run(None, feed_h)
-        t2 = time.perf_counter()
-        tp.append(t1 - t0)
-        th.append(t2 - t1)
-    return statistics.median(tp), statistics.median(th)
 
 
 def part_latency(lp, args) -> dict:
