@@ -708,8 +708,11 @@ SIGNAL_CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_remove_the_temporary_file(tmp_path, signum, code):
     target = tmp_path / "out.onnx"
+    # A job started in the background by a shell (CI runners, nohup) inherits SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: give the child the default disposition a terminal's user would have.
     child = subprocess.Popen([sys.executable, "-c", SIGNAL_CHILD, str(target)], cwd=REPO, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert child.stdout.readline().strip() == "ready"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]   # the write is under way
     child.send_signal(signum)
