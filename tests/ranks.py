@@ -76,3 +76,39 @@ def harden_pipeline(folder: Path) -> dict:
                                input_range=tuple(manifest["input"]["range"]))
     return {"manifest": manifest, "heads": heads, "certify": certificates, "evaluate": attacked,
             "adaptive": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in adaptive.items()}}
+
+
+LAN = {"g_steps": 200, "f2_steps": 300, "beta": 2.0, "batch_size": 45}   # 45 rows a batch: uneven shares
+FLOW = "flow:delta=0.3,steps=6,check_every=3,batch_size=45"
+
+
+def training_pipeline(folder: Path) -> dict:
+    """The other trainings that run data-parallel: lan's g and f2, on a classifier fine-tuned by ``--finetune
+    flow`` (the digits model in ``folder``)."""
+    from conftest import TinyCNN
+    from harden.bundle.archive import load_bundle, save_bundle
+    from harden.instrumentation.pipeline import instrument
+    from harden.io.data import load_data
+    from harden.methods.base import MethodSpec, Options
+
+    model = TinyCNN()
+    model.load_state_dict(torch.load(folder / "tiny.pt", weights_only=True))
+    data = load_data("digits", seed=0, **INSTRUMENT)
+    hardened = instrument(model, data, [MethodSpec.of("lan", **LAN)], Options(key="dist"), finetune=FLOW)
+    path = folder / f"training-{os.environ.get('WORLD_SIZE', '1')}.hardened"
+    save_bundle(hardened, path)
+    bundle, manifest = load_bundle(path)
+    tensors = {f"head.{k}": v.clone() for k, v in bundle.methods[0].head.state_dict().items()}
+    tensors.update({f"classifier.{k}": v.clone() for k, v in bundle.classifier.state_dict().items()})
+    return {"manifest": manifest, "tensors": tensors}
+
+
+def mask_classifier_task(folder: Path) -> dict:
+    """lan's f2 alone, trained on fixed masks (so that both runs see the same input bit for bit)."""
+    from harden.methods.lan import LanOptions, train_mask_classifier
+
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(360, 1, 8, 8, generator=generator)
+    labels = (masks.mean((1, 2, 3)) * 1000).long() % 10
+    f2 = train_mask_classifier(masks, labels, 10, LanOptions(f2_steps=300, batch_size=45), seed=1)
+    return {k: v.clone() for k, v in f2.state_dict().items()}

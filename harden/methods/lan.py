@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from harden.core.options import OptionSet, option
 from harden.errors import HardenError
 from harden.methods.base import INPUT, LOGITS, FitContext, FittedMethod, Method, key_fingerprint, key_seed, register_method
+from harden.train.parallel import DataParallel
 
 NAME = "lan"
 # f2 agreeing with the classifier on less than this multiple of chance (1 / classes) on the training split means g
@@ -193,42 +194,78 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
+class _LanObjective(nn.Module):
+    """g's loss (Eq. 8-9) as a module whose parameters are g's, for DistributedDataParallel; the classifier it
+    runs through is frozen (its parameters need no gradient, so DDP leaves them alone)."""
+
+    def __init__(self, classifier: nn.Module, g: AttentionNet, beta: float):
+        super().__init__()
+        self.classifier = classifier
+        self.g = g
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, eta: torch.Tensor):
+        return lan_loss(self.classifier, self.g, x, labels, eta, self.beta)
+
+
+class _Classified(nn.Module):
+    """f2's cross-entropy on (mask, class) pairs, as a module for DistributedDataParallel."""
+
+    def __init__(self, f2: MaskClassifier):
+        super().__init__()
+        self.f2 = f2
+
+    def forward(self, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.f2(masks), labels)
+
+
 def train_attention(classifier: nn.Module, x: torch.Tensor, labels: torch.Tensor, noise: Noise, opts: LanOptions,
                     seed: int, progress=lambda message, fraction: None) -> tuple[AttentionNet, list[dict]]:
-    """g trained with Adam on the LAN loss against the frozen classifier; returns g and its loss history."""
+    """g trained with Adam on the LAN loss against the frozen classifier; returns g and its loss history.
+
+    Under torchrun every rank walks the same batches and draws the same noise for the whole batch (one seeded
+    stream), computes the loss on its rows, and DDP all-reduces g's gradients: a single process's training
+    within float rounding."""
     generator = torch.Generator().manual_seed(seed)
     g = seeded(lambda: AttentionNet(tuple(x.shape[1:]), opts.g_hidden), seed)
     opt = torch.optim.Adam(g.parameters(), lr=opts.learning_rate)
-    history, window = [], []
+    history, window, count = [], torch.zeros(3), 0
     every = max(1, opts.g_steps // 10)
     with frozen(classifier):
+        dp = DataParallel(_LanObjective(classifier, g, opts.beta))
         g.train()
         for step, idx in enumerate(_batches(len(x), opts.batch_size, opts.g_steps, generator), start=1):
-            xb = x[idx]
-            loss, ce, mean = lan_loss(classifier, g, xb, labels[idx], noise.sample(xb.shape, generator), opts.beta)
+            eta = noise.sample((len(idx), *x.shape[1:]), generator)
+            span, weight = dp.span(len(idx))
+            rows = idx[span]
+            loss, ce, mean = dp.module(x[rows], labels[rows], eta[span])
             opt.zero_grad()
-            loss.backward()
+            (loss * weight).backward()
             opt.step()
-            window.append((loss.item(), ce.item(), mean.item()))
+            window += torch.stack([loss.detach(), ce.detach(), mean.detach()]) * dp.share(idx)
+            count += 1
             if step % every == 0 or step == opts.g_steps:
-                loss_m, ce_m, mean_m = np.mean(window, axis=0)
-                history.append({"step": step, "loss": round(float(loss_m), 5), "cross_entropy": round(float(ce_m), 5),
-                                "mask_mean": round(float(mean_m), 5)})
-                window = []
+                loss_m, ce_m, mean_m = (float(v) / count for v in dp.sum(window))
+                history.append({"step": step, "loss": round(loss_m, 5), "cross_entropy": round(ce_m, 5),
+                                "mask_mean": round(mean_m, 5)})
+                window, count = torch.zeros(3), 0
                 progress(f"lan: training g (step {step}/{opts.g_steps})", 0.05 + 0.6 * step / opts.g_steps)
     return g.eval(), history
 
 
 def train_mask_classifier(masks: torch.Tensor, labels: torch.Tensor, num_classes: int, opts: LanOptions, seed: int,
                           progress=lambda message, fraction: None) -> MaskClassifier:
-    """f2 trained with Adam and cross-entropy on (mask, classifier's class) pairs of the training split."""
+    """f2 trained with Adam and cross-entropy on (mask, classifier's class) pairs of the training split (under
+    torchrun, data-parallel as g is)."""
     generator = torch.Generator().manual_seed(seed)
     f2 = seeded(lambda: MaskClassifier(tuple(masks.shape[1:]), opts.f2_width, num_classes), seed)
     opt = torch.optim.Adam(f2.parameters(), lr=opts.learning_rate)
+    dp = DataParallel(_Classified(f2))
     every = max(1, opts.f2_steps // 10)
     f2.train()
     for step, idx in enumerate(_batches(len(masks), opts.batch_size, opts.f2_steps, generator), start=1):
-        loss = F.cross_entropy(f2(masks[idx]), labels[idx])
+        rows, weight = dp.shard(idx)
+        loss = dp.module(masks[rows], labels[rows]) * weight
         opt.zero_grad()
         loss.backward()
         opt.step()

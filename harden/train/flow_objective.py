@@ -43,6 +43,7 @@ from harden.errors import HardenError
 from harden.graph.ops import canonical_op
 from harden.graph.trace import output_node
 from harden.io.data import Dataset
+from harden.train.parallel import DataParallel
 
 
 @dataclass
@@ -109,6 +110,21 @@ def worst_logits(gm: fx.GraphModule, box: Interval, y: torch.Tensor, fold: fx.No
 
 
 # ---------------------------------------------------------------------------------------------- training
+class _FlowLoss(torch.nn.Module):
+    """The fine-tuning loss as a module whose parameters are the classifier's, for DistributedDataParallel."""
+
+    def __init__(self, gm: fx.GraphModule, fold: fx.Node | None):
+        super().__init__()
+        self.gm = gm
+        self.fold = fold
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, delta: float, kappa: float) -> torch.Tensor:
+        loss = (1 - kappa) * F.cross_entropy(self.gm(x), y)
+        if kappa > 0:
+            loss = loss + kappa * F.cross_entropy(worst_logits(self.gm, flow_box(x, delta), y, self.fold), y)
+        return loss
+
+
 @dataclass
 class FlowCheck:
     step: int
@@ -149,6 +165,9 @@ def finetune_flow(gm: fx.GraphModule, data: Dataset, objective: FlowObjective,
         raise HardenError("--finetune flow: the classifier has no trainable parameters")
     optimiser = torch.optim.Adam(params, lr=objective.lr)
     fold = _fold_node(gm)
+    # Under torchrun every rank walks the same batches, computes the loss on its share, and DDP all-reduces the
+    # gradients; the calibration checks are computed whole on every rank (the same figures, the same kept step).
+    dp = DataParallel(_FlowLoss(gm, fold))
     x, y = data.train.x, data.train.y
     cal_x, cal_y = data.calibration.x, data.calibration.y
     gm.eval()
@@ -166,14 +185,13 @@ def finetune_flow(gm: fx.GraphModule, data: Dataset, objective: FlowObjective,
         cursor += objective.batch_size
         grow = min(1.0, step / ramp_steps)
         delta, kappa = objective.delta * grow, objective.kappa * grow
-        xb, yb = x[idx], y[idx]
-        loss = (1 - kappa) * F.cross_entropy(gm(xb), yb)
-        if kappa > 0:
-            loss = loss + kappa * F.cross_entropy(worst_logits(gm, flow_box(xb, delta), yb, fold), yb)
+        rows, weight = dp.shard(idx)
+        loss = dp.module(x[rows], y[rows], delta, kappa) * weight
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         if step % objective.check_every == 0 or step == objective.steps:
+            loss = dp.sum(loss.detach()) / dp.world.size   # the whole batch's loss, as one process has it
             accuracy, certified, both = score(gm, cal_x, cal_y, objective.delta)
             record = FlowCheck(step, delta, kappa, float(loss.detach()), accuracy, certified, both,
                                round(time.perf_counter() - started, 1))

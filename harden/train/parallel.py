@@ -44,13 +44,20 @@ class DataParallel:
         """This rank's rows of the global batch ``idx`` (contiguous, sizes differing by at most one) and the
         weight of its batch-mean loss: ``size * rows / len(idx)``, so that DDP's average of the ranks' gradients
         is the whole batch's mean gradient."""
+        span, weight = self.span(len(idx))
+        return idx[span], weight
+
+    def span(self, n: int) -> tuple[slice, float]:
+        """The positions of this rank's rows in a global batch of ``n`` (what :meth:`shard` takes of it), and
+        their loss weight: for tensors drawn per batch (noise) that must be cut as the batch is."""
         w = self.world
         if not w.distributed:
-            return idx, 1.0
-        rows = torch.tensor_split(idx, w.size)[w.rank]
-        if len(rows) == 0:   # fewer rows than ranks: take part in the all-reduce with a zero gradient
-            return idx[:1], 0.0
-        return rows, w.size * len(rows) / len(idx)
+            return slice(0, n), 1.0
+        sizes = [len(part) for part in torch.tensor_split(torch.arange(n), w.size)]
+        start = sum(sizes[: w.rank])
+        if sizes[w.rank] == 0:   # fewer rows than ranks: take part in the all-reduce with a zero gradient
+            return slice(0, 1), 0.0
+        return slice(start, start + sizes[w.rank]), w.size * sizes[w.rank] / n
 
     def share(self, idx: torch.Tensor) -> float:
         """This rank's share of the global batch (its rows over the batch's), for metrics summed with ``sum``."""
