@@ -26,12 +26,13 @@ HARDEN = [sys.executable, "-m", "harden.cli.app"]
 BASE = ["out/lenet5_mnist.pt", "--arch", "harden.examples.lenet:LeNet5", "--data", "mnist"]
 KEY, PROXY_KEY = "readme-demo-key", "adaptive-proxy-key"
 SN = ["--method", "safetynet:layers=all,code=quaternary"]
-CONFIGS = {   # the main job's method and the four others
+CONFIGS = {   # the main job's method, the four others, and lan
     "ctt-strict": (["--method", "ctt-strict"], True),
     "safetynet": (SN, False),
     "nic": (["--method", "nic", "--fpr", "0.05"], True),
     "mismatch": (["--method", "mismatch:train_second=true", "--fpr", "0.05"], True),
     "ctt-strict+safetynet": (["--method", "ctt-strict", *SN, "--policy", "any"], True),
+    "lan": (["--method", "lan", "--fpr", "0.05"], True),
 }
 BUDGETS = (("linf", 0.1), ("linf", 0.3), ("l2", 2.0))
 
