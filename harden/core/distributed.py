@@ -17,6 +17,7 @@ With one process every function here is a plain loop or the identity: no process
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import signal
@@ -94,7 +95,11 @@ def session(device: str = "cpu") -> Iterator[World]:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     try:
         yield world()
+        barrier()   # every rank is done before any leaves: no teardown meets a peer's work in flight
     finally:
+        # A DistributedDataParallel module left in a reference cycle keeps gloo work alive; freed at interpreter
+        # shutdown, after the group is gone, it aborts the process (SIGABRT). Collect it while all is alive.
+        gc.collect()
         dist.destroy_process_group()
         signal.signal(signal.SIGTERM, previous)
 
