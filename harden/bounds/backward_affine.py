@@ -16,7 +16,7 @@ from harden.bounds import norm
 from harden.bounds.backward import Back, backward_rule, flat_sum
 from harden.bounds.interval import Interval
 from harden.bounds.linear import CONV_SIGNATURE, _conv_module, explicit_padding, linear_parts
-from harden.bounds.rules import REQUIRED, Call, concrete_arg, interval_arg
+from harden.bounds.rules import REQUIRED, Call, concrete_arg, interval_arg, replay
 from harden.errors import HardenError
 
 
@@ -185,22 +185,6 @@ def _vjp(back: Back, x: Interval, fn) -> None:
     back.emit(x, coefficients)
 
 
-def _replay(call: Call, x: Interval):
-    """The node's own op with the interval argument replaced by a tensor."""
-    node = call.node
-
-    def fn(t):
-        args = tuple(t if a is x else a for a in call.args)
-        kwargs = {k: (t if v is x else v) for k, v in call.kwargs.items()}
-        if node.op == "call_module":
-            return call.module(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
-
-    return fn
-
-
 def _only_interval(call: Call) -> Interval:
     found = [a for a in list(call.args) + list(call.kwargs.values()) if isinstance(a, Interval)]
     if len(found) != 1:
@@ -212,7 +196,7 @@ def _only_interval(call: Call) -> Interval:
 def avg_pool2d(back: Back) -> None:
     """average pooling is linear: its adjoint (by autograd) applied to A."""
     x = _only_interval(back.call)
-    _vjp(back, x, _replay(back.call, x))
+    _vjp(back, x, replay(back.call, x))
 
 
 @backward_rule("adaptive_avg_pool2d")
@@ -248,7 +232,7 @@ def _pieces_back(back: Back) -> None:
     x = interval_arg(back.call, back.call.first_input, "the input")
     given = back.A if isinstance(back.A, dict) else {}
     rows = next(iter(given.values())).shape[0] if given else 0
-    fn = _replay(back.call, x)
+    fn = replay(back.call, x)
     with torch.enable_grad():
         probe = torch.zeros((rows,) + tuple(x.shape[1:]), dtype=x.lo.dtype, device=x.lo.device, requires_grad=True)
         pieces = fn(probe)
@@ -316,7 +300,7 @@ def reshape(back: Back) -> None:
 def permute(back: Back) -> None:
     """permute keeping the batch dim first: A permuted back (by autograd)."""
     x = interval_arg(back.call, back.call.first_input, "the input")
-    _vjp(back, x, _replay(back.call, x))
+    _vjp(back, x, replay(back.call, x))
 
 
 @backward_rule("transpose")
@@ -348,7 +332,7 @@ def matmul(back: Back) -> None:
     """x @ W or W @ x for a constant W is linear in x: its adjoint applied to A (a product of two input-dependent
     values has no rule: its interval stands in)."""
     x = _only_interval(back.call)
-    _vjp(back, x, _replay(back.call, x))
+    _vjp(back, x, replay(back.call, x))
 
 
 @backward_rule("identity")

@@ -140,3 +140,20 @@ def concrete_arg(call: Call, value, what: str):
     if isinstance(value, (list, tuple)) and any(isinstance(v, Interval) for v in value):
         raise call.fail(f"{what} depends on the model input; only constant {what} is supported")
     return value
+
+
+def replay(call: Call, value: Interval) -> Callable[[torch.Tensor], Any]:
+    """The node's own op as a function of a tensor standing where ``value`` (one of its interval arguments) was:
+    what the rules of ops that only move, copy or select entries run on end points or back-propagate through."""
+    node = call.node
+
+    def run(t: torch.Tensor):
+        args = tuple(t if a is value else a for a in call.args)
+        kwargs = {k: (t if v is value else v) for k, v in call.kwargs.items()}
+        if node.op == "call_module":
+            return call.module(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    return run

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from harden.bounds.interval import Interval
-from harden.bounds.rules import BOUND_RULES, REQUIRED, Call, concrete_arg, interval_arg
+from harden.bounds.rules import BOUND_RULES, REQUIRED, Call, concrete_arg, interval_arg, replay
 
 aten = torch.ops.aten
 
@@ -51,17 +51,7 @@ def transpose(call: Call) -> Interval:
 
 def _on_ends(call: Call, x: Interval):
     """The node's own op on each end point: exact for ops that only move, copy or select entries."""
-    node = call.node
-
-    def run(t):
-        args = tuple(t if a is x else a for a in call.args)
-        kwargs = {k: (t if v is x else v) for k, v in call.kwargs.items()}
-        if node.op == "call_module":
-            return call.module(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
-
+    run = replay(call, x)
     return run(x.lo), run(x.hi)
 
 
