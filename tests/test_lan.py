@@ -77,7 +77,28 @@ def test_calibration_reaches_the_requested_fpr(lan, digits):
     assert metrics["test_fpr"] <= 0.12
 
 
-def test_bundle_round_trip_and_onnx_parity(lan, digits, tmp_path):
+@pytest.fixture(scope="module")
+def lan_standardised(tiny_model, digits):
+    return instrument(tiny_model, digits, [quick(f2_input="standardised")], OPTIONS)
+
+
+BOTH_F2_INPUTS = pytest.mark.parametrize("bundle", ["lan", "lan_standardised"])
+
+
+def test_standardised_masks_reach_f2_at_unit_scale(lan_standardised, digits):
+    head = lan_standardised.method("lan").head
+    with torch.no_grad():
+        seen = head.f2_input(head.g(digits.train.x))
+    varying = head.f2_input.std.flatten() > 1e-3
+    assert varying.any()
+    assert seen.mean(0).flatten()[varying].abs().max() < 1e-3
+    assert (seen.std(0).flatten()[varying] - 1).abs().max() < 1e-3
+    assert lan_standardised.method("lan").config["options"]["f2_input"] == "standardised"
+
+
+@BOTH_F2_INPUTS
+def test_bundle_round_trip_and_onnx_parity(bundle, digits, tmp_path, request):
+    lan = request.getfixturevalue(bundle)
     path = tmp_path / "lan.hardened"
     save_bundle(lan, path)
     loaded, _ = load_bundle(path)
@@ -178,7 +199,9 @@ def test_bad_options_are_one_line(tiny_model, digits, bad, match):
     assert "\n" not in str(info.value)
 
 
-def test_head_rebuilds_from_its_config(lan, digits):
+@BOTH_F2_INPUTS
+def test_head_rebuilds_from_its_config(bundle, digits, request):
+    lan = request.getfixturevalue(bundle)
     from harden.methods.base import METHODS, load_arrays, tensor_arrays
 
     method = lan.method("lan")
@@ -189,7 +212,8 @@ def test_head_rebuilds_from_its_config(lan, digits):
         assert torch.equal(rebuilt(x, logits), method.head(x, logits))
 
 
-def test_masks_that_do_not_carry_the_class_are_refused(tiny_model, digits, monkeypatch):
+@pytest.mark.parametrize("f2_input", ["mask", "standardised"])
+def test_masks_that_do_not_carry_the_class_are_refused(tiny_model, digits, monkeypatch, f2_input):
     import harden.methods.lan as lan_module
 
     def one_mask_for_every_input(classifier, x, labels, noise, opts, seed, progress=None):
@@ -200,5 +224,5 @@ def test_masks_that_do_not_carry_the_class_are_refused(tiny_model, digits, monke
 
     monkeypatch.setattr(lan_module, "train_attention", one_mask_for_every_input)
     with pytest.raises(HardenError, match=r"chance is 10.0%.*do not carry the class") as info:
-        instrument(tiny_model, digits, [quick()], OPTIONS)
+        instrument(tiny_model, digits, [quick(f2_input=f2_input)], OPTIONS)
     assert "\n" not in str(info.value)

@@ -46,6 +46,7 @@ NAME = "lan"
 # decide from); such a detector says nothing about the input, so the fit is refused.
 MIN_AGREEMENT_OVER_CHANCE = 2.0
 NOISES = ("gaussian", "uniform")
+F2_INPUTS = ("mask", "standardised")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class LanOptions(OptionSet):
                            maximum=10_000_000)
     batch_size: int = option(64, "inputs per training step of g and f2", minimum=1, maximum=1_000_000)
     learning_rate: float = option(1e-3, "Adam learning rate of g and f2", minimum=0.0, strict=True, maximum=1.0)
+    f2_input: str = option("mask", "what f2 reads: mask (g's mask, the thesis's) or standardised (the mask minus the "
+                                   "training split's mean mask, over its per-value standard deviation)",
+                           choices=F2_INPUTS)
 
 
 # --------------------------------------------------------------------------- networks
@@ -105,16 +109,51 @@ class MaskClassifier(nn.Module):
         return self.layers(mask)
 
 
-class LanHead(nn.Module):
-    """(input, logits) -> 1 - softmax(f2(g(input)))[argmax logits], [N] float32."""
+class Standardised(nn.Module):
+    """mask -> (mask - mean) / std per value, the training split's statistics (buffers: saved with the head).
 
-    def __init__(self, g: AttentionNet, f2: MaskClassifier):
+    On inputs where the classifier needs most of the input (32x32 colour shapes), g keeps nearly the same mask for
+    every input: what carries the input is the small deviation from that common mask, which f2 then sees at unit
+    scale (measured on mobilenet-shapes: f2's training agreement 13.7% on raw masks, 49% standardised)."""
+
+    FLOOR = 1e-6
+
+    def __init__(self, input_shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((1, *input_shape)))
+        self.register_buffer("std", torch.ones((1, *input_shape)))
+
+    def fit(self, masks: torch.Tensor) -> "Standardised":
+        self.mean.copy_(masks.mean(0, keepdim=True))
+        self.std.copy_(masks.std(0, keepdim=True).clamp(min=self.FLOOR))
+        return self
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return (mask - self.mean) / self.std
+
+
+class RawMask(nn.Identity):
+    """mask -> mask: f2 reads g's mask as the thesis has it."""
+
+    def fit(self, masks: torch.Tensor) -> "RawMask":
+        return self
+
+
+F2_INPUT_LAYERS = {"mask": RawMask, "standardised": Standardised}
+"""Per ``f2_input``: the layer between g's mask and f2."""
+
+
+class LanHead(nn.Module):
+    """(input, logits) -> 1 - softmax(f2(f2_input(g(input))))[argmax logits], [N] float32."""
+
+    def __init__(self, g: AttentionNet, f2: MaskClassifier, f2_input: nn.Module | None = None):
         super().__init__()
         self.g = g
+        self.f2_input = f2_input if f2_input is not None else RawMask()
         self.f2 = f2
 
     def mask_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.f2(self.g(x)), dim=1)
+        return torch.softmax(self.f2(self.f2_input(self.g(x))), dim=1)
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         cls = logits.argmax(dim=1, keepdim=True)
@@ -128,10 +167,14 @@ def seeded(build, seed: int) -> nn.Module:
         return build()
 
 
-def build_networks(config: dict[str, Any]) -> tuple[AttentionNet, MaskClassifier]:
+def build_networks(config: dict[str, Any]) -> tuple[AttentionNet, MaskClassifier, nn.Module]:
+    """g, f2 and the layer between them, as ``config`` describes them (bundles written before ``f2_input``
+    existed read the mask)."""
     shape = tuple(config["input_shape"])
+    f2_input = config.get("options", {}).get("f2_input", "mask")
     return (AttentionNet(shape, int(config["g_hidden"])),
-            MaskClassifier(shape, int(config["f2_width"]), int(config["num_classes"])))
+            MaskClassifier(shape, int(config["f2_width"]), int(config["num_classes"])),
+            F2_INPUT_LAYERS[f2_input](shape))
 
 
 # --------------------------------------------------------------------------- training
@@ -308,10 +351,12 @@ class Lan(Method):
                                      key_seed(options.key, f"lan:g:{options.seed}") % 2**63, ctx.progress)
         with torch.no_grad():
             masks = _predict(g, x)
+            f2_input = F2_INPUT_LAYERS[opts.f2_input](tuple(x.shape[1:])).fit(masks)
+            seen = f2_input(masks)
         ctx.progress("lan: training f2", 0.7)
-        f2 = train_mask_classifier(masks, labels, num_classes, opts,
+        f2 = train_mask_classifier(seen, labels, num_classes, opts,
                                    key_seed(options.key, f"lan:f2:{options.seed}") % 2**63, ctx.progress)
-        head = LanHead(g, f2).eval()
+        head = LanHead(g, f2, f2_input).eval()
         with torch.no_grad():
             train_agreement = float((_predict(head.mask_probabilities, x).argmax(1) == labels).float().mean())
         if train_agreement < MIN_AGREEMENT_OVER_CHANCE / num_classes:
