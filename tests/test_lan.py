@@ -226,3 +226,29 @@ def test_masks_that_do_not_carry_the_class_are_refused(tiny_model, digits, monke
     with pytest.raises(HardenError, match=r"chance is 10.0%.*do not carry the class") as info:
         instrument(tiny_model, digits, [quick(f2_input=f2_input)], OPTIONS)
     assert "\n" not in str(info.value)
+
+
+def test_masks_learnt_by_heart_are_refused_on_the_calibration_split(tiny_model, digits, monkeypatch):
+    """f2 that knows every training mask's class and answers class 0 for any other mask: full agreement on the
+    training split, chance on the calibration split."""
+    import harden.methods.lan as lan_module
+
+    class ByHeart(torch.nn.Module):
+        def __init__(self, masks, labels, classes):
+            super().__init__()
+            self.masks, self.labels, self.classes = masks.flatten(1), labels, classes
+
+        def forward(self, masks):
+            distance, nearest = torch.cdist(masks.flatten(1), self.masks).min(1)
+            known = torch.where(distance < 1e-3, self.labels[nearest], torch.zeros_like(nearest))
+            return F.one_hot(known, self.classes).float() * 10
+
+    class InputAsMask(torch.nn.Module):   # distinct masks for distinct inputs
+        def forward(self, x):
+            return x.clamp(0, 1)
+
+    monkeypatch.setattr(lan_module, "train_attention", lambda *args, **kwargs: (InputAsMask(), []))
+    monkeypatch.setattr(lan_module, "train_mask_classifier",
+                        lambda masks, labels, classes, *args, **kwargs: ByHeart(masks, labels, classes))
+    with pytest.raises(HardenError, match=r"on 100.0% of the training split and \d+\.\d% of the calibration split"):
+        instrument(tiny_model, digits, [quick()], OPTIONS)

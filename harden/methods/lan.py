@@ -43,7 +43,8 @@ from harden.train.parallel import DataParallel
 NAME = "lan"
 # f2 agreeing with the classifier on less than this multiple of chance (1 / classes) on the training split means g
 # learnt one mask for every input (the LAN loss has that degenerate optimum: a fixed region the classifier can
-# decide from); such a detector says nothing about the input, so the fit is refused.
+# decide from); on the calibration split, that f2 learnt the training masks by heart.  Such a detector says nothing
+# about the input, so the fit is refused.
 MIN_AGREEMENT_OVER_CHANCE = 2.0
 NOISES = ("gaussian", "uniform")
 F2_INPUTS = ("mask", "standardised")
@@ -324,6 +325,26 @@ def _rate(hits: torch.Tensor) -> float | None:
     return round(float(hits.float().mean()), 4) if len(hits) else None
 
 
+def _refuse_uninformative_masks(head: LanHead, classifier: nn.Module, data, labels: torch.Tensor,
+                                masks: torch.Tensor, num_classes: int) -> None:
+    """One error line when f2 agrees with the classifier on fewer than twice chance of the training split, or of
+    the calibration split it never saw (where f2 learnt the training masks by heart instead)."""
+    floor = MIN_AGREEMENT_OVER_CHANCE / num_classes
+    with torch.no_grad():
+        agreement = {"training": float((_predict(head.mask_probabilities, data.train.x).argmax(1) == labels)
+                                       .float().mean())}
+        if len(data.calibration):
+            f1 = _predict(classifier, data.calibration.x).argmax(1)
+            agreement["calibration"] = float((_predict(head.mask_probabilities, data.calibration.x).argmax(1) == f1)
+                                             .float().mean())
+    if min(agreement.values()) < floor:
+        measured = " and ".join(f"{value:.1%} of the {split} split" for split, value in agreement.items())
+        raise HardenError(
+            f"lan: the mask classifier agrees with the classifier on {measured} (chance is {1 / num_classes:.1%}; "
+            f"mask mean {float(masks.mean()):.2f}): the attention masks do not carry the class; another beta, noise "
+            "or f2_input may (docs/results/lan.md)")
+
+
 # --------------------------------------------------------------------------- the method
 
 
@@ -360,13 +381,7 @@ class Lan(Method):
         f2 = train_mask_classifier(seen, labels, num_classes, opts,
                                    key_seed(options.key, f"lan:f2:{options.seed}") % 2**63, ctx.progress)
         head = LanHead(g, f2, f2_input).eval()
-        with torch.no_grad():
-            train_agreement = float((_predict(head.mask_probabilities, x).argmax(1) == labels).float().mean())
-        if train_agreement < MIN_AGREEMENT_OVER_CHANCE / num_classes:
-            raise HardenError(
-                f"lan: the mask classifier agrees with the classifier on {train_agreement:.1%} of the training split "
-                f"(chance is {1 / num_classes:.1%}; mask mean {float(masks.mean()):.2f}): the attention masks do not "
-                "carry the class; lower lan's learning_rate or beta, or raise g_steps")
+        _refuse_uninformative_masks(head, ctx.gm, data, labels, masks, num_classes)
 
         def facts(split) -> dict[str, Any]:
             with torch.no_grad():
