@@ -11,6 +11,9 @@ certify reported before the Lagrangian), detect-or-robust with the Lagrangian (`
 seconds: the two bound passes (plain, capped) and the Lagrangian's extra time, per input.  ``reachable``: among
 the inputs not certified by the caps, those where some trap's upper bound over the box (plain pass) exceeds its
 threshold, i.e. where the quiet region is smaller than the box at all (elsewhere no bound can beat robust).
+``rows`` / ``rows_moved``: the (input, wrong class) rows the Lagrangian optimised (inputs not certified, not
+misclassified-and-quiet) and those whose multipliers left 0 at all (some trap above its limit at the worst case
+of the relaxed margin; for the others lambda = 0 is where projected ascent stays).
 """
 
 from __future__ import annotations
@@ -64,14 +67,15 @@ def one(hardened, x, y, eps, input_range, bounds: str, steps: int) -> dict:
         base = time.perf_counter() - start
         certified = b.detect_or_robust
         start = time.perf_counter()
-        lag = C._lagrangian_margin(gm, traps, x, y, b.clamped, fold, engine, certified, steps)
+        stats: dict = {}
+        lag = C._lagrangian_margin(gm, traps, x, y, b.clamped, fold, engine, certified, steps, stats)
         extra = time.perf_counter() - start
     with_lag = certified | (lag > 0)
     reach = reachable(b.plain, traps, len(x))
     return {"eps": eps, "robust": float(b.robust.float().mean()), "dor_caps": float(certified.float().mean()),
             "dor_lagrangian": float(with_lag.float().mean()), "always_alarm": float(b.always_alarm.float().mean()),
             "uncertified": int((~certified).sum()), "uncertified_reachable": int((~certified & reach).sum()),
-            "gained": int((with_lag & ~certified).sum()),
+            "gained": int((with_lag & ~certified).sum()), "rows": stats.get("rows", 0), "rows_moved": stats.get("moved", 0),
             "seconds_per_input_bounds": base / len(x), "seconds_per_input_lagrangian": extra / len(x)}
 
 
@@ -104,12 +108,13 @@ def markdown(paths: list[Path]) -> str:
         out += ["", f"**{doc['pair']}** (test, first {doc['limit']}, `--bounds {doc['bounds']}`, {doc['steps']} "
                     f"Adam steps, lr {doc['lr']}): robust / detect-or-robust caps only / detect-or-robust Lagrangian, "
                     "%; uncertified (reachable); Lagrangian seconds per input", "",
-                "| bundle | eps | robust | caps | Lagrangian | uncertified (a trap can fire) | s/input bounds | "
-                "s/input Lagrangian |", "|---|---|---|---|---|---|---|---|"]
+                "| bundle | eps | robust | caps | Lagrangian | uncertified (a trap can fire) | rows (lambda moved) | "
+                "s/input bounds | s/input Lagrangian |", "|---|---|---|---|---|---|---|---|---|"]
         for name, rows in doc["bundles"].items():
             for r in rows:
                 out.append(f"| {name} | {r['eps']:g} | {100 * r['robust']:.1f} | {100 * r['dor_caps']:.1f} | "
                            f"{100 * r['dor_lagrangian']:.1f} | {r['uncertified']} ({r['uncertified_reachable']}) | "
+                           f"{r.get('rows', '-')} ({r.get('rows_moved', '-')}) | "
                            f"{r['seconds_per_input_bounds']:.4f} | {r['seconds_per_input_lagrangian']:.4f} |")
     return "\n".join(out)
 

@@ -146,3 +146,52 @@ def test_constraints_sit_on_the_pre_activation_of_a_relu_trap():
     gm, traps = attack_direction_trap()
     (c,) = lagrangian.constraints(gm, traps, "cpu")
     assert c.node.name != traps[0].node and c.index.tolist() == [1] and c.limit.tolist() == [pytest.approx(0.05)]
+
+
+@pytest.mark.parametrize("objective", ["lagrangian", "robust-crown"])
+def test_the_crown_ibp_objectives_are_differentiable_and_bound_the_capped_margin(objective, tiny_model, digits,
+                                                                                one_thread):
+    """The training bound (CROWN-IBP, lambda fixed per trap) is a sound margin bound: never above certify's
+    crown-ibp figure with the same traps and lambda = 0 optimised further; its hinge reaches the weights and
+    (``lagrangian``) the multipliers."""
+    import copy
+
+    from harden.graph.trace import trace
+    from harden.methods.base import FitContext, MethodSpec, Options
+    from harden.methods.ctt import CTTStrict
+    from harden.train.finetune import FinetuneConfig, _Traps
+
+    gm = trace(copy.deepcopy(tiny_model))
+    sites, masks, _ = CTTStrict().plan(FitContext(gm=gm, data=digits, options=Options(key="dor"),
+                                                  settings=MethodSpec.of("ctt-strict", mask_ratio=0.1).settings))
+    cfg = FinetuneConfig(kind="strict", eps=0.03, objective=objective, steps=4, eps_warmup=0.0)
+    cfg.check()
+    x, y = digits.train.x[:64], digits.train.y[:64]
+    traps = _Traps(gm, sites, masks, cfg, digits.input_range)
+    thresholds = traps.thresholds(digits.train.x)
+    traps.objective.refresh(thresholds)
+    params = [p for p in gm.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    ce, l_d, l_c = traps.losses(x, y)
+    assert l_c > 0
+    l_c.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    rho = traps.objective.rho
+    assert (rho.grad is not None and rho.grad.abs().sum() > 0) == (objective == "lagrangian")
+    # soundness against sampled quiet points of the boxes
+    with torch.no_grad():
+        m = traps.objective.crown_margin(x, y, 0.03, traps.objective.caps)
+        caps = traps.objective.caps
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            u = torch.rand(x.shape, generator=generator)
+            u = torch.where(u < 0.25, torch.zeros_like(u), torch.where(u > 0.75, torch.ones_like(u), u * 2 - 0.5))
+            point = (x - 0.03 + 0.06 * u).clamp(*digits.input_range)
+            logits, *pre = traps.natural(point)
+            quiet = torch.ones(len(x), dtype=torch.bool)
+            if caps:
+                for name, a, mask in zip(traps.pre, pre, traps.masks):
+                    quiet &= ~(a.flatten(1).index_select(1, mask) > caps[name]).any(dim=1)
+            margin = logits.gather(1, y.unsqueeze(1)).squeeze(1) - logits.scatter(1, y.unsqueeze(1), float("-inf")).amax(1)
+            assert bool((margin[quiet] >= m[quiet] - 1e-4).all())

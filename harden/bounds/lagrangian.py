@@ -20,7 +20,9 @@ trap node's value itself.  The row's ReLU relaxation at the trap is then not inv
 lambda = 0 is CROWN's margin bound on the capped intermediate bounds (what certify computes today); lambda is
 optimised per sample, per wrong class j and per trap neuron by projected Adam ascent on L_j (like alpha-CROWN's
 slopes), and the best bound seen at any step is kept (every step's bound is sound), so the result is never below
-the lambda = 0 bound.  Only rows that are not certified yet are optimised, and each row leaves once it is.
+the lambda = 0 bound.  Only rows that are not certified yet are optimised, and each row leaves once it is, or
+after the first step when its gradient at lambda = 0 is <= 0 in every coordinate (every trap quiet at the
+relaxation's worst case: Adam would project it back to 0 at every step).
 """
 
 from __future__ import annotations
@@ -147,14 +149,15 @@ def _seeds(cons: list[Constraint], values: dict, lam: torch.Tensor) -> tuple[dic
 
 def lagrangian_margin(engine: LinearBounds, values: dict, y: torch.Tensor, fold: fx.Node | None,
                       cons: list[Constraint], start: torch.Tensor | None = None, *, steps: int = STEPS,
-                      lr: float = LR, active: torch.Tensor | None = None) -> torch.Tensor:
+                      lr: float = LR, active: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
     """Per sample, a lower bound of min_{j != y} margin_j over the box's quiet inputs: the best Lagrangian bound
     over ``steps`` projected Adam steps from lambda = 0, per (sample, class j) row.
 
     ``values``: the node bounds of the quiet region (certify's capped pass over the same box).  ``start``
     ([N, K - 1] or None): a sound lower bound per row already known (e.g. the lambda = 0 one); a row starts from
     it and is optimised only while it is <= 0.  ``active`` (bool [N]): the samples worth optimising (the others
-    get -inf, or their ``start`` bound).
+    get -inf, or their ``start`` bound).  ``stats`` (a dict) gets ``rows`` (rows optimised) and ``moved`` (those
+    whose multipliers left 0 at the first step: some trap above its limit at the relaxation's worst case).
     """
     out = next(n for n in reversed(engine.nodes) if n.op == "output")
     logits = values[out.args[0].name]
@@ -174,6 +177,8 @@ def lagrangian_margin(engine: LinearBounds, values: dict, y: torch.Tensor, fold:
     # A sample with some row hopeless (natural input quiet and misclassified) cannot be certified: the callers
     # pass it in ``active``; here only rows still <= 0 are optimised.
     flat_rows = want.reshape(-1).nonzero().squeeze(1)
+    if stats is not None:
+        stats.update(rows=int(flat_rows.numel()), moved=0)
     if flat_rows.numel() == 0:
         return best.amin(dim=1)
     s_of, j_of = sample.reshape(-1)[flat_rows], others.reshape(-1)[flat_rows]
@@ -181,9 +186,10 @@ def lagrangian_margin(engine: LinearBounds, values: dict, y: torch.Tensor, fold:
     lam = torch.zeros((flat_rows.numel(), width), dtype=logits.dtype, device=device, requires_grad=True)
     optimiser = torch.optim.Adam([lam], lr=lr)
     flat_best = best.reshape(-1)
+    stuck = torch.zeros(flat_rows.numel(), dtype=torch.bool, device=device)
     with torch.enable_grad():
         for step in range(steps + 1):
-            live = (flat_best[flat_rows] <= 0).nonzero().squeeze(1)
+            live = ((flat_best[flat_rows] <= 0) & ~stuck).nonzero().squeeze(1)
             if live.numel() == 0:
                 break
             optimiser.zero_grad(set_to_none=True)
@@ -201,6 +207,13 @@ def lagrangian_margin(engine: LinearBounds, values: dict, y: torch.Tensor, fold:
                 optimiser.step()
                 with torch.no_grad():
                     lam.clamp_(min=0)
+                    if step == 0:
+                        # A row whose first step leaves every multiplier at 0 has a gradient <= 0 at lambda = 0 in
+                        # every coordinate: each later step sees the same gradient there and projects back to 0,
+                        # so the row is done (its bound is the lambda = 0 one).
+                        stuck = (lam == 0).all(dim=1)
+                        if stats is not None:
+                            stats["moved"] = int((~stuck).sum())
     return flat_best.reshape(n, k - 1).amin(dim=1)
 
 

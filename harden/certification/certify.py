@@ -368,7 +368,7 @@ def _bound_batch(gm, traps, xb, yb, threat: InputSet, rows: slice, fold, record:
 
 
 def _lagrangian_margin(gm, traps, xb, yb, clamped: BoundResult, fold, engine: LinearBounds, certified: torch.Tensor,
-                       steps: int) -> torch.Tensor:
+                       steps: int, stats: dict | None = None) -> torch.Tensor:
     """Per sample, the Lagrangian lower bound of the margin over the box's quiet inputs
     (:mod:`harden.bounds.lagrangian`), on the capped pass's bounds; -inf where not computed: samples already
     certified, and those whose natural input is quiet and misclassified (it lies in the box: no bound can
@@ -379,7 +379,7 @@ def _lagrangian_margin(gm, traps, xb, yb, clamped: BoundResult, fold, engine: Li
     hopeless = wrong & ~_alarm(natural, traps, xb.shape[0], xb.device)
     cons = lagrangian.constraints(gm, traps, xb.device, xb.dtype)
     return lagrangian.lagrangian_margin(engine, clamped.nodes, yb, fold, cons, steps=steps,
-                                        active=~certified & ~hopeless)
+                                        active=~certified & ~hopeless, stats=stats)
 
 
 def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
