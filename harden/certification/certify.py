@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from harden.bounds import Interval, propagate, run_recorded
 from harden.bounds.crown import LinearBounds, check_method
+from harden.bounds import lagrangian
 from harden.bounds.linear import linear_parts
 from harden.bounds.margin import (PRE_ACTIVATION_LIMIT, final_linear, folded_margin_lower,
                                   subtracted_margin_lower)
@@ -344,7 +345,8 @@ def _engine(gm: fx.GraphModule, bounds: str) -> LinearBounds | None:
 
 
 def _bound_batch(gm, traps, xb, yb, threat: InputSet, rows: slice, fold, record: set[str],
-                 engine: LinearBounds | None = None, method: str = "ibp") -> _BatchBounds:
+                 engine: LinearBounds | None = None, method: str = "ibp",
+                 lagrangian_steps: int | None = None) -> _BatchBounds:
     box, extra = threat.box(xb, rows), threat.clamps(gm, xb, rows)
     record = set(record) | _margin_record(fold)
     plain, margin = _bounds_and_margin(gm, box, yb, fold, record, engine, method, extra or None)
@@ -357,12 +359,32 @@ def _bound_batch(gm, traps, xb, yb, threat: InputSet, rows: slice, fold, record:
     clamped, margin_detect = _bounds_and_margin(gm, box, yb, fold, record, engine, method,
                                                 merge_clamps(extra, clamps), pre)
     always = torch.stack(always_parts).any(dim=0)
+    steps = lagrangian.STEPS if lagrangian_steps is None else int(lagrangian_steps)
+    if engine is not None and steps > 0:
+        margin_detect = torch.maximum(margin_detect, _lagrangian_margin(gm, traps, xb, yb, clamped, fold, engine,
+                                                                        always | (margin_detect > 0), steps))
     detect_or_robust = always | (margin_detect > 0)
     return _BatchBounds(plain, clamped, robust, detect_or_robust, always, margin, margin_detect)
 
 
+def _lagrangian_margin(gm, traps, xb, yb, clamped: BoundResult, fold, engine: LinearBounds, certified: torch.Tensor,
+                       steps: int, stats: dict | None = None) -> torch.Tensor:
+    """Per sample, the Lagrangian lower bound of the margin over the box's quiet inputs
+    (:mod:`harden.bounds.lagrangian`), on the capped pass's bounds; -inf where not computed: samples already
+    certified, and those whose natural input is quiet and misclassified (it lies in the box: no bound can
+    certify them)."""
+    logits, natural = run_recorded(gm, xb, {t.node for t in traps})
+    true = logits.gather(1, yb.unsqueeze(1)).squeeze(1)
+    wrong = logits.scatter(1, yb.unsqueeze(1), float("-inf")).amax(dim=1) >= true
+    hopeless = wrong & ~_alarm(natural, traps, xb.shape[0], xb.device)
+    cons = lagrangian.constraints(gm, traps, xb.device, xb.dtype)
+    return lagrangian.lagrangian_margin(engine, clamped.nodes, yb, fold, cons, steps=steps,
+                                        active=~certified & ~hopeless, stats=stats)
+
+
 def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
-                    input_range, batch_size: int = 256, bounds: str = "ibp", with_placement: bool = False) -> dict:
+                    input_range, batch_size: int = 256, bounds: str = "ibp", with_placement: bool = False,
+                    lagrangian_steps: int | None = None) -> dict:
     """Per-sample certificates over the eps-box around each input (clipped to ``input_range``), or over the
     set an :class:`InputSet` passed as ``eps`` gives each input (``input_range`` is then unused).
 
@@ -375,6 +397,9 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     ``interval_only``: the ops the linear-relaxation passes bounded by their intervals (no relaxation).
     ``with_placement``: also ``placement``, the rows of :func:`placement`, read off the same unclamped bound
     pass (with crown that pass is the costly part, so it is not run twice).
+    ``lagrangian_steps``: with ``crown`` / ``crown-ibp``, detect-or-robust also tries the Lagrangian bound
+    (:mod:`harden.bounds.lagrangian`: a multiplier per trap neuron, so a trap constraint can cut the box) with
+    this many Adam steps on the samples the caps leave uncertified; None: its default, 0: off.
     """
     _check_inputs(gm, traps, x, eps, y)
     threat = as_input_set(eps, input_range)
@@ -388,7 +413,8 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
         """Certificates of one batch; under torchrun each rank takes its own batches (harden.core.distributed)."""
         with torch.no_grad():
             xb = x[rows].to(y.device)   # data read on demand arrives on the CPU
-            b = _bound_batch(gm, traps, xb, y[rows], threat, rows, fold, trap_nodes, engine, bounds)
+            b = _bound_batch(gm, traps, xb, y[rows], threat, rows, fold, trap_nodes, engine, bounds,
+                             lagrangian_steps)
             tally = None
             if with_placement:
                 tally = _PlacementTally(traps)
@@ -474,7 +500,8 @@ def _tolerance(iv: Interval, rtol: float) -> torch.Tensor:
 
 def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
                        input_range, n_points: int, seed: int = 0, *, batch_points: int = 2048,
-                       rtol: float = 1e-5, max_details: int = 100, bounds: str = "ibp") -> CheckResult:
+                       rtol: float = 1e-5, max_details: int = 100, bounds: str = "ibp",
+                       lagrangian_steps: int | None = None) -> CheckResult:
     """Draw ``n_points`` per box (the sample, random vertices, uniform points; or, when ``eps`` is an
     :class:`InputSet`, the members its ``draw`` gives), run the real model on them (the CTT check done in
     torch) and count every contradiction:
@@ -513,7 +540,7 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
 
         generator = torch.Generator().manual_seed(chunk_seed(seed, rows, "check"))
         xb, yb = x[rows].to(y.device), y[rows]
-        b = _bound_batch(gm, traps, xb, yb, threat, rows, fold, set(checked), engine, method)
+        b = _bound_batch(gm, traps, xb, yb, threat, rows, fold, set(checked), engine, method, lagrangian_steps)
         points = threat.draw(xb, rows, n_points, generator)
         nb = xb.shape[0]
         flat = points.reshape((nb * n_points,) + tuple(xb.shape[1:]))

@@ -209,3 +209,7 @@ class Robust(_Certificate):
 
     name = "robust"
     capped = False
+
+
+# The CROWN-IBP objectives (``lagrangian``, ``robust-crown``) register themselves on import.
+from harden.train import lagrangian_objective  # noqa: E402,F401
