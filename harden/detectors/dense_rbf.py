@@ -14,7 +14,9 @@ The graph computes ``sum_s dual_s exp(-gamma |x - s|^2) + intercept`` with
 ``-gamma |x - s|^2 = 2 gamma x.s - gamma |s|^2 - gamma |x|^2``: one MatMul against every support vector,
 broadcast Adds, an Exp over the [N, S] kernel matrix and a MatMul with the dual coefficients.  Everything
 after the float32 input runs in float64, as libsvm does, except ``x.s`` and ``|x|^2`` when they are exact in
-float32 (``exact_int``: integer inputs and support vectors, no scaler, small enough sums).  Tests compare the
+float32 (``exact_int``: integer inputs and support vectors, no scaler, small enough sums) or nearly so
+(``centred``: SafetyNet's codes, integers but for a few ramp fractions, taken around integer centres; see
+:func:`_centred_graph`), and NIC's unscaled SVMs' exponents (:func:`rbf_decisions_graph`).  Tests compare the
 graph with scikit-learn and with skl2onnx (tests/test_safetynet.py, tests/test_nic.py).
 
 Works for a binary ``SVC`` and a ``OneClassSVM`` (kernel ``rbf``), optionally after one ``StandardScaler`` in a
