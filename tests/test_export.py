@@ -104,3 +104,32 @@ def test_ctt_lite_graph_agrees_at_every_onnxruntime_level_and_as_portable_float3
     from portability import check_every_runtime_setting
 
     check_every_runtime_setting(tiny_hardened)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_trap_head_joins_the_sites_into_one_subtraction_and_one_max(scaled):
+    # one Sub and one ReduceMax over every site's gathered trap neurons, the same numbers as the max over sites
+    # of each site's max of (activation - T) / s (a max is exact), and the same ONNX answer
+    from harden.methods.ctt import TrapHead
+
+    torch.manual_seed(0)
+    shapes = [(4, 6, 6), (8, 3, 3), (5,)]
+    sizes = [int(np.prod(s)) for s in shapes]
+    head = TrapHead(sizes, [7, 3, 1], scaled=scaled)
+    for i, size in enumerate(sizes):
+        head.trap(i)[0].copy_(torch.randperm(size)[: len(head.trap(i)[0])].sort().values)
+        head.trap(i)[1].copy_(torch.rand(len(head.trap(i)[1])))
+        if scaled:
+            head.scales(i).copy_(torch.rand(len(head.trap(i)[1])) + 0.5)
+    acts = [torch.randn(9, *s) for s in shapes]
+    per_site = torch.stack([head.excess(i, a).amax(dim=1) for i, a in enumerate(acts)], dim=1).amax(dim=1)
+    assert torch.equal(head(*acts), per_site)
+
+    from harden.export.torch_graph import export_module
+
+    model = export_module(head.eval(), tuple(a[:2] for a in acts), [f"a{i}" for i in range(3)], ["raw"],
+                           varargs_after=0)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Sub") == 1 and ops.count("ReduceMax") == 1 and ops.count("Gather") == 3
+    got = OnnxGraph(model.SerializeToString()).session.run(None, {f"a{i}": a.numpy() for i, a in enumerate(acts)})[0]
+    np.testing.assert_array_equal(got, per_site.numpy())

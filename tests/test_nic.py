@@ -329,3 +329,59 @@ def test_nic_graph_agrees_at_every_onnxruntime_level_and_as_portable_float32(nic
     from portability import check_every_runtime_setting
 
     check_every_runtime_setting(nic)
+
+
+@pytest.mark.parametrize("value_first", [True, False])
+def test_unscaled_svms_take_float32_exponents_and_match_sklearn(value_first):
+    # The one-class SVMs without a scaler (the value invariants, on standardised features) compute their
+    # exponents in float32, which the Exp rounds them to anyway; the scaled ones (provenance) keep float64.
+    # One Exp and one dual product per group, the columns put back in SVM order: scikit-learn's score.
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import OneClassSVM
+
+    from harden.detectors.nic_onnx import Part, SetSpec
+    from harden.methods.nic import NICDetector
+
+    rng = np.random.default_rng(0)
+    widths, classes, n = [64, 64, 128, 256], 10, 600
+    value = [rng.standard_normal((n, w)).astype(np.float32) for w in widths]
+    logits = rng.standard_normal((n, len(widths) + 1, classes)) * 3
+    soft = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    features = np.concatenate(value + [soft.reshape(n, -1).astype(np.float32)], 1)
+    parts, offset = [], 0
+    for w in widths:
+        parts.append(Part(OneClassSVM(nu=0.01, gamma=1.0 / w).fit(features[:, offset:offset + w]), offset, offset + w))
+        offset += w
+    provenance = []
+    for i in range(len(widths)):
+        a, b = offset + i * classes, offset + (i + 2) * classes
+        provenance.append(Part(make_pipeline(StandardScaler(), OneClassSVM(nu=0.05, gamma=0.15)).fit(features[:, a:b]), a, b))
+    parts = parts + provenance if value_first else provenance + parts
+    invariants = np.stack([-p.estimator.decision_function(features[:, p.start:p.stop]) for p in parts], 1)
+    final = make_pipeline(StandardScaler(), OneClassSVM(nu=0.1, gamma=1.0 / len(parts))).fit(invariants.astype(np.float32))
+    detector = NICDetector("nic", features.shape[1], [SetSpec(parts, final)], None)
+    model = onnx.load_from_string(detector.onnx_model())
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    for j, part in enumerate(parts):   # float32 products for the SVMs without a scaler only
+        scaled = hasattr(part.estimator, "steps")
+        assert inits[f"set0/{j}/linear"] == (onnx.TensorProto.DOUBLE if scaled else onnx.TensorProto.FLOAT)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Exp") == 3 and ("Gather" in ops) is not value_first   # two groups of parts + the final SVM
+    x = features[:200] + 0.3 * rng.standard_normal((200, features.shape[1])).astype(np.float32)
+    got = OnnxGraph(detector.onnx_model()).session.run(None, {"nic.features": x})[0]
+    assert rel_diff(detector.score(x), got) <= 1e-5
+
+
+def test_head_joins_same_shape_sites_before_the_float64_mean():
+    # consecutive sites of one shape (a ResNet stage) share one cast and one float64 mean of their row means:
+    # the same numbers as site by site
+    from harden.methods.nic import NICHead
+
+    torch.manual_seed(0)
+    shapes = [(16, 8, 8)] + [(16, 4, 4)] * 3 + [(32, 1, 1)] * 2 + [(6, 5, 5)]
+    head = NICHead({"dims": [s[0] for s in shapes], "spatial": [True] * len(shapes), "sets": 1, "num_classes": 10,
+                    "rows": ["avgpool"] * 6 + ["sum"], "value": True, "provenance": False})
+    acts = [torch.relu(torch.randn(20, *s)) * 3 for s in shapes]
+    joined = head.reduce_joined(acts)
+    assert torch.equal(joined, torch.cat([head.reduce(i, a) for i, a in enumerate(acts)], dim=1))

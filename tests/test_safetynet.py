@@ -1,6 +1,7 @@
 """SafetyNet: codes by hand, logits untouched, ONNX parity, calibration, composition, bundle round trip."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -358,6 +359,80 @@ def test_dense_svm_graph_matches_sklearn_and_skl2onnx(scaler):
     assert np.abs(got_dense - want).max() <= 1e-5
     assert np.abs(got_skl - want).max() <= 1e-3   # skl2onnx runs the kernel sum in float32
     assert np.array_equal(dense.score(test), want.astype(np.float32))
+
+
+def test_head_tests_nan_once_per_value_and_skips_unit_pools():
+    # the NaN test on the values instead of on every level, against a scalar 0, and no 1 x 1 max pool: the same
+    # codes as a NaN test per level (a level is NaN exactly where its value is), and the same in onnxruntime
+    torch.manual_seed(0)
+    dims = [64 * 4, 128, 32]
+    head = CodeHead(dims, 3, ["grid", "grid", "none"], [2, 1, 1], ramps=[1e-3, 2.3e-3, 0.0371]).eval()
+    for i, d in enumerate(dims):
+        getattr(head, f"thresholds_{i}").copy_(torch.sort(torch.rand(3, d), dim=0).values)
+    acts = [torch.rand(50, 64, 4, 4), torch.rand(50, 128, 1, 1), torch.rand(50, 32)]
+    acts[0][3, 2, 1, 1] = float("nan")
+    acts[1][4, 5] = float("inf")
+    acts[2][7, 3] = -float("inf")
+    acts[2][:10] = head.thresholds_2[1] + torch.rand(10, 32) * 0.05   # inside the ramps: fractional codes
+
+    def per_level(i, a):
+        pooled = a if head.kernels[i] == 1 else torch.nn.functional.max_pool2d(a, 2, stride=2, ceil_mode=True)
+        ramp = torch.clamp((pooled.flatten(1).unsqueeze(1) - getattr(head, f"thresholds_{i}")) / head.ramps[i], 0, 1)
+        return torch.where(torch.isnan(ramp), torch.zeros_like(ramp), ramp).sum(dim=1)
+
+    want = torch.cat([per_level(i, a) for i, a in enumerate(acts)], dim=1)
+    assert torch.equal(head(*acts), want) and bool(((want % 1) != 0).any())
+    from harden.export.torch_graph import export_module
+
+    model = export_module(head, tuple(a[:2] for a in acts), [f"a{i}" for i in range(3)], ["codes"], varargs_after=0)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MaxPool") == 1 and "Expand" not in ops
+    got = OnnxGraph(model.SerializeToString()).session.run(None, {f"a{i}": a.numpy() for i, a in enumerate(acts)})[0]
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_centred_float32_svm_graph_matches_sklearn_on_codes_with_ramp_fractions():
+    # SafetyNet's SVM graph takes x.s and |x|^2 in float32 around integer centres (a float64 MatMul over a
+    # ResNet-18's 19,456 code features cost more than the classifier): on integer codes with a few fractional
+    # ones (values within a ramp above a threshold) and many features it must stay at the float64 graph's
+    # distance from scikit-learn, far inside export parity's 1e-4, and give the same alarms at any threshold.
+    from sklearn.svm import SVC
+
+    from harden.methods.safetynet import RbfSvmDetector
+
+    rng = np.random.default_rng(0)
+    d = 3000
+
+    def codes(n, shift):
+        x = rng.integers(0, 4, (n, d)).astype(np.float32)
+        x[:, :300] = np.clip(x[:, :300] + shift * rng.integers(0, 2, (n, 300)), 0, 3)
+        frac = rng.random((n, d)) < 0.005
+        x[frac] = np.clip(np.floor(x[frac]) + rng.random(int(frac.sum())).astype(np.float32), 0, 3)
+        return x
+
+    x = np.concatenate([codes(150, 0), codes(150, 1)])
+    y = np.r_[np.zeros(150, dtype=int), np.ones(150, dtype=int)]
+    svc = SVC(C=10.0, gamma=1.0 / (d * x.var())).fit(x, y)
+    test = np.concatenate([codes(100, 0), codes(100, 1)])
+    want = svc.decision_function(test)
+    scores = {}
+    for centred in (False, True):
+        dense = RbfSvmDetector(svc, "safetynet", d, exact_int=False, centred=centred)
+        model = onnx.load_from_string(dense.onnx_model())
+        ops = [n.op_type for n in model.graph.node]
+        product = next(n for n in model.graph.node if n.op_type == "MatMul")
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        assert (inits["svm_sv_t"] == onnx.TensorProto.FLOAT) is centred   # the [D, S] product in float32
+        assert ops.count("MatMul") == 2 and product.input[0].endswith("xc" if centred else "z")
+        scores[centred] = OnnxGraph(dense.onnx_model()).session.run(None, {"safetynet.features": test})[0]
+        assert np.abs(scores[centred] - want).max() <= 1e-6 * max(1.0, np.abs(want).max())
+    for threshold in np.quantile(want, [0.1, 0.5, 0.9]):
+        assert np.array_equal(scores[True] > threshold, want.astype(np.float32) > threshold)
+    # the adaptive attack reads the support vectors back from the graph's constants, centred or not
+    from harden.methods.safetynet_adaptive import svm_parameters
+
+    params = svm_parameters(RbfSvmDetector(svc, "safetynet", d, exact_int=False, centred=True))
+    np.testing.assert_array_equal(params["sv_t"].numpy(), svc.support_vectors_.T)
 
 
 def test_support_vector_budget_refits_on_fewer_examples():

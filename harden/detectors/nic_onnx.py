@@ -11,9 +11,9 @@ sub-graphs cannot collide.
 
 How the estimators are written is a *kernel* of :data:`KERNELS`:
 
-* ``dense`` (the default): the RBF one-class SVMs as float64 ONNX algebra (:mod:`harden.detectors.dense_rbf`),
-  every part of a set in one block (one Exp over all the parts' kernels, one MatMul with their dual
-  coefficients).  The issue asked for skl2onnx in float32; this deliberately deviates: within ~1e-6 of
+* ``dense`` (the default): the RBF one-class SVMs as float64 ONNX algebra (:mod:`harden.detectors.dense_rbf`;
+  the exponents of the SVMs without a scaler, the value invariants, in float32), every part of a set in one
+  block (one Exp over the parts' kernels and one MatMul with their dual coefficients per group).  The issue asked for skl2onnx in float32; this deliberately deviates: within ~1e-6 of
   scikit-learn instead of ~1e-5, and a fraction of the cost (onnxruntime's SVM operator loops over
   (input, support vector) pairs).  Measured on LeNet-5.
 * ``skl2onnx``: each estimator converted by skl2onnx (``ai.onnx.ml`` SVM operator, float32); kept to compare.

@@ -83,9 +83,19 @@ class TrapHead(nn.Module):
         excess = activation.flatten(1).index_select(1, indices) - thresholds
         return excess / self.scales(i) if self.scaled else excess
 
+    def _joined(self, prefix: str) -> torch.Tensor:
+        return torch.cat([getattr(self, f"{prefix}_{i}") for i in range(len(self.sizes))])
+
     def forward(self, *activations: torch.Tensor) -> torch.Tensor:
-        per_site = [self.excess(i, a).amax(dim=1) for i, a in enumerate(activations)]
-        return torch.stack(per_site, dim=1).amax(dim=1)
+        # Every site's trap neurons gathered and joined, then ONE subtraction and ONE max over them all: the
+        # same numbers as the max over sites of each site's max (a max is exact), in 3 graph nodes instead of
+        # 3 per site (17 sites on a ResNet-18: onnxruntime's cost per node was a good part of the head's).
+        gathered = torch.cat([a.flatten(1).index_select(1, self.trap(i)[0]) for i, a in enumerate(activations)],
+                             dim=1)
+        excess = gathered - self._joined("thresholds")
+        if self.scaled:
+            excess = excess / self._joined("scales")
+        return excess.amax(dim=1)
 
 
 def make_masks(key: str, site_sizes: dict[str, int], ratio: float,

@@ -211,9 +211,38 @@ class NICHead(nn.Module):
         activations, logits = (inputs[:-1], inputs[-1]) if self.output_probe else (inputs, None)
         # Every site at once (one standardisation and one g over the joined features instead of one per site:
         # fewer, larger graph nodes; onnxruntime folds the joined buffers into constants).
-        reduced = torch.cat([self.reduce(i, a) for i, a in enumerate(activations)], dim=1)
+        reduced = self.reduce_joined(activations)
         z = (reduced - self._joined("mean_").double()) / self._joined("std_").double()
         return self.from_joined(z, logits)
+
+    def _poolable(self, i: int, activation: torch.Tensor) -> bool:
+        return (self.spatial[i] and self.reduce_mode == "mean" and not self.channels_last[i]
+                and activation.dim() == 4 and self.rows[i] == "avgpool")
+
+    def reduce_joined(self, activations) -> torch.Tensor:
+        """Every site's reduced features joined, ``[N, sum(dims)]`` float64: the same numbers as :meth:`reduce`
+        site by site, but consecutive sites of one shape whose row means are average pools (a ResNet stage's)
+        share one cast and one float64 mean: the pools' outputs are joined along the channels first (each
+        channel's mean reads its own rows only), and a 1 x 1 map is its own mean.  onnxruntime's cost per node
+        dominated these reductions on a ResNet-18 (17 sites, 4 to 5 nodes each)."""
+        out, i = [], 0
+        while i < len(activations):
+            a = activations[i]
+            if not self._poolable(i, a):
+                out.append(self.reduce(i, a))
+                i += 1
+                continue
+            j = i + 1
+            while j < len(activations) and self._poolable(j, activations[j]) and activations[j].shape[2:] == a.shape[2:]:
+                j += 1
+            group = activations[i:j]
+            if a.shape[2] * a.shape[3] == 1:
+                out.append(torch.cat(group, dim=1).flatten(1).double())
+            else:
+                rows = torch.cat([nn.functional.avg_pool2d(g, (1, g.shape[-1])) for g in group], dim=1)
+                out.append(rows.double().flatten(2).mean(dim=2))
+            i = j
+        return torch.cat(out, dim=1)
 
     def from_standardised(self, z: list[torch.Tensor], logits: torch.Tensor | None = None) -> torch.Tensor:
         return self.from_joined(torch.cat(z, dim=1), logits)
