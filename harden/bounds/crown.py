@@ -24,7 +24,8 @@ import torch.fx as fx
 
 # Importing the rule families registers them.
 from harden.bounds import backward_activations, backward_affine, backward_pooling, backward_smooth  # noqa: F401
-from harden.bounds.backward import BACKWARD_RULES, Back, flat_sum
+from harden.bounds import entries
+from harden.bounds.backward import BACKWARD_RULES, Back, flat_sum, segments
 from harden.bounds.backward_pooling import _geometry as _pool_geometry, entries_read
 from harden.bounds.interval import Interval
 from harden.bounds.linear import linear_parts
@@ -60,6 +61,12 @@ def check_method(method: str) -> str:
 
 def box_lower(A: torch.Tensor, box: Interval, rows: torch.Tensor) -> torch.Tensor:
     """min over the box of sum(A * x), per row: A+ lo + A- hi."""
+    runs = segments(rows)
+    if runs is not None:   # per sample, two products with its bounds (no copy of them per row)
+        flat = A.reshape(A.shape[0], -1)
+        lo, hi = box.lo.reshape(box.shape[0], -1), box.hi.reshape(box.shape[0], -1)
+        return torch.cat([flat[i:j].clamp(min=0).matmul(lo[s]) + flat[i:j].clamp(max=0).matmul(hi[s])
+                          for s, i, j in runs])
     lo, hi = box.lo.index_select(0, rows), box.hi.index_select(0, rows)
     return flat_sum(A.clamp(min=0) * lo + A.clamp(max=0) * hi)
 
@@ -231,9 +238,9 @@ class LinearBounds:
             source, index = owner
             if index is not None:
                 items = pending.setdefault(source, {})
-                items[index] = items[index] + coefficients if index in items else coefficients
+                items[index] = entries.add(items[index], coefficients) if index in items else entries.dense(coefficients)
             elif source in pending:
-                pending[source] = pending[source] + coefficients
+                pending[source] = entries.add(pending[source], coefficients)
             else:
                 pending[source] = coefficients
 
@@ -244,10 +251,25 @@ class LinearBounds:
         total = torch.zeros(rows.shape[0], dtype=values[node.name].lo.dtype, device=rows.device) + first.bias
         pending: dict[fx.Node, torch.Tensor] = {}
         self._collect(node, first, values, pending)
-        for n in reversed(self.nodes[:self.position[node]]):
+        return self._drain(values, self.position[node], pending, total, rows, stop)
+
+    def _drain(self, values: dict, end: int, pending: dict, total: torch.Tensor, rows: torch.Tensor,
+               stop: frozenset) -> torch.Tensor:
+        """``total`` plus the lower bound of the coefficients ``pending`` (by node, all before position ``end``)."""
+        for n in reversed(self.nodes[:end]):
             A = pending.pop(n, None)
             if A is None:
                 continue
+            if isinstance(A, entries.Entry):
+                if n.op == "placeholder" or n.name in stop:
+                    total = total + A.box_lower(values[n.name], rows)
+                    continue
+                back = entries.step(self, n, values, A, rows)
+                if back is not None:
+                    total = total + back.bias
+                    self._collect(n, back, values, pending)
+                    continue
+            A = entries.dense(A)
             if n.op == "placeholder" or n.name in stop:
                 total = total + _box_lower_of(A, values[n.name], rows)
                 continue
@@ -305,27 +327,14 @@ class LinearBounds:
                 self.rules_used.add(self.keys[node])
                 self.windowed_rows += int(rows.shape[0])
                 return lower
-        rule = BACKWARD_RULES.find(self.keys[node])
-        first = None
-        if rule is not None and rule.start is not None:
-            try:
-                first = rule.start(self._call(node, values), neuron, sign, rows)
-            except HardenError:  # a variant the rule refuses: _backward below records the fallback
-                first = None
-        if first is not None:
-            self.rules_used.add(self.keys[node])
-        else:
-            iv = values[node.name] if node.name in values else None
-            shape = tuple(iv.shape[1:]) if iv is not None else None
-            if shape is None:
-                raise HardenError(f"bounds: node {node.name!r} has no recorded shape")
-            A = torch.zeros((len(neuron), int(torch.Size(shape).numel())), dtype=sign.dtype, device=sign.device)
-            A.scatter_(1, neuron.unsqueeze(1), sign.unsqueeze(1))
-            A = A.reshape((len(neuron),) + shape)
-            first = self._backward(node, values, A, rows)
-            if first is None:   # the rule refuses this variant: the neuron keeps its interval bound
-                return box_lower(A, iv, rows)
-        return self._run(values, node, first, stop)
+        iv = values.get(node.name)
+        if not isinstance(iv, Interval):
+            raise HardenError(f"bounds: node {node.name!r} has no recorded shape")
+        # one entry per row until a mixing layer writes its weights (see harden.bounds.entries); where no rule
+        # takes the node, its own interval bounds the row (the neuron keeps its interval bound)
+        total = torch.zeros(rows.shape[0], dtype=iv.lo.dtype, device=rows.device)
+        pending = {node: entries.Entry(neuron, sign, tuple(iv.shape[1:]))}
+        return self._drain(values, self.position[node] + 1, pending, total, rows, stop)
 
     def _mixing_depth(self) -> dict[str, int]:
         """Per node, the most linear or convolution layers on any path from the input to it."""
