@@ -108,7 +108,8 @@ class LinearBounds:
         self.dense_to_input = False
         """Whether neurons refined by dense passes (not on windows) go on to the input box after the stages
         that stop one mixing layer above it (see :meth:`_stages`); windowed neurons always do (cheap)."""
-        self._chains = {n: chain_below(self, n) for n in self.nodes if self.keys[n] == "conv2d" and n in self.dependent}
+        self._chains = {n: chain_below(self, n) for n in self.nodes if n in self.dependent and (
+            self.keys[n] == "conv2d" or (self.keys[n] == "batch_norm" and self._above_conv(n)))}
         self._maps = {n: chain for n in self.nodes if self.keys[n] in _FLATTENS and n in self.dependent
                       and (chain := chain_below(self, n))}
         """Flattening nodes above a window chain: whole-map passes below them run on the windowed steps."""
@@ -119,6 +120,10 @@ class LinearBounds:
         self._pooled = {n: self._only_pooled(n) for n in self.nodes if n.name in self.refined}
 
     # -- structure ------------------------------------------------------------------------------
+    def _above_conv(self, node: fx.Node) -> bool:
+        sources = [s for s in node.all_input_nodes if s in self.dependent]
+        return len(sources) == 1 and self.keys[sources[0]] == "conv2d"
+
     def _feeds_logits(self, node: fx.Node) -> bool:
         return node in self._logits_ancestors()
 
