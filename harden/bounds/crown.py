@@ -49,8 +49,19 @@ _FLATTENS = frozenset({"flatten", "reshape"})
 _SHAPE_QUERIES = frozenset({"size", "getattr"})
 """Input-dependent nodes whose value is a concrete shape, never bounds: no backward rule needed."""
 
-ROW_BUDGET = 1 << 23
-"""Rows per backward pass: at most this many coefficients in the widest node (~32 MB in float32)."""
+MIN_SETTLED = 0.01
+"""A stage that settles fewer than this fraction of the neurons it refines ends the refinement of the node.
+
+Deeper stages cost more (a pass to depth m runs through d - m layers) and settle what the shallower one nearly
+settled; where bounds blow up (a normally trained ResNet-18 at eps 1/255: every neuron of every refined node
+unstable, none settled by any stage) they only narrow intervals that stay unstable, at most of the cost."""
+
+ROW_BUDGET = 1 << 24
+"""Coefficients alive at once in one chunk of rows of a backward pass (~64 MB in float32): see :meth:`LinearBounds.live_per_row`."""
+
+TEMPORARIES = 3
+"""Tensors of a node's size a backward rule holds besides its input coefficients (a ReLU step: the slopes picked
+by sign, the product, the negative part for the intercepts)."""
 
 
 def check_method(method: str) -> str:
@@ -108,6 +119,11 @@ class LinearBounds:
         self.dense_to_input = False
         """Whether neurons refined by dense passes (not on windows) go on to the input box after the stages
         that stop one mixing layer above it (see :meth:`_stages`); windowed neurons always do (cheap)."""
+        self.min_settled = MIN_SETTLED
+        """A node's next (deeper) stage runs only when its last one settled at least this fraction of the neurons
+        it refined (see :data:`MIN_SETTLED`); 0 runs every stage."""
+        self.stage_log: list[tuple[str, int, int, int]] = []
+        """(node, stage index, neurons refined, neurons the relaxations still read after it), per stage run."""
         self._chains = {n: chain_below(self, n) for n in self.nodes if n in self.dependent and (
             self.keys[n] == "conv2d" or (self.keys[n] == "batch_norm" and self._above_conv(n)))}
         self._maps = {n: chain for n in self.nodes if self.keys[n] in _FLATTENS and n in self.dependent
@@ -316,10 +332,48 @@ class LinearBounds:
         self.interval_only.add(self.keys[node])
         return None
 
-    def _chunk_rows(self, values: dict) -> int:
-        widest = max((v.lo[0].numel() for v in values.values() if isinstance(v, Interval) and v.dim() > 0),
-                     default=1)
-        return max(2, self.row_budget // max(1, widest))
+    def _chunk_rows(self, values: dict, node: fx.Node, stop: frozenset = frozenset()) -> int:
+        """Rows per chunk of a pass from ``node`` down to ``stop``: :attr:`row_budget` over :meth:`live_per_row`."""
+        return max(2, self.row_budget // max(1, self.live_per_row(values, node, stop)))
+
+    def live_per_row(self, values: dict, node: fx.Node, stop: frozenset = frozenset()) -> int:
+        """Most coefficients one row of a dense pass from ``node`` to ``stop`` holds at once: those pending on every
+        node the pass reached and has not passed yet (on a residual net the skip branch waits while the other is
+        passed), plus :data:`TEMPORARIES` of the largest node it passes.  An upper bound: window and entry steps
+        hold less."""
+        key = (node.name, stop, tuple(tuple(v.shape[1:]) for v in values.values() if isinstance(v, Interval)))
+        cached = self.__dict__.setdefault("_live", {}).get(key)
+        if cached is not None:
+            return cached
+
+        def size(n):
+            v = values.get(n.name)
+            if isinstance(v, Interval):
+                return int(v.lo[0].numel())
+            if isinstance(v, (tuple, list)):
+                return sum(int(i.lo[0].numel()) for i in v if isinstance(i, Interval))
+            return 0
+
+        # the nodes a pass reaches (stop nodes and the input: reached, not passed), and the last position from
+        # which each one waits
+        reached, waits, stack = {node}, {node: self.position[node]}, [node]
+        while stack:
+            n = stack.pop()
+            if n is not node and (n.name in stop or n.op == "placeholder"):
+                continue
+            for s in n.all_input_nodes:
+                if s in self.dependent:
+                    waits[s] = max(waits.get(s, -1), self.position[n])
+                    if s not in reached:
+                        reached.add(s)
+                        stack.append(s)
+        events = sorted((self.position[n], waits[n], size(n)) for n in reached)
+        peak, largest = 0, max(size(n) for n in reached)
+        for position, _, _ in events:
+            # pending while passing the node at ``position``: reached below it, waited on from it or above
+            peak = max(peak, sum(sz for p, w, sz in events if p <= position <= w))
+        cached = self._live[key] = peak + TEMPORARIES * largest
+        return cached
 
     def neuron_lower(self, values: dict, node: fx.Node, rows: torch.Tensor, neuron: torch.Tensor,
                      sign: torch.Tensor, stop: frozenset = frozenset()) -> torch.Tensor:
@@ -353,11 +407,22 @@ class LinearBounds:
 
     def _stages(self, node: fx.Node) -> list[frozenset]:
         """Where the passes refining ``node`` stop, cheapest first: the nodes at most m mixing layers deep, for
-        m = (depth of node's input) - 1 down to 1, then the input box (an empty stop set) -- the box only for
-        windowed neurons, for a node with no earlier stage, or with ``dense_to_input``."""
-        sources = [s.name for s in node.all_input_nodes if s in self.dependent]
-        top = max((self.depth[s] for s in sources), default=0)
-        stages = [frozenset(n for n, d in self.depth.items() if d <= m) for m in range(top - 1, 0, -1)]
+        m = d - 2, d - 4, d - 8, ... (d: the node's depth) while above 1, then m = 1, then the input box (an empty
+        stop set) -- the box only for windowed neurons, for a node with no earlier stage, or with
+        ``dense_to_input``."""
+        # m = d - 1 is left out: a pass that stops one mixing layer below the node reads that layer's input
+        # intervals, which is what the interval bounds of the node did (on a ResNet every refined node is a
+        # batch norm or a residual add, at the depth of its convolution: the stage changed nothing there).
+        # Geometric steps: a pass to depth m costs about d - m layers, so the stages of a node cost about
+        # twice its deepest one, where stopping at every depth cost d / 2 times it.
+        d = self.depth[node.name]
+        depths, step = [], 2
+        while d - step > 1:
+            depths.append(d - step)
+            step *= 2
+        if d - 1 > 1:
+            depths.append(1)
+        stages = [frozenset(n for n, k in self.depth.items() if k <= m) for m in depths]
         if stages and not self.dense_to_input and self._chains.get(node) is None:
             # The last cheap stage stops at nodes one mixing layer deep, whose interval bounds are exact
             # per neuron; going on to the box gains only the first layer's correlations, through the
@@ -441,7 +506,7 @@ class LinearBounds:
         return Interval(lo.reshape(iv.shape), hi.reshape(iv.shape))
 
     def _lower_in_chunks(self, values, node, rows, neuron, sign, stop) -> torch.Tensor:
-        step = self._chunk_rows(values)
+        step = self._chunk_rows(values, node, stop)
         return torch.cat([self.neuron_lower(values, node, rows[i:i + step], neuron[i:i + step], sign[i:i + step], stop)
                           for i in range(0, rows.shape[0], step)])
 
@@ -461,9 +526,16 @@ class LinearBounds:
         relaxation is exact on a stable neuron.
         """
         values = dict(values)
-        for stop in self._stages(node):
+        stages = self._stages(node)
+        for i, stop in enumerate(stages):
             values[node.name] = iv
+            before = int(self._mask(node, iv).sum())
+            if before == 0:
+                break
             iv = self._tighten(values, node, iv, stop)
+            self.stage_log.append((node.name, i, before, int(self._mask(node, iv).sum())))
+            if i + 1 < len(stages) and before - self.stage_log[-1][3] < self.min_settled * before:
+                break   # see min_settled
         return iv
 
     # -- the specification ----------------------------------------------------------------------
@@ -480,7 +552,7 @@ class LinearBounds:
             raise HardenError(f"certify needs logits [N, K]; got {tuple(values[logits.name].shape)}")
         if k < 2:   # no other class: the margin is vacuous
             return torch.full((n,), float("inf"), dtype=values[logits.name].dtype, device=y.device)
-        per_chunk = max(1, self._chunk_rows(values) // (k - 1))
+        per_chunk = max(1, self._chunk_rows(values, fold if fold is not None else logits) // (k - 1))
         parts = []
         for start in range(0, n, per_chunk):
             ys = y[start:start + per_chunk]
