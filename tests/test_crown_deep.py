@@ -42,15 +42,16 @@ def test_deep_residual_nets_are_sound(seed, eps):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_every_stage_is_sound_and_later_stages_follow_settling_ones(seed):
-    """With ``min_settled = 0`` every stage runs (sound too); with the default a node's next stage ran only after
-    one that settled at least that fraction of its neurons."""
+    """With ``min_settled = 0`` every stage runs (sound too); with the default and no cheap stages
+    (``stage_work = 0``) a node's next stage ran only after one that settled at least that fraction of its
+    neurons."""
     gm = trace(_deep_resnet(seed))
     x = _inputs(3, seed)
     box = Interval.from_box(x, 0.004, (0.0, 1.0))
     with torch.no_grad():
         for min_settled in (0.0, LinearBounds(gm).min_settled):
             engine = LinearBounds(gm)
-            engine.min_settled = min_settled
+            engine.min_settled, engine.stage_work = min_settled, 0
             engine.bound_graph(box, "crown")
             log = engine.stage_log
             assert log
@@ -60,6 +61,7 @@ def test_every_stage_is_sound_and_later_stages_follow_settling_ones(seed):
             if min_settled == 0.0:
                 ran = {(n, s) for n, s, _, _ in log}
                 assert any(s >= 2 for _, s in ran)   # the deep nodes' third stage
+        check_crown(gm, x, 0.004, (0.0, 1.0), n_points=4, seed=seed)   # the default (small net: cheap stages run)
     # the schedule itself: d - 2, d - 4, d - 8, ... then 1
     engine = LinearBounds(gm)
     deepest = max(engine.refined, key=lambda n: engine.depth[n])
