@@ -444,3 +444,41 @@ def test_second_bounds_skipped_only_where_no_relaxation_reads_them(seed):
     names = [n.name for n in gm.graph.nodes if n.op != "output"]
     _assert_same_bounds(kept, m_kept, full, m_full, names[-2:])   # the last ReLU, the logits layer
     check_crown(gm, x, 0.05, (0.0, 1.0), n_points=6, seed=seed)      # the default: lower bounds first
+
+
+def _stem_net(seed: int) -> nn.Module:
+    """A ResNet stem (7x7/2 convolution, batch norm, ReLU, overlapping 3x3/2 max pool) under a convolution and a
+    batch norm: the batch norms refined on windows (a batch norm right above a convolution starts a chain)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(2, 4, 7, 2, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+                        nn.Conv2d(5, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.rand(2, 2, 16, 16))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batch_norm_windows_equal_dense_passes(seed):
+    """Batch norms in a window chain and on top of one: every bound and the margin equal the dense passes'."""
+    gm = trace(_stem_net(seed))
+    x = torch.rand(3, 2, 16, 16)
+    box = Interval.from_box(x, 0.02, (0.0, 1.0))
+    y = gm(x).argmax(1)
+    out, rows = [], []
+    with torch.no_grad():
+        for windowed in (True, False):
+            engine = LinearBounds(gm)
+            engine.windowed = windowed
+            result = engine.bound_graph(box, "crown")
+            out.append((result, engine.margin_lower(result.nodes, y, _final_linear(gm))))
+            rows.append(engine.windowed_rows)
+    assert rows[0] > 0 and rows[1] == 0
+    (fast, m_fast), (dense, m_dense) = out
+    _assert_same_bounds(fast, m_fast, dense, m_dense, list(fast.nodes))
+    check_crown(gm, x, 0.02, (0.0, 1.0), n_points=6, seed=seed)

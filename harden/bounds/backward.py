@@ -84,6 +84,26 @@ def backward_rule(key: str, *, start=None, relaxes=None):
     return decorate
 
 
+SEGMENTS = 8
+"""Rows of at most this many samples (each sample's rows consecutive) read per-sample tensors by broadcasting."""
+
+
+def segments(rows: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """(sample, start, end) per run of equal samples in ``rows``, or None when there are more than :data:`SEGMENTS`
+    runs.  A pass's rows come sample by sample (the neurons picked by ``nonzero``), and a chunk mostly holds one
+    sample or a few: reading a sample's parameters by broadcasting skips a copy per row of every map."""
+    if rows.numel() == 0:
+        return None
+    samples, counts = torch.unique_consecutive(rows, return_counts=True)
+    if samples.numel() > SEGMENTS:
+        return None
+    out, start = [], 0
+    for sample, count in zip(samples.tolist(), counts.tolist()):
+        out.append((sample, start, start + count))
+        start += count
+    return out
+
+
 def flat_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over every dim but the first (rows)."""
     return t.reshape(t.shape[0], -1).sum(dim=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from harden.bounds.activations import _HARDTANH, _LEAKY
-from harden.bounds.backward import Back, backward_rule, flat_sum, relax_elementwise
+from harden.bounds.backward import Back, backward_rule, flat_sum, relax_elementwise, segments
 from harden.bounds.interval import Interval
 from harden.bounds.rules import interval_arg
 
@@ -54,6 +54,13 @@ def relu(back: Back) -> None:
     x = _input(back)
     low_slope, up_slope, up_icpt = back.remember("relu", x, lambda: relu_relaxation(x))
     A = back.A
+    runs = segments(back.rows)
+    if runs is not None:   # parameters broadcast per sample instead of gathered per row
+        parts = [(A[i:j], s) for s, i, j in runs]
+        back.emit(x, torch.cat([a * torch.where(a >= 0, low_slope[s], up_slope[s]) for a, s in parts]))
+        back.add_bias(torch.cat([a.clamp(max=0).reshape(a.shape[0], -1).matmul(up_icpt[s].reshape(-1))
+                                 for a, s in parts]))
+        return
     # one pass picks the slope by the sign of A (lower relaxation for A >= 0, upper for A < 0)
     back.emit(x, A * torch.where(A >= 0, back.per_row(low_slope), back.per_row(up_slope)))
     back.add_bias(flat_sum(A.clamp(max=0) * back.per_row(up_icpt)))

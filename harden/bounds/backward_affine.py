@@ -74,6 +74,26 @@ def _transposed_as_conv(A: torch.Tensor, weight: torch.Tensor, p: dict, conv) ->
     return conv(A, flipped, padding=full, dilation=dilation)
 
 
+_TRANSPOSED = {3: F.conv_transpose1d, 4: F.conv_transpose2d}
+
+
+def _transposed(flat: torch.Tensor, weight: torch.Tensor, p: dict, x_shape: tuple) -> torch.Tensor | None:
+    """W^T * A as a transposed convolution, the output padding chosen to give the input's shape; None where no
+    output padding does.  Faster than ``torch.nn.grad.conv*_input`` on this class of CPU (measured, CPU time, 800
+    rows: 26 vs 41 ms on a 128-channel 4x4 map, 52 vs 61 ms on a 64-channel 8x8 map, 43 vs 49 ms with stride 2)."""
+    fn = _TRANSPOSED.get(flat.dim())
+    if fn is None or isinstance(p["padding"], str):
+        return None
+    spatial = flat.dim() - 2
+    stride, padding = _as_tuple(p["stride"], spatial), _as_tuple(p["padding"], spatial)
+    dilation = _as_tuple(p["dilation"], spatial)
+    extra = tuple(size - ((o - 1) * s - 2 * q + d * (k - 1) + 1) for size, o, s, q, d, k
+                  in zip(x_shape[2:], flat.shape[2:], stride, padding, dilation, weight.shape[2:]))
+    if any(e < 0 or e >= max(s, d) for e, s, d in zip(extra, stride, dilation)):
+        return None
+    return fn(flat, weight, stride=stride, padding=padding, output_padding=extra, groups=p["groups"], dilation=dilation)
+
+
 def _conv_backward(back: Back, grad_input, conv) -> None:
     x, p = _conv_params(back.call)
     A = back.A
@@ -97,7 +117,11 @@ def _conv_backward(back: Back, grad_input, conv) -> None:
         if p["bias"] is not None:
             back.add_bias(A.reshape(rows, A.shape[1], -1).sum(dim=2).matmul(p["bias"]))
         return
-    coefficients = _transposed_as_conv(flat, weight, p, conv) if weight.shape[1] < 4 else None
+    coefficients = _as_matrix(back, x, flat, weight, p, grad_input)
+    if coefficients is None and weight.shape[1] < 4:
+        coefficients = _transposed_as_conv(flat, weight, p, conv)
+    if coefficients is None or tuple(coefficients.shape) != x_shape:
+        coefficients = _transposed(flat, weight, p, x_shape)
     if coefficients is None or tuple(coefficients.shape) != x_shape:
         coefficients = grad_input(x_shape, weight, flat, stride=p["stride"], padding=p["padding"],
                                   dilation=p["dilation"], groups=p["groups"])
@@ -105,6 +129,29 @@ def _conv_backward(back: Back, grad_input, conv) -> None:
     if p["bias"] is not None:
         per_channel = A.reshape(A.shape[0], A.shape[1], -1).sum(dim=2)
         back.add_bias(per_channel.matmul(p["bias"]))
+
+
+MATRIX_ENTRIES = 1 << 22
+"""Largest dense matrix (entries) of a convolution on a small map that :func:`_as_matrix` builds."""
+
+
+def _as_matrix(back: Back, x: Interval, flat: torch.Tensor, weight: torch.Tensor, p: dict, grad_input):
+    """W^T * A as one product with the convolution's dense matrix, where the maps are so small that the matrix
+    has fewer entries than the convolution has multiply-adds per row (a ResNet's last stages: 2x2 and 1x1 maps,
+    where most kernel taps meet padding): measured 23 vs 54 ms for 512 rows of a 512-channel 1x1 map."""
+    out_size, in_size = flat[0].numel(), x.lo[0].numel()
+    taps = weight[0, 0].numel()
+    if out_size * in_size > min(MATRIX_ENTRIES, out_size * weight.shape[1] * taps // 2):
+        return None
+
+    def build():
+        eye = torch.eye(out_size, dtype=flat.dtype, device=flat.device).reshape((out_size,) + tuple(flat.shape[1:]))
+        image = grad_input((out_size,) + tuple(x.shape[1:]), weight, eye, stride=p["stride"], padding=p["padding"],
+                           dilation=p["dilation"], groups=p["groups"])
+        return image.reshape(out_size, in_size)
+
+    matrix = back.remember(f"conv-matrix-{weight.data_ptr()}-{weight._version}", x, build)
+    return flat.reshape(flat.shape[0], out_size).matmul(matrix).reshape((flat.shape[0],) + tuple(x.shape[1:]))
 
 
 def _index_windows(call: Call, x: Interval, p: dict) -> torch.Tensor:
@@ -149,10 +196,8 @@ def conv1d(back: Back) -> None:
 
 
 # --------------------------------------------------------------------------- batch norm
-@backward_rule("batch_norm")
-def batch_norm(back: Back) -> None:
-    """y = a x + c per channel: coefficients A a on x, sum(A c) to the bias."""
-    call = back.call
+def batch_norm_affine(call: Call) -> tuple[Interval, torch.Tensor, torch.Tensor]:
+    """(input, a, c) of an eval-mode batch norm y = a x + c, a and c per channel."""
     p = call.bind(norm._signature(call), norm._module_params)
     x = interval_arg(call, p["input"], "the input")
     if p.get("training"):
@@ -166,6 +211,13 @@ def batch_norm(back: Back) -> None:
     shift = -concrete_arg(call, p["running_mean"], "running_mean") * scale
     if bias is not None:
         shift = shift + bias
+    return x, scale, shift
+
+
+@backward_rule("batch_norm")
+def batch_norm(back: Back) -> None:
+    """y = a x + c per channel: coefficients A a on x, sum(A c) to the bias."""
+    x, scale, shift = batch_norm_affine(back.call)
     view = (1, -1) + (1,) * (x.dim() - 2)
     back.emit(x, back.A * scale.reshape(view))
     back.add_bias(flat_sum(back.A * shift.reshape(view)))

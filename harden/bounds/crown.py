@@ -8,7 +8,13 @@ Three bound methods, one name each (``--bounds``):
   later relaxation reads it (a ReLU's unstable input neurons), two rows per neuron (its lower and
   its upper bound), and the refined interval replaces the interval one in the forward pass, so
   everything after it is bounded from it.  Refined bounds are intersected with the interval ones,
-  so they are never looser.
+  so they are never looser.  The passes of a node d mixing layers deep run in stages that stop at
+  depth d - 2, d - 4, d - 8, ..., then 1 (see :meth:`LinearBounds._stages`), each on the neurons the
+  last left unstable; a stage that settles fewer than :data:`MIN_SETTLED` of them ends the node's
+  refinement unless the next one is cheap (:data:`STAGE_WORK`).  So ``crown`` is full
+  back-substitution on small nets and where stages keep settling neurons; on a deep net whose
+  bounds blow up (no stage settles anything) it is CROWN to two mixing layers below each node,
+  on top of nodes refined the same way.
 
 A *row* is one linear function of one sample; all rows of all samples go through one backward
 pass (chunked to a memory budget), whatever their sample.  Everything stays on the device of the
@@ -24,7 +30,8 @@ import torch.fx as fx
 
 # Importing the rule families registers them.
 from harden.bounds import backward_activations, backward_affine, backward_pooling, backward_smooth  # noqa: F401
-from harden.bounds.backward import BACKWARD_RULES, Back, flat_sum
+from harden.bounds import entries
+from harden.bounds.backward import BACKWARD_RULES, Back, flat_sum, segments
 from harden.bounds.backward_pooling import _geometry as _pool_geometry, entries_read
 from harden.bounds.interval import Interval
 from harden.bounds.linear import linear_parts
@@ -48,8 +55,29 @@ _FLATTENS = frozenset({"flatten", "reshape"})
 _SHAPE_QUERIES = frozenset({"size", "getattr"})
 """Input-dependent nodes whose value is a concrete shape, never bounds: no backward rule needed."""
 
-ROW_BUDGET = 1 << 23
-"""Rows per backward pass: at most this many coefficients in the widest node (~32 MB in float32)."""
+MIN_SETTLED = 0.01
+"""A stage that settles fewer than this fraction of the neurons it refines ends the refinement of the node.
+
+Deeper stages cost more (a pass to depth m runs through d - m layers) and settle what the shallower one nearly
+settled; where bounds blow up (a normally trained ResNet-18 at eps 1/255: every neuron of every refined node
+unstable, none settled by any stage) they only narrow intervals that stay unstable, at most of the cost."""
+
+STAGE_WORK = 1 << 22
+"""A deeper stage after one that settled fewer than :data:`MIN_SETTLED` of its neurons still runs when its passes
+run through at most this many coefficients per sample (rows per sample times :meth:`LinearBounds.passed_per_row`).
+
+Settling is a poor forecast on small nets: on vgg-digits at eps 0.02 the first stage of the first dense layer
+(stopping two layers below) settles none of its 640 neurons and the next (one layer above the input) 17%;
+stopping there cost 6 of -10 in mean margin (20 images) for 30% less time.  That stage runs through 2.5M
+coefficients per sample (all 128 neurons unstable), LeNet-5's deeper stage 0.7M; a ResNet-18's deeper stages
+8M (the last block) to 440M (the first)."""
+
+ROW_BUDGET = 1 << 24
+"""Coefficients alive at once in one chunk of rows of a backward pass (~64 MB in float32): see :meth:`LinearBounds.live_per_row`."""
+
+TEMPORARIES = 3
+"""Tensors of a node's size a backward rule holds besides its input coefficients (a ReLU step: the slopes picked
+by sign, the product, the negative part for the intercepts)."""
 
 
 def check_method(method: str) -> str:
@@ -60,6 +88,12 @@ def check_method(method: str) -> str:
 
 def box_lower(A: torch.Tensor, box: Interval, rows: torch.Tensor) -> torch.Tensor:
     """min over the box of sum(A * x), per row: A+ lo + A- hi."""
+    runs = segments(rows)
+    if runs is not None:   # per sample, two products with its bounds (no copy of them per row)
+        flat = A.reshape(A.shape[0], -1)
+        lo, hi = box.lo.reshape(box.shape[0], -1), box.hi.reshape(box.shape[0], -1)
+        return torch.cat([flat[i:j].clamp(min=0).matmul(lo[s]) + flat[i:j].clamp(max=0).matmul(hi[s])
+                          for s, i, j in runs])
     lo, hi = box.lo.index_select(0, rows), box.hi.index_select(0, rows)
     return flat_sum(A.clamp(min=0) * lo + A.clamp(max=0) * hi)
 
@@ -101,7 +135,15 @@ class LinearBounds:
         self.dense_to_input = False
         """Whether neurons refined by dense passes (not on windows) go on to the input box after the stages
         that stop one mixing layer above it (see :meth:`_stages`); windowed neurons always do (cheap)."""
-        self._chains = {n: chain_below(self, n) for n in self.nodes if self.keys[n] == "conv2d" and n in self.dependent}
+        self.min_settled = MIN_SETTLED
+        """A node's next (deeper) stage runs only when its last one settled at least this fraction of the neurons
+        it refined (see :data:`MIN_SETTLED`); 0 runs every stage."""
+        self.stage_work = STAGE_WORK
+        """See :data:`STAGE_WORK`."""
+        self.stage_log: list[tuple[str, int, int, int]] = []
+        """(node, stage index, neurons refined, neurons the relaxations still read after it), per stage run."""
+        self._chains = {n: chain_below(self, n) for n in self.nodes if n in self.dependent and (
+            self.keys[n] == "conv2d" or (self.keys[n] == "batch_norm" and self._above_conv(n)))}
         self._maps = {n: chain for n in self.nodes if self.keys[n] in _FLATTENS and n in self.dependent
                       and (chain := chain_below(self, n))}
         """Flattening nodes above a window chain: whole-map passes below them run on the windowed steps."""
@@ -112,6 +154,10 @@ class LinearBounds:
         self._pooled = {n: self._only_pooled(n) for n in self.nodes if n.name in self.refined}
 
     # -- structure ------------------------------------------------------------------------------
+    def _above_conv(self, node: fx.Node) -> bool:
+        sources = [s for s in node.all_input_nodes if s in self.dependent]
+        return len(sources) == 1 and self.keys[sources[0]] == "conv2d"
+
     def _feeds_logits(self, node: fx.Node) -> bool:
         return node in self._logits_ancestors()
 
@@ -167,11 +213,16 @@ class LinearBounds:
     # -- the forward pass -----------------------------------------------------------------------
     def bound_graph(self, box: Interval, method: str = "crown",
                     clamp: dict[str, Callable[[Interval], Interval]] | None = None,
-                    pre_clamp: dict[str, Callable[[Interval], Interval]] | None = None) -> BoundResult:
+                    pre_clamp: dict[str, Callable[[Interval], Interval]] | None = None,
+                    reuse: BoundResult | None = None) -> BoundResult:
         """Bounds of every node over ``box``; with ``crown`` the planned nodes are refined by backward passes.
 
         ``pre_clamp`` is applied right after a node's refinement, ``clamp`` after that (both: what later
-        nodes see and what is recorded).
+        nodes see and what is recorded).  ``reuse``: with ``crown``, the planned nodes take the bounds that
+        result recorded, intersected with this run's intervals, instead of new backward passes -- sound only
+        when every value this run bounds is one that result bounded (certify's clamped run: the inputs of the
+        same box that raise no alarm); that run's passes did not see this run's clamps, so it is looser than
+        refining again, and costs nothing.
         """
         check_method(method)
         self.memo = {}
@@ -182,6 +233,9 @@ class LinearBounds:
 
         def refiner(name: str):
             node = next(n for n in self.nodes if n.name == name)
+            before = reuse.nodes.get(name) if reuse is not None else None
+            if isinstance(before, Interval):
+                return lambda iv: Interval(torch.maximum(iv.lo, before.lo), torch.minimum(iv.hi, before.hi))
             return lambda iv: self.refine(interpreter.recorded, node, iv)
 
         if refine:
@@ -231,9 +285,9 @@ class LinearBounds:
             source, index = owner
             if index is not None:
                 items = pending.setdefault(source, {})
-                items[index] = items[index] + coefficients if index in items else coefficients
+                items[index] = entries.add(items[index], coefficients) if index in items else entries.dense(coefficients)
             elif source in pending:
-                pending[source] = pending[source] + coefficients
+                pending[source] = entries.add(pending[source], coefficients)
             else:
                 pending[source] = coefficients
 
@@ -244,10 +298,25 @@ class LinearBounds:
         total = torch.zeros(rows.shape[0], dtype=values[node.name].lo.dtype, device=rows.device) + first.bias
         pending: dict[fx.Node, torch.Tensor] = {}
         self._collect(node, first, values, pending)
-        for n in reversed(self.nodes[:self.position[node]]):
+        return self._drain(values, self.position[node], pending, total, rows, stop)
+
+    def _drain(self, values: dict, end: int, pending: dict, total: torch.Tensor, rows: torch.Tensor,
+               stop: frozenset) -> torch.Tensor:
+        """``total`` plus the lower bound of the coefficients ``pending`` (by node, all before position ``end``)."""
+        for n in reversed(self.nodes[:end]):
             A = pending.pop(n, None)
             if A is None:
                 continue
+            if isinstance(A, entries.Entry):
+                if n.op == "placeholder" or n.name in stop:
+                    total = total + A.box_lower(values[n.name], rows)
+                    continue
+                back = entries.step(self, n, values, A, rows)
+                if back is not None:
+                    total = total + back.bias
+                    self._collect(n, back, values, pending)
+                    continue
+            A = entries.dense(A)
             if n.op == "placeholder" or n.name in stop:
                 total = total + _box_lower_of(A, values[n.name], rows)
                 continue
@@ -289,10 +358,57 @@ class LinearBounds:
         self.interval_only.add(self.keys[node])
         return None
 
-    def _chunk_rows(self, values: dict) -> int:
-        widest = max((v.lo[0].numel() for v in values.values() if isinstance(v, Interval) and v.dim() > 0),
-                     default=1)
-        return max(2, self.row_budget // max(1, widest))
+    def _chunk_rows(self, values: dict, node: fx.Node, stop: frozenset = frozenset()) -> int:
+        """Rows per chunk of a pass from ``node`` down to ``stop``: :attr:`row_budget` over :meth:`live_per_row`."""
+        return max(2, self.row_budget // max(1, self.live_per_row(values, node, stop)))
+
+    def live_per_row(self, values: dict, node: fx.Node, stop: frozenset = frozenset()) -> int:
+        """Most coefficients one row of a dense pass from ``node`` to ``stop`` holds at once: those pending on every
+        node the pass reached and has not passed yet (on a residual net the skip branch waits while the other is
+        passed), plus :data:`TEMPORARIES` of the largest node it passes.  An upper bound: window and entry steps
+        hold less."""
+        return self._reach(values, node, stop)[0]
+
+    def passed_per_row(self, values: dict, node: fx.Node, stop: frozenset = frozenset()) -> int:
+        """Coefficients one row of a dense pass from ``node`` to ``stop`` runs through: the sizes of the nodes it
+        passes (the work of a pass, up to the cost per coefficient of each step)."""
+        return self._reach(values, node, stop)[1]
+
+    def _reach(self, values: dict, node: fx.Node, stop: frozenset) -> tuple[int, int]:
+        key = (node.name, stop, tuple(tuple(v.shape[1:]) for v in values.values() if isinstance(v, Interval)))
+        cached = self.__dict__.setdefault("_live", {}).get(key)
+        if cached is not None:
+            return cached
+
+        def size(n):
+            v = values.get(n.name)
+            if isinstance(v, Interval):
+                return int(v.lo[0].numel())
+            if isinstance(v, (tuple, list)):
+                return sum(int(i.lo[0].numel()) for i in v if isinstance(i, Interval))
+            return 0
+
+        # the nodes a pass reaches (stop nodes and the input: reached, not passed), and the last position from
+        # which each one waits
+        reached, waits, stack = {node}, {node: self.position[node]}, [node]
+        while stack:
+            n = stack.pop()
+            if n is not node and (n.name in stop or n.op == "placeholder"):
+                continue
+            for s in n.all_input_nodes:
+                if s in self.dependent:
+                    waits[s] = max(waits.get(s, -1), self.position[n])
+                    if s not in reached:
+                        reached.add(s)
+                        stack.append(s)
+        events = sorted((self.position[n], waits[n], size(n)) for n in reached)
+        peak, largest = 0, max(size(n) for n in reached)
+        for position, _, _ in events:
+            # pending while passing the node at ``position``: reached below it, waited on from it or above
+            peak = max(peak, sum(sz for p, w, sz in events if p <= position <= w))
+        passed = sum(size(n) for n in reached if n is node or not (n.name in stop or n.op == "placeholder"))
+        cached = self._live[key] = (peak + TEMPORARIES * largest, passed)
+        return cached
 
     def neuron_lower(self, values: dict, node: fx.Node, rows: torch.Tensor, neuron: torch.Tensor,
                      sign: torch.Tensor, stop: frozenset = frozenset()) -> torch.Tensor:
@@ -305,27 +421,14 @@ class LinearBounds:
                 self.rules_used.add(self.keys[node])
                 self.windowed_rows += int(rows.shape[0])
                 return lower
-        rule = BACKWARD_RULES.find(self.keys[node])
-        first = None
-        if rule is not None and rule.start is not None:
-            try:
-                first = rule.start(self._call(node, values), neuron, sign, rows)
-            except HardenError:  # a variant the rule refuses: _backward below records the fallback
-                first = None
-        if first is not None:
-            self.rules_used.add(self.keys[node])
-        else:
-            iv = values[node.name] if node.name in values else None
-            shape = tuple(iv.shape[1:]) if iv is not None else None
-            if shape is None:
-                raise HardenError(f"bounds: node {node.name!r} has no recorded shape")
-            A = torch.zeros((len(neuron), int(torch.Size(shape).numel())), dtype=sign.dtype, device=sign.device)
-            A.scatter_(1, neuron.unsqueeze(1), sign.unsqueeze(1))
-            A = A.reshape((len(neuron),) + shape)
-            first = self._backward(node, values, A, rows)
-            if first is None:   # the rule refuses this variant: the neuron keeps its interval bound
-                return box_lower(A, iv, rows)
-        return self._run(values, node, first, stop)
+        iv = values.get(node.name)
+        if not isinstance(iv, Interval):
+            raise HardenError(f"bounds: node {node.name!r} has no recorded shape")
+        # one entry per row until a mixing layer writes its weights (see harden.bounds.entries); where no rule
+        # takes the node, its own interval bounds the row (the neuron keeps its interval bound)
+        total = torch.zeros(rows.shape[0], dtype=iv.lo.dtype, device=rows.device)
+        pending = {node: entries.Entry(neuron, sign, tuple(iv.shape[1:]))}
+        return self._drain(values, self.position[node] + 1, pending, total, rows, stop)
 
     def _mixing_depth(self) -> dict[str, int]:
         """Per node, the most linear or convolution layers on any path from the input to it."""
@@ -339,11 +442,22 @@ class LinearBounds:
 
     def _stages(self, node: fx.Node) -> list[frozenset]:
         """Where the passes refining ``node`` stop, cheapest first: the nodes at most m mixing layers deep, for
-        m = (depth of node's input) - 1 down to 1, then the input box (an empty stop set) -- the box only for
-        windowed neurons, for a node with no earlier stage, or with ``dense_to_input``."""
-        sources = [s.name for s in node.all_input_nodes if s in self.dependent]
-        top = max((self.depth[s] for s in sources), default=0)
-        stages = [frozenset(n for n, d in self.depth.items() if d <= m) for m in range(top - 1, 0, -1)]
+        m = d - 2, d - 4, d - 8, ... (d: the node's depth) while above 1, then m = 1, then the input box (an empty
+        stop set) -- the box only for windowed neurons, for a node with no earlier stage, or with
+        ``dense_to_input``."""
+        # m = d - 1 is left out: a pass that stops one mixing layer below the node reads that layer's input
+        # intervals, which is what the interval bounds of the node did (on a ResNet every refined node is a
+        # batch norm or a residual add, at the depth of its convolution: the stage changed nothing there).
+        # Geometric steps: a pass to depth m costs about d - m layers, so the stages of a node cost about
+        # twice its deepest one, where stopping at every depth cost d / 2 times it.
+        d = self.depth[node.name]
+        depths, step = [], 2
+        while d - step > 1:
+            depths.append(d - step)
+            step *= 2
+        if d - 1 > 1:
+            depths.append(1)
+        stages = [frozenset(n for n, k in self.depth.items() if k <= m) for m in depths]
         if stages and not self.dense_to_input and self._chains.get(node) is None:
             # The last cheap stage stops at nodes one mixing layer deep, whose interval bounds are exact
             # per neuron; going on to the box gains only the first layer's correlations, through the
@@ -427,7 +541,7 @@ class LinearBounds:
         return Interval(lo.reshape(iv.shape), hi.reshape(iv.shape))
 
     def _lower_in_chunks(self, values, node, rows, neuron, sign, stop) -> torch.Tensor:
-        step = self._chunk_rows(values)
+        step = self._chunk_rows(values, node, stop)
         return torch.cat([self.neuron_lower(values, node, rows[i:i + step], neuron[i:i + step], sign[i:i + step], stop)
                           for i in range(0, rows.shape[0], step)])
 
@@ -441,15 +555,28 @@ class LinearBounds:
     def refine(self, values: dict, node: fx.Node, iv: Interval) -> Interval:
         """``iv`` tightened by backward passes at the neurons the relaxations after ``node`` read.
 
-        In stages, cheapest first: a pass that stops at the intervals of the layers just below (a few
-        rows of small matrices), then deeper, and only the neurons still unstable go on to the next stage;
-        the last stage reaches the input box.  A neuron settled early would gain nothing later: a
-        relaxation is exact on a stable neuron.
+        In stages, cheapest first (:meth:`_stages`): a pass that stops at the intervals two mixing layers
+        below, then deeper, and only the neurons still unstable go on to the next stage; the last stage
+        stops one mixing layer above the input (windowed neurons: at the input box).  A neuron settled
+        early would gain nothing later: a relaxation is exact on a stable neuron.  A stage that settles
+        fewer than :attr:`min_settled` of its neurons is the node's last (:data:`MIN_SETTLED`) unless the
+        next one is cheap (:attr:`stage_work`).
         """
         values = dict(values)
-        for stop in self._stages(node):
+        stages = self._stages(node)
+        for i, stop in enumerate(stages):
             values[node.name] = iv
+            before = int(self._mask(node, iv).sum())
+            if before == 0:
+                break
             iv = self._tighten(values, node, iv, stop)
+            left = int(self._mask(node, iv).sum())
+            self.stage_log.append((node.name, i, before, left))
+            if i + 1 < len(stages) and before - left < self.min_settled * before:
+                # a deeper stage after one that settled (almost) nothing: only while it is cheap
+                work = 2 * left / max(1, iv.shape[0]) * self.passed_per_row(values, node, stages[i + 1])
+                if work > self.stage_work:
+                    break
         return iv
 
     # -- the specification ----------------------------------------------------------------------
@@ -466,7 +593,7 @@ class LinearBounds:
             raise HardenError(f"certify needs logits [N, K]; got {tuple(values[logits.name].shape)}")
         if k < 2:   # no other class: the margin is vacuous
             return torch.full((n,), float("inf"), dtype=values[logits.name].dtype, device=y.device)
-        per_chunk = max(1, self._chunk_rows(values) // (k - 1))
+        per_chunk = max(1, self._chunk_rows(values, fold if fold is not None else logits) // (k - 1))
         parts = []
         for start in range(0, n, per_chunk):
             ys = y[start:start + per_chunk]

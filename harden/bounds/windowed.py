@@ -7,8 +7,9 @@ here each row carries only its window [C, h, w] and the position of the window's
 every relaxation parameter is gathered for that window.  Same relaxations, same result as the
 dense pass (tests compare them), a fraction of the work.
 
-Handles chains of conv2d (groups 1, zero padding), relu and max_pool2d down to a 4-d input box;
-:func:`chain_below` returns None for anything else and the dense pass is used.
+Handles chains of conv2d (groups 1, zero padding), eval-mode batch_norm, relu and max_pool2d down to a 4-d
+input box; :func:`chain_below` returns None for anything else and the dense pass is used.  A batch norm right
+above a convolution starts a chain too (its neuron is the convolution's, scaled and shifted).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import torch.nn.functional as F
 
 from harden.bounds.backward import flat_sum
 from harden.bounds.backward_activations import relu_relaxation
-from harden.bounds.backward_affine import _conv_params
+from harden.bounds.backward_affine import _conv_params, batch_norm_affine
 from harden.bounds.backward_pooling import _geometry, _relaxation
 from harden.bounds.interval import Interval
+from harden.errors import HardenError
 
-WINDOW_OPS = frozenset({"conv2d", "relu", "max_pool2d"})
+WINDOW_OPS = frozenset({"conv2d", "batch_norm", "relu", "max_pool2d"})
 
 
 def chain_below(engine, node: fx.Node) -> list[fx.Node] | None:
@@ -189,6 +191,19 @@ def _remember(engine, what: str, x, compute):
     return hit[1]
 
 
+def _bn_window(engine, values, node, A, total):
+    """Through an eval-mode batch norm y = a x + c (per channel): A a on x, sum(A c) to the bias."""
+    try:
+        x, scale, shift = batch_norm_affine(engine._call(node, values))
+    except HardenError:
+        raise _NotWindowed from None
+    if x.dim() != 4:
+        raise _NotWindowed
+    # entries of A off the map are 0 (cut after every convolution; a pool scatters to picked entries only)
+    total = total + A.sum(dim=(2, 3)).matmul(shift)
+    return A * scale.view(1, -1, 1, 1), total
+
+
 def _relu_window(engine, values, node, A, rows, oy, ox, total, grid):
     x = values[node.all_input_nodes[0].name]
     # lower slope, upper slope and upper intercept stacked along the channels: one gather per window
@@ -278,7 +293,21 @@ class _NotWindowed(Exception):
 
 def conv_neuron_lower(engine, values: dict, node: fx.Node, chain: list[fx.Node], rows: torch.Tensor,
                       neuron: torch.Tensor, sign: torch.Tensor) -> torch.Tensor | None:
-    """Lower bounds [R] of ``sign * node[rows, neuron]`` for a conv2d ``node`` above a window chain, or None."""
+    """Lower bounds [R] of ``sign * node[rows, neuron]`` for a conv2d ``node`` above a window chain (or a
+    batch norm right above one), or None."""
+    if engine.keys[node] == "batch_norm":
+        if not chain or engine.keys[chain[0]] != "conv2d":
+            return None
+        try:
+            _, scale, shift = batch_norm_affine(engine._call(node, values))
+        except HardenError:
+            return None
+        out = values[node.name].shape[2:] if isinstance(values.get(node.name), Interval) else None
+        if out is None or len(out) != 2:
+            return None
+        channel = neuron // (out[0] * out[1])
+        lower = conv_neuron_lower(engine, values, chain[0], chain[1:], rows, neuron, sign * scale.index_select(0, channel))
+        return None if lower is None else lower + sign * shift.index_select(0, channel)
     try:
         x, p = _conv_params(engine._call(node, values))
         if p["groups"] != 1 or isinstance(p["padding"], str) or x.dim() != 4 or p.get("pre_pad") is not None:
@@ -319,6 +348,8 @@ def _down_chain(engine, values, chain, top, A, rows, oy, ox, total, grid, stop) 
             skip = relu
         elif key == "relu":
             A, total = _relu_window(engine, values, n, A, rows, oy, ox, total, grid)
+        elif key == "batch_norm":
+            A, total = _bn_window(engine, values, n, A, total)
         else:
             A, oy, ox, total, grid = _conv_window(engine, values, n, A, oy, ox, total, grid)
         engine.rules_used.add(key)

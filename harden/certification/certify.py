@@ -326,7 +326,7 @@ class _BatchBounds:
 
 
 def _bounds_and_margin(gm, box, yb, fold, record, engine: LinearBounds | None, method: str,
-                       clamps=None, pre_clamps=None) -> tuple[BoundResult, torch.Tensor]:
+                       clamps=None, pre_clamps=None, reuse: BoundResult | None = None) -> tuple[BoundResult, torch.Tensor]:
     """Bounds of the recorded nodes and the margin lower bound, by ``method``.
 
     With a linear-relaxation method the margin is the larger of the backward-pass bound and the
@@ -335,9 +335,15 @@ def _bounds_and_margin(gm, box, yb, fold, record, engine: LinearBounds | None, m
     if engine is None:
         result = propagate(gm, box, record=record, clamp=clamps)
         return result, margin_lower_bound(gm, result, yb, fold)
-    result = engine.bound_graph(box, method, clamp=clamps, pre_clamp=pre_clamps)
+    result = engine.bound_graph(box, method, clamp=clamps, pre_clamp=pre_clamps, reuse=reuse)
     margin = torch.maximum(margin_lower_bound(gm, result, yb, fold), engine.margin_lower(result.nodes, yb, fold))
     return result, margin
+
+
+REFINE_CLAMPED = False
+"""With ``--bounds crown``, whether the trap-clamped run refines its intermediate bounds by its own backward passes
+(tighter detect-or-robust margins where the clamps narrow the refined nodes' inputs; twice the cost) or takes
+the plain run's refined bounds, intersected with its clamped intervals."""
 
 
 def _engine(gm: fx.GraphModule, bounds: str) -> LinearBounds | None:
@@ -356,8 +362,11 @@ def _bound_batch(gm, traps, xb, yb, threat: InputSet, rows: slice, fold, record:
         return _BatchBounds(plain, plain, robust, robust.clone(), never, margin, margin)
     clamps, always_parts = trap_clamps(traps, xb.device, xb.dtype)
     pre = pre_activation_clamps(gm, traps, xb.device, xb.dtype) if engine is not None else None
+    # crown: the clamped run takes the plain run's refined bounds (every input that raises no alarm is an input of
+    # the box) instead of refining again, which cost as much as the plain run (REFINE_CLAMPED: refine again)
+    reuse = None if REFINE_CLAMPED or engine is None else plain
     clamped, margin_detect = _bounds_and_margin(gm, box, yb, fold, record, engine, method,
-                                                merge_clamps(extra, clamps), pre)
+                                                merge_clamps(extra, clamps), pre, reuse)
     always = torch.stack(always_parts).any(dim=0)
     steps = lagrangian.STEPS if lagrangian_steps is None else int(lagrangian_steps)
     if engine is not None and steps > 0:
