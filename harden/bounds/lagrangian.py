@@ -194,6 +194,9 @@ def lagrangian_margin(engine: LinearBounds, values: dict, y: torch.Tensor, fold:
                 break
             optimiser.zero_grad(set_to_none=True)
             for part in live.split(ROWS_PER_PASS):
+                # Relaxation parameters memoised during one pass can hold that pass's autograd graph (shared across
+                # passes, a RegNet block failed with "backward through the graph a second time"): each builds its own.
+                engine.memo = {}
                 lam_part = lam.index_select(0, part)
                 first, node = _first_back(engine, values, y_of[part], j_of[part], s_of[part], fold)
                 seeds, bias = _seeds(cons, values, lam_part)
