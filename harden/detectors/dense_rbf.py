@@ -124,18 +124,7 @@ def rbf_decision_graph(estimator, source: str, output: str, prefix: str, *, sign
             n("Mul", [p + "z", p + "z"], [p + "z2"]),
             n("ReduceSum", [p + "z2", p + "axis"], [p + "x_sq"], keepdims=1),
         ]
-    nodes += [
-        n("Mul", [p + "dot", p + "two_gamma"], [p + "cross"]),              # [N, S]
-        n("Mul", [p + "x_sq", p + "minus_gamma"], [p + "row_bias"]),       # [N, 1]
-        n("Add", [p + "cross", p + "sv_bias"], [p + "partial"]),
-        n("Add", [p + "partial", p + "row_bias"], [p + "exponent"]),
-        n("Exp", [p + "exponent"], [p + "kernel"]),
-        n("MatMul", [p + "kernel", p + "dual"], [p + "weighted"]),
-        n("Add", [p + "weighted", p + "intercept"], [p + "decision"]),
-        n("Reshape", [p + "decision", p + "flat"], [p + "flat_decision"]),
-    ]
-    nodes.append(n("Cast", [p + "flat_decision"], [output], to=TensorProto.FLOAT))
-    return nodes, inits
+    return nodes + _decision(n, p, output), inits
 
 
 def _centred_graph(parts: RbfParts, source: str, output: str, prefix: str, sign: float) -> tuple[list, list]:
@@ -182,17 +171,8 @@ def _centred_graph(parts: RbfParts, source: str, output: str, prefix: str, sign:
         n("Mul", [p + "xc", p + "xc"], [p + "x2_32"]),
         n("ReduceSum", [p + "x2_32", p + "axis"], [p + "x_sq32"], keepdims=1),
         n("Cast", [p + "x_sq32"], [p + "x_sq"], to=double),
-        n("Mul", [p + "dot", p + "two_gamma"], [p + "cross"]),              # [N, S]
-        n("Mul", [p + "x_sq", p + "minus_gamma"], [p + "row_bias"]),       # [N, 1]
-        n("Add", [p + "cross", p + "sv_bias"], [p + "partial"]),
-        n("Add", [p + "partial", p + "row_bias"], [p + "exponent"]),
-        n("Exp", [p + "exponent"], [p + "kernel"]),
-        n("MatMul", [p + "kernel", p + "dual"], [p + "weighted"]),
-        n("Add", [p + "weighted", p + "intercept"], [p + "decision"]),
-        n("Reshape", [p + "decision", p + "flat"], [p + "flat_decision"]),
-        n("Cast", [p + "flat_decision"], [output], to=TensorProto.FLOAT),
     ]
-    return nodes, inits
+    return nodes + _decision(n, p, output), inits
 
 
 class RbfSvmDetector:
@@ -415,3 +395,19 @@ def rbf_decisions_graph(columns: list[tuple[object, int, int, float]], source: s
         n("Cast", [prefix + "decisions"], [output], to=TensorProto.FLOAT),
     ]
     return nodes, inits
+
+
+def _decision(n, p: str, output: str) -> list:
+    """From ``p + "dot"`` (x.sv) and ``p + "x_sq"`` (|x|^2), float64: the RBF kernel, the dual product and the
+    intercept, reshaped to [N] and cast to float32 as ``output``."""
+    return [
+        n("Mul", [p + "dot", p + "two_gamma"], [p + "cross"]),              # [N, S]
+        n("Mul", [p + "x_sq", p + "minus_gamma"], [p + "row_bias"]),       # [N, 1]
+        n("Add", [p + "cross", p + "sv_bias"], [p + "partial"]),
+        n("Add", [p + "partial", p + "row_bias"], [p + "exponent"]),
+        n("Exp", [p + "exponent"], [p + "kernel"]),
+        n("MatMul", [p + "kernel", p + "dual"], [p + "weighted"]),
+        n("Add", [p + "weighted", p + "intercept"], [p + "decision"]),
+        n("Reshape", [p + "decision", p + "flat"], [p + "flat_decision"]),
+        n("Cast", [p + "flat_decision"], [output], to=TensorProto.FLOAT),
+    ]
