@@ -136,6 +136,35 @@ def test_grid_reduction_is_ceil_mode_max_pooling_and_exports_exactly():
     assert np.array_equal(got, head(*xs).numpy())
 
 
+def test_the_grid_shrinks_until_the_codes_fit_the_feature_budget():
+    from harden.methods.safetynet import budgeted_plans, reduction_plan
+
+    shapes = [(64, 8, 8), (128, 4, 4), (512, 1, 1)]   # at grid 4: 1024 + 2048 + 512 = 3584 features
+    plans, used = budgeted_plans(shapes, "grid", 4, 3584)
+    assert used == 4 and plans == [reduction_plan(s, "grid", 4) for s in shapes]
+    plans, used = budgeted_plans(shapes, "grid", 4, 3583)   # grid 3: 64*9 + 128*4 + 512 = 1600
+    assert used == 3 and sum(p[2] for p in plans) == 1600
+    plans, used = budgeted_plans(shapes, "grid", 4, 1000)   # grid 1: 64 + 128 + 512 = 704
+    assert used == 1 and [p[1] for p in plans] == [8, 4, 1] and sum(p[2] for p in plans) == 704
+    plans, used = budgeted_plans(shapes, "grid", 4, 10)     # nothing fits: one cell per channel stands
+    assert used == 1 and sum(p[2] for p in plans) == 704
+    plans, used = budgeted_plans(shapes, "max", 4, 10)      # only the grid reduction is budgeted
+    assert used == 4 and sum(p[2] for p in plans) == 704
+
+
+def test_a_model_over_the_feature_budget_is_coded_on_a_coarser_grid(tiny_model, digits):
+    wide = instrument(tiny_model, digits, [safetynet(layers="all", **FAST)], OPTIONS).method("safetynet").config
+    assert wide["grid"]["used"] == 4 and wide["features"] <= wide["grid"]["max_features"]
+    budget = wide["features"] - 1
+    narrow = instrument(tiny_model, digits, [safetynet(layers="all", max_features=budget, **FAST)], OPTIONS)
+    config = narrow.method("safetynet").config
+    assert config["grid"] == {"asked": 4, "used": config["grid"]["used"], "max_features": budget}
+    assert config["grid"]["used"] < 4 and config["features"] < wide["features"]
+    assert narrow.method("safetynet").detector.n_features == config["features"]
+    result = export_onnx(narrow)   # raises on a parity failure; alarms compared exactly
+    assert not any(result.parity.alarm_mismatches.values())
+
+
 def test_build_head_rebuilds_the_fitted_shapes(binary, quaternary):
     for hardened in (binary, quaternary):
         method = hardened.method("safetynet")

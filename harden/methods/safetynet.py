@@ -68,6 +68,10 @@ CODES = {"binary": (), "quaternary": (0.25, 0.5, 0.75)}
 REDUCTIONS = ("grid", "none", "max", "mean")
 DEFAULT_REDUCE = "grid"   # conv sites: max-pool to about GRID x GRID cells per channel
 GRID = 4
+# The SVM's cost per input is (support vectors) x (code features). Every suite pair but the ResNet-18 one has at most
+# 5,632 features at GRID (docs/results/safetynet.md, "Wide models"); a model above the budget gets a coarser grid,
+# so the detector's product stays a small share of a wide classifier's cost (and its fit does not take an hour).
+DEFAULT_MAX_FEATURES = 6144
 DEFAULT_MAX_TRAIN = 600   # natural training inputs; as many adversarial ones are made from them
 DEFAULT_MAX_SV = 500      # support-vector budget: the SVM's cost per input is (support vectors) x D
 C_GRID = (0.1, 1.0, 10.0, 100.0)
@@ -157,6 +161,17 @@ def reduction_plan(shape: Sequence[int], how: str, grid: int) -> tuple[str, int,
     k = max(1, math.ceil(max(spatial) / grid))
     cells = int(np.prod([math.ceil(s / k) for s in spatial]))
     return "grid", k, channels * cells
+
+
+def budgeted_plans(shapes: Sequence[Sequence[int]], how: str, grid: int, max_features: int
+                   ) -> tuple[list[tuple[str, int, int]], int]:
+    """The sites' reduction plans with the grid shrunk (grid, grid - 1, ..., 1) until the codes total at most
+    ``max_features``; at grid 1 the plans stand whatever their total. Returns (plans, grid used)."""
+    for g in range(grid, 0, -1):
+        plans = [reduction_plan(shape, how, g) for shape in shapes]
+        if how != "grid" or sum(p[2] for p in plans) <= max_features:
+            return plans, g
+    return plans, 1
 
 
 def positive_quantiles(values: torch.Tensor, quantiles: Sequence[float], positive_only: bool = True) -> torch.Tensor:
@@ -353,6 +368,9 @@ class SafetyNetOptions(OptionSet):
     reduce: str = option(DEFAULT_REDUCE, "conv sites: grid (max-pool to about grid x grid cells per channel) | none "
                                          "| max | mean", choices=REDUCTIONS)
     grid: int = option(GRID, "cells per side of the grid reduction", minimum=1)
+    max_features: int = option(DEFAULT_MAX_FEATURES, "grid: when the codes exceed this many features, the grid "
+                                                     "shrinks until they fit (down to 1 cell per channel)",
+                               minimum=1)
     code_quantiles: tuple[float, ...] = option(CODES["quaternary"], "quaternary: the three quantiles of each unit's "
                                                                      "positive activations that split its levels")
     ramp: float = option(RAMP_FRACTION, "width of each level's ramp, a fraction of the site's 99th percentile "
@@ -402,8 +420,8 @@ class SafetyNet(Method):
         shapes = [list(infos[s].shape) for s in chosen]
         last = [len(shape) > 1 and channels_last(gm, nodes[s]) for s, shape in zip(chosen, shapes)]
         rectified = [canonical_op(gm, nodes[s]) in RECTIFIER_OPS for s in chosen]
-        plans = [reduction_plan(shape[-1:] + shape[:-1] if moved else shape, reduce, grid)
-                 for shape, moved in zip(shapes, last)]
+        plans, grid_used = budgeted_plans([shape[-1:] + shape[:-1] if moved else shape
+                                           for shape, moved in zip(shapes, last)], reduce, grid, s.max_features)
         site_reduce, kernels, dims = [p[0] for p in plans], [p[1] for p in plans], [p[2] for p in plans]
         levels = max(1, len(quantiles))
         head = CodeHead(dims, levels, site_reduce, kernels, channels_last=last).eval()
@@ -477,6 +495,7 @@ class SafetyNet(Method):
             "levels": levels,
             "quantiles": list(quantiles),
             "features": total_dim,
+            "grid": {"asked": grid, "used": grid_used, "max_features": s.max_features} if reduce == "grid" else None,
             "attacks": [s.label() for s in specs],
             "attack_strength": auto_eps_facts(strength, len(data.train)),
             "training": {"natural": int(len(nat_codes)), "adversarial": int(len(adv)), "success_only": success_only,
