@@ -47,15 +47,6 @@ def pair_data(pair: str):
     return load_pair_data(PAIRS[pair])
 
 
-def reachable(plain, traps, n: int) -> torch.Tensor:
-    """Per sample: some trap neuron's upper bound over the box is above its threshold."""
-    out = torch.zeros(n, dtype=torch.bool)
-    for trap in traps:
-        idx, t = trap.on("cpu")
-        out |= (plain.nodes[trap.node].hi.flatten(1).index_select(1, idx) > t).any(dim=1)
-    return out
-
-
 def one(hardened, x, y, eps, input_range, bounds: str, steps: int) -> dict:
     gm, traps = hardened.classifier, ctt_traps(hardened)
     engine, fold = C._engine(gm, bounds), final_linear(gm)
@@ -71,11 +62,12 @@ def one(hardened, x, y, eps, input_range, bounds: str, steps: int) -> dict:
         lag = C._lagrangian_margin(gm, traps, x, y, b.clamped, fold, engine, certified, steps, stats)
         extra = time.perf_counter() - start
     with_lag = certified | (lag > 0)
-    reach = reachable(b.plain, traps, len(x))
+    reach = C.traps_may_fire(b.plain, traps, len(x), x.device)
     return {"eps": eps, "robust": float(b.robust.float().mean()), "dor_caps": float(certified.float().mean()),
             "dor_lagrangian": float(with_lag.float().mean()), "always_alarm": float(b.always_alarm.float().mean()),
             "uncertified": int((~certified).sum()), "uncertified_reachable": int((~certified & reach).sum()),
             "gained": int((with_lag & ~certified).sum()), "rows": stats.get("rows", 0), "rows_moved": stats.get("moved", 0),
+            "rows_dropped": stats.get("dropped", 0),
             "seconds_per_input_bounds": base / len(x), "seconds_per_input_lagrangian": extra / len(x)}
 
 

@@ -74,6 +74,24 @@ def test_a_trap_that_cannot_fire_adds_nothing():
     assert r["margin_detect"].item() == pytest.approx(-0.1, abs=1e-5)
 
 
+def test_the_multipliers_run_only_where_some_trap_can_fire(monkeypatch):
+    gm, firing = attack_direction_trap()
+    quiet = [Trap(relu_nodes(gm)[0], torch.tensor([1]), torch.tensor([0.5]))]   # cannot fire in the eps-0.2 box
+    seen = []
+    original = lagrangian.lagrangian_margin
+
+    def spy(*args, active=None, **kwargs):
+        seen.append(active.tolist())
+        return original(*args, active=active, **kwargs)
+
+    monkeypatch.setattr(lagrangian, "lagrangian_margin", spy)
+    x, y = torch.cat([X, X]), torch.cat([Y, Y])
+    for traps, expected in ((quiet, [False, False]), (firing, [True, True])):
+        seen.clear()
+        certify_samples(gm, traps, x, y, 0.2, (0.0, 1.0), bounds="crown")
+        assert seen == [expected]
+
+
 def _random_net(seed: int, conv: bool) -> nn.Module:
     torch.manual_seed(seed)
     if conv:
@@ -195,3 +213,32 @@ def test_the_crown_ibp_objectives_are_differentiable_and_bound_the_capped_margin
                     quiet &= ~(a.flatten(1).index_select(1, mask) > caps[name]).any(dim=1)
             margin = logits.gather(1, y.unsqueeze(1)).squeeze(1) - logits.scatter(1, y.unsqueeze(1), float("-inf")).amax(1)
             assert bool((margin[quiet] >= m[quiet] - 1e-4).all())
+
+
+def test_a_row_that_cannot_reach_zero_is_given_up_and_its_bound_stays_sound(monkeypatch):
+    """The hand-built net with its margin scaled by 1e4: over the box it reaches -1e3, and lambda would have to
+    reach 1e4 to cancel it (Adam at lr 0.5 moves lambda ~0.5 per step). The row is dropped after DROP_AFTER steps;
+    the bound it keeps is sound and above the caps' alone. The unscaled net's row is never dropped (it certifies)."""
+    gm, traps = attack_direction_trap()
+    with torch.no_grad():
+        gm.get_submodule("2").weight.mul_(1e4)
+        gm.get_submodule("2").bias.mul_(1e4)
+    seen = {}
+    original = lagrangian.lagrangian_margin
+
+    def spy(*args, stats=None, **kwargs):
+        stats = {} if stats is None else stats
+        out = original(*args, stats=stats, **kwargs)
+        seen.update(stats)
+        return out
+
+    monkeypatch.setattr(lagrangian, "lagrangian_margin", spy)
+    capped = certify_samples(gm, traps, X, Y, 0.2, (0.0, 1.0), bounds="crown", lagrangian_steps=0)
+    r = certify_samples(gm, traps, X, Y, 0.2, (0.0, 1.0), bounds="crown")
+    assert seen["rows"] == 1 and seen["moved"] == 1 and seen["dropped"] == 1
+    true_min = 1e4 * (0.6 - 0.55)   # the margin's minimum over the quiet inputs: x0 <= 0.55
+    assert capped["margin_detect"].item() < r["margin_detect"].item() <= true_min
+    assert r["detect_or_robust"].tolist() == [False]
+    gm, traps = attack_direction_trap()
+    certify_samples(gm, traps, X, Y, 0.2, (0.0, 1.0), bounds="crown")
+    assert seen["dropped"] == 0

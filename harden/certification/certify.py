@@ -371,24 +371,39 @@ def _bound_batch(gm, traps, xb, yb, threat: InputSet, rows: slice, fold, record:
     steps = lagrangian.STEPS if lagrangian_steps is None else int(lagrangian_steps)
     if engine is not None and steps > 0:
         margin_detect = torch.maximum(margin_detect, _lagrangian_margin(gm, traps, xb, yb, clamped, fold, engine,
-                                                                        always | (margin_detect > 0), steps))
+                                                                        always | (margin_detect > 0), steps,
+                                                                        plain=plain))
     detect_or_robust = always | (margin_detect > 0)
     return _BatchBounds(plain, clamped, robust, detect_or_robust, always, margin, margin_detect)
 
 
 def _lagrangian_margin(gm, traps, xb, yb, clamped: BoundResult, fold, engine: LinearBounds, certified: torch.Tensor,
-                       steps: int, stats: dict | None = None) -> torch.Tensor:
+                       steps: int, stats: dict | None = None, plain: BoundResult | None = None) -> torch.Tensor:
     """Per sample, the Lagrangian lower bound of the margin over the box's quiet inputs
     (:mod:`harden.bounds.lagrangian`), on the capped pass's bounds; -inf where not computed: samples already
-    certified, and those whose natural input is quiet and misclassified (it lies in the box: no bound can
-    certify them)."""
+    certified, those whose natural input is quiet and misclassified (it lies in the box: no bound can certify
+    them) and, given the ``plain`` run's bounds, those where no trap can fire anywhere in the box: there the
+    quiet region is the whole box, the multipliers' terms are <= 0 on it, and on every bundle measured none left
+    0 (docs/results/detect-or-robust.md); a backward pass per class row saved on deep models."""
     logits, natural = run_recorded(gm, xb, {t.node for t in traps})
     true = logits.gather(1, yb.unsqueeze(1)).squeeze(1)
     wrong = logits.scatter(1, yb.unsqueeze(1), float("-inf")).amax(dim=1) >= true
     hopeless = wrong & ~_alarm(natural, traps, xb.shape[0], xb.device)
+    active = ~certified & ~hopeless
+    if plain is not None:
+        active &= traps_may_fire(plain, traps, xb.shape[0], xb.device)
     cons = lagrangian.constraints(gm, traps, xb.device, xb.dtype)
-    return lagrangian.lagrangian_margin(engine, clamped.nodes, yb, fold, cons, steps=steps,
-                                        active=~certified & ~hopeless, stats=stats)
+    return lagrangian.lagrangian_margin(engine, clamped.nodes, yb, fold, cons, steps=steps, active=active,
+                                        stats=stats)
+
+
+def traps_may_fire(bounds: BoundResult, traps: Sequence[Trap], n: int, device) -> torch.Tensor:
+    """Per sample: some masked neuron's upper bound over the box is above its threshold."""
+    fire = torch.zeros(n, dtype=torch.bool, device=device)
+    for trap in traps:
+        idx, thresholds = trap.on(device, bounds.nodes[trap.node].hi.dtype)
+        fire |= (bounds.nodes[trap.node].hi.flatten(1).index_select(1, idx) > thresholds).any(dim=1)
+    return fire
 
 
 def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
