@@ -126,7 +126,7 @@ class AbstainBounds:
             reference = self._general(x, box)
             try:
                 logits, _, (h, lo, hi) = self.stacked(x, box, [], None)
-                ok = all(float((a - b).abs().max()) <= 1e-4 * (1.0 + float(a.abs().max()))
+                ok = all(float((a - b).detach().abs().max()) <= 1e-4 * (1.0 + float(a.detach().abs().max()))
                          for a, b in ((reference[0], logits), (reference[1], h), (reference[2].lo, lo),
                                       (reference[2].hi, hi)))
             except Exception:  # an op that does not stack after all
@@ -234,8 +234,8 @@ def finetune_abstain(gm: fx.GraphModule, head: AbstainHead, train, calibration, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums[0] += float(natural)
-        sums[1] += float(cert)
+        sums[0] += float(natural.detach())
+        sums[1] += float(cert.detach())
         count += 1
         progress(f"abstain step {step + 1}/{cfg.steps}", (step + 1) / cfg.steps)
         if (step + 1) % cfg.check_every and step + 1 < cfg.steps:
