@@ -236,3 +236,20 @@ def test_cli_instrument_export_certify(tiny_model, tmp_path):
     assert doc["results"]["0.01"]["hardened"]["detect_or_robust"] >= doc["results"]["0.01"]["hardened"]["robust"]
     result = invoke("methods", "abstain")
     assert result.exit_code == 0 and "kappa" in result.output
+
+
+def test_the_adaptive_surrogate_is_the_shipped_score(abstain_hardened, digits):
+    from harden.evaluation.adaptive import _Target
+    from harden.methods.surrogates import KEY_UNKNOWN, Knowledge, surrogates_for
+
+    x = digits.test.x[:100]
+    shipped = abstain_hardened.raw_scores(abstain_hardened.torch_outputs(x))[:, 0]
+    for knowledge in (None, Knowledge(attacker=KEY_UNKNOWN, reference=digits.train.x)):
+        (surrogate,) = surrogates_for(abstain_hardened, knowledge).values()
+        target = _Target(abstain_hardened.classifier, {"m": surrogate})
+        target.prepare(x)
+        exact = target(x, smooth=False)[1]["m"].detach().double().numpy()
+        assert np.abs(exact - shipped).max() <= 1e-4 * max(1.0, np.abs(shipped).max())
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(target(xg, smooth=True)[1]["m"].sum(), xg)
+    assert (grad.flatten(1).abs().sum(1) > 0).all()
