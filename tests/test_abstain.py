@@ -88,7 +88,7 @@ def test_the_loss_is_differentiable_and_falls_on_a_short_fine_tune(tiny_model, d
     before = float(total.detach())
     for p in params:
         p.requires_grad_(False)
-    cfg = AbstainConfig(eps=eps, steps=60, check_every=20, eps_warmup=0.0, max_accuracy_drop=1.0)
+    cfg = AbstainConfig(eps=eps, steps=60, check_every=20, eps_warmup=0.0, max_accuracy_drop=1.0, loss="hinge")
     finetune_abstain(gm, head, (digits.train.x, digits.train.y), (digits.calibration.x, digits.calibration.y),
                      digits.input_range, cfg)
     with torch.no_grad():

@@ -56,7 +56,7 @@ class AbstainConfig:
     lr: float = 1e-3
     batch_size: int = 64
     eps_warmup: float = 0.5
-    loss: str = "hinge"
+    loss: str = "ce"
     cert_weight: float = 1.0
     robust_weight: float = 1.0
     detection_weight: float = 1.0
