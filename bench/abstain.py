@@ -107,7 +107,8 @@ def markdown(paths: list[Path]) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for d in docs:
         at = next(r for r in d["curve"] if abs(r["eps"] - d["eps"]) < 1e-12)
-        options = ", ".join(f"{k}={v}" for k, v in sorted(d["sets"].items())) or "defaults"
+        sets = {"loss": d["finetune"]["loss"], **d["sets"]}   # the loss as trained (its default changed once)
+        options = ", ".join(f"{k}={v}" for k, v in sorted(sets.items()))
         base = d.get("baseline") or {}
         out.append(f"| {d['pair']} | {d['eps']:g} | {options} | {_pct(d['accuracy'])} ({_pct(d['original_accuracy'])}) "
                    f"| {_pct(d['fpr'])} | {_pct(at['robust'])} | {_pct(at['detect_or_robust'])} | "

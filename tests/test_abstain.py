@@ -224,8 +224,9 @@ def test_cli_instrument_export_certify(tiny_model, tmp_path):
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     result = invoke("instrument", state, "--arch", "conftest:TinyCNN", "--data", "digits", "--method",
-                    "abstain:eps=0.01,steps=30,check_every=15,loss=ce", "--key", "k", "-o", out, "--json")
+                    "abstain:eps=0.01,steps=30,check_every=15,loss=ce", "--key", "k", "-o", out)
     assert result.exit_code == 0, result.output
+    assert "abstain fine-tuning" in result.output and "certified at eps" in result.output   # its own history table
     result = invoke("export", out, "-o", tmp_path / "tiny.onnx", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["outputs"] == ["logits", "score", "alarm", "abstain.score", "abstain.alarm"]
