@@ -669,8 +669,8 @@ BOUND_LABELS = {
     "ibp": "interval (IBP)",
     "crown-ibp": "crown-ibp (intermediate bounds by intervals, margin by a backward linear relaxation)",
     "crown": "crown (intermediate and margin bounds by backward linear relaxation)",
-    "sdp": "sdp (two-layer networks: the semidefinite certificate of the thesis, Eq. 10-13; CTT traps not "
-           "modelled, detect-or-robust reported equal to robust)",
+    "sdp": "sdp (two-layer networks: the semidefinite certificate of the thesis, Eq. 10-13; CTT traps and abstain "
+           "detectors not modelled, detect-or-robust reported equal to robust)",
 }
 BOUND_METHODS = tuple(BOUND_LABELS)
 
