@@ -40,12 +40,13 @@ def baseline(pair: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def bundle(pair: str, model, data, eps: float, sets: dict, fresh: bool):
-    tag = "-".join([pair, f"abstain-{eps:g}"] + [f"{k}={v}" for k, v in sorted(sets.items())])
+def bundle(pair: str, model, data, eps: float, sets: dict, fresh: bool, seed: int = 0):
+    tag = "-".join([pair, f"abstain-{eps:g}"] + [f"{k}={v}" for k, v in sorted(sets.items())]
+                   + ([f"seed={seed}"] if seed else []))
     path = ROOT / "out" / "abstain" / f"{tag}.hardened"
     if path.exists() and not fresh:
         return load_bundle(path)[0], tag
-    hardened = instrument(model, data, [MethodSpec.of("abstain", eps=eps, **sets)], Options(key=KEY),
+    hardened = instrument(model, data, [MethodSpec.of("abstain", eps=eps, **sets)], Options(key=KEY, seed=seed),
                           progress=lambda m, f: print(m, file=sys.stderr, flush=True) if "|" in m else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_bundle(hardened, path)
@@ -60,7 +61,7 @@ def measure(args) -> dict:
         raise SystemExit(f"no working eps for {args.pair}: give --eps (or run bench/detect_or_robust.py first)")
     sets = {k: _number(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     started = time.perf_counter()
-    hardened, tag = bundle(args.pair, model, data, eps, sets, args.fresh)
+    hardened, tag = bundle(args.pair, model, data, eps, sets, args.fresh, args.seed)
     seconds = time.perf_counter() - started
     part = getattr(data, args.split)
     with torch.no_grad():
@@ -78,7 +79,7 @@ def measure(args) -> dict:
                             abstain=alarms.abstain)
         curve.append({"eps": value, **r["fractions"]})
     result = {"pair": args.pair, "tag": tag, "split": args.split, "limit": args.limit, "bounds": args.bounds,
-              "eps": eps, "sets": sets, "accuracy": accuracy, "original_accuracy": original_accuracy, "fpr": fpr,
+              "eps": eps, "sets": sets, "seed": args.seed, "accuracy": accuracy, "original_accuracy": original_accuracy, "fpr": fpr,
               "threshold": hardened.facts["thresholds"]["abstain"], "instrument_seconds": round(seconds, 1),
               "finetune": {k: v for k, v in hardened.methods[0].config["finetune"].items()
                            if k in ("kept_check", "kept_step", "loss", "bounds", "lr", "steps")},
@@ -126,6 +127,7 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", action="store_true", help="certify over bench/detect_or_robust.py's eps grid too")
     ap.add_argument("--set", action="append", default=[], help="key=value abstain option; repeatable")
     ap.add_argument("--check", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="--seed of harden instrument (batch order, the row's start)")
     ap.add_argument("--adaptive-limit", type=int, default=0)
     ap.add_argument("--adaptive-steps", type=int, default=100)
     ap.add_argument("--fresh", action="store_true")
