@@ -109,8 +109,11 @@ def adaptive(hardened, data, split, eps: float, limit: int, steps: int, bounds: 
     report = evaluate_adaptive(hardened, graph.run, x.numpy(), y.numpy(), settings, input_range=data.input_range,
                                num_classes=data.num_classes, reference=data.train.x)
     unknown = report.get("key_unknown", {})
-    held = certify_samples(hardened.classifier, ctt_traps(hardened), x, y, eps, data.input_range,
-                           bounds=bounds)["detect_or_robust"]
+    from harden.certification.bundle import certified_alarms
+
+    alarms = certified_alarms(hardened)   # CTT traps and abstain detectors alike
+    held = certify_samples(hardened.classifier, alarms.traps, x, y, eps, data.input_range, bounds=bounds,
+                           abstain=alarms.abstain)["detect_or_robust"]
     broken = 0
     if held.any():
         def judge(batch):

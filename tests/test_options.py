@@ -278,6 +278,7 @@ def test_attacks_command_and_evaluate_help_name_every_attack():
 
 def test_usage_errors_are_one_line_and_point_old_flags_at_the_method_option(tmp_path):
     one_line_error(invoke("instrument", tmp_path / "m.pt", "--data", "digits", "--method", "ctt-strict", "--eps", "0.1"),
-                   "No such option: --eps", "--method ctt-loose:eps=... or ctt-strict:eps=...")
+                   "No such option: --eps",
+                   "--method abstain:eps=... or ctt-loose:eps=... or ctt-strict:eps=...")
     one_line_error(invoke("instrument", tmp_path / "m.pt", "--nic-detectors", "3"), "nic:detectors=...")
     one_line_error(invoke("certify"), "Missing argument", "harden certify --help")

@@ -9,8 +9,11 @@ from typing import Callable
 import torch
 
 from harden.bundle.data import SPLITS, bundle_data, split_of
-from harden.certification.certify import (BOUND_LABELS, Trap, certify_samples, check_bound_method,
+from dataclasses import dataclass, field
+
+from harden.certification.certify import (BOUND_LABELS, AbstainAlarm, Trap, certify_samples, check_bound_method,
                                           check_certificates)
+from harden.core.registry import Registry
 from harden.certification.flow import parse_threat
 from harden.certification.sdp import certify_sdp, check_sdp
 from harden.core.arguments import check_choice, check_count, check_device, check_eps, check_limit
@@ -19,21 +22,66 @@ from harden.instrumentation.hardened import HardenedModel, original_classifier
 from harden.io.lazy import first_rows
 
 
-def ctt_traps(hardened: HardenedModel) -> list[Trap]:
-    """The CTT traps as the exported alarm sees them: each neuron's T shifted by its method's calibrated threshold.
+@dataclass
+class CertifiedAlarms:
+    """What ``harden certify`` can prove about a bundle's alarms, in the two shapes it bounds: CTT traps (each
+    masked neuron's interval capped at its threshold during propagation) and abstain detectors (extra rows on the
+    logits layer's input)."""
 
-    A CTT method alarms when max_i (x_i - T_i) / s_i > t (s_i = 1 unless the head is scaled), i.e. when some
-    x_i > T_i + t s_i.
-    """
+    traps: list[Trap] = field(default_factory=list)
+    abstain: list[AbstainAlarm] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.traps or self.abstain)
+
+
+CERTIFIED_ALARMS: Registry = Registry("certified alarm")
+"""Per method name: ``(hardened, fitted method) -> CertifiedAlarms`` (its alarm as the exported graph computes it,
+with the calibrated threshold); a method without an entry is not part of the detect-or-robust certificate."""
+
+
+def register_certified_alarm(*method_names: str):
+    def decorate(factory):
+        for name in method_names:
+            CERTIFIED_ALARMS.register(name)(factory)
+        return factory
+    return decorate
+
+
+@register_certified_alarm("ctt-lite", "ctt-loose", "ctt-strict")
+def _ctt_alarm(hardened: HardenedModel, method) -> CertifiedAlarms:
+    """A CTT method alarms when max_i (x_i - T_i) / s_i > t (s_i = 1 unless the head is scaled), i.e. when some
+    x_i > T_i + t s_i: each neuron's T shifted by its method's calibrated threshold."""
+    shift = float(hardened.facts["thresholds"][method.name])
     traps = []
+    for i, site in enumerate(method.sites):
+        indices, _ = method.head.trap(i)
+        traps.append(Trap(site, indices.clone(), method.head.alarm_thresholds(i, shift).clone()))
+    return CertifiedAlarms(traps=traps)
+
+
+@register_certified_alarm("abstain")
+def _abstain_alarm(hardened: HardenedModel, method) -> CertifiedAlarms:
+    """The abstain head alarms when (z_abs - max_k z_k - t) / s > 0 (:mod:`harden.methods.abstain`)."""
+    return CertifiedAlarms(abstain=[AbstainAlarm(method.head_inputs[0], method.head,
+                                                 float(hardened.facts["thresholds"][method.name]),
+                                                 float(hardened.facts.get("scales", {}).get(method.name, 1.0)))])
+
+
+def certified_alarms(hardened: HardenedModel) -> CertifiedAlarms:
+    """Every method's certified alarm (the registry above), merged."""
+    merged = CertifiedAlarms()
     for method in hardened.methods:
-        if not method.name.startswith("ctt-"):
-            continue
-        shift = float(hardened.facts["thresholds"][method.name])
-        for i, site in enumerate(method.sites):
-            indices, _ = method.head.trap(i)
-            traps.append(Trap(site, indices.clone(), method.head.alarm_thresholds(i, shift).clone()))
-    return traps
+        if method.name in CERTIFIED_ALARMS:
+            part = CERTIFIED_ALARMS.get(method.name)(hardened, method)
+            merged.traps += part.traps
+            merged.abstain += part.abstain
+    return merged
+
+
+def ctt_traps(hardened: HardenedModel) -> list[Trap]:
+    """The CTT traps as the exported alarm sees them (see :func:`_ctt_alarm`)."""
+    return certified_alarms(hardened).traps
 
 
 def check_certify_arguments(eps, split: str, limit, check: int) -> None:
@@ -77,7 +125,8 @@ def certify_bundle(hardened: HardenedModel, manifest: dict, eps: list[float] | N
     sets = [(f"{value:g}", value) for value in eps_list] + [(t.label(), t) for t in parsed if t is not None]
     part = split_of(bundle_data(manifest, data), split)
     x, y = first_rows(part.x, limit), part.y[:limit] if limit is not None else part.y
-    traps = ctt_traps(hardened)
+    alarms = certified_alarms(hardened)
+    traps = alarms.traps
     gm, original = hardened.classifier, original_classifier(hardened)
     if device != "cpu":
         same = original is gm
@@ -91,10 +140,11 @@ def certify_bundle(hardened: HardenedModel, manifest: dict, eps: list[float] | N
         "samples": len(x), "split": split, "bounds": BOUND_LABELS[bounds], "bound_method": bounds,
         "policy": manifest["policy"]["text"],
         "traps": [{"site": t.node, "neurons": int(t.flat_indices.numel())} for t in traps],
-        "note": ("the detect-or-robust certificate concerns the CTT alarm; under policy 'any' the combined "
-                 "alarm fires whenever the CTT alarm does" if k == 1 else
-                 "the detect-or-robust certificate concerns the CTT alarm only: under this policy the combined "
-                 "alarm needs other methods to agree"),
+        "abstain": [{"node": a.node, "threshold": a.threshold} for a in alarms.abstain],
+        "note": ("the detect-or-robust certificate concerns the CTT and abstain alarms; under policy 'any' the "
+                 "combined alarm fires whenever either does" if k == 1 else
+                 "the detect-or-robust certificate concerns the CTT and abstain alarms only: under this policy the "
+                 "combined alarm needs other methods to agree"),
         "results": {}, "check": {} if check else None, "interval_only": [],
     }
     steps = len(sets) * (3 if check else 2)
@@ -106,7 +156,8 @@ def certify_bundle(hardened: HardenedModel, manifest: dict, eps: list[float] | N
             hardened_cert = certify_sdp(gm, x, y, value, input_range)
         else:
             hardened_cert = certify_samples(gm, traps, x, y, value, input_range, bounds=bounds,
-                                            with_placement=bool(traps), batch_size=batch_size)
+                                            with_placement=bool(traps), batch_size=batch_size,
+                                            abstain=alarms.abstain)
         place = hardened_cert.get("placement", [])
         done += 1
         progress(f"{words}: bounds of the original model", done / steps)
@@ -131,7 +182,7 @@ def certify_bundle(hardened: HardenedModel, manifest: dict, eps: list[float] | N
             else:
                 points = min(2048, batch_size * check)   # points through the model at once: at most a batch's boxes
                 results = [check_certificates(gm, traps, x, y, value, input_range, check, seed, bounds=bounds,
-                                              batch_points=points)]
+                                              batch_points=points, abstain=alarms.abstain)]
                 if original is not gm:
                     results.append(check_certificates(original, [], x, y, value, input_range, check, seed,
                                                       bounds=bounds, batch_points=points))

@@ -54,6 +54,41 @@ class Trap:
         return self.flat_indices.to(device), self.thresholds.to(device=device, dtype=dtype)
 
 
+@dataclass
+class AbstainAlarm:
+    """An abstain detector as its exported alarm sees it (:mod:`harden.methods.abstain`): the head on the logits
+    layer's input ``node``, alarming when (raw - threshold) / scale > 0, raw = z_abs - max_k z_k."""
+
+    node: str                      # the logits layer's input h (the head reads it and the logits)
+    head: torch.nn.Module          # AbstainHead: .abstain (nn.Linear d -> 1), forward(h, logits) -> raw
+    threshold: float               # the calibrated t: the alarm is z_abs - t > every class logit
+    scale: float = 1.0
+
+    def rows_lower(self, gm: fx.GraphModule, fold: fx.Node | None, result: BoundResult, y: torch.Tensor,
+                   engine: "LinearBounds | None") -> torch.Tensor:
+        """[N, 2K] lower bounds over the box of z_y - z_j, then z_abs - t - z_j (:mod:`harden.bounds.abstain`)."""
+        from harden.bounds.abstain import abstain_rows, crown_rows_lower, interval_rows_lower
+
+        linear = gm.get_submodule(fold.target) if fold is not None and fold.op == "call_module" else None
+        if not isinstance(linear, torch.nn.Linear) or [n.name for n in fold.all_input_nodes] != [self.node]:
+            raise HardenError(f"the abstain detector reads {self.node!r}, which is not the input of the classifier's "
+                              "logits layer")
+        h = result.nodes[self.node]
+        dtype = h.lo.dtype
+        A, c = abstain_rows(linear.weight.to(dtype), None if linear.bias is None else linear.bias.to(dtype),
+                            self.head.abstain.weight.reshape(-1).to(h.lo.device, dtype),
+                            self.head.abstain.bias.reshape(()).to(h.lo.device, dtype), y, -float(self.threshold))
+        lower = interval_rows_lower(Interval(h.lo.flatten(1), h.hi.flatten(1)), A, c)
+        if engine is not None:
+            lower = torch.maximum(lower, crown_rows_lower(engine, result.nodes, fold, A, c))
+        return lower
+
+    def alarm(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per point, the exported alarm: not ((raw - t) / s <= 0)."""
+        raw = self.head.to(h.device)(h, logits).float()
+        return torch.logical_not((raw - float(self.threshold)) / float(self.scale) <= 0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
@@ -352,7 +387,24 @@ def _engine(gm: fx.GraphModule, bounds: str) -> LinearBounds | None:
 
 def _bound_batch(gm, traps, xb, yb, threat: InputSet, rows: slice, fold, record: set[str],
                  engine: LinearBounds | None = None, method: str = "ibp",
-                 lagrangian_steps: int | None = None) -> _BatchBounds:
+                 lagrangian_steps: int | None = None, abstain: Sequence[AbstainAlarm] = ()) -> _BatchBounds:
+    b = _trap_batch(gm, traps, xb, yb, threat, rows, fold, record | {a.node for a in abstain}, engine, method,
+                    lagrangian_steps)
+    for detector in abstain:
+        # each detector's certificate on its own (sound under policy "any": its alarm is the combined alarm's)
+        from harden.bounds.abstain import certificate_of
+
+        cert = certificate_of(detector.rows_lower(gm, fold, b.plain, yb, engine), yb)
+        b.detect_or_robust = b.detect_or_robust | cert.detect_or_robust
+        b.always_alarm = b.always_alarm | cert.always
+        b.margin_detect = torch.maximum(b.margin_detect, torch.where(cert.always, torch.full_like(
+            cert.margin_detect, float("inf")), cert.margin_detect))
+    return b
+
+
+def _trap_batch(gm, traps, xb, yb, threat: InputSet, rows: slice, fold, record: set[str],
+                engine: LinearBounds | None = None, method: str = "ibp",
+                lagrangian_steps: int | None = None) -> _BatchBounds:
     box, extra = threat.box(xb, rows), threat.clamps(gm, xb, rows)
     record = set(record) | _margin_record(fold)
     plain, margin = _bounds_and_margin(gm, box, yb, fold, record, engine, method, extra or None)
@@ -408,7 +460,7 @@ def traps_may_fire(bounds: BoundResult, traps: Sequence[Trap], n: int, device) -
 
 def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
                     input_range, batch_size: int = 256, bounds: str = "ibp", with_placement: bool = False,
-                    lagrangian_steps: int | None = None) -> dict:
+                    lagrangian_steps: int | None = None, abstain: Sequence[AbstainAlarm] = ()) -> dict:
     """Per-sample certificates over the eps-box around each input (clipped to ``input_range``), or over the
     set an :class:`InputSet` passed as ``eps`` gives each input (``input_range`` is then unused).
 
@@ -424,6 +476,9 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
     ``lagrangian_steps``: with ``crown`` / ``crown-ibp``, detect-or-robust also tries the Lagrangian bound
     (:mod:`harden.bounds.lagrangian`: a multiplier per trap neuron, so a trap constraint can cut the box) with
     this many Adam steps on the samples the caps leave uncertified; None: its default, 0: off.
+    ``abstain``: abstain detectors (:class:`AbstainAlarm`); detect-or-robust then also holds where, for every
+    wrong class j, the label or the abstain score (offset by its threshold) beats j over the whole box
+    (:mod:`harden.bounds.abstain`), and always-alarm where the abstain score beats every class.
     """
     _check_inputs(gm, traps, x, eps, y)
     threat = as_input_set(eps, input_range)
@@ -438,7 +493,7 @@ def certify_samples(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, 
         with torch.no_grad():
             xb = x[rows].to(y.device)   # data read on demand arrives on the CPU
             b = _bound_batch(gm, traps, xb, y[rows], threat, rows, fold, trap_nodes, engine, bounds,
-                             lagrangian_steps)
+                             lagrangian_steps, abstain)
             tally = None
             if with_placement:
                 tally = _PlacementTally(traps)
@@ -525,7 +580,7 @@ def _tolerance(iv: Interval, rtol: float) -> torch.Tensor:
 def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tensor, y: torch.Tensor, eps,
                        input_range, n_points: int, seed: int = 0, *, batch_points: int = 2048,
                        rtol: float = 1e-5, max_details: int = 100, bounds: str = "ibp",
-                       lagrangian_steps: int | None = None) -> CheckResult:
+                       lagrangian_steps: int | None = None, abstain: Sequence[AbstainAlarm] = ()) -> CheckResult:
     """Draw ``n_points`` per box (the sample, random vertices, uniform points; or, when ``eps`` is an
     :class:`InputSet`, the members its ``draw`` gives), run the real model on them (the CTT check done in
     torch) and count every contradiction:
@@ -564,17 +619,21 @@ def check_certificates(gm: fx.GraphModule, traps: Sequence[Trap], x: torch.Tenso
 
         generator = torch.Generator().manual_seed(chunk_seed(seed, rows, "check"))
         xb, yb = x[rows].to(y.device), y[rows]
-        b = _bound_batch(gm, traps, xb, yb, threat, rows, fold, set(checked), engine, method, lagrangian_steps)
+        b = _bound_batch(gm, traps, xb, yb, threat, rows, fold, set(checked), engine, method, lagrangian_steps,
+                         abstain)
         points = threat.draw(xb, rows, n_points, generator)
         nb = xb.shape[0]
         flat = points.reshape((nb * n_points,) + tuple(xb.shape[1:]))
         logits, values = run_recorded(gm, flat, checked)
         part.points += flat.shape[0]
-        alarm = _alarm(values, traps, flat.shape[0], flat.device).reshape(nb, n_points)
+        trap_alarm = _alarm(values, traps, flat.shape[0], flat.device).reshape(nb, n_points)
+        alarm = trap_alarm.clone()
+        for detector in abstain:
+            alarm |= detector.alarm(values[detector.node], logits).reshape(nb, n_points)
 
         for name in checked:
             value = values.get(name)
-            for kind, bounds, only in (("bound", b.plain, None), ("clamped-bound", b.clamped, ~alarm)):
+            for kind, bounds, only in (("bound", b.plain, None), ("clamped-bound", b.clamped, ~trap_alarm)):
                 if kind == "clamped-bound" and (not traps or bounds is b.plain):
                     continue
                 iv = bounds.nodes.get(name)
@@ -625,8 +684,8 @@ BOUND_LABELS = {
     "ibp": "interval (IBP)",
     "crown-ibp": "crown-ibp (intermediate bounds by intervals, margin by a backward linear relaxation)",
     "crown": "crown (intermediate and margin bounds by backward linear relaxation)",
-    "sdp": "sdp (two-layer networks: the semidefinite certificate of the thesis, Eq. 10-13; CTT traps not "
-           "modelled, detect-or-robust reported equal to robust)",
+    "sdp": "sdp (two-layer networks: the semidefinite certificate of the thesis, Eq. 10-13; CTT traps and abstain "
+           "detectors not modelled, detect-or-robust reported equal to robust)",
 }
 BOUND_METHODS = tuple(BOUND_LABELS)
 

@@ -80,6 +80,9 @@ def register(app: typer.Typer) -> None:
 def _print(report: dict) -> None:
     stdout.print(f"{report['samples']} {report['split']} samples; CTT alarm thresholds as exported "
                  f"(policy {report['policy']}); bounds: {report['bounds']}", highlight=False)
+    for a in report.get("abstain", []):
+        stdout.print(f"abstain detector on {a['node']!r}: detect-or-robust when, for every wrong class j, the label "
+                     f"or the abstain score - {a['threshold']:.4g} beats j over the whole box", highlight=False)
     if report.get("interval_only"):
         stdout.print(f"note: no linear relaxation for {', '.join(report['interval_only'])}: the backward passes "
                      "use those nodes' interval bounds (sound, looser)", highlight=False)

@@ -120,12 +120,37 @@ def _input_files(data, specs) -> list[Path]:
     return files
 
 
+def _print_abstain_finetuning(method: dict) -> None:
+    """The abstain fine-tuning history (harden.train.abstain), one row per calibration check; the kept one marked."""
+    history = method["config"].get("_history")
+    finetune = method["config"].get("finetune", {})
+    kept = finetune.get("kept_check")
+    table = Table(title=f"{method['name']} fine-tuning (calibration split: accuracy, alarm FPR at the calibrated t, "
+                        f"certified at eps {finetune.get('eps')})")
+    for column in ("step", "eps", "natural CE", "certificate loss", "cal acc", "t", "cal FPR", "robust",
+                   "detect-or-robust", "s"):
+        table.add_column(column, justify="right")
+    for i, r in enumerate(history, 1):
+        table.add_row(f"{r['step']}{'*' if i == kept else ''}", f"{r['eps']:.3g}", f"{r['natural']:.3f}",
+                      f"{r['certificate']:.3g}", f"{r['accuracy']:.3f}", f"{r['threshold']:.3g}", f"{r['fpr']:.3f}",
+                      f"{r['robust']:.3f}", f"{r['detect_or_robust']:.3f}", f"{r['seconds']:.1f}")
+    stdout.print(table)
+    if kept == 0:
+        stdout.print("no check stayed within the accuracy drop of the original model: the original weights are kept",
+                     highlight=False)
+    else:
+        stdout.print(f"* kept check {kept} (step {finetune.get('kept_step')}): the most certified detect-or-robust "
+                     "among checks within the accuracy drop of the original model", highlight=False)
+
+
 def _print_finetuning(method: dict) -> None:
     """The fine-tuning history, one row per calibration check; the kept check is marked (rule:
     harden.train.finetune._better); then why training stopped."""
     history = method["config"].get("_history")
     if not history:
         return
+    if method["name"] in HISTORY_PRINTERS:
+        return HISTORY_PRINTERS[method["name"]](method)
     finetune = method["config"].get("finetune", {})
     best = finetune.get("best_epoch")
     table = Table(title=f"{method['name']} fine-tuning (calibration split: accuracy, trap FPR before calibration, "
@@ -149,6 +174,10 @@ def _print_finetuning(method: dict) -> None:
     stdout.print(f"* kept check {best} (step {finetune.get('best_step', '-')}): among checks with calibration accuracy within 1 point of the original model, "
                  "the lowest cal L_C of those with cal FPR <= --fpr, else the lowest cal FPR + cal L_C "
                  "(no check that accurate: the most accurate check)", highlight=False)
+
+
+HISTORY_PRINTERS = {"abstain": _print_abstain_finetuning}
+"""Methods whose fine-tuning history is not CTT's, by name (CTT's table is the default)."""
 
 
 def _print_eps_search(method: dict) -> None:

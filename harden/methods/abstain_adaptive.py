@@ -1,0 +1,27 @@
+"""The abstain detector's adaptive surrogate: the head itself, differentiable as it is.
+
+raw = z_abs - max_k z_k is piecewise linear in the classifier's values (the max picks the top class; its gradient
+is the top class's), so the smoothed score and the exact one are the same function.  Nothing of the abstain
+detector is keyed (its weights are trained and shipped), so the key-unknown attacker is the key-known one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harden.methods.abstain import NAME
+from harden.methods.surrogates import Knowledge, register_surrogate
+
+
+@register_surrogate(NAME)
+class AbstainSurrogate:
+    def __init__(self, hardened, method, knowledge: Knowledge):
+        self.nodes = list(method.head_inputs)   # the logits layer's input, then the logits
+        self.head = method.head
+        self.calibration = None
+
+    def prepare(self, acts: list[torch.Tensor]) -> None:
+        pass
+
+    def raw(self, acts: list[torch.Tensor], smooth: bool) -> torch.Tensor:
+        return self.head(*acts).reshape(-1)
