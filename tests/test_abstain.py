@@ -17,6 +17,7 @@ from harden.bounds.abstain import abstain_hinge, certificate_of
 from harden.certification.certify import AbstainAlarm, certify_samples, check_certificates
 from harden.graph.trace import trace
 from harden.train.abstain import AbstainBounds, AbstainConfig, AbstainHead, finetune_abstain
+from tests.box_toys import TwoInputToy, two_input_data
 
 
 def three_classes() -> nn.Module:
@@ -95,36 +96,13 @@ def test_the_loss_is_differentiable_and_falls_on_a_short_fine_tune(tiny_model, d
         assert float(loss(gm, head)[0]) < before
 
 
-class _Toy(nn.Module):
-    """Two inputs (a 1x1x2 'image'), so a box can be sampled densely."""
-
-    def __init__(self):
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(2, 16)
-        self.relu1 = nn.ReLU()
-        self.fc2 = nn.Linear(16, 16)
-        self.relu2 = nn.ReLU()
-        self.fc3 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(self.flatten(x))))))
-
-
-def _toy_data(n: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 1, 2, generator=generator)
-    y = ((x[:, 0, 0, 0] > 0.5).long() + (x[:, 0, 0, 1] > 0.6).long())
-    return x, y
-
-
 @pytest.mark.parametrize("loss", ["hinge", "ce"])
 def test_certify_agrees_with_a_dense_grid_of_the_box_on_a_trained_toy(loss, one_thread):
     """Trained jointly with its abstain score, certified by harden certify (ibp and crown): no point of a dense grid
     over any certified box is misclassified without the alarm, and --check's sampling finds nothing either."""
     torch.manual_seed(0)
-    x, y = _toy_data(600, 0)
-    model = _Toy()
+    x, y = two_input_data(600, 0)
+    model = TwoInputToy()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(300):
         optimizer.zero_grad()
@@ -140,7 +118,7 @@ def test_certify_agrees_with_a_dense_grid_of_the_box_on_a_trained_toy(loss, one_
         raw = head(gm.relu2(gm.fc2(gm.relu1(gm.fc1(gm.flatten(x[400:]))))), gm(x[400:]))
     threshold = float(torch.quantile(raw, 0.9))
     detector = AbstainAlarm("relu2", head, threshold)
-    xt, yt = _toy_data(80, 1)
+    xt, yt = two_input_data(80, 1)
     steps = torch.linspace(-1.0, 1.0, 41)
     offsets = torch.tensor(list(itertools.product(steps, steps))).reshape(-1, 1, 1, 2) * eps
     checked = detected = 0

@@ -12,6 +12,7 @@ from harden.certification.certify import Trap, certify_samples
 from harden.graph.trace import trace
 from harden.train.ctt_losses import certificate_hinge
 from harden.train.margin_bounds import MarginBounds
+from tests.box_toys import TwoInputToy, two_input_data
 
 
 def two_layer() -> nn.Module:
@@ -132,29 +133,6 @@ def test_the_objective_is_differentiable_and_falls_on_a_short_fine_tune(tiny_mod
     assert float(ce + cfg.detection_weight * l_d + l_c) < before
 
 
-class _Toy(nn.Module):
-    """Two inputs (a 1x1x2 'image'), so a box can be sampled densely."""
-
-    def __init__(self):
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(2, 16)
-        self.relu1 = nn.ReLU()
-        self.fc2 = nn.Linear(16, 16)
-        self.relu2 = nn.ReLU()
-        self.fc3 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(self.flatten(x))))))
-
-
-def _toy_data(n: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 1, 2, generator=generator)
-    y = ((x[:, 0, 0, 0] > 0.5).long() + (x[:, 0, 0, 1] > 0.6).long())
-    return x, y
-
-
 def test_certify_agrees_with_a_dense_grid_of_the_box_on_a_trained_toy(one_thread):
     """Trained with the detect-or-robust objective, certified by harden certify (ibp and crown): no point of a
     dense grid over any certified box is both quiet and misclassified."""
@@ -162,8 +140,8 @@ def test_certify_agrees_with_a_dense_grid_of_the_box_on_a_trained_toy(one_thread
     from harden.train.finetune import FinetuneConfig, finetune_ctt
 
     torch.manual_seed(0)
-    x, y = _toy_data(600, 0)
-    model = _Toy()
+    x, y = two_input_data(600, 0)
+    model = TwoInputToy()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(300):
         optimizer.zero_grad()
@@ -178,7 +156,7 @@ def test_certify_agrees_with_a_dense_grid_of_the_box_on_a_trained_toy(one_thread
     history, best, thresholds, _ = finetune_ctt(gm, sites, masks, (x[:400], y[:400]), (x[400:], y[400:]),
                                                 (0.0, 1.0), cfg)
     traps = [Trap(s, masks[s], thresholds[s]) for s in sites]
-    xt, yt = _toy_data(80, 1)
+    xt, yt = two_input_data(80, 1)
     steps = torch.linspace(-1.0, 1.0, 41)
     offsets = torch.tensor(list(itertools.product(steps, steps))).reshape(-1, 1, 1, 2) * eps
     checked = 0

@@ -7,21 +7,8 @@ detector is keyed (its weights are trained and shipped), so the key-unknown atta
 
 from __future__ import annotations
 
-import torch
-
 from harden.methods.abstain import NAME
-from harden.methods.surrogates import Knowledge, register_surrogate
+from harden.methods.surrogates import HeadSurrogate, register_surrogate
 
-
-@register_surrogate(NAME)
-class AbstainSurrogate:
-    def __init__(self, hardened, method, knowledge: Knowledge):
-        self.nodes = list(method.head_inputs)   # the logits layer's input, then the logits
-        self.head = method.head
-        self.calibration = None
-
-    def prepare(self, acts: list[torch.Tensor]) -> None:
-        pass
-
-    def raw(self, acts: list[torch.Tensor], smooth: bool) -> torch.Tensor:
-        return self.head(*acts).reshape(-1)
+# the head reads the logits layer's input, then the logits
+register_surrogate(NAME)(HeadSurrogate)

@@ -11,25 +11,15 @@ attacker without the key trains its own pair on the same classifier and data, wh
 
 from __future__ import annotations
 
-import torch
-
 from harden.errors import HardenError
 from harden.methods.lan import NAME
-from harden.methods.surrogates import KEY_UNKNOWN, Knowledge, register_surrogate
+from harden.methods.surrogates import KEY_UNKNOWN, HeadSurrogate, Knowledge, register_surrogate
 
 
 @register_surrogate(NAME)
-class LanSurrogate:
+class LanSurrogate(HeadSurrogate):
     def __init__(self, hardened, method, knowledge: Knowledge):
         if knowledge.attacker == KEY_UNKNOWN:
             raise HardenError("a key-unknown attacker of lan needs its own attention and mask networks: pass "
                               "--adaptive-proxy (the same classifier instrumented with --method lan and another --key)")
-        self.nodes = list(method.head_inputs)
-        self.head = method.head
-        self.calibration = None
-
-    def prepare(self, acts: list[torch.Tensor]) -> None:
-        pass
-
-    def raw(self, acts: list[torch.Tensor], smooth: bool) -> torch.Tensor:
-        return self.head(*acts).reshape(-1)
+        super().__init__(hardened, method, knowledge)

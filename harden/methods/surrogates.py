@@ -42,6 +42,21 @@ class Surrogate(Protocol):
         """[N] raw score: smoothed (differentiable) or exact (the attacker's model of the shipped detector)."""
 
 
+class HeadSurrogate:
+    """The surrogate of a method whose head is differentiable as shipped: the head itself, smoothed or not."""
+
+    def __init__(self, hardened, method, knowledge: Knowledge):
+        self.nodes = list(method.head_inputs)
+        self.head = method.head
+        self.calibration = None
+
+    def prepare(self, acts: list[torch.Tensor]) -> None:
+        pass
+
+    def raw(self, acts: list[torch.Tensor], smooth: bool) -> torch.Tensor:
+        return self.head(*acts).reshape(-1)
+
+
 SurrogateFactory = Callable[[Any, Any, Knowledge], Surrogate]   # (hardened model, fitted method, knowledge)
 SURROGATES: Registry[SurrogateFactory] = Registry("adaptive surrogate")
 
