@@ -213,6 +213,35 @@ def test_every_method_on_every_family_exports_with_parity_and_evaluates(form, fi
     assert row.detection_rate is None or 0.0 <= row.detection_rate <= 1.0
 
 
+# the families whose logits come from one nn.Linear, which abstain needs (its score is one more row on that layer)
+NO_LOGITS_LINEAR = {"squeezenet": "a convolution and a global pool give its logits"}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_abstain_detector_on_every_family_fine_tunes_exports_and_certifies(family, form, files, data,
+                                                                              one_thread):
+    """abstain fine-tunes the classifier itself, so it runs on its own (not in the composite, whose logits are a
+    sum of branches): a tiny budget, export parity, and its certificate with the sampling check."""
+    from harden.api import certify
+
+    model = _load(files, family, form)
+    spec = MethodSpec.of("abstain", eps=0.01, steps=2, check_every=2)
+    options = Options(key=KEY, fpr=0.1, fpr_confidence=0)
+    if family in NO_LOGITS_LINEAR:
+        with pytest.raises(HardenError, match="nn.Linear") as caught:
+            harden.instrument(model, data, [spec], options)
+        assert len(str(caught.value).splitlines()) == 1
+        return
+    hardened = harden.instrument(model, data, [spec], options)
+    assert harden.export_onnx(hardened).parity.worst_ratio() <= 1.0
+    for bounds in ("ibp", "crown") if form == "state_dict" else ("ibp",):
+        report = certify(hardened, dict(hardened.facts), [0.01], limit=2, check=12, bounds=bounds)
+        for key, result in report["results"].items():
+            assert result["hardened"]["detect_or_robust"] >= result["hardened"]["robust"]
+            assert report["check"][key]["violations"] == 0, (bounds, report["check"][key])
+
+
 # ----------------------------------------------------------------------------- tracing edge cases
 
 

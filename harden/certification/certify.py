@@ -69,8 +69,10 @@ class AbstainAlarm:
         """[N, 2K] lower bounds over the box of z_y - z_j, then z_abs - t - z_j (:mod:`harden.bounds.abstain`)."""
         from harden.bounds.abstain import abstain_rows, crown_rows_lower, interval_rows_lower
 
-        linear = gm.get_submodule(fold.target) if fold is not None and fold.op == "call_module" else None
-        if not isinstance(linear, torch.nn.Linear) or [n.name for n in fold.all_input_nodes] != [self.node]:
+        from harden.train.abstain import logits_layer
+
+        layer_node, linear, through = logits_layer(gm)
+        if layer_node is not fold or through != self.node:
             raise HardenError(f"the abstain detector reads {self.node!r}, which is not the input of the classifier's "
                               "logits layer")
         h = result.nodes[self.node]

@@ -71,14 +71,56 @@ class AbstainConfig:
     device: str = "cpu"
 
 
-def logits_layer(gm: fx.GraphModule) -> tuple[fx.Node, nn.Linear, str]:
-    """The classifier's logits layer (an nn.Linear fed by one node) and the name of its input node h."""
+@dataclass
+class LogitsLinear:
+    """The logits layer's weight [K, F] and bias [K] (or None): the graph's own tensors, trained in place."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+
+def _attribute(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        raise ValueError("not a stored tensor")
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def logits_layer(gm: fx.GraphModule) -> tuple[fx.Node, LogitsLinear, str]:
+    """The classifier's logits layer (a linear layer fed by one node: an nn.Linear, or a linear call on the graph's
+    stored weight and bias as a .pt2 program has it) and the name of its input node h."""
     fold = final_linear(gm)
-    if fold is None or fold.op != "call_module" or len(fold.all_input_nodes) != 1 or \
-            not isinstance(gm.get_submodule(fold.target), nn.Linear):
-        raise HardenError("the abstain method needs the classifier's logits to come from an nn.Linear layer "
+    refusal = HardenError("the abstain method needs the classifier's logits to come from an nn.Linear layer "
                           "(its abstain score is one more row on that layer's input)")
-    return fold, gm.get_submodule(fold.target), fold.all_input_nodes[0].name
+    if fold is None:
+        raise refusal
+    if fold.op == "call_module" and isinstance(gm.get_submodule(fold.target), nn.Linear):
+        module = gm.get_submodule(fold.target)
+        layer, h = LogitsLinear(module.weight, module.bias), fold.args[0]
+    elif fold.op == "call_function":
+        args = list(fold.args) + [None] * (3 - len(fold.args))
+        h = args[0]
+        try:
+            weight = _attribute(gm, fold.kwargs.get("weight", args[1]))
+            bias = _attribute(gm, fold.kwargs.get("bias", args[2]))
+        except (ValueError, AttributeError):
+            raise refusal from None
+        if weight is None or weight.dim() != 2:
+            raise refusal
+        layer = LogitsLinear(weight, bias)
+    else:
+        raise refusal
+    if not isinstance(h, fx.Node):
+        raise refusal
+    return fold, layer, h.name
 
 
 class AbstainHead(nn.Module):
