@@ -1,22 +1,22 @@
-"""A bundle's certificates: its CTT traps as the exported alarm sees them, certified on a split over an eps grid."""
+"""A bundle's certificates: its alarms (CTT traps, abstain rows) as the exported graph sees them, certified on a
+split over an eps grid."""
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from harden.bundle.data import SPLITS, bundle_data, split_of
-from dataclasses import dataclass, field
-
 from harden.certification.certify import (BOUND_LABELS, AbstainAlarm, Trap, certify_samples, check_bound_method,
                                           check_certificates)
-from harden.core.registry import Registry
 from harden.certification.flow import parse_threat
 from harden.certification.sdp import certify_sdp, check_sdp
 from harden.core.arguments import check_choice, check_count, check_device, check_eps, check_limit
+from harden.core.registry import Registry
 from harden.errors import HardenError
 from harden.instrumentation.hardened import HardenedModel, original_classifier
 from harden.io.lazy import first_rows

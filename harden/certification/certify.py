@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from harden.bounds import Interval, propagate, run_recorded
+from harden.bounds.abstain import abstain_rows, certificate_of, crown_rows_lower, interval_rows_lower
 from harden.bounds.crown import LinearBounds, check_method
 from harden.bounds import lagrangian
 from harden.bounds.linear import linear_parts
@@ -67,9 +68,7 @@ class AbstainAlarm:
     def rows_lower(self, gm: fx.GraphModule, fold: fx.Node | None, result: BoundResult, y: torch.Tensor,
                    engine: "LinearBounds | None") -> torch.Tensor:
         """[N, 2K] lower bounds over the box of z_y - z_j, then z_abs - t - z_j (:mod:`harden.bounds.abstain`)."""
-        from harden.bounds.abstain import abstain_rows, crown_rows_lower, interval_rows_lower
-
-        from harden.train.abstain import logits_layer
+        from harden.train.abstain import logits_layer   # the training side imports the bounds; import late
 
         layer_node, linear, through = logits_layer(gm)
         if layer_node is not fold or through != self.node:
@@ -394,8 +393,6 @@ def _bound_batch(gm, traps, xb, yb, threat: InputSet, rows: slice, fold, record:
                     lagrangian_steps)
     for detector in abstain:
         # each detector's certificate on its own (sound under policy "any": its alarm is the combined alarm's)
-        from harden.bounds.abstain import certificate_of
-
         cert = certificate_of(detector.rows_lower(gm, fold, b.plain, yb, engine), yb)
         b.detect_or_robust = b.detect_or_robust | cert.detect_or_robust
         b.always_alarm = b.always_alarm | cert.always
