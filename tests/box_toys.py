@@ -28,3 +28,16 @@ def two_input_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.rand(n, 1, 1, 2, generator=generator)
     y = ((x[:, 0, 0, 0] > 0.5).long() + (x[:, 0, 0, 1] > 0.6).long())
     return x, y
+
+
+def trained_two_input_toy(seed: int = 0, n: int = 600) -> tuple[TwoInputToy, torch.Tensor, torch.Tensor]:
+    """The toy after 300 Adam steps of cross-entropy on ``n`` inputs of :func:`two_input_data`; (model, x, y)."""
+    torch.manual_seed(seed)
+    x, y = two_input_data(n, seed)
+    model = TwoInputToy()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model, x, y

@@ -17,7 +17,7 @@ from harden.bounds.abstain import abstain_hinge, certificate_of
 from harden.certification.certify import AbstainAlarm, certify_samples, check_certificates
 from harden.graph.trace import trace
 from harden.train.abstain import AbstainBounds, AbstainConfig, AbstainHead, finetune_abstain
-from tests.box_toys import TwoInputToy, two_input_data
+from tests.box_toys import trained_two_input_toy, two_input_data
 
 
 def three_classes() -> nn.Module:
@@ -100,14 +100,7 @@ def test_the_loss_is_differentiable_and_falls_on_a_short_fine_tune(tiny_model, d
 def test_certify_agrees_with_a_dense_grid_of_the_box_on_a_trained_toy(loss, one_thread):
     """Trained jointly with its abstain score, certified by harden certify (ibp and crown): no point of a dense grid
     over any certified box is misclassified without the alarm, and --check's sampling finds nothing either."""
-    torch.manual_seed(0)
-    x, y = two_input_data(600, 0)
-    model = TwoInputToy()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    model, x, y = trained_two_input_toy()
     gm = trace(model.eval())
     head = AbstainHead(16)
     eps = 0.05

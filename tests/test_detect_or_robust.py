@@ -12,7 +12,7 @@ from harden.certification.certify import Trap, certify_samples
 from harden.graph.trace import trace
 from harden.train.ctt_losses import certificate_hinge
 from harden.train.margin_bounds import MarginBounds
-from tests.box_toys import TwoInputToy, two_input_data
+from tests.box_toys import trained_two_input_toy, two_input_data
 
 
 def two_layer() -> nn.Module:
@@ -139,14 +139,7 @@ def test_certify_agrees_with_a_dense_grid_of_the_box_on_a_trained_toy(one_thread
     from harden.graph.trace import trace
     from harden.train.finetune import FinetuneConfig, finetune_ctt
 
-    torch.manual_seed(0)
-    x, y = two_input_data(600, 0)
-    model = TwoInputToy()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    model, x, y = trained_two_input_toy()
     gm = trace(model.eval())
     sites = ["relu1", "relu2"]
     masks = {"relu1": torch.tensor([0, 3, 5, 9]), "relu2": torch.tensor([1, 2, 7, 11])}
