@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.output import emit  # noqa: E402
 from bench.detect_or_robust import GRID, KEY, _number, _pct, load  # noqa: E402
 from harden.bundle.archive import load_bundle, save_bundle  # noqa: E402
 from harden.certification.bundle import certified_alarms  # noqa: E402
@@ -138,12 +139,7 @@ def main(argv=None) -> None:
     if args.markdown:
         print(markdown(args.markdown))
         return
-    result = measure(args)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    emit(measure(args), args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.output import emit  # noqa: E402
 from harden.api import ctt_traps, original_classifier  # noqa: E402
 from harden.bundle.archive import load_bundle, save_bundle  # noqa: E402
 from harden.certification.certify import certify_samples  # noqa: E402
@@ -270,12 +271,7 @@ def main(argv=None) -> None:
     if args.markdown:
         print(markdown(args.markdown))
         return
-    result = measure(args)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    emit(measure(args), args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.output import emit  # noqa: E402
 from harden.api import ctt_traps  # noqa: E402
 from harden.bundle.archive import load_bundle  # noqa: E402
 from harden.certification import certify as C  # noqa: E402
@@ -130,12 +131,7 @@ def main(argv=None) -> None:
     if args.markdown:
         print(markdown(args.markdown))
         return
-    doc = measure(args)
-    text = json.dumps(doc, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    emit(measure(args), args.out)
 
 
 if __name__ == "__main__":
