@@ -122,7 +122,9 @@ def test_layer_selection():
     assert select_sites(names, paths, "all") == names
     assert select_sites(names, paths, "last:2") == ["relu", "relu_1"]
     assert select_sites(names, paths, "relu_1,relu1") == ["relu_1", "relu1"]
-    for bad in ("last:0", "last:x", "last:4", "fc1", ""):
+    assert select_sites(names, paths, "deepest:2") == ["relu", "relu_1"]
+    assert select_sites(names, paths, "deepest:8") == names   # fewer sites than K: every one
+    for bad in ("last:0", "last:x", "last:4", "deepest:0", "deepest:x", "fc1", ""):
         with pytest.raises(HardenError):
             select_sites(names, paths, bad or ",")
 

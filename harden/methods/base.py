@@ -56,7 +56,8 @@ class Options:
 
 def layers_option(default: str) -> Any:
     """The ``layers`` option of a method that instruments sites."""
-    return option(default, "sites to instrument: all | last:K | [name,name] (node names or module paths; "
+    return option(default, "sites to instrument: all | last:K (the last K in graph order) | deepest:K (the same, "
+                           "or every site when there are fewer) | [name,name] (node names or module paths; "
                            "`harden layers` lists them)")
 
 
@@ -162,23 +163,27 @@ def key_fingerprint(key: str) -> str:
 
 
 def select_sites(site_names: list[str], paths: dict[str, str], spec: str) -> list[str]:
-    """Resolve a method's ``layers`` option: ``all | last:K | name,name`` (names may be node names or module paths)."""
+    """Resolve a method's ``layers`` option: ``all | last:K | deepest:K | name,name`` (names may be node names or
+    module paths).  ``last:K`` is the last K sites in graph order and needs that many; ``deepest:K`` the same, or
+    every site when the model has fewer."""
     spec = spec.strip()
     if not site_names:
         raise HardenError("the model has no element-wise activation (ReLU, GELU, SiLU, hardswish, sigmoid, ...) "
                           "to instrument")
     if spec == "all":
         return list(site_names)
-    if spec.startswith("last:"):
-        try:
-            k = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise HardenError(f"layers {spec!r}: last:K needs a whole number K") from None
-        if k < 1:
-            raise HardenError(f"layers {spec!r}: K must be at least 1")
-        if k > len(site_names):
-            raise HardenError(f"layers {spec!r}: the model has only {len(site_names)} site(s): {', '.join(site_names)}")
-        return list(site_names[-k:])
+    for form in ("last", "deepest"):
+        if spec.startswith(form + ":"):
+            try:
+                k = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise HardenError(f"layers {spec!r}: {form}:K needs a whole number K") from None
+            if k < 1:
+                raise HardenError(f"layers {spec!r}: K must be at least 1")
+            if form == "last" and k > len(site_names):
+                raise HardenError(f"layers {spec!r}: the model has only {len(site_names)} site(s): "
+                                  f"{', '.join(site_names)}")
+            return list(site_names[-k:])
     by_path = {}
     for name in site_names:
         by_path.setdefault(paths[name], []).append(name)

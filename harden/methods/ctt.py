@@ -4,7 +4,7 @@ The check is a gather of the masked positions (``index_select``), not a
 full-tensor multiply by the mask, so its cost does not grow with the size of
 the activation: the paper's point is near-zero runtime overhead.
 
-A site is any element-wise activation (:data:`harden.graph.ops.SITE_OPS`).  A trap
+A site is any element-wise activation (:data:`harden.graph.ops.SITE_OPS`); by default the 8 deepest.  A trap
 fires when its neuron exceeds its threshold, whatever the activation: ctt-lite's
 threshold is the neuron's natural upper bound on the training split, which a GELU,
 SiLU or squeeze-excitation gate has as a ReLU does.  ctt-loose/strict's T is a
@@ -148,7 +148,10 @@ OBJECTIVE_NAMES = tuple(OBJECTIVES.names())
 class CTTOptions(OptionSet):
     """What every CTT variant takes: where the traps go."""
 
-    layers: str = layers_option("all")
+    # The 8 deepest sites (every site of a smaller model): reading a site costs onnxruntime a layout conversion of
+    # the whole map, most on the large early ones, and on the deep suite pairs the deep sites carry the detection
+    # (docs/results/ctt.md, "Which sites").
+    layers: str = layers_option("deepest:8")
     mask_ratio: float = option(0.01, "fraction of each site's neurons that are traps (at least one per site)",
                                minimum=0.0, strict=True, maximum=1.0)
     trap_placement: str = option("uniform", "uniform: keyed traps anywhere | quiet: only positions constant on the "
