@@ -128,6 +128,9 @@ def test_family_through_layers_bundle_and_certify(family, form, files, data, tmp
     assert ops <= SITE_OPS and EXPECTED_SITE_OPS.get(family, {"relu"}) <= ops, ops
     if family == "regnet":   # the user's module names, though the graph renames block1-0 to block1_0
         assert any("block1-0" in row["module"] for row in shown["nodes"])
+    # what each method takes by default: the trap methods and NIC the deepest 8, SafetyNet every site
+    assert shown["default_sites"]["ctt-strict"] == expected[-8:] == shown["default_sites"]["nic"]
+    assert shown["default_sites"]["safetynet"] == expected
 
     hardened = _ctt_lite(files, data, family, form)
     bundle = tmp_path / "model.hardened"
@@ -194,7 +197,7 @@ def test_every_method_on_every_family_exports_with_parity_and_evaluates(form, fi
     model = _load(files, "composite", form)
     gm = trace(model)
     keys = site_keys(gm, sites(gm))
-    last = {}   # NIC (a probe per site) on each family's last site; the others on every site
+    last = {}   # NIC (a probe per site) on each family's last site; SafetyNet on every site, CTT the deepest 8
     for node in sites(gm):
         last[keys[node.name].split("/")[0].split(".")[0]] = node.name
     assert len(last) >= len(FAMILIES)

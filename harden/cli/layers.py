@@ -67,13 +67,40 @@ def register(app: typer.Typer) -> None:
                  "shape": list(i.shape) if i.shape is not None else None, "site": i.is_site}
                 for i in infos
             ]
+            sites = [r["name"] for r in rows if r["site"]]
+            defaults = default_sites(sites, {r["name"]: r["module"] for r in rows})
             if json_out:
-                emit_json({"model": str(model), "nodes": rows, "sites": [r["name"] for r in rows if r["site"]]})
+                emit_json({"model": str(model), "nodes": rows, "sites": sites, "default_sites": defaults})
                 return
-            table = Table(title=f"{model.name}: {sum(r['site'] for r in rows)} site(s)")
-            for column in ("name", "module", "op", "shape", "site"):
+            table = Table(title=f"{model.name}: {len(sites)} site(s)")
+            for column in ("name", "module", "op", "shape", "site", "instrumented by default by"):
                 table.add_column(column)
             for r in rows:
                 shape = "x".join(map(str, r["shape"])) if r["shape"] else ("-" if example is not None else "(give --data)")
-                table.add_row(r["name"], r["module"], r["op"], shape, "site" if r["site"] else "")
+                table.add_row(r["name"], r["module"], r["op"], shape, "site" if r["site"] else "",
+                              _picked_by(r["name"], defaults) if r["site"] else "")
             stdout.print(table)
+            if sites:
+                stdout.print("A method's layers option chooses other sites: --method M:layers=all | last:K | "
+                             "deepest:K | name,name", markup=False)
+
+
+def default_sites(sites: list[str], paths: dict[str, str]) -> dict[str, list[str]]:
+    """Per method with a ``layers`` option: the sites its default takes on this model."""
+    from harden.methods import load_all  # noqa: F401  (registers every method)
+    from harden.methods.base import METHODS, select_sites
+
+    out = {}
+    if not sites:
+        return out
+    for name in METHODS.names():
+        option_set = METHODS.get(name).option_set
+        layers = {p.name: p for p in option_set.params()}.get("layers")
+        if layers is not None:
+            out[name] = select_sites(sites, paths, str(layers.default))
+    return out
+
+
+def _picked_by(site: str, defaults: dict[str, list[str]]) -> str:
+    methods = [m for m, chosen in defaults.items() if site in chosen]
+    return "every method with sites" if len(methods) == len(defaults) else ", ".join(methods)
