@@ -108,8 +108,9 @@ def _instrumented(lp: LoadedPair, names: list, options, args):
     from harden.api import instrument
     from harden.bundle.archive import load_bundle, save_bundle
 
-    recipe = json.dumps({"methods": [s.label() for s in names], "options": vars(options), "policy": args.policy},
-                        sort_keys=True, default=str)
+    # every setting, defaults included: a changed default must not read a bundle made under the old one
+    recipe = json.dumps({"methods": [[s.name, s.settings.to_dict()] for s in names], "options": vars(options),
+                         "policy": args.policy}, sort_keys=True, default=str)
     tag = hashlib.sha256(f"{lp.pair.name}-{lp.pair.digest()}-{_state_hash(lp.model)}-{recipe}".encode()).hexdigest()[:20]
     path, seconds_path = CACHE / "bundles" / f"{tag}.hardened", CACHE / "bundles" / f"{tag}.json"
     if path.exists() and seconds_path.exists() and not args.fresh:
