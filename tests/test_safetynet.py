@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harden.errors import HardenError
+from harden.core.parity import tolerance_of
 from harden.export import export_onnx
 from harden.instrumentation.pipeline import instrument
 from harden.bundle.archive import load_bundle, save_bundle
@@ -331,7 +332,8 @@ def test_bundle_round_trip_and_parity(quaternary, digits, tmp_path):
     result = export_onnx(loaded)
     assert result.parity.alarm_mismatches["alarm"] == 0
     got = OnnxGraph(result.model.SerializeToString()).run(x.numpy())
-    assert np.abs(got["safetynet.score"] - a["safetynet.score"]).max() <= 1e-4
+    # export parity's rule: 1e-4 of the score's magnitude (a float32 sum rounds at the scale of what it sums)
+    assert np.abs(got["safetynet.score"] - a["safetynet.score"]).max() <= tolerance_of(a["safetynet.score"])
     assert np.array_equal(got["safetynet.alarm"], a["safetynet.alarm"])
 
 
