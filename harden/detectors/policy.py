@@ -45,7 +45,7 @@ class AlarmPolicy(nn.Module):
         stacked = torch.stack([r.float() for r in raw], dim=1)
         scores = (stacked - self.thresholds) / self.scales
         bad_input = torch.logical_not(input_finite).unsqueeze(1)
-        scores = torch.where(bad_input, torch.full_like(scores, float("inf")), scores)
+        scores = torch.where(bad_input, float("inf"), scores)   # a scalar: no Shape and Expand in the graph
         alarms = torch.logical_not(scores <= 0)
         if self.k == 1:   # "any": a max, not a TopK (which float16 converters leave in float32)
             combined = scores.amax(dim=1)
