@@ -73,11 +73,13 @@ GRID = 4
 # so the detector's product stays a small share of a wide classifier's cost (and its fit does not take an hour).
 DEFAULT_MAX_FEATURES = 6144
 DEFAULT_MAX_TRAIN = 600   # natural training inputs; as many adversarial ones are made from them
-# Support-vector budget: the SVM's cost per input is (support vectors) x D.  320: the four suite pairs where
-# SafetyNet detects fit 114-316 support vectors (the budget leaves them as they are); on the three where it does not
-# (shapes: ~1,000 support vectors before the budget, ROC-AUC ~0.5) 320 and 500 detect alike, and on the ResNet-18
-# pair 320 brings the exported graph from 1.13 to 1.10x the classifier (docs/results/safetynet.md).
-DEFAULT_MAX_SV = 320
+DEFAULT_MAX_SV = 500      # support-vector budget: the SVM's cost per input is (support vectors) x D
+# ... and a budget on that product, the SVM's multiply-adds per input: wide codes get fewer support vectors.  At
+# 1.25M (3,904 features x 320) the ResNet-18 pair's graph costs 1.09-1.10x the classifier instead of 1.12-1.13x
+# (at 462 support vectors), 3% of that classifier's multiply-adds; it binds only above 2,500 code features, where
+# the suite's pairs (the shapes ones) detect at chance with 500 support vectors or fewer alike
+# (docs/results/safetynet.md).
+DEFAULT_MAX_SVM_COST = 1_250_000
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 GAMMA_FACTORS = (0.1, 0.3, 1.0, 3.0)  # times sklearn's "scale" gamma, 1 / (D * Var(X))
 CV_FOLDS = 3
@@ -383,6 +385,9 @@ class SafetyNetOptions(OptionSet):
     max_train: int = option(DEFAULT_MAX_TRAIN, "natural training inputs (as many adversarial ones are made)",
                             minimum=1)
     max_sv: int = option(DEFAULT_MAX_SV, "support-vector budget (the SVM's cost per input grows with it)", minimum=1)
+    max_svm_cost: int = option(DEFAULT_MAX_SVM_COST, "budget on support vectors x code features (the SVM's "
+                                                     "multiply-adds per input): wide codes get fewer support vectors",
+                               minimum=1)
     svm_c: float | None = option(None, "SVM C (default: cross-validated grid)", minimum=0.0, strict=True)
     svm_gamma: float | None = option(None, "RBF gamma (default: cross-validated grid)", minimum=0.0, strict=True)
     reduce: str = option(DEFAULT_REDUCE, "conv sites: grid (max-pool to about grid x grid cells per channel) | none "
@@ -495,8 +500,9 @@ class SafetyNet(Method):
         pipeline = fit_svm(x_svm, y_svm, C=svm_c, gamma=svm_gamma, scaler=scaler,
                            seed=key_seed(options.key, "safetynet:cv"))
         fitted_sv = support_vectors(pipeline)
-        pipeline, used = within_budget(pipeline, x_svm, y_svm, max_sv, seed=key_seed(options.key, "safetynet:budget"))
         total_dim = int(sum(dims))
+        max_sv = max(1, min(max_sv, s.max_svm_cost // max(1, total_dim)))
+        pipeline, used = within_budget(pipeline, x_svm, y_svm, max_sv, seed=key_seed(options.key, "safetynet:budget"))
         # codes within a ramp are fractions: the SVM's product with them is not exact in float32, but centred on
         # integers it stays within the float64 graph's parity (harden.detectors.dense_rbf._centred_graph)
         detector = RbfSvmDetector(pipeline, self.name, total_dim, exact_int=not any(w > 0 for w in head.ramps),
@@ -522,6 +528,7 @@ class SafetyNet(Method):
                          "per_attack": attack_facts, "svm_examples": used},
             "svm": {"C": float(svc.C), "gamma": float(svc._gamma), "support_vectors": support_vectors(pipeline),
                     "support_vectors_before_budget": fitted_sv, "max_support_vectors": max_sv,
+                    "max_svm_cost": s.max_svm_cost,
                     "scaler": "standard" if scaler else "none",
                     "algebra": ("float64" if not detector.centred else
                                 "float32 products around integer centres, float64 after")},
