@@ -166,6 +166,18 @@ def test_a_model_over_the_feature_budget_is_coded_on_a_coarser_grid(tiny_model, 
     assert not any(result.parity.alarm_mismatches.values())
 
 
+def test_wide_codes_get_fewer_support_vectors_under_the_cost_budget(tiny_model, digits):
+    free = instrument(tiny_model, digits, [safetynet(layers="all", **FAST)], OPTIONS).method("safetynet").config
+    features, fitted = free["features"], free["svm"]["support_vectors"]
+    assert free["svm"]["max_support_vectors"] == 500 and fitted > 10
+    cost = features * (fitted // 2)   # room for half the support vectors the SVM wants
+    capped = instrument(tiny_model, digits, [safetynet(layers="all", max_svm_cost=cost, **FAST)], OPTIONS)
+    config = capped.method("safetynet").config
+    assert config["svm"]["max_support_vectors"] == fitted // 2 and config["svm"]["max_svm_cost"] == cost
+    assert config["svm"]["support_vectors"] * features <= cost
+    assert not any(export_onnx(capped).parity.alarm_mismatches.values())
+
+
 def test_build_head_rebuilds_the_fitted_shapes(binary, quaternary):
     for hardened in (binary, quaternary):
         method = hardened.method("safetynet")
