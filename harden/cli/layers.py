@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
                 emit_json({"model": str(model), "nodes": rows, "sites": sites, "default_sites": defaults})
                 return
             table = Table(title=f"{model.name}: {len(sites)} site(s)")
-            for column in ("name", "module", "op", "shape", "site", "instrumented by default by"):
+            for column in ("name", "module", "op", "shape", "site", "default for"):
                 table.add_column(column)
             for r in rows:
                 shape = "x".join(map(str, r["shape"])) if r["shape"] else ("-" if example is not None else "(give --data)")
@@ -81,8 +81,7 @@ def register(app: typer.Typer) -> None:
                               _picked_by(r["name"], defaults) if r["site"] else "")
             stdout.print(table)
             if sites:
-                stdout.print("A method's layers option chooses other sites: --method M:layers=all | last:K | "
-                             "deepest:K | name,name", markup=False)
+                stdout.print("Other sites: --method M:layers=all | last:K | deepest:K | name,name", markup=False)
 
 
 def default_sites(sites: list[str], paths: dict[str, str]) -> dict[str, list[str]]:
@@ -102,5 +101,9 @@ def default_sites(sites: list[str], paths: dict[str, str]) -> dict[str, list[str
 
 
 def _picked_by(site: str, defaults: dict[str, list[str]]) -> str:
+    """The methods whose default takes this site, the CTT variants as one ``ctt-*`` when all of them do."""
     methods = [m for m, chosen in defaults.items() if site in chosen]
-    return "every method with sites" if len(methods) == len(defaults) else ", ".join(methods)
+    ctt = [m for m in defaults if m.startswith("ctt-")]
+    if ctt and all(m in methods for m in ctt):
+        methods = ["ctt-*"] + [m for m in methods if m not in ctt]
+    return ", ".join(methods)
