@@ -75,7 +75,7 @@ DEFAULT_MAX_FEATURES = 6144
 DEFAULT_MAX_TRAIN = 600   # natural training inputs; as many adversarial ones are made from them
 DEFAULT_MAX_SV = 500      # support-vector budget: the SVM's cost per input is (support vectors) x D
 # ... and a budget on that product, the SVM's multiply-adds per input: wide codes get fewer support vectors.  At
-# 1.25M (3,904 features x 320) the ResNet-18 pair's graph costs 1.09-1.10x the classifier instead of 1.12-1.13x
+# 1.25M (3,904 features x 320) the ResNet-18 pair's graph costs 1.10-1.11x the classifier instead of 1.12-1.13x
 # (at 462 support vectors), 3% of that classifier's multiply-adds; it binds only above 2,500 code features, where
 # the suite's pairs (the shapes ones) detect at chance with 500 support vectors or fewer alike
 # (docs/results/safetynet.md).
