@@ -139,14 +139,10 @@ class CodeHead(nn.Module):
         """Levels exceeded by reduced values [N, D_i]: a step at each threshold, or a one-sided ramp of width
         ``ramps[i]`` above it, so that a value within float rounding of a threshold moves its code by a fraction
         of that rounding over the width, instead of by a whole level, between torch and onnxruntime."""
-        codes = self._levels(i, values)
-        return self._nan_as_zero(values, codes) if self.ramps[i] > 0 else codes
-
-    def _levels(self, i: int, values: torch.Tensor) -> torch.Tensor:
         thresholds = getattr(self, f"thresholds_{i}").to(values.dtype)
         above = values.unsqueeze(1) - thresholds
         if self.ramps[i] > 0:
-            return torch.clamp(above / self.ramps[i], 0.0, 1.0).sum(dim=1)
+            return self._nan_as_zero(values, torch.clamp(above / self.ramps[i], 0.0, 1.0).sum(dim=1))
         return (above > 0).to(values.dtype).sum(dim=1)
 
     @staticmethod
