@@ -355,7 +355,7 @@ class NICDetector:
 @dataclass(frozen=True)
 class NICOptions(OptionSet):
     # The 8 deepest sites (every site of a smaller model): each site costs a probe, two SVMs and a reduction in the
-    # graph; on the ResNet-18 pair every site cost 1.14-1.16x the classifier, the deepest 8 1.08x, at the same
+    # graph; on the ResNet-18 pair every site cost 1.14-1.16x the classifier, the deepest 8 1.07x, at the same
     # detection on both deep suite pairs (docs/results/nic.md, "Which sites").
     layers: str = layers_option("deepest:8")
     detectors: int = option(1, "K randomised detector sets, majority vote", minimum=1)
