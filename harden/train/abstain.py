@@ -43,7 +43,7 @@ from harden.bounds.propagate import propagate
 from harden.errors import HardenError
 from harden.graph.analyse import feature_extractor
 from harden.train.graphs import bounds_graph
-from harden.train.stacked_bounds import stacked_runner
+from harden.train.stacked_bounds import checked_once, stacked_runner
 
 LOSSES = ("hinge", "ce")
 TRAIN_BOUNDS = ("ibp", "crown-ibp")
@@ -69,6 +69,13 @@ class AbstainConfig:
     max_accuracy_drop: float = 0.01
     seed: int = 0
     device: str = "cpu"
+
+
+def _close(reference, candidate, tol: float = 1e-4) -> bool:
+    """(logits, h, Interval) of the stacked pass against the general one, relative to each tensor's scale."""
+    pairs = ((reference[0], candidate[0]), (reference[1], candidate[1]), (reference[2].lo, candidate[2].lo),
+             (reference[2].hi, candidate[2].hi))
+    return all(float((a - b).detach().abs().max()) <= tol * (1.0 + float(a.detach().abs().max())) for a, b in pairs)
 
 
 @dataclass
@@ -161,21 +168,9 @@ class AbstainBounds:
         return logits, h, last
 
     def _pass(self, x, box):
-        if self.stacked is None:
-            return self._general(x, box)
-        if not self.stacked_checked:
-            self.stacked_checked = True
-            reference = self._general(x, box)
-            try:
-                logits, _, (h, lo, hi) = self.stacked(x, box, [], None)
-                ok = all(float((a - b).detach().abs().max()) <= 1e-4 * (1.0 + float(a.detach().abs().max()))
-                         for a, b in ((reference[0], logits), (reference[1], h), (reference[2].lo, lo),
-                                      (reference[2].hi, hi)))
-            except Exception:  # an op that does not stack after all
-                ok = False
-            if not ok:
-                self.stacked = None
-            return reference
+        return checked_once(self, lambda: self._general(x, box), lambda: self._stacked(x, box), _close)
+
+    def _stacked(self, x, box):
         logits, _, (h, lo, hi) = self.stacked(x, box, [], None)
         return logits, h, Interval(lo, hi)
 

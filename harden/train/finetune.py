@@ -62,7 +62,7 @@ from harden.graph.analyse import feature_extractor
 from harden.train.graphs import bounds_graph, pre_activation  # noqa: F401  (pre_activation: public here too)
 from harden.train.objectives import OBJECTIVES
 from harden.train.parallel import DataParallel
-from harden.train.stacked_bounds import stacked_runner
+from harden.train.stacked_bounds import checked_once, stacked_runner
 
 ANNEAL = ("both", "detection")
 # Per-kind defaults, chosen across bench/suite on the calibration split (docs/results/ctt.md, "Defaults across the
@@ -240,19 +240,9 @@ class _Traps:
         """Logits and, per site, the natural pre-activations and their interval bounds over the eps-box around
         ``x``, gathered at the masked positions ([N, count] each)."""
         box = Interval.from_box(x, self.eps, self.input_range)
-        if self.stacked is None:
-            return self.general(x, box)
-        if not self.stacked_checked:
-            self.stacked_checked = True
-            reference = self.general(x, box)
-            try:
-                agrees = _close(reference, self.stacked(x, box, self.pre))
-            except Exception:  # an op that does not stack after all (e.g. a shape built from a constant)
-                agrees = False
-            if not agree(agrees):   # every rank takes the same path (each checked its own shard)
-                self.stacked = None
-            return reference
-        return self.stacked(x, box, self.pre)
+        # every rank takes the same path (each checked its own shard)
+        return checked_once(self, lambda: self.general(x, box), lambda: self.stacked(x, box, self.pre), _close,
+                            agree)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor):
         """Cross-entropy, L_D and L_C as trained (batch means), by the configured objective."""

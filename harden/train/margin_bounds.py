@@ -24,7 +24,7 @@ from harden.bounds.margin import final_linear, folded_margin_lower, subtracted_m
 from harden.bounds.propagate import propagate
 from harden.graph.analyse import feature_extractor
 from harden.train.graphs import bounds_graph
-from harden.train.stacked_bounds import stacked_runner
+from harden.train.stacked_bounds import checked_once, stacked_runner
 
 
 @dataclass
@@ -92,19 +92,8 @@ class MarginBounds:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, eps: float,
                  caps: dict[str, torch.Tensor] | None = None) -> CertificatePass:
         box = Interval.from_box(x, eps, self.input_range)
-        if self.stacked is None:
-            return self.general(x, y, box, caps)
-        if not self.stacked_checked:
-            self.stacked_checked = True
-            reference = self.general(x, y, box, caps)
-            try:
-                agrees = _close(reference, self._stacked(x, y, box, caps))
-            except Exception:  # an op that does not stack after all
-                agrees = False
-            if not agrees:
-                self.stacked = None
-            return reference
-        return self._stacked(x, y, box, caps)
+        return checked_once(self, lambda: self.general(x, y, box, caps), lambda: self._stacked(x, y, box, caps),
+                            _close)
 
     def _stacked(self, x, y, box, caps) -> CertificatePass:
         logits, sites, (_, lo, hi) = self.stacked(x, box, self.pre, caps)

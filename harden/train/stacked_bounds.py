@@ -345,3 +345,26 @@ def stacked_runner(gm: fx.GraphModule, masks: dict[str, torch.Tensor], through: 
     last = [n for n in gm.graph.nodes if n.name in ends][-1]
     interpreter = _Stacked(gm, masks, last, dependent, through)
     return interpreter.forward
+
+
+def checked_once(owner, reference: Callable[[], object], stacked: Callable[[], object],
+                 close: Callable[[object, object], bool], agree: Callable[[bool], bool] = lambda ok: ok):
+    """The result of ``owner``'s stacked pass once it has agreed with the general one.
+
+    ``owner`` holds ``stacked`` (the runner, or None) and ``stacked_checked``.  On the first call both passes run
+    and the general result is returned; a stacked pass that raises (an op that does not stack after all, e.g. a
+    shape built from a constant) or that ``close`` finds off (``agree`` joins the verdicts of several ranks) sets
+    ``owner.stacked`` to None for good.  Later calls run the stacked pass alone."""
+    if owner.stacked is None:
+        return reference()
+    if owner.stacked_checked:
+        return stacked()
+    owner.stacked_checked = True
+    result = reference()
+    try:
+        agrees = close(result, stacked())
+    except Exception:  # noqa: BLE001 - any failure of the fast path means: use the general one
+        agrees = False
+    if not agree(agrees):
+        owner.stacked = None
+    return result
