@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.output import emit  # noqa: E402
+from bench.output import measure_or_tabulate  # noqa: E402
 from bench.detect_or_robust import GRID, KEY, _number, _pct, load  # noqa: E402
 from harden.bundle.archive import load_bundle, save_bundle  # noqa: E402
 from harden.certification.bundle import certified_alarms  # noqa: E402
@@ -135,11 +135,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, nargs="*", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    if args.markdown:
-        print(markdown(args.markdown))
-        return
-    emit(measure(args), args.out)
+    measure_or_tabulate(args, measure, markdown)
 
 
 if __name__ == "__main__":
