@@ -97,7 +97,8 @@ def test_a_ramp_moves_a_code_by_a_fraction_near_its_threshold():
     head = CodeHead([2], 2, ["none"], ramps=[0.1])
     head.thresholds_0.copy_(torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
     a = torch.tensor([[1.05, 0.0], [2.5, 0.02], [0.5, float("nan")], [float("inf"), -1.0]])
-    np.testing.assert_allclose(head(a).numpy(), [[0.5, 0.0], [2.0, 0.4], [0.0, 0.0], [2.0, 0.0]], atol=1e-6)
+    # NaN stays NaN (the score is NaN and alarms); inf exceeds every level
+    np.testing.assert_allclose(head(a).numpy(), [[0.5, 0.0], [2.0, 0.4], [0.0, np.nan], [2.0, 0.0]], atol=1e-6)
     step = CodeHead([2], 2, ["none"])  # bundles without ramps keep the paper's step
     step.thresholds_0.copy_(head.thresholds_0)
     assert step(a).tolist() == [[1.0, 0.0], [2.0, 2.0], [0.0, 0.0], [2.0, 0.0]]
@@ -402,11 +403,15 @@ def test_dense_svm_graph_matches_sklearn_and_skl2onnx(scaler):
     assert np.abs(got_dense - want).max() <= 1e-5
     assert np.abs(got_skl - want).max() <= 1e-3   # skl2onnx runs the kernel sum in float32
     assert np.array_equal(dense.score(test), want.astype(np.float32))
+    # a NaN code (a site value that was NaN) gives a NaN score in both, which the policy counts as an alarm
+    test[[3, 7], [0, 39]] = np.nan
+    got_nan = OnnxGraph(dense.onnx_model()).session.run(None, {"safetynet.features": test})[0]
+    assert np.isnan(got_nan).nonzero()[0].tolist() == [3, 7] == np.isnan(dense.score(test)).nonzero()[0].tolist()
 
 
-def test_head_tests_nan_once_per_value_and_skips_unit_pools():
-    # the NaN test on the values instead of on every level, against a scalar 0, and no 1 x 1 max pool: the same
-    # codes as a NaN test per level (a level is NaN exactly where its value is), and the same in onnxruntime
+def test_head_joins_the_ramps_keeps_nan_and_skips_unit_pools():
+    # one ramp chain over every site's values and no 1 x 1 max pool: the same codes as site by site and level by
+    # level, NaN exactly where the value is NaN, and the same in onnxruntime
     torch.manual_seed(0)
     dims = [64 * 4, 128, 32]
     head = CodeHead(dims, 3, ["grid", "grid", "none"], [2, 1, 1], ramps=[1e-3, 2.3e-3, 0.0371]).eval()
@@ -421,10 +426,13 @@ def test_head_tests_nan_once_per_value_and_skips_unit_pools():
     def per_level(i, a):
         pooled = a if head.kernels[i] == 1 else torch.nn.functional.max_pool2d(a, 2, stride=2, ceil_mode=True)
         ramp = torch.clamp((pooled.flatten(1).unsqueeze(1) - getattr(head, f"thresholds_{i}")) / head.ramps[i], 0, 1)
-        return torch.where(torch.isnan(ramp), torch.zeros_like(ramp), ramp).sum(dim=1)
+        return ramp.sum(dim=1)
 
     want = torch.cat([per_level(i, a) for i, a in enumerate(acts)], dim=1)
-    assert torch.equal(head(*acts), want) and bool(((want % 1) != 0).any())
+    got_torch = head(*acts)
+    torch.testing.assert_close(got_torch, want, rtol=0, atol=0, equal_nan=True)
+    assert bool(((want % 1) != 0).any())
+    assert torch.isnan(want).nonzero().tolist() == [[3, 2 * 4 + 0]]   # channel 2, the 2 x 2 cell holding (1, 1)
     from harden.export.torch_graph import export_module
 
     model = export_module(head, tuple(a[:2] for a in acts), [f"a{i}" for i in range(3)], ["codes"], varargs_after=0)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from harden.detectors.finite_rows import score_finite_rows
 from harden.errors import HardenError
 
 
@@ -206,8 +207,10 @@ class RbfSvmDetector:
         return int(self.svc.n_support_.sum())
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        decision = self.estimator.decision_function(np.asarray(features, dtype=np.float32))
-        return np.asarray(decision, dtype=np.float32).reshape(-1)
+        return score_finite_rows(features, self._decision)
+
+    def _decision(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(self.estimator.decision_function(features), dtype=np.float32).reshape(-1)
 
     def onnx_model(self) -> bytes:
         if self._onnx is None:

@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from harden.core.distributed import map_chunks
 from harden.core.options import OptionSet, option
+from harden.detectors.finite_rows import score_finite_rows
 from harden.errors import HardenError
 from harden.graph.analyse import batches, channels_last, describe, feature_extractor
 from harden.graph.trace import module_path, sites as graph_sites
@@ -328,16 +329,13 @@ class NICDetector:
         return np.stack(per_set, axis=1), invariants
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        features = np.asarray(features, dtype=np.float32)
-        out = np.full(len(features), np.nan, dtype=np.float32)
-        finite = np.isfinite(features).all(axis=1)   # scikit-learn refuses NaN; such rows alarm anyway
-        if finite.any():
-            scores, _ = self.set_scores(features[finite])
-            if self.vote is None:
-                out[finite] = scores[:, 0]
-            else:
-                out[finite] = np.sort(scores, axis=1)[:, scores.shape[1] - self.vote]  # the vote-th largest
-        return out
+        return score_finite_rows(features, self._finite_score)
+
+    def _finite_score(self, features: np.ndarray) -> np.ndarray:
+        scores, _ = self.set_scores(features)
+        if self.vote is None:
+            return scores[:, 0]
+        return np.sort(scores, axis=1)[:, scores.shape[1] - self.vote]  # the vote-th largest
 
     def onnx_model(self) -> bytes:
         if self._onnx is None:

@@ -142,30 +142,26 @@ class CodeHead(nn.Module):
         thresholds = getattr(self, f"thresholds_{i}").to(values.dtype)
         above = values.unsqueeze(1) - thresholds
         if self.ramps[i] > 0:
-            return self._nan_as_zero(values, torch.clamp(above / self.ramps[i], 0.0, 1.0).sum(dim=1))
+            # a NaN value gives a NaN code, so a NaN score, which alarms (harden.detectors.policy)
+            return torch.clamp(above / self.ramps[i], 0.0, 1.0).sum(dim=1)
         return (above > 0).to(values.dtype).sum(dim=1)
-
-    @staticmethod
-    def _nan_as_zero(values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        # NaN counts as no level exceeded, as the step's comparison has it.  A ramp's level is NaN exactly where
-        # the value is (thresholds and width are finite), so the test is once per value, not once per level, and
-        # against a scalar 0 (onnxruntime's Where with a full tensor of zeros cost half the head).
-        return torch.where(torch.isnan(values), 0.0, codes)
 
     def forward(self, *activations: torch.Tensor) -> torch.Tensor:
         values = [self.reduced(i, a).float() for i, a in enumerate(activations)]
         if not all(w > 0 for w in self.ramps):   # hard steps (bundles written before ramps): site by site
             return torch.cat([self.code_of(i, v) for i, v in enumerate(values)], dim=1)
-        # Every site's values joined, then ONE ramp chain and ONE NaN test over them: the same numbers as site by
-        # site (each feature meets its own thresholds and width), in 6 graph nodes instead of 6 per site.  On a
-        # ResNet-18 (17 sites, 3,904 features under ``max_features``) that took the exported graph from 1.124 to
-        # 1.118x the classifier (batch 64, one thread); at 19,456 features the joined [N, levels, D]
-        # intermediates (15 MB) outgrew the cache and one joined subtraction cost more than the 17 per-site ones.
+        # Every site's values joined, then ONE ramp chain over them: the same numbers as site by site (each
+        # feature meets its own thresholds and width), in 4 graph nodes instead of 4 per site.  On a ResNet-18
+        # (17 sites, 3,904 features under ``max_features``) that took the exported graph from 1.124 to 1.118x the
+        # classifier (batch 64, one thread); at 19,456 features the joined [N, levels, D] intermediates (15 MB)
+        # outgrew the cache and one joined subtraction cost more than the 17 per-site ones.  A NaN value is left
+        # NaN (Clip keeps it in torch and onnxruntime alike): the score is NaN and alarms.  Counting it as no
+        # level, as the step's comparison does, cost an IsNaN and a Where over every feature (0.26 ms of the
+        # ResNet-18's 40) and let an input that drives a unit to NaN pass as one whose unit is off.
         joined = torch.cat(values, dim=1)
         thresholds = torch.cat([getattr(self, f"thresholds_{i}") for i in range(len(self.dims))], dim=1)
         widths = torch.cat([torch.full((d,), w) for d, w in zip(self.dims, self.ramps)])
-        codes = torch.clamp((joined.unsqueeze(1) - thresholds) / widths, 0.0, 1.0).sum(dim=1)
-        return self._nan_as_zero(joined, codes)
+        return torch.clamp((joined.unsqueeze(1) - thresholds) / widths, 0.0, 1.0).sum(dim=1)
 
 
 def reduction_plan(shape: Sequence[int], how: str, grid: int) -> tuple[str, int, int]:
