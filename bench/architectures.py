@@ -135,7 +135,6 @@ def part_matrix(_lp, args) -> dict:
     from harden.graph.ops import canonical_op
     from harden.graph.trace import sites
     from harden.io.data import load_data
-    from harden.methods.base import MethodSpec, Options
     from tests import zoo
     from tests.conftest import TinyCNN, train_tiny
 
@@ -162,12 +161,11 @@ def part_matrix(_lp, args) -> dict:
     row = {"family": args.family, "form": args.form, "test_accuracy": round(accuracy, 4),
            "sites": len(sites(gm)), "site_ops": sorted({canonical_op(gm, n) for n in sites(gm)}), "methods": {}}
     for method in args.method:
-        given = {"second_model": str(folder / "second.pt"), "second_arch": "tests.conftest:TinyCNN"} \
-            if method == "mismatch" else {}
+        given = [f"second_model={folder / 'second.pt'}", "second_arch=tests.conftest:TinyCNN"] \
+            if method == "mismatch" else []
         if method == "ctt-strict":
-            given["steps"] = args.steps
-        spec = MethodSpec.of(method, **given)
-        options = Options(key=SUITE_KEY, fpr=0.05)
+            given.append(f"steps={args.steps}")
+        (spec,), options = build_options(method, given + args.set, 0.05, 0, SUITE_KEY)
         started = time.perf_counter()
         entry: dict = {}
         try:
@@ -177,6 +175,11 @@ def part_matrix(_lp, args) -> dict:
             exported = harden.export_onnx(hardened, onnx_path)
             entry["parity_share_of_tolerance"] = round(exported.parity.worst_ratio(), 3)
             entry["test_fpr"] = hardened.facts["metrics"]["test_fpr"]
+            config = hardened.methods[0].config
+            if "svm" in config:   # SafetyNet: the SVM's size, which its budgets bound
+                entry["svm"] = {"features": config.get("features"), "sites": len(config.get("sites", [])),
+                                "support_vectors": config["svm"]["support_vectors"],
+                                "before_budget": config["svm"].get("support_vectors_before_budget")}
             manifest = harden.save_bundle(hardened, folder / f"{method}.hardened")
             evaluated = harden.evaluate(hardened, manifest, args.attack, onnx_path=onnx_path, limit=args.limit)
             entry["detection"] = {r.attack: r.detection_rate_successful for r in evaluated.rows}
