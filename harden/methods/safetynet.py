@@ -152,7 +152,7 @@ class CodeHead(nn.Module):
         if not all(w > 0 for w in self.ramps):   # hard steps (bundles written before ramps): site by site
             return torch.cat([self.code_of(i, v) for i, v in enumerate(values)], dim=1)
         # Every site's values joined, then ONE ramp chain over them: the same numbers as site by site (each
-        # feature meets its own thresholds and width), in 4 graph nodes instead of 4 per site.  On a ResNet-18
+        # feature meets its own thresholds and width), in one chain of nodes instead of one per site.  On a ResNet-18
         # (17 sites, 3,904 features under ``max_features``) that took the exported graph from 1.124 to 1.118x the
         # classifier (batch 64, one thread); at 19,456 features the joined [N, levels, D] intermediates (15 MB)
         # outgrew the cache and one joined subtraction cost more than the 17 per-site ones.  A NaN value is left
